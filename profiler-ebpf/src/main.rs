@@ -1,0 +1,96 @@
+//! The kernel side of cacheloop: count calls, nothing else.
+//!
+//! One program body, compiled twice: `count_calls_multi` is declared
+//! `uprobe.multi` so one link covers every watched function (kernel >= 6.6);
+//! `count_calls` is a plain uprobe for older kernels, where the loader attaches
+//! one perf link per function. aya decides the attach path from the ELF
+//! section, not at run time, so the loader picks the program instead.
+//!
+//! Each hit adds one to a per-CPU counter keyed by (function, process). The
+//! function is the attach cookie the loader gave that address. No decision is
+//! made here: rates, baselines and verdicts are all computed in userspace.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::BPF_NOEXIST,
+    helpers::generated::bpf_get_attach_cookie,
+    macros::{map, uprobe},
+    maps::{PerCpuArray, PerCpuHashMap},
+    programs::ProbeContext,
+};
+use aya_log_ebpf::warn;
+use profiler_common::{CallKey, DEFAULT_COUNTS_ENTRIES};
+
+/// Calls per (function, process), one slot per CPU so the hot path needs no
+/// atomics. Resized by the loader before load.
+#[map]
+static COUNTS: PerCpuHashMap<CallKey, u64> =
+    PerCpuHashMap::with_max_entries(DEFAULT_COUNTS_ENTRIES, 0);
+
+/// Hits that could not be counted because `COUNTS` was full.
+#[map]
+static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+#[uprobe(multi)]
+pub fn count_calls_multi(ctx: ProbeContext) -> u32 {
+    count(&ctx)
+}
+
+#[uprobe]
+pub fn count_calls(ctx: ProbeContext) -> u32 {
+    count(&ctx)
+}
+
+#[inline(always)]
+fn count(ctx: &ProbeContext) -> u32 {
+    // SAFETY: the helper only reads the cookie of the link that ran us; the
+    // context pointer is the one the kernel passed to this program.
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let key = CallKey {
+        func: cookie as u32,
+        tgid: ctx.tgid(),
+    };
+    if bump(&key) {
+        return 0;
+    }
+    // First hit of this (function, process) on this CPU. Another CPU may
+    // create the entry at the same moment; then our insert fails with EEXIST
+    // and the lookup after it succeeds.
+    if COUNTS.insert(&key, &1, u64::from(BPF_NOEXIST)).is_ok() || bump(&key) {
+        return 0;
+    }
+    if let Some(drops) = DROPS.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot, as in `bump`.
+        let first = unsafe {
+            *drops += 1;
+            *drops == 1
+        };
+        // Log once per CPU, never per hit: this is the hot path.
+        if first {
+            warn!(ctx, "cacheloop: counter map full, hits are being dropped");
+        }
+    }
+    0
+}
+
+#[inline(always)]
+fn bump(key: &CallKey) -> bool {
+    match COUNTS.get_ptr_mut(key) {
+        Some(count) => {
+            // SAFETY: the value is this CPU's slot of a per-CPU map; no other
+            // CPU writes it, and the kernel runs no second uprobe program on
+            // this CPU while we run (its per-CPU `bpf_prog_active` guard).
+            unsafe { *count += 1 };
+            true
+        }
+        None => false,
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
