@@ -1,0 +1,249 @@
+//! What the user typed: the command line as clap parses it, before any
+//! validation beyond the shape of each value. `config.rs` turns it into
+//! settings.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{ArgGroup, Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cacheloop",
+    version,
+    about = "Catch cache invalidation loops in live processes, with uprobes",
+    long_about = "Attaches uprobes to the invalidation functions of running processes, \
+                  counts their calls in the kernel, and tells a runaway invalidation loop \
+                  from a healthy burst. Needs root (or CAP_BPF and CAP_PERFMON).\n\n\
+                  Exit codes: 0 finished, 1 runtime failure, 2 bad usage or input, \
+                  3 loop found with --fail-on-loop."
+)]
+pub struct Cli {
+    /// More diagnostics on stderr (-v, -vv).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Attach to processes and watch their invalidation rates for loops.
+    Watch(WatchArgs),
+    /// List the functions of a process or binary that can be watched.
+    Symbols(SymbolsArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("target").required(true).multiple(true).args(["pid", "binary"])))]
+pub struct WatchArgs {
+    /// Watch this process; repeat for several.
+    #[arg(long, value_name = "PID", value_parser = parse_pid)]
+    pub pid: Vec<u32>,
+
+    /// Watch every process running this executable, now and later.
+    #[arg(long, value_name = "PATH")]
+    pub binary: Option<PathBuf>,
+
+    /// Functions to count: a glob (`*`, `?`, `[..]`) over symbol names;
+    /// repeat for several.
+    #[arg(long = "func", value_name = "PATTERN", required = true)]
+    pub funcs: Vec<String>,
+
+    /// How often to read the counters and judge the rates.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub interval: Duration,
+
+    /// Stop after this long (default: until Ctrl-C or SIGTERM).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+
+    /// Least rate, in calls/s, that can count as a loop.
+    #[arg(
+        long,
+        value_name = "CALLS_PER_SEC",
+        default_value_t = 1000.0,
+        allow_negative_numbers = true
+    )]
+    pub threshold: f64,
+
+    /// How many times its learned baseline a rate must reach to be suspect.
+    #[arg(
+        long,
+        value_name = "X",
+        default_value_t = 10.0,
+        allow_negative_numbers = true
+    )]
+    pub factor: f64,
+
+    /// Suspect intervals in a row that confirm a loop (and calm ones that
+    /// confirm a recovery).
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub sustain: u32,
+
+    /// Intervals averaged into the first baseline.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub warmup: u32,
+
+    /// One JSON object per line on stdout; diagnostics stay on stderr.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Stop as soon as a loop is confirmed, and exit with status 3.
+    #[arg(long)]
+    pub fail_on_loop: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("target").required(true).args(["pid", "binary"])))]
+pub struct SymbolsArgs {
+    /// List the functions of this process's executable.
+    #[arg(long, value_name = "PID", value_parser = parse_pid)]
+    pub pid: Option<u32>,
+
+    /// List the functions of this executable or library.
+    #[arg(long, value_name = "PATH")]
+    pub binary: Option<PathBuf>,
+
+    /// Only functions matching this glob.
+    #[arg(long = "match", value_name = "PATTERN")]
+    pub pattern: Option<String>,
+
+    /// One JSON object per function.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_pid(text: &str) -> Result<u32, String> {
+    match text.parse::<u32>() {
+        Ok(0) => Err("pid 0 is not a process".to_owned()),
+        Ok(pid) => Ok(pid),
+        Err(_) => Err(format!(
+            "'{text}' is not a process id (expected a number such as 1234)"
+        )),
+    }
+}
+
+/// `500ms`, `2s`, `1m`, `1h 30m`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|_| format!("'{text}' is not a duration (use a number and a unit: 500ms, 2s, 1m)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("cacheloop").chain(args.iter().copied()))
+    }
+
+    fn watch(args: &[&str]) -> WatchArgs {
+        match parse(args).unwrap().command {
+            Command::Watch(w) => w,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn watch_defaults() {
+        let w = watch(&["watch", "--pid", "42", "--func", "cache_*"]);
+        assert_eq!(w.pid, [42]);
+        assert_eq!(w.funcs, ["cache_*"]);
+        assert_eq!(w.interval, Duration::from_secs(1));
+        assert_eq!(w.duration, None);
+        assert_eq!(w.threshold, 1000.0);
+        assert_eq!(w.factor, 10.0);
+        assert_eq!(w.sustain, 3);
+        assert!(!w.json && !w.fail_on_loop);
+    }
+
+    #[test]
+    fn pid_and_func_repeat() {
+        let w = watch(&[
+            "watch", "--pid", "1", "--pid", "2", "--func", "a", "--func", "b",
+        ]);
+        assert_eq!(w.pid, [1, 2]);
+        assert_eq!(w.funcs, ["a", "b"]);
+    }
+
+    #[test]
+    fn every_flag_spelling_parses() {
+        let w = watch(&[
+            "watch",
+            "--binary",
+            "/usr/bin/redis-server",
+            "--func",
+            "f",
+            "--interval",
+            "500ms",
+            "--duration",
+            "1m",
+            "--threshold",
+            "50",
+            "--factor",
+            "4",
+            "--sustain",
+            "2",
+            "--warmup",
+            "5",
+            "--json",
+            "--fail-on-loop",
+        ]);
+        assert_eq!(
+            w.binary.as_deref(),
+            Some(std::path::Path::new("/usr/bin/redis-server"))
+        );
+        assert_eq!(w.interval, Duration::from_millis(500));
+        assert_eq!(w.duration, Some(Duration::from_secs(60)));
+        assert_eq!(
+            (w.threshold, w.factor, w.sustain, w.warmup),
+            (50.0, 4.0, 2, 5)
+        );
+        assert!(w.json && w.fail_on_loop);
+    }
+
+    #[test]
+    fn bad_pid_is_named() {
+        let err = parse(&["watch", "--pid", "abc", "--func", "f"]).unwrap_err();
+        assert!(
+            err.to_string().contains("'abc' is not a process id"),
+            "{err}"
+        );
+        let err = parse(&["watch", "--pid", "0", "--func", "f"]).unwrap_err();
+        assert!(err.to_string().contains("pid 0"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_is_named() {
+        let err = parse(&["watch", "--pid", "1", "--func", "f", "--interval", "soon"]).unwrap_err();
+        assert!(
+            err.to_string().contains("'soon' is not a duration"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_target_and_a_function_are_required() {
+        assert!(parse(&["watch", "--func", "f"]).is_err());
+        assert!(parse(&["watch", "--pid", "1"]).is_err());
+    }
+
+    #[test]
+    fn symbols_takes_one_target() {
+        assert!(parse(&["symbols", "--pid", "1", "--binary", "/bin/sh"]).is_err());
+        let Command::Symbols(s) = parse(&["symbols", "--binary", "/bin/sh", "--match", "x*"])
+            .unwrap()
+            .command
+        else {
+            panic!()
+        };
+        assert_eq!(s.pattern.as_deref(), Some("x*"));
+    }
+}

@@ -1,0 +1,203 @@
+//! Validated settings: the second stage after `cli.rs`. Every check on what
+//! the user typed that needs no system call happens here, so bad input is
+//! refused before anything touches the kernel.
+
+use std::{path::PathBuf, time::Duration};
+
+use crate::{
+    cli::WatchArgs,
+    detect::Rules,
+    symbols::{Pattern, SymbolError},
+};
+
+/// A value that parses but makes no sense.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A duration flag is zero.
+    #[error("{flag} must be longer than 0 (for example 1s or 500ms)")]
+    ZeroDuration { flag: &'static str },
+    /// A number flag is out of its range.
+    #[error("{flag} {value} is out of range: {expected}")]
+    OutOfRange {
+        flag: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    /// A `--func` pattern is not a glob.
+    #[error(transparent)]
+    Pattern(#[from] SymbolError),
+}
+
+/// How records are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+/// Everything `watch` needs, checked.
+#[derive(Debug)]
+pub struct WatchConfig {
+    pub pids: Vec<u32>,
+    pub binary: Option<PathBuf>,
+    pub patterns: Vec<Pattern>,
+    pub interval: Duration,
+    pub duration: Option<Duration>,
+    pub rules: Rules,
+    pub output: Output,
+    pub fail_on_loop: bool,
+}
+
+impl TryFrom<WatchArgs> for WatchConfig {
+    type Error = ConfigError;
+
+    fn try_from(args: WatchArgs) -> Result<Self, ConfigError> {
+        if args.interval.is_zero() {
+            return Err(ConfigError::ZeroDuration { flag: "--interval" });
+        }
+        if args.duration.is_some_and(|d| d.is_zero()) {
+            return Err(ConfigError::ZeroDuration { flag: "--duration" });
+        }
+        if !(args.threshold.is_finite() && args.threshold >= 0.0) {
+            return Err(ConfigError::OutOfRange {
+                flag: "--threshold",
+                value: args.threshold.to_string(),
+                expected: "calls per second, 0 or more",
+            });
+        }
+        if !(args.factor.is_finite() && args.factor > 1.0) {
+            return Err(ConfigError::OutOfRange {
+                flag: "--factor",
+                value: args.factor.to_string(),
+                expected: "a multiple of the baseline greater than 1",
+            });
+        }
+        if args.sustain == 0 {
+            return Err(ConfigError::OutOfRange {
+                flag: "--sustain",
+                value: "0".to_owned(),
+                expected: "at least 1 interval",
+            });
+        }
+        if args.warmup == 0 {
+            return Err(ConfigError::OutOfRange {
+                flag: "--warmup",
+                value: "0".to_owned(),
+                expected: "at least 1 interval",
+            });
+        }
+        let patterns = args
+            .funcs
+            .iter()
+            .map(|p| Pattern::new(p))
+            .collect::<Result<_, _>>()?;
+        let mut pids = args.pid;
+        pids.sort_unstable();
+        pids.dedup();
+        Ok(Self {
+            pids,
+            binary: args.binary,
+            patterns,
+            interval: args.interval,
+            duration: args.duration,
+            rules: Rules {
+                factor: args.factor,
+                min_rate: args.threshold,
+                sustain: args.sustain,
+                warmup: args.warmup,
+                ..Rules::default()
+            },
+            output: if args.json {
+                Output::Json
+            } else {
+                Output::Text
+            },
+            fail_on_loop: args.fail_on_loop,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn config(extra: &[&str]) -> Result<WatchConfig, ConfigError> {
+        let args = [
+            "cacheloop",
+            "watch",
+            "--pid",
+            "7",
+            "--pid",
+            "7",
+            "--func",
+            "f*",
+        ];
+        let cli = Cli::try_parse_from(args.iter().chain(extra)).unwrap();
+        let Command::Watch(w) = cli.command else {
+            panic!()
+        };
+        WatchConfig::try_from(w)
+    }
+
+    #[test]
+    fn defaults_make_default_rules() {
+        let c = config(&[]).unwrap();
+        assert_eq!(c.rules, Rules::default());
+        assert_eq!(c.pids, [7], "repeated pids are watched once");
+        assert_eq!(c.output, Output::Text);
+    }
+
+    #[test]
+    fn rule_flags_reach_the_rules() {
+        let c = config(&[
+            "--threshold",
+            "50",
+            "--factor",
+            "4",
+            "--sustain",
+            "2",
+            "--json",
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.rules.min_rate, c.rules.factor, c.rules.sustain),
+            (50.0, 4.0, 2)
+        );
+        assert_eq!(c.output, Output::Json);
+    }
+
+    #[test]
+    fn zero_interval_is_refused() {
+        let err = config(&["--interval", "0s"]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--interval must be longer than 0 (for example 1s or 500ms)"
+        );
+    }
+
+    #[test]
+    fn out_of_range_numbers_are_refused() {
+        for args in [
+            &["--factor", "1"][..],
+            &["--threshold", "-5"],
+            &["--threshold", "NaN"],
+            &["--sustain", "0"],
+            &["--duration", "0ms"],
+        ] {
+            assert!(config(args).is_err(), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn invalid_glob_is_refused() {
+        let args = ["cacheloop", "watch", "--pid", "7", "--func", "[oops"];
+        let Command::Watch(w) = Cli::try_parse_from(args).unwrap().command else {
+            panic!()
+        };
+        let err = WatchConfig::try_from(w).unwrap_err();
+        assert!(err.to_string().contains("[oops"), "{err}");
+    }
+}

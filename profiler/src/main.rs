@@ -1,0 +1,80 @@
+//! The `cacheloop` binary: parse, dispatch, print an error once, pick the
+//! exit code. Everything else lives in the library.
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use profiler::{
+    cli::{Cli, Command},
+    config::{ConfigError, WatchConfig},
+    listing,
+    symbols::SymbolError,
+    target::TargetError,
+    watch::{self, Outcome},
+};
+
+/// Exit codes, as DESIGN.md promises them.
+const EXIT_RUNTIME: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+const EXIT_LOOP: u8 = 3;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return clap_exit(&err),
+    };
+    let level = match cli.verbose {
+        0 => log::LevelFilter::Warn,
+        1 => log::LevelFilter::Info,
+        _ => log::LevelFilter::Debug,
+    };
+    env_logger::Builder::new()
+        .filter_level(level)
+        .parse_default_env()
+        .format_timestamp(None)
+        .init();
+
+    let result = match cli.command {
+        Command::Watch(args) => WatchConfig::try_from(args)
+            .map_err(anyhow::Error::from)
+            .and_then(watch::run),
+        Command::Symbols(args) => listing::run(&args).map(|()| Outcome::Finished),
+    };
+    match result {
+        Ok(Outcome::Finished) => ExitCode::SUCCESS,
+        Ok(Outcome::LoopFound) => ExitCode::from(EXIT_LOOP),
+        Err(err) => {
+            eprintln!("cacheloop: {err:#}");
+            ExitCode::from(exit_code(&err))
+        }
+    }
+}
+
+/// Bad input is 2; anything that went wrong while running is 1.
+fn exit_code(err: &anyhow::Error) -> u8 {
+    let usage = err
+        .chain()
+        .any(|e| e.is::<ConfigError>() || e.is::<SymbolError>() || e.is::<TargetError>());
+    if usage { EXIT_USAGE } else { EXIT_RUNTIME }
+}
+
+/// Help and version go to stdout with status 0; usage errors become one line
+/// on stderr with status 2.
+fn clap_exit(err: &clap::Error) -> ExitCode {
+    if !err.use_stderr() {
+        let _ = err.print();
+        return ExitCode::SUCCESS;
+    }
+    let rendered = err.render().to_string();
+    // clap's message runs until the first blank line (the usage follows);
+    // fold it into one line.
+    let message: Vec<&str> = rendered
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let message = message.join(" ");
+    let message = message.strip_prefix("error: ").unwrap_or(&message);
+    eprintln!("cacheloop: {message}; see 'cacheloop --help'");
+    ExitCode::from(EXIT_USAGE)
+}

@@ -1,0 +1,281 @@
+//! Owns everything cacheloop puts in the kernel: the eBPF object, its maps
+//! and the uprobe links. Loads, attaches, reads counters, detaches.
+//!
+//! Safety on production rests on three facts:
+//! - links are owned by file descriptors of this process and never pinned, so
+//!   if cacheloop dies, even by SIGKILL, the kernel removes every probe;
+//! - [`Probes::detach`] (and `Drop`, on any other exit, panics included)
+//!   detaches explicitly;
+//! - uprobes only read the target: the kernel swaps an int3 in at each probed
+//!   address and restores the original instruction on detach.
+
+use std::{collections::HashMap, num::NonZeroU32, path::PathBuf, time::Instant};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, PerCpuHashMap},
+    programs::{
+        UProbe,
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
+    },
+    sys::{UProbeMultiFeature, is_uprobe_multi_supported},
+};
+use profiler_common::{COUNTS_MAP, CallKey, DROPS_MAP, PROG_MULTI, PROG_SINGLE};
+
+/// Errors from loading, attaching and reading probes. All of them are about
+/// the run (exit 1), not about what the user typed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// The kernel refused the eBPF object.
+    #[error("the kernel refused cacheloop's eBPF program; is BPF enabled (CONFIG_BPF_EVENTS)?")]
+    Load(#[source] aya::EbpfError),
+    /// The object lacks a program or map this loader expects (a build error).
+    #[error("the embedded eBPF object has no {what} named {name}")]
+    Missing {
+        what: &'static str,
+        name: &'static str,
+    },
+    /// The kernel refused to load one of the programs.
+    #[error("the kernel refused to load the uprobe program")]
+    Program(#[source] aya::programs::ProgramError),
+    /// Attaching to a file failed.
+    #[error("cannot attach {count} uprobe(s) to {}{}", path.display(), pid.map(|p| format!(" in pid {p}")).unwrap_or_default())]
+    Attach {
+        path: PathBuf,
+        pid: Option<u32>,
+        count: usize,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    /// Reading a map failed.
+    #[error("cannot read the {name} map")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// How the probes are attached on this kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// One `uprobe_multi` link per file and process (kernel >= 6.6).
+    Multi,
+    /// One perf-event link per function (older kernels): slower to attach.
+    PerFunction,
+}
+
+impl AttachMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Multi => "uprobe_multi",
+            Self::PerFunction => "perf_link_per_function",
+        }
+    }
+}
+
+/// One attach request: these file offsets of this file, each with the cookie
+/// (function index) the kernel will count it under, for one process or all.
+#[derive(Clone, Debug)]
+pub struct AttachRequest {
+    pub path: PathBuf,
+    /// `None` probes every process that runs the file.
+    pub pid: Option<u32>,
+    /// (file offset, cookie) pairs.
+    pub points: Vec<(u64, u32)>,
+}
+
+/// The loaded eBPF object and its links.
+pub struct Probes {
+    // Field order matters for `Drop`: the maps and the logger hold their own
+    // file descriptors; `ebpf` owns the program and with it every link.
+    counts: PerCpuHashMap<MapData, CallKey, u64>,
+    drops: PerCpuArray<MapData, u64>,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    ebpf: Ebpf,
+    program: &'static str,
+    mode: AttachMode,
+    /// Whether a pid-scoped multi link filters the whole process (all its
+    /// threads). Early uprobe_multi kernels filtered one thread only; then we
+    /// attach for all processes and keep only the watched pids' counts.
+    pid_filter_ok: bool,
+    attached: usize,
+}
+
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
+
+impl Probes {
+    /// Loads the eBPF object, sizing the counter map for `max_entries`
+    /// (function, process) pairs, and picks the attach mode this kernel
+    /// supports.
+    pub fn load(max_entries: u32) -> Result<Self, ProbeError> {
+        // Kernels >= 5.11 charge BPF memory to the cgroup, not RLIMIT_MEMLOCK;
+        // raising the limit can fail without CAP_SYS_RESOURCE and that is fine.
+        raise_memlock_limit();
+
+        let multi = is_uprobe_multi_supported(UProbeMultiFeature::LinkCreation).unwrap_or(false);
+        let pid_filter_ok = !multi
+            || is_uprobe_multi_supported(UProbeMultiFeature::ProcessScopedPidFilter)
+                .unwrap_or(false);
+        let (program, mode) = if multi {
+            (PROG_MULTI, AttachMode::Multi)
+        } else {
+            (PROG_SINGLE, AttachMode::PerFunction)
+        };
+
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(COUNTS_MAP, max_entries.max(1))
+            // Only the chosen program is loaded; the other stays in the file.
+            .load(EBPF_OBJECT)
+            .map_err(ProbeError::Load)?;
+        let logger = aya_log::EbpfLogger::init(&mut ebpf)
+            .inspect_err(|e| log::debug!("eBPF logs unavailable: {e}"))
+            .ok();
+        let prog: &mut UProbe = ebpf
+            .program_mut(program)
+            .ok_or(ProbeError::Missing {
+                what: "program",
+                name: program,
+            })?
+            .try_into()
+            .map_err(ProbeError::Program)?;
+        prog.load().map_err(ProbeError::Program)?;
+
+        let counts = take_map(&mut ebpf, COUNTS_MAP)?;
+        let drops = take_map(&mut ebpf, DROPS_MAP)?;
+        Ok(Self {
+            counts,
+            drops,
+            logger,
+            ebpf,
+            program,
+            mode,
+            pid_filter_ok,
+            attached: 0,
+        })
+    }
+
+    pub fn mode(&self) -> AttachMode {
+        self.mode
+    }
+
+    /// Whether counts of processes other than the watched ones can appear
+    /// (the kernel's pid filter cannot be trusted); the sampler drops them.
+    pub fn needs_pid_filtering(&self) -> bool {
+        !self.pid_filter_ok
+    }
+
+    /// Functions attached so far, over all requests.
+    pub fn attached(&self) -> usize {
+        self.attached
+    }
+
+    /// Attaches one request.
+    pub fn attach(&mut self, request: &AttachRequest) -> Result<(), ProbeError> {
+        let scope = match request.pid.and_then(NonZeroU32::new) {
+            Some(pid) if self.pid_filter_ok => UProbeScope::OneProcess(pid),
+            _ => UProbeScope::AllProcesses,
+        };
+        let points = request
+            .points
+            .iter()
+            .map(|&(offset, cookie)| UProbeAttachPoint {
+                location: UProbeAttachLocation::AbsoluteOffset(offset),
+                cookie: Some(u64::from(cookie)),
+            });
+        let prog = self.program_mut()?;
+        prog.attach(points, &request.path, scope)
+            .map_err(|source| ProbeError::Attach {
+                path: request.path.clone(),
+                pid: request.pid,
+                count: request.points.len(),
+                source,
+            })?;
+        self.attached += request.points.len();
+        Ok(())
+    }
+
+    /// Reads every counter, summed over CPUs, into `out` (cleared first).
+    pub fn read_counts(&mut self, out: &mut HashMap<CallKey, u64>) -> Result<(), ProbeError> {
+        out.clear();
+        for entry in self.counts.iter() {
+            let (key, per_cpu) = entry.map_err(|source| ProbeError::Map {
+                name: COUNTS_MAP,
+                source,
+            })?;
+            out.insert(key, per_cpu.iter().sum());
+        }
+        if let Some(logger) = &mut self.logger {
+            logger.flush();
+        }
+        Ok(())
+    }
+
+    /// Hits the kernel could not count because the counter map was full.
+    pub fn dropped(&self) -> u64 {
+        self.drops
+            .get(&0, 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0)
+    }
+
+    /// Removes the counters of a process that is gone, to free map slots.
+    pub fn forget_process(&mut self, tgid: u32) {
+        let stale: Vec<CallKey> = self
+            .counts
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.tgid == tgid)
+            .collect();
+        for key in stale {
+            let _ = self.counts.remove(&key);
+        }
+    }
+
+    /// Detaches every probe and unloads the program; returns how long the
+    /// kernel took. After this the targets run exactly as before attach.
+    pub fn detach(mut self) -> std::time::Duration {
+        let started = Instant::now();
+        if let Ok(prog) = self.program_mut() {
+            let _ = prog.unload();
+        }
+        started.elapsed()
+    }
+
+    fn program_mut(&mut self) -> Result<&mut UProbe, ProbeError> {
+        let name = self.program;
+        self.ebpf
+            .program_mut(name)
+            .ok_or(ProbeError::Missing {
+                what: "program",
+                name,
+            })?
+            .try_into()
+            .map_err(ProbeError::Program)
+    }
+}
+
+fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, ProbeError>
+where
+    M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or(ProbeError::Missing { what: "map", name })?;
+    M::try_from(map).map_err(|source| ProbeError::Map { name, source })
+}
+
+fn raise_memlock_limit() {
+    let limit = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit only reads the struct we pass.
+    let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) };
+    if ret != 0 {
+        log::debug!(
+            "could not raise RLIMIT_MEMLOCK ({}); fine on kernels >= 5.11",
+            std::io::Error::last_os_error()
+        );
+    }
+}

@@ -1,0 +1,318 @@
+//! What cacheloop tells the user, and the sinks that write it.
+//!
+//! [`Record`] is the JSON-lines contract of DESIGN.md (`sample`, `loop`, and
+//! the lifecycle records): fields may be added, never renamed. Each sink
+//! renders records its own way: [`json::JsonSink`] one object per line,
+//! [`text::TextSink`] a live view for people. Pure: sinks write to any
+//! `io::Write`.
+
+pub mod json;
+pub mod text;
+
+use std::{io, time::SystemTime};
+
+use serde::Serialize;
+
+use crate::detect::{LoopVerdict, Recovery, Rules};
+
+/// Unix time in seconds, as a float: the `ts` of every record.
+pub fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// One line of output.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Record {
+    /// Probes are in place for a process (or, with `pid` absent, for every
+    /// process running `path`).
+    Attached {
+        ts: f64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pid: Option<u32>,
+        path: String,
+        functions: Vec<String>,
+        /// `uprobe_multi` or `perf_link_per_function`.
+        mode: &'static str,
+        /// Seconds from start-up to this record.
+        attach_seconds: f64,
+    },
+    /// Calls of one function in one process over the last interval.
+    Sample {
+        ts: f64,
+        pid: u32,
+        function: String,
+        calls: u64,
+        /// Calls per second over the interval.
+        rate: f64,
+        /// The detector's learned rate, once it has one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        baseline: Option<f64>,
+    },
+    /// A confirmed loop.
+    Loop {
+        ts: f64,
+        pid: u32,
+        functions: Vec<String>,
+        rate: f64,
+        baseline: f64,
+        reason: String,
+        evidence: Evidence,
+    },
+    /// A loop that calmed down.
+    Recovered {
+        ts: f64,
+        pid: u32,
+        functions: Vec<String>,
+        rate: f64,
+        baseline: f64,
+        reason: String,
+    },
+    /// A watched process exited.
+    TargetExit { ts: f64, pid: u32 },
+    /// Every probe was removed.
+    Detached {
+        ts: f64,
+        functions: usize,
+        detach_seconds: f64,
+    },
+}
+
+/// The numbers behind a loop verdict.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Evidence {
+    /// Confirming rate over baseline.
+    pub ratio: f64,
+    /// The elevated rates, oldest first, summed over the functions.
+    pub elevated_rates: Vec<f64>,
+    pub elevated_seconds: f64,
+    /// The rule that fired, with its thresholds.
+    pub rule: RuleEvidence,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RuleEvidence {
+    pub name: &'static str,
+    pub factor: f64,
+    pub min_rate: f64,
+    pub sustain: u32,
+}
+
+/// One loop record for the functions of one process confirmed in the same
+/// interval: rates and baselines are summed over them.
+pub fn loop_record(
+    ts: f64,
+    verdicts: &[&LoopVerdict],
+    names: &[String],
+    rules: &Rules,
+) -> Option<Record> {
+    let first = verdicts.first()?;
+    let rate: f64 = verdicts.iter().map(|v| v.rate).sum();
+    let baseline: f64 = verdicts.iter().map(|v| v.baseline).sum();
+    let mut elevated_rates = vec![0.0; first.elevated_rates.len()];
+    for v in verdicts {
+        for (sum, r) in elevated_rates.iter_mut().zip(&v.elevated_rates) {
+            *sum += r;
+        }
+    }
+    let functions: Vec<String> = verdicts
+        .iter()
+        .map(|v| function_name(names, v.key.func))
+        .collect();
+    let ratio = rate / baseline.max(crate::detect::BASELINE_FLOOR);
+    let reason = format!(
+        "{} ran at {}/s for {:.0} s straight, {} its usual {}/s; a burst calms down, \
+         this kept going ({} intervals in a row at >= {}x baseline and >= {}/s): \
+         an invalidation loop",
+        functions.join(" + "),
+        thousands(rate),
+        first.elevated_seconds,
+        times(ratio),
+        thousands(baseline),
+        rules.sustain,
+        rules.factor,
+        thousands(rules.min_rate),
+    );
+    Some(Record::Loop {
+        ts,
+        pid: first.key.pid,
+        functions,
+        rate: round1(rate),
+        baseline: round1(baseline),
+        reason,
+        evidence: Evidence {
+            ratio: round1(ratio),
+            elevated_rates: elevated_rates.into_iter().map(round1).collect(),
+            elevated_seconds: round1(first.elevated_seconds),
+            rule: RuleEvidence {
+                name: "sustained_rate_over_baseline",
+                factor: rules.factor,
+                min_rate: rules.min_rate,
+                sustain: rules.sustain,
+            },
+        },
+    })
+}
+
+/// The record for a loop that is over.
+pub fn recovered_record(ts: f64, recovery: &Recovery, names: &[String]) -> Record {
+    let function = function_name(names, recovery.key.func);
+    Record::Recovered {
+        ts,
+        pid: recovery.key.pid,
+        reason: format!(
+            "{function} is back to {}/s (baseline {}/s) after {:.0} s in a loop that peaked at {}/s",
+            thousands(recovery.rate),
+            thousands(recovery.baseline),
+            recovery.loop_seconds,
+            thousands(recovery.peak_rate),
+        ),
+        functions: vec![function],
+        rate: round1(recovery.rate),
+        baseline: round1(recovery.baseline),
+    }
+}
+
+/// What the run saw, for the closing summary.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Summary {
+    pub seconds: f64,
+    pub functions: usize,
+    pub processes: usize,
+    /// (pid, function, total calls, peak rate), busiest first.
+    pub busiest: Vec<(u32, String, u64, f64)>,
+    /// (pid, functions) of every loop confirmed.
+    pub loops: Vec<(u32, Vec<String>)>,
+    /// Watched functions that never fired.
+    pub silent: Vec<String>,
+    /// Hits the kernel could not count (counter map full).
+    pub dropped: u64,
+}
+
+/// A place records go.
+pub trait Sink {
+    fn emit(&mut self, record: &Record) -> io::Result<()>;
+    /// Called once per interval, after its records.
+    fn end_tick(&mut self) -> io::Result<()>;
+    /// Called once when the run ends.
+    fn finish(&mut self, summary: &Summary) -> io::Result<()>;
+}
+
+pub(crate) fn function_name(names: &[String], func: u32) -> String {
+    names
+        .get(func as usize)
+        .cloned()
+        .unwrap_or_else(|| format!("#{func}"))
+}
+
+pub(crate) fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+/// 48210.4 -> "48,210"; small rates keep a decimal: 2.5 -> "2.5".
+pub(crate) fn thousands(x: f64) -> String {
+    if x < 10.0 {
+        return format!("{:.1}", x.max(0.0));
+    }
+    let digits = format!("{:.0}", x.max(0.0));
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// 243.6 -> "244x"; under 10 keeps a decimal.
+pub(crate) fn times(ratio: f64) -> String {
+    if ratio < 10.0 {
+        format!("{ratio:.1}x")
+    } else {
+        format!("{}x", thousands(ratio))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detect::SeriesKey;
+
+    fn verdict(func: u32, rate: f64, baseline: f64) -> LoopVerdict {
+        LoopVerdict {
+            key: SeriesKey { pid: 7, func },
+            rate,
+            baseline,
+            elevated_rates: vec![rate; 3],
+            elevated_seconds: 3.0,
+        }
+    }
+
+    #[test]
+    fn numbers_read_well() {
+        assert_eq!(thousands(48210.4), "48,210");
+        assert_eq!(thousands(999.0), "999");
+        assert_eq!(thousands(1000.0), "1,000");
+        assert_eq!(thousands(2.46), "2.5");
+        assert_eq!(times(243.6), "244x");
+        assert_eq!(times(4.52), "4.5x");
+    }
+
+    #[test]
+    fn loop_record_names_the_function_and_explains_itself() {
+        let names = vec!["cache_invalidate".to_owned()];
+        let v = verdict(0, 48_000.0, 200.0);
+        let rec = loop_record(1.5, &[&v], &names, &Rules::default()).unwrap();
+        let json = serde_json::to_value(&rec).unwrap();
+        assert_eq!(json["type"], "loop");
+        assert_eq!(json["pid"], 7);
+        assert_eq!(json["functions"][0], "cache_invalidate");
+        assert_eq!(json["rate"], 48_000.0);
+        assert_eq!(json["baseline"], 200.0);
+        assert_eq!(json["evidence"]["ratio"], 240.0);
+        let reason = json["reason"].as_str().unwrap();
+        assert!(
+            reason.contains("cache_invalidate ran at 48,000/s"),
+            "{reason}"
+        );
+        assert!(reason.contains("240x its usual 200/s"), "{reason}");
+    }
+
+    #[test]
+    fn simultaneous_loops_in_one_process_share_a_record() {
+        let names = vec!["inv_a".to_owned(), "inv_b".to_owned()];
+        let (a, b) = (verdict(0, 30_000.0, 100.0), verdict(1, 30_000.0, 100.0));
+        let rec = loop_record(0.0, &[&a, &b], &names, &Rules::default()).unwrap();
+        let Record::Loop {
+            functions,
+            rate,
+            evidence,
+            ..
+        } = rec
+        else {
+            panic!()
+        };
+        assert_eq!(functions, ["inv_a", "inv_b"]);
+        assert_eq!(rate, 60_000.0);
+        assert_eq!(evidence.elevated_rates, vec![60_000.0; 3]);
+    }
+
+    #[test]
+    fn sample_serializes_with_the_contract_fields() {
+        let rec = Record::Sample {
+            ts: 1795574373.2,
+            pid: 1234,
+            function: "cache_invalidate".into(),
+            calls: 200,
+            rate: 199.8,
+            baseline: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&rec).unwrap(),
+            r#"{"type":"sample","ts":1795574373.2,"pid":1234,"function":"cache_invalidate","calls":200,"rate":199.8}"#
+        );
+    }
+}

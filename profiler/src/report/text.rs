@@ -1,0 +1,283 @@
+//! The live view for people: a line per busy function each interval, loops
+//! called out with their reason, a summary at the end.
+
+use std::{
+    collections::HashSet,
+    io::{self, Write},
+};
+
+use super::{Record, Sink, Summary, thousands, times};
+
+/// Rows shown per interval; the rest are counted in one line.
+const TOP: usize = 10;
+
+pub struct TextSink<W: Write> {
+    out: W,
+    started: Option<f64>,
+    header_done: bool,
+    /// (rate, pid, function, calls, baseline) of this interval's samples.
+    rows: Vec<(f64, u32, String, u64, Option<f64>)>,
+    looping: HashSet<(u32, String)>,
+}
+
+impl<W: Write> TextSink<W> {
+    pub fn new(out: W) -> Self {
+        Self {
+            out,
+            started: None,
+            header_done: false,
+            rows: Vec::new(),
+            looping: HashSet::new(),
+        }
+    }
+
+    fn elapsed(&mut self, ts: f64) -> f64 {
+        ts - *self.started.get_or_insert(ts)
+    }
+}
+
+impl<W: Write> Sink for TextSink<W> {
+    fn emit(&mut self, record: &Record) -> io::Result<()> {
+        match record {
+            Record::Attached {
+                ts,
+                pid,
+                path,
+                functions,
+                mode,
+                attach_seconds,
+            } => {
+                self.elapsed(*ts);
+                let who = match pid {
+                    Some(pid) => format!("pid {pid} ({path})"),
+                    None => format!("every process running {path}"),
+                };
+                let what = match functions.as_slice() {
+                    [one] => one.clone(),
+                    many => format!("{} functions", many.len()),
+                };
+                writeln!(
+                    self.out,
+                    "watching {what} in {who} via {mode}, attached in {attach_seconds:.2} s"
+                )
+            }
+            Record::Sample {
+                pid,
+                function,
+                calls,
+                rate,
+                baseline,
+                ..
+            } => {
+                self.rows
+                    .push((*rate, *pid, function.clone(), *calls, *baseline));
+                Ok(())
+            }
+            Record::Loop {
+                ts,
+                pid,
+                functions,
+                rate,
+                baseline,
+                reason,
+                evidence,
+            } => {
+                let at = self.elapsed(*ts);
+                for f in functions {
+                    self.looping.insert((*pid, f.clone()));
+                }
+                writeln!(
+                    self.out,
+                    "\n!! LOOP at {at:.1}s  pid {pid}  {}  {}/s = {} its baseline of {}/s",
+                    functions.join(" + "),
+                    thousands(*rate),
+                    times(evidence.ratio),
+                    thousands(*baseline),
+                )?;
+                writeln!(self.out, "   why: {reason}\n")
+            }
+            Record::Recovered {
+                ts,
+                pid,
+                functions,
+                reason,
+                ..
+            } => {
+                let at = self.elapsed(*ts);
+                for f in functions {
+                    self.looping.remove(&(*pid, f.clone()));
+                }
+                writeln!(
+                    self.out,
+                    "\n.. recovered at {at:.1}s  pid {pid}: {reason}\n"
+                )
+            }
+            Record::TargetExit { ts, pid } => {
+                let at = self.elapsed(*ts);
+                writeln!(self.out, "-- pid {pid} exited at {at:.1}s")
+            }
+            Record::Detached {
+                functions,
+                detach_seconds,
+                ..
+            } => writeln!(
+                self.out,
+                "detached {functions} probe(s) in {:.0} ms; the targets run as before",
+                detach_seconds * 1000.0
+            ),
+        }
+    }
+
+    fn end_tick(&mut self) -> io::Result<()> {
+        if self.rows.is_empty() {
+            return self.out.flush();
+        }
+        if !self.header_done {
+            writeln!(
+                self.out,
+                "\n{:>7}  {:>7}  {:<32} {:>9} {:>10} {:>10}",
+                "time", "pid", "function", "calls", "rate/s", "baseline/s"
+            )?;
+            self.header_done = true;
+        }
+        let now = super::unix_now();
+        let at = self.elapsed(now);
+        self.rows
+            .sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+        for (rate, pid, function, calls, baseline) in self.rows.iter().take(TOP) {
+            let flag = if self.looping.contains(&(*pid, function.clone())) {
+                "  << LOOP"
+            } else {
+                ""
+            };
+            let baseline = baseline.map_or_else(|| "learning".to_owned(), thousands);
+            writeln!(
+                self.out,
+                "{at:>6.1}s  {pid:>7}  {function:<32} {calls:>9} {:>10} {baseline:>10}{flag}",
+                thousands(*rate),
+            )?;
+        }
+        if self.rows.len() > TOP {
+            writeln!(self.out, "{:>18}(+{} quieter)", "", self.rows.len() - TOP)?;
+        }
+        self.rows.clear();
+        self.out.flush()
+    }
+
+    fn finish(&mut self, summary: &Summary) -> io::Result<()> {
+        writeln!(
+            self.out,
+            "\nsummary: {:.1} s, {} function(s) in {} process(es)",
+            summary.seconds, summary.functions, summary.processes
+        )?;
+        if summary.loops.is_empty() {
+            writeln!(self.out, "  no invalidation loop seen")?;
+        }
+        for (pid, functions) in &summary.loops {
+            writeln!(self.out, "  LOOP in pid {pid}: {}", functions.join(" + "))?;
+        }
+        for (pid, function, calls, peak) in summary.busiest.iter().take(5) {
+            writeln!(
+                self.out,
+                "  pid {pid} {function}: {calls} calls, peak {}/s",
+                thousands(*peak)
+            )?;
+        }
+        if !summary.silent.is_empty() {
+            writeln!(
+                self.out,
+                "  never called: {} (inlined into callers, or not used by this workload)",
+                summary.silent.join(", ")
+            )?;
+        }
+        if summary.dropped > 0 {
+            writeln!(
+                self.out,
+                "  {} calls were not counted: the counter map was full",
+                summary.dropped
+            )?;
+        }
+        self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::{Evidence, RuleEvidence};
+
+    fn render(records: &[Record], summary: &Summary) -> String {
+        let mut sink = TextSink::new(Vec::new());
+        for r in records {
+            sink.emit(r).unwrap();
+        }
+        sink.end_tick().unwrap();
+        sink.finish(summary).unwrap();
+        String::from_utf8(sink.out).unwrap()
+    }
+
+    fn sample(function: &str, rate: f64) -> Record {
+        Record::Sample {
+            ts: 1.0,
+            pid: 9,
+            function: function.into(),
+            calls: rate as u64,
+            rate,
+            baseline: Some(100.0),
+        }
+    }
+
+    #[test]
+    fn busiest_rows_come_first_and_the_rest_are_counted() {
+        let mut records: Vec<Record> = (0..12)
+            .map(|i| sample(&format!("f{i}"), f64::from(i)))
+            .collect();
+        records.push(sample("hot", 5000.0));
+        let text = render(&records, &Summary::default());
+        let hot = text.find("hot").unwrap();
+        let f11 = text.find("f11").unwrap();
+        assert!(hot < f11, "{text}");
+        assert!(text.contains("(+3 quieter)"), "{text}");
+    }
+
+    #[test]
+    fn loop_is_called_out_with_its_reason_and_flagged_in_rows() {
+        let records = [
+            Record::Loop {
+                ts: 1.0,
+                pid: 9,
+                functions: vec!["cache_invalidate".into()],
+                rate: 48_000.0,
+                baseline: 200.0,
+                reason: "because".into(),
+                evidence: Evidence {
+                    ratio: 240.0,
+                    elevated_rates: vec![],
+                    elevated_seconds: 3.0,
+                    rule: RuleEvidence {
+                        name: "x",
+                        factor: 10.0,
+                        min_rate: 1000.0,
+                        sustain: 3,
+                    },
+                },
+            },
+            sample("cache_invalidate", 48_000.0),
+        ];
+        let summary = Summary {
+            loops: vec![(9, vec!["cache_invalidate".into()])],
+            silent: vec!["cache_flush".into()],
+            ..Summary::default()
+        };
+        let text = render(&records, &summary);
+        assert!(text.contains("!! LOOP"), "{text}");
+        assert!(
+            text.contains("48,000/s = 240x its baseline of 200/s"),
+            "{text}"
+        );
+        assert!(text.contains("why: because"), "{text}");
+        assert!(text.contains("<< LOOP"), "{text}");
+        assert!(text.contains("LOOP in pid 9: cache_invalidate"), "{text}");
+        assert!(text.contains("never called: cache_flush"), "{text}");
+    }
+}

@@ -1,0 +1,286 @@
+//! Every interval: read the kernel counters, diff them against the last read,
+//! turn the differences into rates, feed the detector, and produce the
+//! records of that interval. Also notices processes that appear (`--binary`)
+//! and processes that exit.
+//!
+//! The only kernel access is [`Probes::read_counts`]; the arithmetic lives in
+//! [`Deltas`], which is pure and unit-tested.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::Instant,
+};
+
+use profiler_common::CallKey;
+
+use crate::{
+    detect::{Detector, Event, LoopVerdict, SeriesKey},
+    probes::{ProbeError, Probes},
+    report::{self, Record, Summary},
+    target::{Binary, Process},
+};
+
+/// Which processes count: the `--pid` ones, and whatever runs the
+/// `--binary` file, now or later.
+pub struct Watched {
+    pub pids: Vec<Process>,
+    pub binary: Option<Binary>,
+}
+
+/// Per-series totals for the summary.
+#[derive(Clone, Copy, Debug, Default)]
+struct Totals {
+    calls: u64,
+    peak_rate: f64,
+}
+
+/// Counter arithmetic: last read values, and the calls since then.
+#[derive(Debug, Default)]
+pub struct Deltas {
+    last: HashMap<CallKey, u64>,
+}
+
+impl Deltas {
+    /// Calls since the previous read for `key`, given its current counter.
+    /// A counter that went backwards (its map entry was removed and made
+    /// again) counts from zero.
+    pub fn advance(&mut self, key: CallKey, now: u64) -> u64 {
+        let before = self.last.insert(key, now).unwrap_or(0);
+        if now >= before { now - before } else { now }
+    }
+
+    pub fn forget_process(&mut self, pid: u32) {
+        self.last.retain(|k, _| k.tgid != pid);
+    }
+}
+
+/// The outcome of one interval.
+#[derive(Debug, Default)]
+pub struct Tick {
+    pub records: Vec<Record>,
+    /// At least one loop was confirmed in this interval.
+    pub loop_found: bool,
+    /// No watched process is left, and none can come (no `--binary`).
+    pub all_gone: bool,
+}
+
+pub struct Sampler {
+    names: Vec<String>,
+    watched: Watched,
+    /// Live processes by pid.
+    live: BTreeMap<u32, Process>,
+    processes_seen: usize,
+    detector: Detector,
+    deltas: Deltas,
+    counts: HashMap<CallKey, u64>,
+    totals: HashMap<SeriesKey, Totals>,
+    loops: Vec<(u32, Vec<String>)>,
+    last_read: Instant,
+    started: Instant,
+}
+
+impl Sampler {
+    /// `names[i]` is the function counted under cookie `i`. Counting starts
+    /// at zero now: call right after attaching.
+    pub fn new(names: Vec<String>, watched: Watched, detector: Detector) -> Self {
+        let running = watched.binary.iter().flat_map(Binary::processes);
+        let live: BTreeMap<u32, Process> = watched
+            .pids
+            .iter()
+            .cloned()
+            .chain(running)
+            .map(|p| (p.pid, p))
+            .collect();
+        let now = Instant::now();
+        Self {
+            names,
+            processes_seen: live.len(),
+            live,
+            watched,
+            detector,
+            deltas: Deltas::default(),
+            counts: HashMap::new(),
+            totals: HashMap::new(),
+            loops: Vec::new(),
+            last_read: now,
+            started: now,
+        }
+    }
+
+    /// The processes being watched now.
+    pub fn live(&self) -> impl Iterator<Item = &Process> {
+        self.live.values()
+    }
+
+    /// Reads the counters and produces this interval's records.
+    pub fn tick(&mut self, probes: &mut Probes) -> Result<Tick, ProbeError> {
+        probes.read_counts(&mut self.counts)?;
+        let now = Instant::now();
+        let seconds = now.duration_since(self.last_read).as_secs_f64().max(1e-3);
+        self.last_read = now;
+        let ts = report::unix_now();
+        let mut tick = Tick::default();
+
+        self.discover_processes();
+
+        let mut verdicts: BTreeMap<u32, Vec<LoopVerdict>> = BTreeMap::new();
+        for &pid in self.live.keys() {
+            for func in 0..self.names.len() as u32 {
+                let key = CallKey { func, tgid: pid };
+                let calls = self
+                    .deltas
+                    .advance(key, self.counts.get(&key).copied().unwrap_or(0));
+                let series = SeriesKey { pid, func };
+                let rate = calls as f64 / seconds;
+                let totals = self.totals.entry(series).or_default();
+                totals.calls += calls;
+                totals.peak_rate = totals.peak_rate.max(rate);
+                let fired = totals.calls > 0;
+
+                match self.detector.observe(series, rate, seconds) {
+                    Some(Event::Loop(v)) => verdicts.entry(pid).or_default().push(v),
+                    Some(Event::Recovered(r)) => {
+                        tick.records
+                            .push(report::recovered_record(ts, &r, &self.names))
+                    }
+                    None => {}
+                }
+                // A function that never fired has nothing to say; once it has,
+                // it reports every interval, zeros included.
+                if fired {
+                    tick.records.push(Record::Sample {
+                        ts,
+                        pid,
+                        function: self.names[func as usize].clone(),
+                        calls,
+                        rate: report::round1(rate),
+                        baseline: self.detector.baseline(series).map(report::round1),
+                    });
+                }
+            }
+        }
+
+        for (pid, group) in &verdicts {
+            let refs: Vec<&LoopVerdict> = group.iter().collect();
+            if let Some(record) = report::loop_record(ts, &refs, &self.names, self.detector.rules())
+            {
+                if let Record::Loop { functions, .. } = &record {
+                    self.loops.push((*pid, functions.clone()));
+                }
+                tick.records.push(record);
+                tick.loop_found = true;
+            }
+        }
+
+        self.reap_exited(ts, probes, &mut tick);
+        Ok(tick)
+    }
+
+    /// With `--binary`, processes that started running the file since the
+    /// last interval show up as counter keys of unknown pids.
+    fn discover_processes(&mut self) {
+        let Some(binary) = &self.watched.binary else {
+            // Only --pid: the set is fixed; counts of other processes (possible
+            // when the kernel's pid filter cannot be used) are ignored.
+            return;
+        };
+        for pid in self.counts.keys().map(|k| k.tgid) {
+            if self.live.contains_key(&pid) || !binary.runs(pid) {
+                continue;
+            }
+            if let Ok(process) = Process::from_pid(pid) {
+                self.processes_seen += 1;
+                self.live.insert(pid, process);
+            }
+        }
+    }
+
+    fn reap_exited(&mut self, ts: f64, probes: &mut Probes, tick: &mut Tick) {
+        let gone: Vec<u32> = self
+            .live
+            .values()
+            .filter(|p| !p.is_alive())
+            .map(|p| p.pid)
+            .collect();
+        for pid in gone {
+            self.live.remove(&pid);
+            self.detector.forget_process(pid);
+            self.deltas.forget_process(pid);
+            probes.forget_process(pid);
+            tick.records.push(Record::TargetExit { ts, pid });
+        }
+        tick.all_gone = self.watched.binary.is_none() && self.live.is_empty();
+    }
+
+    /// What the run saw.
+    pub fn summary(&self, dropped: u64) -> Summary {
+        let mut busiest: Vec<(u32, String, u64, f64)> = self
+            .totals
+            .iter()
+            .filter(|(_, t)| t.calls > 0)
+            .map(|(k, t)| {
+                (
+                    k.pid,
+                    report::function_name(&self.names, k.func),
+                    t.calls,
+                    report::round1(t.peak_rate),
+                )
+            })
+            .collect();
+        busiest.sort_by(|a, b| b.2.cmp(&a.2).then(a.0.cmp(&b.0)));
+        let silent = self
+            .names
+            .iter()
+            .enumerate()
+            .filter(|&(func, _)| {
+                !self
+                    .totals
+                    .iter()
+                    .any(|(k, t)| k.func == func as u32 && t.calls > 0)
+            })
+            .map(|(_, name)| name.clone())
+            .collect();
+        Summary {
+            seconds: self.started.elapsed().as_secs_f64(),
+            functions: self.names.len(),
+            processes: self.processes_seen,
+            busiest,
+            loops: self.loops.clone(),
+            silent,
+            dropped,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const K: CallKey = CallKey { func: 1, tgid: 10 };
+
+    #[test]
+    fn deltas_follow_a_growing_counter() {
+        let mut d = Deltas::default();
+        assert_eq!(d.advance(K, 5), 5);
+        assert_eq!(d.advance(K, 205), 200);
+        assert_eq!(d.advance(K, 205), 0);
+    }
+
+    #[test]
+    fn counter_that_restarts_counts_from_zero() {
+        let mut d = Deltas::default();
+        d.advance(K, 1000);
+        assert_eq!(d.advance(K, 30), 30);
+    }
+
+    #[test]
+    fn forgotten_process_starts_over() {
+        let mut d = Deltas::default();
+        d.advance(K, 1000);
+        let other = CallKey { func: 1, tgid: 11 };
+        d.advance(other, 7);
+        d.forget_process(10);
+        assert_eq!(d.advance(K, 1000), 1000);
+        assert_eq!(d.advance(other, 9), 2);
+    }
+}

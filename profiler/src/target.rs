@@ -1,0 +1,212 @@
+//! Turns what the user named (pids, a binary) into processes and the files
+//! to probe, and tells whether a process is still alive.
+//!
+//! Reads `/proc` only; it neither loads nor attaches anything.
+
+use std::{
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+/// Errors from resolving targets: all about what the user typed.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    /// No process has that pid (or it is a zombie).
+    #[error("no process with pid {pid}; check the pid with 'ps -p {pid}'")]
+    NoSuchProcess { pid: u32 },
+    /// The process's executable cannot be read through /proc.
+    #[error("cannot read the executable of pid {pid} ({source}); is it a kernel thread?")]
+    NoExecutable {
+        pid: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `--binary` names a file that does not exist or cannot be read.
+    #[error("cannot open --binary {}: {source}", path.display())]
+    MissingBinary {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `--binary` names something that is not a regular file.
+    #[error("--binary {} is not a regular file", path.display())]
+    NotAFile { path: PathBuf },
+}
+
+/// A live process to watch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Process {
+    pub pid: u32,
+    /// The executable as the process's mount namespace names it.
+    pub exe_name: PathBuf,
+    /// A path that opens the very file the process runs, even if it was
+    /// replaced or deleted on disk since: `/proc/PID/exe`.
+    pub exe: PathBuf,
+    /// Start time in clock ticks since boot (field 22 of `/proc/PID/stat`),
+    /// to tell the process apart from a later one that reuses its pid.
+    pub start_time: u64,
+}
+
+impl Process {
+    /// Looks up a running process by pid.
+    pub fn from_pid(pid: u32) -> Result<Self, TargetError> {
+        let stat = read_stat(pid).ok_or(TargetError::NoSuchProcess { pid })?;
+        if stat.state == 'Z' || stat.state == 'X' {
+            return Err(TargetError::NoSuchProcess { pid });
+        }
+        let exe = PathBuf::from(format!("/proc/{pid}/exe"));
+        let exe_name =
+            fs::read_link(&exe).map_err(|source| TargetError::NoExecutable { pid, source })?;
+        Ok(Self {
+            pid,
+            exe_name,
+            exe,
+            start_time: stat.start_time,
+        })
+    }
+
+    /// Whether this very process (not a successor with its pid) still runs.
+    pub fn is_alive(&self) -> bool {
+        read_stat(self.pid)
+            .is_some_and(|s| s.start_time == self.start_time && s.state != 'Z' && s.state != 'X')
+    }
+}
+
+/// A binary file named with `--binary`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Binary {
+    pub path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl Binary {
+    pub fn open(path: &Path) -> Result<Self, TargetError> {
+        let meta = fs::metadata(path).map_err(|source| TargetError::MissingBinary {
+            path: path.to_owned(),
+            source,
+        })?;
+        if !meta.is_file() {
+            return Err(TargetError::NotAFile {
+                path: path.to_owned(),
+            });
+        }
+        Ok(Self {
+            path: path.to_owned(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+
+    /// Whether process `pid` runs this file.
+    pub fn runs(&self, pid: u32) -> bool {
+        fs::metadata(format!("/proc/{pid}/exe"))
+            .is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino)
+    }
+
+    /// The processes running this file now.
+    pub fn processes(&self) -> Vec<Process> {
+        let Ok(dir) = fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        let mut found: Vec<Process> = dir
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|&pid| self.runs(pid))
+            .filter_map(|pid| Process::from_pid(pid).ok())
+            .collect();
+        found.sort_by_key(|p| p.pid);
+        found
+    }
+}
+
+struct Stat {
+    state: char,
+    start_time: u64,
+}
+
+fn read_stat(pid: u32) -> Option<Stat> {
+    parse_stat(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// Parses `/proc/PID/stat`. The command name (field 2) is in parentheses and
+/// may itself contain spaces and parentheses, so fields are counted from the
+/// last `)`.
+fn parse_stat(text: &str) -> Option<Stat> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let mut fields = rest.split_ascii_whitespace();
+    let state = fields.next()?.chars().next()?;
+    // After the state (field 3), start time is field 22: 18 fields further.
+    let start_time = fields.nth(18)?.parse().ok()?;
+    Some(Stat { state, start_time })
+}
+
+/// Whether this process may load BPF programs and attach uprobes: root, or
+/// CAP_SYS_ADMIN, or CAP_BPF together with CAP_PERFMON.
+pub fn has_bpf_privileges() -> bool {
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    let Ok(status) = fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    let Some(caps) = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+    else {
+        return false;
+    };
+    let has = |cap: u32| caps & (1 << cap) != 0;
+    has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_with_odd_command_name_parses() {
+        let line = "4242 (cache (v2) x) S 1 4242 4242 0 -1 4194560 100 0 0 0 5 3 0 0 20 0 \
+                    4 0 987654 12345678 300 18446744073709551615";
+        let stat = parse_stat(line).unwrap();
+        assert_eq!(stat.state, 'S');
+        assert_eq!(stat.start_time, 987654);
+    }
+
+    #[test]
+    fn own_process_resolves_and_is_alive() {
+        let me = Process::from_pid(std::process::id()).unwrap();
+        assert!(me.is_alive());
+        assert_eq!(me.exe_name, std::env::current_exe().unwrap());
+    }
+
+    #[test]
+    fn process_that_reused_a_pid_is_not_the_same() {
+        let mut me = Process::from_pid(std::process::id()).unwrap();
+        me.start_time += 1;
+        assert!(!me.is_alive());
+    }
+
+    #[test]
+    fn missing_binary_is_reported() {
+        let err = Binary::open(Path::new("/nonexistent/cache")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/cache"), "{err}");
+    }
+
+    #[test]
+    fn directory_is_not_a_binary() {
+        let err = Binary::open(Path::new("/")).unwrap_err();
+        assert!(matches!(err, TargetError::NotAFile { .. }), "{err}");
+    }
+
+    #[test]
+    fn binary_finds_the_processes_running_it() {
+        let me = std::env::current_exe().unwrap();
+        let procs = Binary::open(&me).unwrap().processes();
+        assert!(
+            procs.iter().any(|p| p.pid == std::process::id()),
+            "{procs:?}"
+        );
+    }
+}
