@@ -1,0 +1,138 @@
+//! Detection: a runaway is caught and named; healthy bursts are not loops.
+
+use std::{fs, time::Duration};
+
+use cacheloop_tests::{Cacheloop, Target, cacheloop, demo_bin, require_root};
+
+#[test]
+fn watch_loop_after_healthy_phase_exits_3_naming_the_function() {
+    require_root();
+    let mut target = Target::fixture(&["200:6", "max:40"]);
+    let pid = target.pid.to_string();
+    let run = cacheloop(
+        &[
+            "watch",
+            "--pid",
+            &pid,
+            "--func",
+            "cache_invalidate",
+            "--fail-on-loop",
+            "--json",
+            "--duration",
+            "40s",
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(run.code, 3, "{run:?}");
+    let start: f64 = target
+        .wait_line("phase 1 start", Duration::from_secs(1))
+        .expect("the fixture announced its runaway")
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let records = run.records();
+    let at = records
+        .iter()
+        .position(|r| r["type"] == "loop")
+        .expect("a loop record");
+    let record = &records[at];
+    assert_eq!(record["pid"], target.pid);
+    assert_eq!(record["functions"][0], "cache_invalidate");
+    assert!(record["rate"].as_f64().unwrap() > 10.0 * record["baseline"].as_f64().unwrap());
+    let reason = record["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("cache_invalidate") && reason.contains("loop"),
+        "{reason}"
+    );
+    assert_eq!(record["evidence"]["rule"]["sustain"], 3);
+    // Latency in intervals: the one the loop started in (maybe partial) plus
+    // the three that confirm it; never more.
+    let intervals_in_loop = records[..at]
+        .iter()
+        .filter(|r| r["type"] == "sample" && r["ts"].as_f64().unwrap() > start)
+        .count();
+    assert!(
+        (3..=4).contains(&intervals_in_loop),
+        "confirmed after {intervals_in_loop} intervals"
+    );
+    eprintln!(
+        "loop confirmed {:.2} s after it began ({intervals_in_loop} intervals)",
+        record["ts"].as_f64().unwrap() - start
+    );
+    // --fail-on-loop stopped at the verdict and detached.
+    assert_eq!(records.last().unwrap()["type"], "detached");
+    assert!(target.is_running(), "the target survived");
+}
+
+#[test]
+fn watch_healthy_bursts_raise_no_alarm() {
+    require_root();
+    // x5 for 3 s, x4.5 for 3 s: busy, not looping.
+    let target = Target::fixture(&["200:4", "1000:3", "200:3", "900:3", "200:30"]);
+    let pid = target.pid.to_string();
+    let run = cacheloop(
+        &[
+            "watch",
+            "--pid",
+            &pid,
+            "--func",
+            "cache_invalidate",
+            "--fail-on-loop",
+            "--json",
+            "--duration",
+            "14s",
+        ],
+        Duration::from_secs(40),
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.of_type("loop").is_empty(), "{}", run.stdout);
+    let peak = run
+        .of_type("sample")
+        .iter()
+        .map(|s| s["rate"].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    assert!(peak > 800.0, "the bursts were seen: peak {peak}");
+}
+
+#[test]
+fn demo_cache_dependency_cycle_is_caught_and_explained() {
+    require_root();
+    let dir = std::env::temp_dir().join(format!("cacheloop-demo-test-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let deps = dir.join("deps.conf");
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../demo/config");
+    fs::copy(format!("{config}/healthy.deps"), &deps).unwrap();
+    let mut cache = Target::spawn(&demo_bin(), &["--deps", deps.to_str().unwrap()], "ready");
+    let pid = cache.pid.to_string();
+    let watcher = Cacheloop::start(&[
+        "watch",
+        "--pid",
+        &pid,
+        "--func",
+        "cache_invalidate",
+        "--fail-on-loop",
+        "--json",
+        "--duration",
+        "40s",
+    ]);
+    std::thread::sleep(Duration::from_secs(5));
+    let staged = dir.join("deps.new");
+    fs::copy(format!("{config}/cycle.deps"), &staged).unwrap();
+    fs::rename(&staged, &deps).unwrap();
+    assert!(
+        cache
+            .wait_line("reloaded", Duration::from_secs(5))
+            .is_some()
+    );
+
+    let run = watcher.finish(Duration::from_secs(60));
+    assert_eq!(run.code, 3, "{run:?}");
+    let record = &run.of_type("loop")[0];
+    assert_eq!(record["functions"][0], "cache_invalidate");
+    // Healthy traffic taught a baseline of a few hundred calls/s.
+    let baseline = record["baseline"].as_f64().unwrap();
+    assert!((100.0..1000.0).contains(&baseline), "baseline {baseline}");
+    let _ = fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,153 @@
+//! Lifecycle: every way a run ends detaches everything, and the target runs
+//! on exactly as before.
+
+use std::time::Duration;
+
+use cacheloop_tests::{Cacheloop, Target, cacheloop, fixture_checksum, require_root};
+
+const INT3: u8 = 0xCC;
+
+#[test]
+fn watch_duration_detaches_and_target_computes_the_same() {
+    require_root();
+    let mut target = Target::fixture(&["500:6", "--exit"]);
+    let addr = target.invalidate_addr();
+    let original = target.code_at(addr, 8);
+    assert_ne!(original[0], INT3);
+    let pid = target.pid.to_string();
+
+    let watcher = Cacheloop::start(&[
+        "watch",
+        "--pid",
+        &pid,
+        "--func",
+        "cache_invalidate",
+        "--duration",
+        "3s",
+        "--json",
+    ]);
+    // The probe is really in the target while attached: the kernel put a
+    // breakpoint on the function's first byte.
+    let mut probed = false;
+    for _ in 0..100 {
+        if target.code_at(addr, 1)[0] == INT3 {
+            probed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(probed, "no breakpoint seen at {addr:#x} while attached");
+    let run = watcher.finish(Duration::from_secs(30));
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(
+        target.code_at(addr, 8),
+        original,
+        "code restored after detach"
+    );
+
+    let done = target
+        .wait_line("done", Duration::from_secs(20))
+        .expect("the target finished its work");
+    let words: Vec<u64> = done
+        .split(' ')
+        .skip(1)
+        .map(|w| w.parse().unwrap())
+        .collect();
+    assert_eq!(
+        words[1],
+        fixture_checksum(words[0]),
+        "the target computed what it always does"
+    );
+    assert_eq!(target.wait_exit(Duration::from_secs(5)), Some(0));
+}
+
+#[test]
+fn watch_sigint_and_sigterm_detach_and_exit_0() {
+    require_root();
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        let mut target = Target::fixture(&["300:60"]);
+        let addr = target.invalidate_addr();
+        let original = target.code_at(addr, 8);
+        let pid = target.pid.to_string();
+        let watcher = Cacheloop::start(&[
+            "watch",
+            "--pid",
+            &pid,
+            "--func",
+            "cache_invalidate",
+            "--json",
+        ]);
+        std::thread::sleep(Duration::from_millis(2500));
+        watcher.signal(signal);
+        let run = watcher.finish(Duration::from_secs(20));
+        assert_eq!(run.code, 0, "signal {signal}: {run:?}");
+        assert_eq!(run.records().last().unwrap()["type"], "detached");
+        assert!(!run.of_type("sample").is_empty());
+        assert_eq!(
+            target.code_at(addr, 8),
+            original,
+            "signal {signal}: code restored"
+        );
+        assert!(target.is_running(), "signal {signal}: target alive");
+    }
+}
+
+#[test]
+fn watch_target_exit_mid_run_is_reported_and_ends_the_run() {
+    require_root();
+    let target = Target::fixture(&["200:2", "--exit"]);
+    let pid = target.pid.to_string();
+    let run = cacheloop(
+        &[
+            "watch",
+            "--pid",
+            &pid,
+            "--func",
+            "cache_invalidate",
+            "--json",
+        ],
+        Duration::from_secs(30),
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    let exits = run.of_type("target_exit");
+    assert_eq!(exits.len(), 1, "{}", run.stdout);
+    assert_eq!(exits[0]["pid"], target.pid);
+    assert_eq!(run.records().last().unwrap()["type"], "detached");
+}
+
+#[test]
+fn watch_goes_on_while_other_targets_remain() {
+    require_root();
+    let short = Target::fixture(&["200:1", "--exit"]);
+    let long = Target::fixture(&["200:60"]);
+    let (a, b) = (short.pid.to_string(), long.pid.to_string());
+    let run = cacheloop(
+        &[
+            "watch",
+            "--pid",
+            &a,
+            "--pid",
+            &b,
+            "--func",
+            "cache_invalidate",
+            "--duration",
+            "5s",
+            "--json",
+        ],
+        Duration::from_secs(30),
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    let records = run.records();
+    let exit_at = records
+        .iter()
+        .position(|r| r["type"] == "target_exit" && r["pid"] == short.pid)
+        .expect("the short target's exit is reported");
+    let later = records[exit_at..]
+        .iter()
+        .filter(|r| r["type"] == "sample" && r["pid"] == long.pid)
+        .count();
+    assert!(
+        later >= 2,
+        "the long target is still sampled after: {later}"
+    );
+}

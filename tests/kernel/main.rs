@@ -1,0 +1,12 @@
+//! Kernel tests: the real `cacheloop` binary against real processes on the
+//! running kernel. Needs root. Modules by topic; test names say
+//! `<action>_<condition>_<result>`.
+//!
+//! No wall-clock assertions: this runs on shared, noisy machines. Latency is
+//! asserted in intervals (what the detector controls) and only printed in
+//! seconds.
+
+mod bad_input;
+mod counting;
+mod detection;
+mod lifecycle;

@@ -1,0 +1,106 @@
+//! A target process for the kernel tests: calls `cache_invalidate` on a
+//! schedule of phases, each a rate (calls/s, or `max`) for some seconds.
+//!
+//!     fixture 200:6 max:20 [--exit]
+//!
+//! Prints `ready PID ADDR` at start (ADDR: where `cache_invalidate` is mapped), `phase N start TS` as each phase begins (Unix
+//! seconds), and at the end `done CALLS CHECKSUM`; then idles until killed,
+//! or exits with `--exit`. The checksum lets a test prove that probing
+//! changed nothing the program computes.
+
+use std::{
+    hint::black_box,
+    io::Write as _,
+    time::{Duration, Instant, SystemTime},
+};
+
+/// The watched function: a plain C symbol that does a little real work.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn cache_invalidate(key: u64) -> u64 {
+    black_box(key.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17))
+}
+
+/// A second function, called once per `cache_invalidate`, for tests that
+/// watch more than one.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn cache_lookup(key: u64) -> u64 {
+    black_box(key ^ 0x5555)
+}
+
+/// Never called: for "matches but never fires" cases.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn cache_flush_all() -> u64 {
+    black_box(7)
+}
+
+fn main() {
+    let mut phases = Vec::new();
+    let mut exit = false;
+    for arg in std::env::args().skip(1) {
+        if arg == "--exit" {
+            exit = true;
+            continue;
+        }
+        let (rate, secs) = arg.split_once(':').expect("phase is RATE:SECONDS");
+        let rate = if rate == "max" {
+            None
+        } else {
+            Some(rate.parse::<f64>().expect("rate"))
+        };
+        phases.push((rate, secs.parse::<f64>().expect("seconds")));
+    }
+    // The address lets tests read the function's live code bytes.
+    let addr = cache_invalidate as *const () as usize;
+    say(&format!("ready {} {addr:#x}", std::process::id()));
+
+    let (mut calls, mut checksum) = (0u64, 0u64);
+    for (n, (rate, secs)) in phases.into_iter().enumerate() {
+        say(&format!("phase {n} start {:.3}", unix_now()));
+        let start = Instant::now();
+        let mut done = 0u64;
+        loop {
+            let elapsed = start.elapsed().as_secs_f64();
+            if elapsed >= secs {
+                break;
+            }
+            // Calls owed by now; paced on absolute time so rates are exact.
+            let owed = match rate {
+                Some(rate) => (rate * elapsed) as u64,
+                None => done + 4096,
+            };
+            while done < owed {
+                checksum = checksum.wrapping_add(cache_invalidate(calls));
+                checksum ^= cache_lookup(calls);
+                calls += 1;
+                done += 1;
+            }
+            if rate.is_some() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+    say(&format!("done {calls} {checksum}"));
+    if !exit {
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+    if calls == u64::MAX {
+        cache_flush_all();
+    }
+}
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}

@@ -1,0 +1,264 @@
+//! Helpers for the kernel tests: start target processes and the real
+//! `cacheloop` binary, and look at what they did.
+//!
+//! Every process started here is stopped by its own pid when its handle is
+//! dropped, test failures included.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _},
+    os::unix::{fs::FileExt as _, process::ExitStatusExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc::{self, Receiver},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// The `cacheloop` binary under test: `CACHELOOP_BIN`, or the one cargo
+/// built next to this test binary.
+pub fn cacheloop_bin() -> PathBuf {
+    built_binary("CACHELOOP_BIN", "cacheloop")
+}
+
+/// The fixture target: `CACHELOOP_FIXTURE`, or the one next to this test.
+pub fn fixture_bin() -> PathBuf {
+    built_binary("CACHELOOP_FIXTURE", "fixture")
+}
+
+/// The demo cache service: `CACHELOOP_DEMO`, or the one next to this test.
+pub fn demo_bin() -> PathBuf {
+    built_binary("CACHELOOP_DEMO", "demo-cache")
+}
+
+fn built_binary(var: &str, name: &str) -> PathBuf {
+    if let Some(bin) = std::env::var_os(var) {
+        return bin.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/kernel-HASH -> target/<profile>/NAME
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: build the workspace first (cargo xtask test does), or set {var}",
+        bin.display()
+    );
+    bin
+}
+
+/// Kernel tests attach real uprobes: they need root.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "kernel tests attach uprobes and need root: run `cargo xtask test` as root"
+    );
+}
+
+/// A process under test.
+pub struct Target {
+    child: Child,
+    pub pid: u32,
+    lines: Receiver<String>,
+    /// The words after `ready` on its line.
+    pub ready_extra: Vec<String>,
+}
+
+impl Target {
+    /// Starts the test fixture with a schedule of phases (see its docs).
+    pub fn fixture(phases: &[&str]) -> Self {
+        Self::spawn(&fixture_bin(), phases, "ready")
+    }
+
+    /// Starts `program` and waits for a stdout line starting with `ready`.
+    pub fn spawn(program: &Path, args: &[&str], ready: &str) -> Self {
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        let pid = child.id();
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut target = Self {
+            child,
+            pid,
+            lines,
+            ready_extra: Vec::new(),
+        };
+        let line = target
+            .wait_line(ready, Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("{} never said '{ready}'", program.display()));
+        target.ready_extra = line.split_whitespace().skip(1).map(str::to_owned).collect();
+        target
+    }
+
+    /// Waits for the next stdout line that starts with `prefix`.
+    pub fn wait_line(&mut self, prefix: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.starts_with(prefix) => return Some(line),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Whether the process is still running (not exited, not a zombie).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code().or(status.signal().map(|s| 128 + s));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// The `n` bytes of code at `addr` in the live process.
+    pub fn code_at(&self, addr: u64, n: usize) -> Vec<u8> {
+        let mem =
+            std::fs::File::open(format!("/proc/{}/mem", self.pid)).expect("open /proc/PID/mem");
+        let mut buf = vec![0; n];
+        mem.read_exact_at(&mut buf, addr).expect("read live code");
+        buf
+    }
+
+    /// Where the fixture says `cache_invalidate` is mapped.
+    pub fn invalidate_addr(&self) -> u64 {
+        let hex = self.ready_extra.get(1).expect("fixture prints its address");
+        u64::from_str_radix(hex.trim_start_matches("0x"), 16).expect("hex address")
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        // Our own child, by its pid.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What a finished `cacheloop` run left behind.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// stdout parsed as JSON lines; panics on a line that is not JSON.
+    pub fn records(&self) -> Vec<Value> {
+        self.stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect()
+    }
+
+    pub fn of_type(&self, kind: &str) -> Vec<Value> {
+        self.records()
+            .into_iter()
+            .filter(|r| r["type"] == kind)
+            .collect()
+    }
+}
+
+/// A `cacheloop` process running in the background.
+pub struct Cacheloop {
+    child: Child,
+}
+
+impl Cacheloop {
+    pub fn start(args: &[&str]) -> Self {
+        let child = Command::new(cacheloop_bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start cacheloop");
+        Self { child }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends a signal to this cacheloop, by its pid.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.pid(), signal) };
+    }
+
+    /// Waits for it to exit; kills it and panics after `timeout`.
+    pub fn finish(mut self, timeout: Duration) -> Run {
+        let deadline = Instant::now() + timeout;
+        let mut stdout = self.child.stdout.take().expect("stdout");
+        let mut stderr = self.child.stderr.take().expect("stderr");
+        let out = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stdout.read_to_string(&mut s);
+            s
+        });
+        let err = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr.read_to_string(&mut s);
+            s
+        });
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("cacheloop did not finish within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Run {
+            code: status
+                .code()
+                .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
+            stdout: out.join().expect("stdout reader"),
+            stderr: err.join().expect("stderr reader"),
+        }
+    }
+}
+
+/// Runs `cacheloop` to completion.
+pub fn cacheloop(args: &[&str], timeout: Duration) -> Run {
+    Cacheloop::start(args).finish(timeout)
+}
+
+/// The checksum the fixture prints after `calls` calls, computed here
+/// independently: the oracle for "probing changed nothing".
+pub fn fixture_checksum(calls: u64) -> u64 {
+    (0..calls).fold(0u64, |sum, i| {
+        let invalidated = i.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17);
+        sum.wrapping_add(invalidated) ^ (i ^ 0x5555)
+    })
+}
