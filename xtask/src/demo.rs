@@ -1,0 +1,102 @@
+//! `cargo xtask demo`: the postmortem, replayed in under half a minute.
+//!
+//! Starts demo-cache with a healthy dependency configuration, attaches
+//! cacheloop to it by pid, lets healthy traffic set the baseline, then
+//! deploys the configuration with a cycle, as happened in the incident.
+//! cacheloop catches the loop, explains it and exits 3; the demo then stops
+//! demo-cache by its pid and says how long the catch took.
+
+use std::{
+    fs,
+    io::{BufRead as _, BufReader},
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::cmd::root;
+
+const HEALTHY_SECONDS: u64 = 6;
+
+pub fn run() -> Result<(), String> {
+    let root = root();
+    let bin = root.join("target/debug");
+    let work = root.join("target/demo");
+    fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
+    let deps = work.join("deps.conf");
+    fs::copy(root.join("demo/config/healthy.deps"), &deps)
+        .map_err(|e| format!("cannot write {}: {e}", deps.display()))?;
+
+    println!("== cacheloop demo: the invalidation-loop postmortem, replayed");
+    println!("== demo-cache serves 2,000 reads/s and 100 writes/s; each write invalidates");
+    println!("== a key and, through the dependency rules, the keys that depend on it.\n");
+
+    let mut cache = Command::new(bin.join("demo-cache"))
+        .arg("--deps")
+        .arg(&deps)
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start demo-cache: {e}"))?;
+    let mut lines = BufReader::new(cache.stdout.take().ok_or("no stdout")?).lines();
+    let pid = lines
+        .next()
+        .and_then(Result::ok)
+        .and_then(|l| l.strip_prefix("ready ").map(str::to_owned))
+        .ok_or("demo-cache did not start")?;
+    // Keep reading its output so it never blocks on a full pipe.
+    thread::spawn(move || {
+        lines
+            .map_while(Result::ok)
+            .for_each(|l| println!("   [demo-cache] {l}"))
+    });
+
+    let result = watch_and_break(&bin, &pid, &deps, &root);
+    // Ours, by its pid.
+    let _ = cache.kill();
+    let _ = cache.wait();
+    result
+}
+
+fn watch_and_break(
+    bin: &std::path::Path,
+    pid: &str,
+    deps: &std::path::Path,
+    root: &std::path::Path,
+) -> Result<(), String> {
+    println!("$ cacheloop watch --pid {pid} --func 'cache_*' --fail-on-loop\n");
+    let mut watcher = Command::new(bin.join("cacheloop"))
+        .args([
+            "watch",
+            "--pid",
+            pid,
+            "--func",
+            "cache_*",
+            "--fail-on-loop",
+            "--duration",
+            "45s",
+        ])
+        .spawn()
+        .map_err(|e| format!("cannot start cacheloop: {e}"))?;
+
+    thread::sleep(Duration::from_secs(HEALTHY_SECONDS));
+    println!("\n== deploying the new dependency rules: fragment:nav -> page:catalog (a cycle)\n");
+    let staged = deps.with_extension("new");
+    fs::copy(root.join("demo/config/cycle.deps"), &staged).map_err(|e| e.to_string())?;
+    fs::rename(&staged, deps).map_err(|e| e.to_string())?;
+    let deployed = Instant::now();
+
+    let status = watcher.wait().map_err(|e| format!("cacheloop: {e}"))?;
+    let caught = deployed.elapsed().as_secs_f64();
+    match status.code() {
+        Some(3) => {
+            println!(
+                "\n== caught: cacheloop exited 3 (loop found) {caught:.1} s after the bad rules went live."
+            );
+            println!("== In the incident this took people more than two hours.");
+            Ok(())
+        }
+        other => Err(format!(
+            "cacheloop exited with {other:?}, not 3: the loop was not caught"
+        )),
+    }
+}

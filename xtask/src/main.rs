@@ -1,0 +1,42 @@
+//! `cargo xtask`: everything beyond `cargo build`, from a fresh machine.
+//!
+//! - `setup`: installs the pinned toolchain with rust-src and bpf-linker
+//!   (linked to that toolchain's own libLLVM). Quick when already done.
+//! - `build`: setup, then builds the workspace with the pinned toolchain.
+//! - `demo`: build, then the postmortem replayed with cacheloop attached.
+//! - `test`: build, then unit tests and kernel tests (root needed).
+//! - `check`: rustfmt and clippy, as CI runs them.
+//!
+//! This crate uses std only and builds on the machine's default toolchain:
+//! it is what installs the toolchain the rest of the workspace needs.
+
+mod cmd;
+mod demo;
+mod setup;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "usage: cargo xtask <setup|build|demo|test|check> [-- extra cargo test args]";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("setup") => setup::ensure(),
+        Some("build") => setup::ensure().and_then(|()| cmd::build()),
+        Some("demo") => setup::ensure()
+            .and_then(|()| cmd::build())
+            .and_then(|()| demo::run()),
+        Some("test") => setup::ensure()
+            .and_then(|()| cmd::build())
+            .and_then(|()| cmd::test(&args[1..])),
+        Some("check") => setup::ensure().and_then(|()| cmd::check()),
+        _ => Err(USAGE.to_owned()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

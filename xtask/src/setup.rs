@@ -1,0 +1,138 @@
+//! Installs what the build needs, once: the pinned Rust toolchain with
+//! rust-src, and bpf-linker linked to that toolchain's own libLLVM.
+//!
+//! Facts this rests on (checked on Debian 12): a plain `cargo install
+//! bpf-linker` looks for a system LLVM that Debian 12 does not have; linking
+//! it to the toolchain's libLLVM works, and the binary then finds the library
+//! by its versioned name through an rpath to the prefix it was built with,
+//! so the prefix must stay where it was made.
+
+use std::{
+    env,
+    ffi::OsString,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use crate::cmd::run;
+
+/// The toolchain the workspace builds with (aya 0.16 needs 1.98).
+pub const TOOLCHAIN: &str = "1.98.0";
+const BPF_LINKER: &str = "0.13.0";
+
+pub fn ensure() -> Result<(), String> {
+    ensure_toolchain()?;
+    ensure_bpf_linker()
+}
+
+fn cargo_home() -> PathBuf {
+    env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from(".cargo"))
+}
+
+/// PATH with cargo's bin directory in front, where bpf-linker goes.
+pub fn path_with_tools() -> OsString {
+    let mut dirs = vec![cargo_home().join("bin")];
+    if let Some(path) = env::var_os("PATH") {
+        dirs.extend(env::split_paths(&path));
+    }
+    env::join_paths(dirs).unwrap_or_default()
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ensure_toolchain() -> Result<(), String> {
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        TOOLCHAIN,
+    ]))
+    .unwrap_or_default();
+    let has = |c: &str| installed.lines().any(|l| l.starts_with(c));
+    if has("rust-src") && has("clippy") && has("rustfmt") {
+        return Ok(());
+    }
+    eprintln!("xtask: installing Rust {TOOLCHAIN} with rust-src");
+    let mut cmd = Command::new("rustup");
+    cmd.args([
+        "toolchain",
+        "install",
+        TOOLCHAIN,
+        "--profile",
+        "minimal",
+        "--component",
+        "rust-src,rustfmt,clippy",
+    ]);
+    run(cmd).map_err(|e| format!("{e}; rustup must be able to download Rust {TOOLCHAIN}"))
+}
+
+fn ensure_bpf_linker() -> Result<(), String> {
+    let bin = cargo_home().join("bin").join("bpf-linker");
+    let version = output(Command::new(&bin).arg("--version")).unwrap_or_default();
+    if version.contains(BPF_LINKER) {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: building bpf-linker {BPF_LINKER} against Rust {TOOLCHAIN}'s libLLVM (about two minutes)"
+    );
+    let sysroot = output(
+        Command::new("rustc")
+            .arg(format!("+{TOOLCHAIN}"))
+            .args(["--print", "sysroot"]),
+    )
+    .ok_or("cannot ask rustc for its sysroot")?;
+    let lib_dir = Path::new(sysroot.trim()).join("lib");
+    // The real library is libLLVM.so.<major>.<minor>-rust-<version>-<channel>;
+    // a small libLLVM-<major>-rust-*.so beside it is only a linker script.
+    let lib = fs::read_dir(&lib_dir)
+        .map_err(|e| format!("cannot list {}: {e}", lib_dir.display()))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .find(|n| n.starts_with("libLLVM.so."))
+        .ok_or_else(|| format!("no libLLVM.so.* in {}", lib_dir.display()))?;
+    let major = lib
+        .trim_start_matches("libLLVM.so.")
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+
+    let prefix = cargo_home().join(format!("cacheloop-llvm-{TOOLCHAIN}"));
+    let prefix_lib = prefix.join("lib");
+    fs::create_dir_all(&prefix_lib)
+        .map_err(|e| format!("cannot create {}: {e}", prefix_lib.display()))?;
+    for name in ["libLLVM.so", lib.as_str()] {
+        let link = prefix_lib.join(name);
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(lib_dir.join(&lib), &link)
+            .map_err(|e| format!("cannot link {}: {e}", link.display()))?;
+    }
+
+    let mut cmd = Command::new("cargo");
+    cmd.arg(format!("+{TOOLCHAIN}"))
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER,
+            "--locked",
+            "--force",
+        ])
+        .args([
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{major}"),
+        ])
+        .env("LLVM_PREFIX", &prefix)
+        .env_remove("RUSTUP_TOOLCHAIN");
+    run(cmd)
+}
