@@ -7,8 +7,9 @@
 //!
 //! - **Baseline.** The first `warmup` intervals are averaged into a baseline;
 //!   after that, every interval that is not elevated moves it by an
-//!   exponentially weighted average (`alpha`). Elevated intervals never feed
-//!   it, so a burst or a loop cannot teach the detector that it is normal.
+//!   exponentially weighted average (`alpha`), rising by at most `alpha` of
+//!   itself per interval. Elevated intervals never feed it, so a burst or a
+//!   loop cannot teach the detector that it is normal.
 //! - **Elevated.** An interval is elevated when its rate is at least `factor`
 //!   times the baseline (a baseline under 1 call/s counts as 1 call/s) *and*
 //!   at least `min_rate` calls/s, so that a function going from 2 to 30
@@ -187,7 +188,13 @@ impl Detector {
 
         if !elevated {
             series.elevated.clear();
-            series.baseline = Some(baseline + rules.alpha * (rate - baseline));
+            // One interval may raise the baseline by at most `alpha` of
+            // itself: the partial interval a loop starts in (under the bar,
+            // but far above normal) must not lift the bar for the rest of
+            // the loop. A real step in traffic is still learned in a few
+            // intervals; falls are learned at the full weight.
+            let step = (rate - baseline).min(baseline.max(BASELINE_FLOOR));
+            series.baseline = Some(baseline + rules.alpha * step);
             return None;
         }
 
@@ -307,6 +314,24 @@ mod tests {
         let mut d = Detector::new(Rules::default());
         run(&mut d, &series(&[(100.0, 5), (5_000.0, 2)]));
         assert_eq!(d.baseline(KEY), Some(100.0));
+    }
+
+    #[test]
+    fn partial_interval_at_a_loop_start_barely_moves_the_baseline() {
+        let mut d = Detector::new(Rules::default());
+        // 345/s, then an interval the loop filled for its last 2%.
+        run(&mut d, &series(&[(345.0, 6), (1_526.0, 1)]));
+        let baseline = d.baseline(KEY).unwrap();
+        assert!(baseline <= 345.0 * 1.2 + 1e-9, "baseline {baseline}");
+    }
+
+    #[test]
+    fn lasting_step_in_traffic_is_learned() {
+        let mut d = Detector::new(Rules::default());
+        // Traffic doubles for good: no alarm, and the baseline follows.
+        let events = run(&mut d, &series(&[(300.0, 5), (600.0, 30)]));
+        assert_eq!(events, vec![]);
+        assert!(d.baseline(KEY).unwrap() > 590.0);
     }
 
     #[test]
