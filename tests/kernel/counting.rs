@@ -1,8 +1,8 @@
 //! Counting: rates measured in the kernel match what the target really did.
 
-use std::time::Duration;
+use std::{fs, time::Duration};
 
-use cacheloop_tests::{Target, cacheloop, fixture_bin, require_root};
+use cacheloop_tests::{Cacheloop, Target, cacheloop, fixture_bin, require_root};
 use serde_json::Value;
 
 fn rates_of(samples: &[Value], pid: u32, function: &str) -> Vec<f64> {
@@ -56,30 +56,36 @@ fn watch_by_pid_scripted_200_per_second_is_reported_within_10_percent() {
 }
 
 #[test]
-fn watch_by_binary_counts_each_process_apart() {
+fn watch_by_binary_counts_each_process_apart_including_later_ones() {
     require_root();
-    let slow = Target::fixture(&["100:60"]);
-    let fast = Target::fixture(&["300:60"]);
-    let binary = fixture_bin();
-    let run = cacheloop(
-        &[
-            "watch",
-            "--binary",
-            binary.to_str().unwrap(),
-            "--func",
-            "cache_invalidate",
-            "--duration",
-            "4s",
-            "--json",
-        ],
-        Duration::from_secs(30),
-    );
+    // A private copy: a --binary probe is on the file's inode and would put
+    // breakpoints in every other test's fixture too.
+    let dir = std::env::temp_dir().join(format!("cacheloop-binary-test-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let binary = dir.join("cache-server");
+    fs::copy(fixture_bin(), &binary).unwrap();
+    let slow = Target::spawn(&binary, &["100:60"], "ready");
+    let watcher = Cacheloop::start(&[
+        "watch",
+        "--binary",
+        binary.to_str().unwrap(),
+        "--func",
+        "cache_invalidate",
+        "--duration",
+        "6s",
+        "--json",
+    ]);
+    // Started after cacheloop attached: counted all the same.
+    std::thread::sleep(Duration::from_millis(1500));
+    let fast = Target::spawn(&binary, &["300:60"], "ready");
+    let run = watcher.finish(Duration::from_secs(30));
     assert_eq!(run.code, 0, "{run:?}");
     let samples = run.of_type("sample");
-    for (target, expected) in [(&slow, 100.0), (&fast, 300.0)] {
+    // The late process started mid-interval: its first sample is partial.
+    for (target, expected, full) in [(&slow, 100.0, 0), (&fast, 300.0, 1)] {
         let rates = rates_of(&samples, target.pid, "cache_invalidate");
-        assert!(rates.len() >= 3, "pid {}: {rates:?}", target.pid);
-        for rate in &rates[..3] {
+        assert!(rates.len() >= full + 3, "pid {}: {rates:?}", target.pid);
+        for rate in &rates[full..full + 3] {
             let error = (rate - expected).abs() / expected;
             assert!(
                 error <= 0.1,
