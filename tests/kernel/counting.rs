@@ -2,7 +2,9 @@
 
 use std::{fs, time::Duration};
 
-use cacheloop_tests::{Cacheloop, Target, cacheloop, fixture_bin, require_root};
+use cacheloop_tests::{
+    Cacheloop, Target, cacheloop, fixture_bin, require_root, watch_fixture_args,
+};
 use serde_json::Value;
 
 fn rates_of(samples: &[Value], pid: u32, function: &str) -> Vec<f64> {
@@ -17,18 +19,9 @@ fn rates_of(samples: &[Value], pid: u32, function: &str) -> Vec<f64> {
 fn watch_by_pid_scripted_200_per_second_is_reported_within_10_percent() {
     require_root();
     let target = Target::fixture(&["200:60"]);
-    let pid = target.pid.to_string();
+    let extra = ["--duration", "5s"];
     let run = cacheloop(
-        &[
-            "watch",
-            "--pid",
-            &pid,
-            "--func",
-            "cache_invalidate",
-            "--duration",
-            "5s",
-            "--json",
-        ],
+        &watch_fixture_args(target.pid, &extra),
         Duration::from_secs(30),
     );
     assert_eq!(run.code, 0, "{run:?}");

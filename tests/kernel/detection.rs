@@ -2,25 +2,15 @@
 
 use std::{fs, time::Duration};
 
-use cacheloop_tests::{Cacheloop, Target, cacheloop, demo_bin, require_root};
+use cacheloop_tests::{Cacheloop, Target, cacheloop, demo_bin, require_root, watch_fixture_args};
 
 #[test]
 fn watch_loop_after_healthy_phase_exits_3_naming_the_function() {
     require_root();
     let mut target = Target::fixture(&["200:6", "max:40"]);
-    let pid = target.pid.to_string();
+    let extra = ["--fail-on-loop", "--duration", "40s"];
     let run = cacheloop(
-        &[
-            "watch",
-            "--pid",
-            &pid,
-            "--func",
-            "cache_invalidate",
-            "--fail-on-loop",
-            "--json",
-            "--duration",
-            "40s",
-        ],
+        &watch_fixture_args(target.pid, &extra),
         Duration::from_secs(60),
     );
     assert_eq!(run.code, 3, "{run:?}");
@@ -71,19 +61,9 @@ fn watch_healthy_bursts_raise_no_alarm() {
     require_root();
     // x5 for 3 s, x4.5 for 3 s: busy, not looping.
     let target = Target::fixture(&["200:4", "1000:3", "200:3", "900:3", "200:30"]);
-    let pid = target.pid.to_string();
+    let extra = ["--fail-on-loop", "--duration", "14s"];
     let run = cacheloop(
-        &[
-            "watch",
-            "--pid",
-            &pid,
-            "--func",
-            "cache_invalidate",
-            "--fail-on-loop",
-            "--json",
-            "--duration",
-            "14s",
-        ],
+        &watch_fixture_args(target.pid, &extra),
         Duration::from_secs(40),
     );
     assert_eq!(run.code, 0, "{run:?}");

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use cacheloop_tests::{Cacheloop, Target, cacheloop, fixture_checksum, require_root};
+use cacheloop_tests::{
+    Cacheloop, Target, cacheloop, fixture_checksum, require_root, watch_fixture_args,
+};
 
 const INT3: u8 = 0xCC;
 
@@ -14,18 +16,8 @@ fn watch_duration_detaches_and_target_computes_the_same() {
     let addr = target.invalidate_addr();
     let original = target.code_at(addr, 8);
     assert_ne!(original[0], INT3);
-    let pid = target.pid.to_string();
 
-    let watcher = Cacheloop::start(&[
-        "watch",
-        "--pid",
-        &pid,
-        "--func",
-        "cache_invalidate",
-        "--duration",
-        "3s",
-        "--json",
-    ]);
+    let watcher = Cacheloop::start(&watch_fixture_args(target.pid, &["--duration", "3s"]));
     // The probe is really in the target while attached: the kernel put a
     // breakpoint on the function's first byte.
     let mut probed = false;
@@ -68,15 +60,7 @@ fn watch_sigint_and_sigterm_detach_and_exit_0() {
         let mut target = Target::fixture(&["300:60"]);
         let addr = target.invalidate_addr();
         let original = target.code_at(addr, 8);
-        let pid = target.pid.to_string();
-        let watcher = Cacheloop::start(&[
-            "watch",
-            "--pid",
-            &pid,
-            "--func",
-            "cache_invalidate",
-            "--json",
-        ]);
+        let watcher = Cacheloop::start(&watch_fixture_args(target.pid, &[]));
         std::thread::sleep(Duration::from_millis(2500));
         watcher.signal(signal);
         let run = watcher.finish(Duration::from_secs(20));
@@ -96,16 +80,8 @@ fn watch_sigint_and_sigterm_detach_and_exit_0() {
 fn watch_target_exit_mid_run_is_reported_and_ends_the_run() {
     require_root();
     let target = Target::fixture(&["200:2", "--exit"]);
-    let pid = target.pid.to_string();
     let run = cacheloop(
-        &[
-            "watch",
-            "--pid",
-            &pid,
-            "--func",
-            "cache_invalidate",
-            "--json",
-        ],
+        &watch_fixture_args(target.pid, &[]),
         Duration::from_secs(30),
     );
     assert_eq!(run.code, 0, "{run:?}");

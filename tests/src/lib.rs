@@ -192,7 +192,7 @@ pub struct Cacheloop {
 }
 
 impl Cacheloop {
-    pub fn start(args: &[&str]) -> Self {
+    pub fn start<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Self {
         let child = Command::new(cacheloop_bin())
             .args(args)
             .stdin(Stdio::null())
@@ -249,8 +249,25 @@ impl Cacheloop {
     }
 }
 
+/// `watch --pid PID --func cache_invalidate --json` and `extra`: how most
+/// tests watch the fixture.
+pub fn watch_fixture_args(pid: u32, extra: &[&str]) -> Vec<String> {
+    let base = [
+        "watch",
+        "--pid",
+        &pid.to_string(),
+        "--func",
+        "cache_invalidate",
+        "--json",
+    ]
+    .map(str::to_owned);
+    base.into_iter()
+        .chain(extra.iter().map(|s| (*s).to_owned()))
+        .collect()
+}
+
 /// Runs `cacheloop` to completion.
-pub fn cacheloop(args: &[&str], timeout: Duration) -> Run {
+pub fn cacheloop<S: AsRef<std::ffi::OsStr>>(args: &[S], timeout: Duration) -> Run {
     Cacheloop::start(args).finish(timeout)
 }
 
