@@ -1,11 +1,21 @@
 //! Finds the functions to probe: ELF symbol tables in, attachable functions out.
 //!
-//! Reads `.symtab` and `.dynsym` through the `object` crate and turns each
-//! function symbol's virtual address into the file offset the kernel wants
-//! for a uprobe. Selects functions with glob patterns (`globset`).
+//! Reads `.symtab` and `.dynsym` through the `object` crate, plus those of a
+//! separate debug file when one is installed (found by build-id or
+//! `.gnu_debuglink`, and checked to belong to the binary). Names are
+//! demangled (C++, Rust legacy and v0). Each function's virtual address is
+//! turned into the file offset the kernel wants for a uprobe, through the
+//! binary's executable `PT_LOAD` segments; a symbol outside them is never
+//! offered, so a probe can only land on code.
 //!
-//! Pure: [`SymbolTable::parse`] works on bytes; only [`SymbolTable::read`]
-//! touches the file system. Nothing here talks to the kernel.
+//! Compiler clones: `foo.isra.0`, `foo.constprop.1`, `foo.lto_priv.0` are
+//! copies of `foo` that callers call instead of it; they are counted as
+//! `foo`. `foo.part.0` and `foo.cold` are fragments whose entry is
+//! elsewhere; they are only probed when a pattern names them with the dot.
+//!
+//! Pure: [`SymbolTable::parse`] works on bytes. [`SymbolTable::read`] and
+//! [`debug_file_candidates`] look at the file system; nothing here talks to
+//! the kernel.
 
 use std::{
     collections::HashMap,
@@ -14,7 +24,9 @@ use std::{
 };
 
 use globset::{Glob, GlobMatcher};
-use object::{Object as _, ObjectSection as _, ObjectSymbol as _, SymbolKind};
+use object::{
+    Object as _, ObjectSegment as _, ObjectSymbol as _, SegmentFlags, SymbolKind, elf::PF_X,
+};
 
 /// Errors from reading symbols or matching patterns.
 #[derive(Debug, thiserror::Error)]
@@ -31,7 +43,7 @@ pub enum SymbolError {
     NotElf { path: PathBuf, reason: String },
     /// The file has no function symbols at all.
     #[error(
-        "{} has no function symbols (stripped?); install its debug symbols or watch an unstripped build",
+        "{} has no function symbols (stripped?); install its debug symbols (the -dbgsym package) or watch an unstripped build",
         path.display()
     )]
     NoSymbols { path: PathBuf },
@@ -40,23 +52,33 @@ pub enum SymbolError {
     BadPattern { pattern: String, reason: String },
     /// A `--func` pattern matched no function.
     #[error(
-        "--func '{pattern}' matches no function in {}; list them with 'cacheloop symbols --binary {}'",
-        path.display(), path.display()
+        "--func '{pattern}' matches no function in {where_}; list them with 'cacheloop symbols {hint}'"
     )]
-    NoMatch { pattern: String, path: PathBuf },
+    NoMatch {
+        pattern: String,
+        where_: String,
+        hint: String,
+    },
 }
 
 /// A function that can carry a uprobe.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Symbol {
-    /// The name as the symbol table spells it.
+    /// The name people know: demangled, clone suffix removed.
     pub name: String,
+    /// The name as the symbol table spells it.
+    pub raw: String,
     /// Virtual address in the file (`st_value`).
     pub address: u64,
     /// Size in bytes (`st_size`); 0 when the table does not say.
     pub size: u64,
     /// Offset of the function's first byte in the file: where uprobes go.
     pub file_offset: u64,
+    /// A `.part`/`.cold` fragment, not a function entry.
+    pub fragment: bool,
+    /// The C++ name without its parameter list, for matching
+    /// `Cache::invalidate` against `Cache::invalidate(std::string const&)`.
+    short: Option<String>,
 }
 
 /// The functions of one ELF file, sorted by name.
@@ -64,105 +86,250 @@ pub struct Symbol {
 pub struct SymbolTable {
     pub path: PathBuf,
     pub symbols: Vec<Symbol>,
+    /// The separate debug file the symbols also came from, if any.
+    pub debug_file: Option<PathBuf>,
 }
 
 impl SymbolTable {
     /// Reads and parses the ELF file at `path`, naming it `shown` in
     /// messages and results (`/proc/PID/exe` is read, but users know the
-    /// file by the name the process ran it as).
-    pub fn read(path: &Path, shown: &Path) -> Result<Self, SymbolError> {
+    /// file by the name the process ran it as). Debug files are looked for
+    /// under `root` (`/`, or `/proc/PID/root` for a process in a container).
+    pub fn read(path: &Path, shown: &Path, root: &Path) -> Result<Self, SymbolError> {
         let data = fs::read(path).map_err(|source| SymbolError::Read {
             path: shown.to_owned(),
             source,
         })?;
-        Self::parse(shown, &data)
+        let debug = debug_file_candidates(shown, &data)
+            .into_iter()
+            .find_map(|candidate| {
+                let in_root = root.join(candidate.strip_prefix("/").unwrap_or(&candidate));
+                let bytes = fs::read(&in_root).ok()?;
+                debug_file_matches(&data, &bytes).then_some((candidate, bytes))
+            });
+        let mut table = Self::parse(shown, &data, debug.as_ref().map(|(_, b)| b.as_slice()))?;
+        table.debug_file = debug.map(|(p, _)| p);
+        Ok(table)
     }
 
-    /// Parses ELF bytes; `path` is only used in messages and results.
-    pub fn parse(path: &Path, data: &[u8]) -> Result<Self, SymbolError> {
-        let file = object::File::parse(data).map_err(|e| SymbolError::NotElf {
+    /// Parses ELF bytes, and those of its debug file if given; `path` is
+    /// only used in messages and results.
+    pub fn parse(path: &Path, data: &[u8], debug: Option<&[u8]>) -> Result<Self, SymbolError> {
+        let not_elf = |reason: String| SymbolError::NotElf {
             path: path.to_owned(),
-            reason: e.to_string(),
-        })?;
+            reason,
+        };
+        let file = object::File::parse(data).map_err(|e| not_elf(e.to_string()))?;
         if !matches!(file.format(), object::BinaryFormat::Elf) {
-            return Err(SymbolError::NotElf {
-                path: path.to_owned(),
-                reason: format!("{:?} format", file.format()),
-            });
+            return Err(not_elf(format!("{:?} format", file.format())));
         }
+        // Executable PT_LOAD segments: (vaddr, size, file offset).
+        let code: Vec<(u64, u64, u64)> = file
+            .segments()
+            .filter(|seg| {
+                matches!(seg.flags(), SegmentFlags::Elf { p_flags, .. } if p_flags.contains(PF_X))
+            })
+            .map(|seg| (seg.address(), seg.size(), seg.file_range().0))
+            .collect();
+        let debug_file = debug.and_then(|d| object::File::parse(d).ok());
 
-        // .symtab first, then .dynsym: the same function usually appears in
-        // both; keep one entry per (name, address).
         let mut seen = HashMap::new();
         let mut symbols = Vec::new();
-        for sym in file.symbols().chain(file.dynamic_symbols()) {
+        let all = file
+            .symbols()
+            .chain(file.dynamic_symbols())
+            .chain(debug_file.iter().flat_map(|d| d.symbols()));
+        for sym in all {
             if sym.kind() != SymbolKind::Text || !sym.is_definition() {
                 continue;
             }
-            let Ok(name) = sym.name() else { continue };
-            if name.is_empty() {
+            let Ok(raw) = sym.name() else { continue };
+            let address = sym.address();
+            if raw.is_empty() || seen.insert((raw.to_owned(), address), ()).is_some() {
                 continue;
             }
-            let Some(section) = sym
-                .section_index()
-                .and_then(|i| file.section_by_index(i).ok())
-            else {
+            let Some(file_offset) = code.iter().find_map(|&(vaddr, size, offset)| {
+                let delta = address.checked_sub(vaddr)?;
+                (delta < size).then_some(offset + delta)
+            }) else {
                 continue;
             };
-            let Some((section_offset, _)) = section.file_range() else {
-                continue;
-            };
-            let Some(file_offset) = sym
-                .address()
-                .checked_sub(section.address())
-                .and_then(|delta| delta.checked_add(section_offset))
-            else {
-                continue;
-            };
-            if seen.insert((name.to_owned(), sym.address()), ()).is_some() {
-                continue;
-            }
+            let names = Names::of(raw);
             symbols.push(Symbol {
-                name: name.to_owned(),
-                address: sym.address(),
+                name: names.full,
+                raw: raw.to_owned(),
+                address,
                 size: sym.size(),
                 file_offset,
+                fragment: names.fragment,
+                short: names.short,
             });
         }
         symbols.sort_by(|a, b| a.name.cmp(&b.name).then(a.address.cmp(&b.address)));
         Ok(Self {
             path: path.to_owned(),
             symbols,
+            debug_file: None,
         })
     }
 
     /// The functions matching any of `patterns`, one per file offset (aliases
-    /// of one function are probed once), in table order. Each pattern must
-    /// match at least one function.
-    pub fn select(&self, patterns: &[Pattern]) -> Result<Vec<&Symbol>, SymbolError> {
-        if self.symbols.is_empty() {
-            return Err(SymbolError::NoSymbols {
-                path: self.path.clone(),
-            });
-        }
+    /// of one function are probed once), in table order. Unlike
+    /// [`select_all`], a pattern that matches nothing here is not an error.
+    pub fn matching<'a>(&'a self, patterns: &[Pattern]) -> Vec<&'a Symbol> {
         let mut offsets = HashMap::new();
         let mut selected = Vec::new();
         for pattern in patterns {
-            let mut matched = false;
-            for sym in self.symbols.iter().filter(|s| pattern.matches(&s.name)) {
-                matched = true;
+            for sym in self.symbols.iter().filter(|s| pattern.selects(s)) {
                 if offsets.insert(sym.file_offset, ()).is_none() {
                     selected.push(sym);
                 }
             }
-            if !matched {
-                return Err(SymbolError::NoMatch {
-                    pattern: pattern.text.clone(),
-                    path: self.path.clone(),
-                });
-            }
         }
-        Ok(selected)
+        selected
+    }
+
+    /// Like [`matching`](Self::matching), but each pattern must match at
+    /// least one function in this file.
+    pub fn select(&self, patterns: &[Pattern]) -> Result<Vec<&Symbol>, SymbolError> {
+        select_all(
+            std::slice::from_ref(self),
+            patterns,
+            &format!("--binary {}", self.path.display()),
+        )
+        .map(|mut per_table| per_table.remove(0))
+    }
+}
+
+/// Selects in several files at once (an executable and its libraries): each
+/// pattern must match somewhere. `hint` completes the `cacheloop symbols`
+/// suggestion (`--pid 42`, `--binary PATH`).
+pub fn select_all<'a>(
+    tables: &'a [SymbolTable],
+    patterns: &[Pattern],
+    hint: &str,
+) -> Result<Vec<Vec<&'a Symbol>>, SymbolError> {
+    let where_ = match tables {
+        [one] => one.path.display().to_string(),
+        _ => format!("{} files", tables.len()),
+    };
+    if tables.iter().all(|t| t.symbols.is_empty()) {
+        return Err(SymbolError::NoSymbols {
+            path: tables.first().map(|t| t.path.clone()).unwrap_or_default(),
+        });
+    }
+    for pattern in patterns {
+        let found = tables
+            .iter()
+            .any(|t| t.symbols.iter().any(|s| pattern.selects(s)));
+        if !found {
+            return Err(SymbolError::NoMatch {
+                pattern: pattern.text.clone(),
+                where_,
+                hint: hint.to_owned(),
+            });
+        }
+    }
+    Ok(tables.iter().map(|t| t.matching(patterns)).collect())
+}
+
+/// The names of one raw symbol.
+struct Names {
+    full: String,
+    short: Option<String>,
+    fragment: bool,
+}
+
+impl Names {
+    fn of(raw: &str) -> Self {
+        // Rust, legacy (`_ZN...17h<hash>E`) and v0 (`_R...`); rustc-demangle
+        // also drops LLVM's `.llvm.NNN` suffixes. `{:#}` leaves out the hash.
+        if let Ok(demangled) = rustc_demangle::try_demangle(raw) {
+            return Self {
+                full: format!("{demangled:#}"),
+                short: None,
+                fragment: false,
+            };
+        }
+        // GCC clone suffixes follow the first dot: C and Itanium C++ names
+        // have none of their own.
+        let (base, suffix) = raw.split_once('.').unwrap_or((raw, ""));
+        let fragment = suffix
+            .split('.')
+            .any(|part| part == "part" || part == "cold");
+        let (full, short) = match cpp_demangle::Symbol::new(base) {
+            Ok(sym) if base.starts_with("_Z") => {
+                let full = sym.demangle().unwrap_or_else(|_| base.to_owned());
+                let short = sym
+                    .demangle_with_options(&cpp_demangle::DemangleOptions::new().no_params())
+                    .ok()
+                    .filter(|s| *s != full);
+                (full, short)
+            }
+            _ => (base.to_owned(), None),
+        };
+        // A fragment keeps its suffix: it is not the function itself.
+        let full = if fragment && !suffix.is_empty() {
+            format!("{full}.{suffix}")
+        } else {
+            full
+        };
+        Self {
+            full,
+            short,
+            fragment,
+        }
+    }
+}
+
+/// Where the separate debug file of an ELF file may be, best first: by
+/// build-id under `/usr/lib/debug/.build-id`, then by `.gnu_debuglink` next
+/// to the file, in its `.debug/`, and under `/usr/lib/debug`.
+pub fn debug_file_candidates(path: &Path, data: &[u8]) -> Vec<PathBuf> {
+    let Ok(file) = object::File::parse(data) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    if let Ok(Some(id)) = file.build_id()
+        && id.len() > 1
+    {
+        let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        out.push(PathBuf::from(format!(
+            "/usr/lib/debug/.build-id/{}/{}.debug",
+            &hex[..2],
+            &hex[2..]
+        )));
+    }
+    if let Ok(Some((name, _crc))) = file.gnu_debuglink()
+        && let Ok(name) = std::str::from_utf8(name)
+    {
+        let dir = path.parent().unwrap_or(Path::new("/"));
+        out.push(dir.join(name));
+        out.push(dir.join(".debug").join(name));
+        out.push(
+            Path::new("/usr/lib/debug")
+                .join(dir.strip_prefix("/").unwrap_or(dir))
+                .join(name),
+        );
+    }
+    out
+}
+
+/// Whether `debug` is the debug file of `main`: same build-id, or, without
+/// one, the CRC that `.gnu_debuglink` records. A wrong debug file would put
+/// probes at wrong addresses, so anything else is refused.
+pub fn debug_file_matches(main: &[u8], debug: &[u8]) -> bool {
+    let (Ok(main), Ok(debug_file)) = (object::File::parse(main), object::File::parse(debug)) else {
+        return false;
+    };
+    match (main.build_id(), debug_file.build_id()) {
+        (Ok(Some(a)), Ok(Some(b))) => return a == b,
+        (Ok(Some(_)), _) => return false,
+        _ => {}
+    }
+    match main.gnu_debuglink() {
+        Ok(Some((_, crc))) => crc32fast::hash(debug) == crc,
+        _ => false,
     }
 }
 
@@ -191,6 +358,18 @@ impl Pattern {
         self.matcher.is_match(name)
     }
 
+    /// Whether this pattern picks `sym`: its demangled name, its C++ name
+    /// without parameters, or its raw name. Fragments only when the pattern
+    /// names the fragment itself (it contains a dot).
+    pub fn selects(&self, sym: &Symbol) -> bool {
+        if sym.fragment {
+            return self.text.contains('.') && (self.matches(&sym.name) || self.matches(&sym.raw));
+        }
+        self.matches(&sym.name)
+            || sym.short.as_deref().is_some_and(|s| self.matches(s))
+            || self.matches(&sym.raw)
+    }
+
     pub fn as_str(&self) -> &str {
         &self.text
     }
@@ -205,13 +384,20 @@ mod tests {
             path: PathBuf::from("/srv/cache"),
             symbols: names
                 .iter()
-                .map(|&(name, address)| Symbol {
-                    name: name.to_owned(),
-                    address,
-                    size: 16,
-                    file_offset: address - 0x1000,
+                .map(|&(raw, address)| {
+                    let names = Names::of(raw);
+                    Symbol {
+                        name: names.full,
+                        raw: raw.to_owned(),
+                        address,
+                        size: 16,
+                        file_offset: address - 0x1000,
+                        fragment: names.fragment,
+                        short: names.short,
+                    }
                 })
                 .collect(),
+            debug_file: None,
         }
     }
 
@@ -265,6 +451,84 @@ mod tests {
     }
 
     #[test]
+    fn cpp_names_are_demangled_and_match_with_or_without_parameters() {
+        let t = table(&[
+            (
+                "_ZN5cache5Store10invalidateERKNSt7__cxx1112basic_stringIcSt11char_traitsIcESaIcEEE",
+                0x2000,
+            ),
+            ("_ZN5cache5Store3getEi", 0x2100),
+        ]);
+        let invalidate = &t.symbols[0];
+        assert_eq!(
+            invalidate.name,
+            "cache::Store::invalidate(std::__cxx11::basic_string<char, std::char_traits<char>, std::allocator<char> > const&)"
+        );
+        let got = t.select(&patterns(&["cache::Store::invalidate"])).unwrap();
+        assert_eq!(got[0].raw, invalidate.raw);
+        let got = t.select(&patterns(&["cache::Store::get(int)"])).unwrap();
+        assert_eq!(got.len(), 1);
+        // The raw name works too, for people pasting from nm.
+        assert_eq!(
+            t.select(&patterns(&["_ZN5cache5Store3getEi"]))
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn rust_legacy_and_v0_names_are_demangled_without_hash() {
+        let legacy = Names::of("_ZN5cache5store10invalidate17h0123456789abcdefE");
+        assert_eq!(legacy.full, "cache::store::invalidate");
+        let v0 = Names::of("_RNvNtCs1234_5cache5store10invalidate");
+        assert_eq!(v0.full, "cache::store::invalidate");
+    }
+
+    #[test]
+    fn gcc_clones_count_as_their_function_and_fragments_are_left_out() {
+        let t = table(&[
+            ("evict", 0x2000),
+            ("evict.isra.0", 0x2100),
+            ("evict.constprop.0.isra.0", 0x2200),
+            ("evict.part.0", 0x2300),
+            ("evict.cold", 0x2400),
+        ]);
+        let got = t.select(&patterns(&["evict"])).unwrap();
+        assert_eq!(names(&got), ["evict", "evict", "evict"]);
+        // Named with the dot, a fragment can still be probed.
+        let got = t.select(&patterns(&["evict.part.*"])).unwrap();
+        assert_eq!(names(&got), ["evict.part.0"]);
+    }
+
+    #[test]
+    fn pattern_matching_nothing_in_any_file_names_the_files() {
+        let tables = [table(&[("main", 0x2000)]), table(&[("free", 0x3000)])];
+        let err = select_all(&tables, &patterns(&["lib_fn"]), "--pid 42").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--func 'lib_fn' matches no function in 2 files; list them with 'cacheloop symbols --pid 42'"
+        );
+        let got = select_all(&tables, &patterns(&["free"]), "--pid 42").unwrap();
+        assert_eq!((got[0].len(), got[1].len()), (0, 1));
+    }
+
+    #[test]
+    fn debug_file_must_belong_to_the_binary() {
+        let exe = fs::read(std::env::current_exe().unwrap()).unwrap();
+        // Our own build has a build-id: it matches itself only.
+        assert!(debug_file_matches(&exe, &exe));
+        let other = fs::read("/proc/self/exe").unwrap();
+        assert!(debug_file_matches(&exe, &other));
+        assert!(!debug_file_matches(&exe, b"not elf"));
+        let candidates = debug_file_candidates(Path::new("/usr/bin/cache"), &exe);
+        assert!(
+            candidates[0].starts_with("/usr/lib/debug/.build-id/"),
+            "{candidates:?}"
+        );
+    }
+
+    #[test]
     fn bad_glob_is_rejected() {
         let err = Pattern::new("cache_[inv").unwrap_err();
         assert!(err.to_string().contains("cache_[inv"), "{err}");
@@ -279,7 +543,7 @@ mod tests {
 
     #[test]
     fn non_elf_bytes_are_rejected() {
-        let err = SymbolTable::parse(Path::new("notes.txt"), b"just text").unwrap_err();
+        let err = SymbolTable::parse(Path::new("notes.txt"), b"just text", None).unwrap_err();
         assert!(matches!(err, SymbolError::NotElf { .. }), "{err}");
     }
 
@@ -294,7 +558,7 @@ mod tests {
         }
         let exe = std::env::current_exe().unwrap();
         let data = fs::read(&exe).unwrap();
-        let t = SymbolTable::parse(&exe, &data).unwrap();
+        let t = SymbolTable::parse(&exe, &data, None).unwrap();
         let got = t
             .select(&patterns(&["cacheloop_symbols_selftest"]))
             .unwrap();
