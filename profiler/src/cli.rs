@@ -35,18 +35,25 @@ pub enum Command {
 }
 
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("target").required(true).multiple(true).args(["pid", "binary"])))]
+#[command(group(ArgGroup::new("target").required(true).multiple(true).args(["pid", "binary", "name"])))]
 pub struct WatchArgs {
     /// Watch this process; repeat for several.
     #[arg(long, value_name = "PID", value_parser = parse_pid)]
     pub pid: Vec<u32>,
 
-    /// Watch every process running this executable, now and later.
+    /// Watch every process running this executable or library, now and
+    /// later.
     #[arg(long, value_name = "PATH")]
     pub binary: Option<PathBuf>,
 
-    /// Functions to count: a glob (`*`, `?`, `[..]`) over symbol names;
-    /// repeat for several.
+    /// Watch every process with this command name, now and later (restarts
+    /// are attached within an interval); repeat for several.
+    #[arg(long, value_name = "COMM")]
+    pub name: Vec<String>,
+
+    /// Functions to count: a glob (`*`, `?`, `[..]`) over demangled names
+    /// (C, C++, Rust), in the executable and the libraries it maps; repeat
+    /// for several.
     #[arg(long = "func", value_name = "PATTERN", required = true)]
     pub funcs: Vec<String>,
 
@@ -162,6 +169,21 @@ mod tests {
         assert_eq!(w.factor, 10.0);
         assert_eq!(w.sustain, 3);
         assert!(!w.json && !w.fail_on_loop);
+    }
+
+    #[test]
+    fn name_repeats_and_is_a_target() {
+        let w = watch(&[
+            "watch",
+            "--name",
+            "redis-server",
+            "--name",
+            "varnishd",
+            "--func",
+            "f",
+        ]);
+        assert_eq!(w.name, ["redis-server", "varnishd"]);
+        assert!(w.pid.is_empty() && w.binary.is_none());
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub enum Output {
 pub struct WatchConfig {
     pub pids: Vec<u32>,
     pub binary: Option<PathBuf>,
+    /// Command names (`--name`).
+    pub names: Vec<String>,
     pub patterns: Vec<Pattern>,
     pub interval: Duration,
     pub duration: Option<Duration>,
@@ -97,6 +99,7 @@ impl TryFrom<WatchArgs> for WatchConfig {
         Ok(Self {
             pids,
             binary: args.binary,
+            names: args.name,
             patterns,
             interval: args.interval,
             duration: args.duration,

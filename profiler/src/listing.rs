@@ -1,6 +1,10 @@
-//! The `symbols` command: the functions a user can pass to `--func`.
+//! The `symbols` command: the functions a user can pass to `--func`, from
+//! the executable and (with `--pid`) every library the process maps.
 
-use std::io::{self, Write};
+use std::{
+    io::{self, Write},
+    path::{Path, PathBuf},
+};
 
 use serde::Serialize;
 
@@ -13,6 +17,7 @@ use crate::{
 #[derive(Serialize)]
 struct Row<'a> {
     name: &'a str,
+    raw: &'a str,
     address: String,
     size: u64,
     file: String,
@@ -20,53 +25,80 @@ struct Row<'a> {
 
 /// Lists the functions, sorted by name, with a count at the end.
 pub fn run(args: &SymbolsArgs) -> anyhow::Result<()> {
-    let (read, shown) = match (args.pid, &args.binary) {
+    // (path to read, path as the process sees it, root for debug files)
+    let files: Vec<(PathBuf, PathBuf, PathBuf)> = match (args.pid, &args.binary) {
         (Some(pid), _) => {
             let p = Process::from_pid(pid)?;
-            (p.exe, p.exe_name)
+            p.mapped_files()
+                .into_iter()
+                .map(|f| (f.open, f.name, p.root.clone()))
+                .collect()
         }
         (None, Some(path)) => {
             let b = Binary::open(path)?;
-            (b.path.clone(), b.path)
+            vec![(b.path.clone(), b.path, PathBuf::from("/"))]
         }
         (None, None) => unreachable!("clap requires --pid or --binary"),
     };
-    let table = SymbolTable::read(&read, &shown)?;
+    let mut tables = Vec::new();
+    for (i, (read, shown, root)) in files.iter().enumerate() {
+        match SymbolTable::read(read, shown, root) {
+            Ok(table) => tables.push(table),
+            // The executable must parse; a library that does not is skipped.
+            Err(e) if i == 0 => return Err(e.into()),
+            Err(e) => log::debug!("skipping {}: {e}", shown.display()),
+        }
+    }
+    if tables.iter().all(|t| t.symbols.is_empty()) {
+        return Err(crate::symbols::SymbolError::NoSymbols {
+            path: files[0].1.clone(),
+        }
+        .into());
+    }
     let pattern = args.pattern.as_deref().map(Pattern::new).transpose()?;
-    let file = shown.display().to_string();
+    let mut rows: Vec<Row> = tables
+        .iter()
+        .flat_map(|t| t.symbols.iter().map(move |s| (t.path.as_path(), s)))
+        .filter(|(_, s)| pattern.as_ref().is_none_or(|p| p.selects(s)))
+        .map(|(file, s): (&Path, _)| Row {
+            name: &s.name,
+            raw: &s.raw,
+            address: format!("{:#x}", s.address),
+            size: s.size,
+            file: file.display().to_string(),
+        })
+        .collect();
+    rows.sort_by(|a, b| a.name.cmp(b.name).then(a.file.cmp(&b.file)));
 
-    let mut out = io::BufWriter::new(io::stdout().lock());
-    let mut count = 0usize;
-    let written = (|| -> io::Result<()> {
-        for sym in &table.symbols {
-            if pattern.as_ref().is_some_and(|p| !p.matches(&sym.name)) {
-                continue;
-            }
-            count += 1;
-            let row = Row {
-                name: &sym.name,
-                address: format!("{:#x}", sym.address),
-                size: sym.size,
-                file: file.clone(),
-            };
-            if args.json {
-                serde_json::to_writer(&mut out, &row)?;
-                writeln!(out)?;
-            } else {
-                writeln!(
-                    out,
-                    "{:>18} {:>8}  {}  {}",
-                    row.address, row.size, row.name, row.file
-                )?;
-            }
-        }
-        if !args.json {
-            writeln!(out, "{count} function(s)")?;
-        }
-        out.flush()
-    })();
+    let written = print(&rows, args.json);
     match written {
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         other => Ok(other?),
     }
+}
+
+fn print(rows: &[Row], json: bool) -> io::Result<()> {
+    let mut out = io::BufWriter::new(io::stdout().lock());
+    for row in rows {
+        if json {
+            serde_json::to_writer(&mut out, row)?;
+            writeln!(out)?;
+        } else if row.raw == row.name {
+            writeln!(
+                out,
+                "{:>18} {:>8}  {}  {}",
+                row.address, row.size, row.name, row.file
+            )?;
+        } else {
+            writeln!(
+                out,
+                "{:>18} {:>8}  {}  {}  ({})",
+                row.address, row.size, row.name, row.file, row.raw
+            )?;
+        }
+    }
+    if !json {
+        writeln!(out, "{} function(s)", rows.len())?;
+    }
+    out.flush()
 }

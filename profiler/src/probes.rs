@@ -16,7 +16,7 @@ use aya::{
     maps::{MapData, PerCpuArray, PerCpuHashMap},
     programs::{
         UProbe,
-        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
     },
     sys::{UProbeMultiFeature, is_uprobe_multi_supported},
 };
@@ -78,7 +78,10 @@ impl AttachMode {
 /// (function index) the kernel will count it under, for one process or all.
 #[derive(Clone, Debug)]
 pub struct AttachRequest {
+    /// The path the kernel opens (through /proc for a process's files).
     pub path: PathBuf,
+    /// The same file as the user knows it, for messages and records.
+    pub shown: PathBuf,
     /// `None` probes every process that runs the file.
     pub pid: Option<u32>,
     /// (file offset, cookie) pairs.
@@ -100,6 +103,8 @@ pub struct Probes {
     /// attach for all processes and keep only the watched pids' counts.
     pid_filter_ok: bool,
     attached: usize,
+    /// Links made for one process, to detach when it exits.
+    links: HashMap<u32, Vec<(UProbeLinkId, usize)>>,
 }
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
@@ -152,6 +157,7 @@ impl Probes {
             mode,
             pid_filter_ok,
             attached: 0,
+            links: HashMap::new(),
         })
     }
 
@@ -184,15 +190,45 @@ impl Probes {
                 cookie: Some(u64::from(cookie)),
             });
         let prog = self.program_mut()?;
-        prog.attach(points, &request.path, scope)
+        let link = prog
+            .attach(points, &request.path, scope)
             .map_err(|source| ProbeError::Attach {
-                path: request.path.clone(),
+                path: request.shown.clone(),
                 pid: request.pid,
                 count: request.points.len(),
                 source,
             })?;
         self.attached += request.points.len();
+        if let Some(pid) = request.pid {
+            self.links
+                .entry(pid)
+                .or_default()
+                .push((link, request.points.len()));
+        }
         Ok(())
+    }
+
+    /// Detaches the links made for one process (it exited) and removes its
+    /// counters, so that a service that restarts all day does not pile up
+    /// links and map slots.
+    pub fn forget_process(&mut self, tgid: u32) {
+        for (link, points) in self.links.remove(&tgid).unwrap_or_default() {
+            if let Ok(prog) = self.program_mut() {
+                match prog.detach(link) {
+                    Ok(()) => self.attached -= points,
+                    Err(e) => log::debug!("detaching the probes of pid {tgid}: {e}"),
+                }
+            }
+        }
+        let stale: Vec<CallKey> = self
+            .counts
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.tgid == tgid)
+            .collect();
+        for key in stale {
+            let _ = self.counts.remove(&key);
+        }
     }
 
     /// Reads every counter, summed over CPUs, into `out` (cleared first).
@@ -217,19 +253,6 @@ impl Probes {
             .get(&0, 0)
             .map(|per_cpu| per_cpu.iter().sum())
             .unwrap_or(0)
-    }
-
-    /// Removes the counters of a process that is gone, to free map slots.
-    pub fn forget_process(&mut self, tgid: u32) {
-        let stale: Vec<CallKey> = self
-            .counts
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.tgid == tgid)
-            .collect();
-        for key in stale {
-            let _ = self.counts.remove(&key);
-        }
     }
 
     /// Detaches every probe and unloads the program; returns how long the

@@ -20,11 +20,13 @@ use crate::{
     target::{Binary, Process},
 };
 
-/// Which processes count: the `--pid` ones, and whatever runs the
-/// `--binary` file, now or later.
+/// Which processes count: the `--pid` ones, whatever runs the `--binary`
+/// file, now or later, and processes named `--name` (the watch loop attaches
+/// new ones and hands them over with [`Sampler::adopt`]).
 pub struct Watched {
     pub pids: Vec<Process>,
     pub binary: Option<Binary>,
+    pub names: Vec<String>,
 }
 
 /// Per-series totals for the summary.
@@ -60,7 +62,8 @@ pub struct Tick {
     pub records: Vec<Record>,
     /// At least one loop was confirmed in this interval.
     pub loop_found: bool,
-    /// No watched process is left, and none can come (no `--binary`).
+    /// No watched process is left, and none can come (no `--binary`, no
+    /// `--name`).
     pub all_gone: bool,
 }
 
@@ -107,9 +110,26 @@ impl Sampler {
         }
     }
 
-    /// The processes being watched now.
-    pub fn live(&self) -> impl Iterator<Item = &Process> {
-        self.live.values()
+    /// Whether `pid` is one of the processes watched now.
+    pub fn is_watching(&self, pid: u32) -> bool {
+        self.live.contains_key(&pid)
+    }
+
+    /// A process watched now.
+    pub fn process(&self, pid: u32) -> Option<&Process> {
+        self.live.get(&pid)
+    }
+
+    /// Starts watching a process that was just attached; its counting starts
+    /// at zero.
+    pub fn adopt(&mut self, process: Process) {
+        self.processes_seen += 1;
+        self.live.insert(process.pid, process);
+    }
+
+    /// The function table grew (new processes brought new functions).
+    pub fn set_names(&mut self, names: &[String]) {
+        self.names = names.to_vec();
     }
 
     /// Reads the counters and produces this interval's records.
@@ -124,7 +144,7 @@ impl Sampler {
         self.discover_processes();
 
         let mut verdicts: BTreeMap<u32, Vec<LoopVerdict>> = BTreeMap::new();
-        for &pid in self.live.keys() {
+        for (&pid, process) in &self.live {
             for func in 0..self.names.len() as u32 {
                 let key = CallKey { func, tgid: pid };
                 let calls = self
@@ -151,6 +171,7 @@ impl Sampler {
                     tick.records.push(Record::Sample {
                         ts,
                         pid,
+                        ns_pid: process.ns_pid,
                         function: self.names[func as usize].clone(),
                         calls,
                         rate: report::round1(rate),
@@ -209,7 +230,8 @@ impl Sampler {
             probes.forget_process(pid);
             tick.records.push(Record::TargetExit { ts, pid });
         }
-        tick.all_gone = self.watched.binary.is_none() && self.live.is_empty();
+        tick.all_gone =
+            self.watched.binary.is_none() && self.watched.names.is_empty() && self.live.is_empty();
     }
 
     /// What the run saw.

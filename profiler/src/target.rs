@@ -46,6 +46,21 @@ pub struct Process {
     /// Start time in clock ticks since boot (field 22 of `/proc/PID/stat`),
     /// to tell the process apart from a later one that reuses its pid.
     pub start_time: u64,
+    /// The pid inside the process's own pid namespace, where it differs
+    /// (a container).
+    pub ns_pid: Option<u32>,
+    /// The process's root directory as seen from here: `/proc/PID/root`.
+    /// Paths the process sees resolve through it (mount namespaces).
+    pub root: PathBuf,
+}
+
+/// A file mapped executable by a process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MappedFile {
+    /// The path as the process sees it.
+    pub name: PathBuf,
+    /// A path that opens it from here.
+    pub open: PathBuf,
 }
 
 impl Process {
@@ -63,7 +78,33 @@ impl Process {
             exe_name,
             exe,
             start_time: stat.start_time,
+            ns_pid: read_ns_pid(pid).filter(|&inner| inner != pid),
+            root: PathBuf::from(format!("/proc/{pid}/root")),
         })
+    }
+
+    /// The executable and the libraries the process has mapped executable,
+    /// the executable first. Files deleted since they were mapped are left
+    /// out, except the executable (`/proc/PID/exe` still opens it).
+    pub fn mapped_files(&self) -> Vec<MappedFile> {
+        let mut files = vec![MappedFile {
+            name: self.exe_name.clone(),
+            open: self.exe.clone(),
+        }];
+        let maps = fs::read_to_string(format!("/proc/{}/maps", self.pid)).unwrap_or_default();
+        for name in executable_mappings(&maps) {
+            if name == self.exe_name || files.iter().any(|f| f.name == name) {
+                continue;
+            }
+            let open = self.root.join(name.strip_prefix("/").unwrap_or(&name));
+            files.push(MappedFile { name, open });
+        }
+        files
+    }
+
+    /// The process's command name (`/proc/PID/comm`).
+    pub fn comm(&self) -> Option<String> {
+        read_comm(self.pid)
     }
 
     /// Whether this very process (not a successor with its pid) still runs.
@@ -120,6 +161,74 @@ impl Binary {
     }
 }
 
+/// Every live process whose command name (`/proc/PID/comm`, at most 15
+/// bytes) is one of `names`.
+pub fn processes_named(names: &[String]) -> Vec<Process> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found: Vec<Process> = dir
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| read_comm(pid).is_some_and(|c| names.iter().any(|n| comm_matches(n, &c))))
+        .filter_map(|pid| Process::from_pid(pid).ok())
+        .collect();
+    found.sort_by_key(|p| p.pid);
+    found
+}
+
+/// The kernel keeps 15 bytes of a command name: `--name redis-server-long`
+/// must match the comm `redis-server-lo`.
+fn comm_matches(wanted: &str, comm: &str) -> bool {
+    const TASK_COMM_LEN: usize = 15;
+    let cut = wanted
+        .char_indices()
+        .map(|(i, c)| i + c.len_utf8())
+        .take_while(|&end| end <= TASK_COMM_LEN)
+        .last()
+        .unwrap_or(0);
+    comm == wanted || comm == &wanted[..cut]
+}
+
+fn read_comm(pid: u32) -> Option<String> {
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    Some(comm.trim_end_matches('\n').to_owned())
+}
+
+/// The innermost pid of `NSpid:` in `/proc/PID/status`.
+fn read_ns_pid(pid: u32) -> Option<u32> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_ns_pid(&status)
+}
+
+fn parse_ns_pid(status: &str) -> Option<u32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))?
+        .split_whitespace()
+        .last()?
+        .parse()
+        .ok()
+}
+
+/// The files of the executable mappings in `/proc/PID/maps` text, in order,
+/// each once; anonymous and special mappings and deleted files left out.
+fn executable_mappings(maps: &str) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = Vec::new();
+    for line in maps.lines() {
+        let mut fields = line.splitn(6, ' ');
+        let perms = fields.nth(1).unwrap_or("");
+        let path = fields.nth(3).unwrap_or("").trim_start();
+        if !perms.contains('x') || !path.starts_with('/') || path.ends_with(" (deleted)") {
+            continue;
+        }
+        let path = PathBuf::from(path);
+        if !out.contains(&path) {
+            out.push(path);
+        }
+    }
+    out
+}
+
 struct Stat {
     state: char,
     start_time: u64,
@@ -172,6 +281,56 @@ mod tests {
         let stat = parse_stat(line).unwrap();
         assert_eq!(stat.state, 'S');
         assert_eq!(stat.start_time, 987654);
+    }
+
+    #[test]
+    fn executable_mappings_are_listed_once_in_order() {
+        let maps = "\
+5600-5601 r--p 00000000 08:01 100 /usr/bin/cache
+5601-5602 r-xp 00001000 08:01 100 /usr/bin/cache
+7f00-7f01 r-xp 00000000 08:01 200 /usr/lib/x86_64-linux-gnu/libc.so.6
+7f01-7f02 r-xp 00001000 08:01 200 /usr/lib/x86_64-linux-gnu/libc.so.6
+7f02-7f03 rw-p 00000000 00:00 0 
+7f03-7f04 r-xp 00000000 08:01 300 /opt/lib/libold.so (deleted)
+7f04-7f05 r-xp 00000000 08:01 400 /opt/my lib/libspace.so
+7ffd-7ffe r-xp 00000000 00:00 0 [vdso]";
+        let got = executable_mappings(maps);
+        let want = [
+            "/usr/bin/cache",
+            "/usr/lib/x86_64-linux-gnu/libc.so.6",
+            "/opt/my lib/libspace.so",
+        ];
+        assert_eq!(got, want.map(PathBuf::from));
+    }
+
+    #[test]
+    fn ns_pid_is_the_innermost() {
+        assert_eq!(parse_ns_pid("Name:\tx\nNSpid:\t4242\t17\n"), Some(17));
+        assert_eq!(parse_ns_pid("NSpid:\t4242\n"), Some(4242));
+        assert_eq!(parse_ns_pid("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn long_names_match_the_kernel_s_15_bytes() {
+        assert!(comm_matches("redis-server", "redis-server"));
+        assert!(comm_matches("varnish-cache-child", "varnish-cache-c"));
+        assert!(!comm_matches("redis", "redis-server"));
+    }
+
+    #[test]
+    fn own_process_maps_its_executable_and_libc() {
+        let me = Process::from_pid(std::process::id()).unwrap();
+        assert_eq!(me.ns_pid, None);
+        let files = me.mapped_files();
+        assert_eq!(files[0].name, me.exe_name);
+        assert!(
+            files
+                .iter()
+                .any(|f| f.name.to_string_lossy().contains("libc")),
+            "{files:?}"
+        );
+        let named = processes_named(&[me.comm().unwrap()]);
+        assert!(named.iter().any(|p| p.pid == me.pid));
     }
 
     #[test]

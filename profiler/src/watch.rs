@@ -15,7 +15,7 @@ use std::{
 use anyhow::Context as _;
 use tokio::{
     signal::unix::{SignalKind, signal},
-    time::{MissedTickBehavior, interval_at, sleep},
+    time::{MissedTickBehavior, interval_at},
 };
 
 use crate::{
@@ -24,7 +24,7 @@ use crate::{
     probes::{AttachRequest, ProbeError, Probes},
     report::{Record, Sink, json::JsonSink, text::TextSink, unix_now},
     sampler::{Sampler, Watched},
-    symbols::SymbolTable,
+    symbols::{Pattern, SymbolError, SymbolTable},
     target::{self, Binary, Process},
 };
 
@@ -59,92 +59,201 @@ enum Stop {
     BrokenPipe,
 }
 
-/// The functions to probe, numbered: `names[cookie]`, plus each file's
-/// (offset, cookie) points.
-struct Plan {
-    names: Vec<String>,
-    requests: Vec<AttachRequest>,
-}
-
 pub fn run(config: WatchConfig) -> anyhow::Result<Outcome> {
     if !target::has_bpf_privileges() {
         return Err(RunError::NoPrivileges.into());
     }
     let started = Instant::now();
-    let processes = config
+    let mut processes = config
         .pids
         .iter()
         .map(|&pid| Process::from_pid(pid))
         .collect::<Result<Vec<_>, _>>()?;
     let binary = config.binary.as_deref().map(Binary::open).transpose()?;
-    let plan = plan(&config, &processes, binary.as_ref())?;
+    for named in target::processes_named(&config.names) {
+        if !processes.iter().any(|p| p.pid == named.pid) {
+            processes.push(named);
+        }
+    }
+    if processes.is_empty() && binary.is_none() {
+        log::warn!(
+            "no process named {} runs yet; waiting for one",
+            config.names.join(" or ")
+        );
+    }
+
+    let mut planner = Planner::new(config.patterns.clone());
+    let mut requests = Vec::new();
+    if let Some(b) = &binary {
+        let file = FileTarget {
+            open: b.path.clone(),
+            shown: b.path.clone(),
+            root: PathBuf::from("/"),
+            pid: None,
+        };
+        let hint = format!("--binary {}", b.path.display());
+        requests.extend(planner.requests(&[file], true, &hint)?);
+    }
+    // A pid running the --binary file is already covered by the
+    // all-processes link on that file.
+    for p in processes
+        .iter()
+        .filter(|p| !binary.as_ref().is_some_and(|b| b.runs(p.pid)))
+    {
+        let hint = format!("--pid {}", p.pid);
+        requests.extend(planner.requests(&Planner::process_files(p), true, &hint)?);
+    }
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .enable_io()
         .build()
         .context("cannot start the runtime")?;
-    runtime.block_on(watch(config, plan, processes, binary, started))
+    let watched = Watched {
+        pids: processes,
+        binary,
+        names: config.names.clone(),
+    };
+    runtime.block_on(watch(config, planner, requests, watched, started))
 }
 
-/// Reads each distinct file once and numbers the selected functions.
-fn plan(
-    config: &WatchConfig,
-    processes: &[Process],
-    binary: Option<&Binary>,
-) -> anyhow::Result<Plan> {
-    // (file to read and attach to, pid scope); a pid running the --binary
-    // file is already covered by the all-processes link on that file.
-    let mut files: Vec<(PathBuf, Option<u32>)> = processes
-        .iter()
-        .filter(|p| !binary.is_some_and(|b| b.runs(p.pid)))
-        .map(|p| (p.exe.clone(), Some(p.pid)))
-        .collect();
-    if let Some(b) = binary {
-        files.push((b.path.clone(), None));
+/// Decides what to attach where: reads each file once (by device and
+/// inode), and numbers the selected functions across every file and process
+/// (`names[cookie]`), so that one function name is one series.
+struct Planner {
+    patterns: Vec<Pattern>,
+    tables: HashMap<(u64, u64), SymbolTable>,
+    names: Vec<String>,
+    cookies: HashMap<String, u32>,
+}
+
+/// A file to read and attach to, and the process scope of its link.
+struct FileTarget {
+    open: PathBuf,
+    shown: PathBuf,
+    root: PathBuf,
+    pid: Option<u32>,
+}
+
+impl Planner {
+    fn new(patterns: Vec<Pattern>) -> Self {
+        Self {
+            patterns,
+            tables: HashMap::new(),
+            names: Vec::new(),
+            cookies: HashMap::new(),
+        }
     }
 
-    let mut tables: HashMap<(u64, u64), SymbolTable> = HashMap::new();
-    let mut names: Vec<String> = Vec::new();
-    let mut cookies: HashMap<String, u32> = HashMap::new();
-    let mut requests = Vec::new();
-    for (path, pid) in files {
-        let meta =
-            std::fs::metadata(&path).with_context(|| format!("cannot stat {}", path.display()))?;
-        let id = (meta.dev(), meta.ino());
-        let table = match tables.entry(id) {
-            Entry::Occupied(known) => known.into_mut(),
-            Entry::Vacant(slot) => {
-                // Name the file as the user knows it in messages.
-                let shown = match pid.and_then(|pid| processes.iter().find(|p| p.pid == pid)) {
-                    Some(p) => p.exe_name.clone(),
-                    None => path.clone(),
-                };
-                slot.insert(SymbolTable::read(&path, &shown)?)
-            }
-        };
-        let points = table
-            .select(&config.patterns)?
+    /// The files of a process: its executable and libraries, attached for
+    /// that process only.
+    fn process_files(process: &Process) -> Vec<FileTarget> {
+        process
+            .mapped_files()
             .into_iter()
-            .map(|sym| {
-                let next = names.len() as u32;
-                let cookie = *cookies.entry(sym.name.clone()).or_insert_with(|| {
-                    names.push(sym.name.clone());
-                    next
-                });
-                (sym.file_offset, cookie)
+            .map(|f| FileTarget {
+                open: f.open,
+                shown: f.name,
+                root: process.root.clone(),
+                pid: Some(process.pid),
             })
-            .collect();
-        requests.push(AttachRequest { path, pid, points });
+            .collect()
     }
-    Ok(Plan { names, requests })
+
+    /// The attach requests for `files`, the first of which (an executable)
+    /// must be readable ELF; later ones (libraries) that are not are
+    /// skipped. With `strict`, each pattern must match some function in
+    /// them (`hint` completes the suggestion); otherwise files with no match
+    /// are simply skipped.
+    fn requests(
+        &mut self,
+        files: &[FileTarget],
+        strict: bool,
+        hint: &str,
+    ) -> anyhow::Result<Vec<AttachRequest>> {
+        let mut chosen: Vec<((u64, u64), &FileTarget)> = Vec::with_capacity(files.len());
+        for (i, file) in files.iter().enumerate() {
+            let meta = match std::fs::metadata(&file.open) {
+                Ok(meta) => meta,
+                Err(source) if i == 0 => {
+                    return Err(SymbolError::Read {
+                        path: file.shown.clone(),
+                        source,
+                    }
+                    .into());
+                }
+                Err(_) => continue,
+            };
+            let id = (meta.dev(), meta.ino());
+            if let Entry::Vacant(slot) = self.tables.entry(id) {
+                match SymbolTable::read(&file.open, &file.shown, &file.root) {
+                    Ok(table) => {
+                        slot.insert(table);
+                    }
+                    Err(e) if i == 0 => return Err(e.into()),
+                    Err(e) => {
+                        log::debug!("skipping {}: {e}", file.shown.display());
+                        continue;
+                    }
+                }
+            }
+            chosen.push((id, file));
+        }
+        let tables: Vec<&SymbolTable> = chosen.iter().map(|(id, _)| &self.tables[id]).collect();
+        let selected: Vec<Vec<(u64, String)>> = if strict {
+            let owned: Vec<SymbolTable> = tables.iter().map(|t| (*t).clone()).collect();
+            crate::symbols::select_all(&owned, &self.patterns, hint)?
+                .into_iter()
+                .map(|syms| {
+                    syms.into_iter()
+                        .map(|s| (s.file_offset, s.name.clone()))
+                        .collect()
+                })
+                .collect()
+        } else {
+            tables
+                .iter()
+                .map(|t| {
+                    t.matching(&self.patterns)
+                        .into_iter()
+                        .map(|s| (s.file_offset, s.name.clone()))
+                        .collect()
+                })
+                .collect()
+        };
+        let mut requests = Vec::new();
+        for ((_, file), symbols) in chosen.iter().zip(selected) {
+            if symbols.is_empty() {
+                continue;
+            }
+            let points = symbols
+                .into_iter()
+                .map(|(offset, name)| (offset, self.cookie(&name)))
+                .collect();
+            requests.push(AttachRequest {
+                path: file.open.clone(),
+                shown: file.shown.clone(),
+                pid: file.pid,
+                points,
+            });
+        }
+        Ok(requests)
+    }
+
+    fn cookie(&mut self, name: &str) -> u32 {
+        let next = self.names.len() as u32;
+        *self.cookies.entry(name.to_owned()).or_insert_with(|| {
+            self.names.push(name.to_owned());
+            next
+        })
+    }
 }
 
 async fn watch(
     config: WatchConfig,
-    plan: Plan,
-    processes: Vec<Process>,
-    binary: Option<Binary>,
+    mut planner: Planner,
+    requests: Vec<AttachRequest>,
+    watched: Watched,
     started: Instant,
 ) -> anyhow::Result<Outcome> {
     // Handlers first: a Ctrl-C during attach must still end in a detach.
@@ -157,16 +266,21 @@ async fn watch(
         Output::Text => Box::new(TextSink::new(io::LineWriter::new(stdout))),
     };
 
-    // Room for every function in every process we may see; --binary may
-    // bring processes we do not know of yet.
-    let slots = plan.names.len() * (processes.len() + if binary.is_some() { 256 } else { 0 });
+    // Room for every function in every process we may see; --binary and
+    // --name may bring processes we do not know of yet.
+    let later = if watched.binary.is_some() || !watched.names.is_empty() {
+        256
+    } else {
+        0
+    };
+    let slots = planner.names.len().max(1) * (watched.pids.len() + later);
     let mut probes = Probes::load(slots.clamp(1024, 1 << 20) as u32)?;
-    for request in &plan.requests {
+    for request in &requests {
         if let Err(err) = probes.attach(request) {
-            return Err(attach_failure(err, request, &processes));
+            return Err(attach_failure(err, request, &watched.pids));
         }
     }
-    if let Some(gone) = processes.iter().find(|p| !p.is_alive()) {
+    if let Some(gone) = watched.pids.iter().find(|p| !p.is_alive()) {
         return Err(RunError::TargetGone { pid: gone.pid }.into());
     }
     log::info!(
@@ -175,40 +289,17 @@ async fn watch(
         probes.mode().as_str()
     );
 
-    let watched = Watched {
-        pids: processes,
-        binary,
-    };
     let mut sampler = Sampler::new(
-        plan.names.clone(),
+        planner.names.clone(),
         watched,
         Detector::new(config.rules.clone()),
     );
     let attach_seconds = started.elapsed().as_secs_f64();
-    let mut stop = Stop::Done;
-    for request in &plan.requests {
-        let record = Record::Attached {
-            ts: unix_now(),
-            pid: request.pid,
-            path: match request.pid {
-                Some(pid) => sampler.live().find(|p| p.pid == pid).map_or_else(
-                    || request.path.display().to_string(),
-                    |p| p.exe_name.display().to_string(),
-                ),
-                None => request.path.display().to_string(),
-            },
-            functions: request
-                .points
-                .iter()
-                .map(|&(_, cookie)| plan.names[cookie as usize].clone())
-                .collect(),
-            mode: probes.mode().as_str(),
-            attach_seconds,
-        };
-        if let Err(e) = sink.emit(&record).and_then(|()| sink.end_tick()) {
-            stop = write_failure(e)?;
-        }
-    }
+    let records: Vec<Record> = requests
+        .iter()
+        .map(|r| attached_record(r, &planner.names, &sampler, &probes, attach_seconds))
+        .collect();
+    let mut stop = deliver(&mut *sink, &records)?;
 
     let deadline = config.duration.map(|d| tokio::time::Instant::now() + d);
     let mut ticks = interval_at(
@@ -223,23 +314,23 @@ async fn watch(
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            _ = ticks.tick() => {}
+        let last = tokio::select! {
+            _ = ticks.tick() => false,
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
-            () = until_deadline => {
-                // The last, partial interval still counts.
-                let tick = sampler.tick(&mut probes)?;
-                stop = deliver(&mut *sink, &tick.records)?;
-                break;
-            }
-        }
+            // The last, partial interval still counts.
+            () = until_deadline => true,
+        };
         let tick = sampler.tick(&mut probes)?;
         stop = deliver(&mut *sink, &tick.records)?;
         if tick.loop_found && config.fail_on_loop && matches!(stop, Stop::Done) {
             stop = Stop::Loop;
-        } else if tick.all_gone {
+        } else if last || tick.all_gone {
             break;
+        }
+        if !config.names.is_empty() && matches!(stop, Stop::Done) {
+            let records = attach_new_named(&config.names, &mut planner, &mut probes, &mut sampler);
+            stop = deliver(&mut *sink, &records)?;
         }
     }
 
@@ -258,13 +349,72 @@ async fn watch(
             write_failure(e)?;
         }
     }
-    // Let a closing pipe reader see everything before we exit.
     let _ = io::stdout().flush();
-    sleep(std::time::Duration::ZERO).await;
     Ok(match stop {
         Stop::Loop => Outcome::LoopFound,
         Stop::Done | Stop::BrokenPipe => Outcome::Finished,
     })
+}
+
+/// `--name`: probes processes of those names that started since the last
+/// interval (a restart, a new worker). Returns their `attached` records.
+fn attach_new_named(
+    names: &[String],
+    planner: &mut Planner,
+    probes: &mut Probes,
+    sampler: &mut Sampler,
+) -> Vec<Record> {
+    let started = Instant::now();
+    let mut records = Vec::new();
+    for process in target::processes_named(names) {
+        if sampler.is_watching(process.pid) {
+            continue;
+        }
+        let requests = match planner.requests(&Planner::process_files(&process), false, "") {
+            Ok(requests) => requests,
+            Err(e) => {
+                log::warn!("cannot probe new pid {}: {e:#}", process.pid);
+                continue;
+            }
+        };
+        let attached = requests.iter().try_for_each(|r| probes.attach(r));
+        if let Err(e) = attached {
+            log::warn!("cannot probe new pid {}: {e:#}", process.pid);
+            probes.forget_process(process.pid);
+            continue;
+        }
+        sampler.set_names(&planner.names);
+        sampler.adopt(process);
+        let seconds = started.elapsed().as_secs_f64();
+        records.extend(
+            requests
+                .iter()
+                .map(|r| attached_record(r, &planner.names, sampler, probes, seconds)),
+        );
+    }
+    records
+}
+
+fn attached_record(
+    request: &AttachRequest,
+    names: &[String],
+    sampler: &Sampler,
+    probes: &Probes,
+    attach_seconds: f64,
+) -> Record {
+    Record::Attached {
+        ts: unix_now(),
+        pid: request.pid,
+        ns_pid: request.pid.and_then(|pid| sampler.process(pid)?.ns_pid),
+        path: request.shown.display().to_string(),
+        functions: request
+            .points
+            .iter()
+            .map(|&(_, cookie)| names[cookie as usize].clone())
+            .collect(),
+        mode: probes.mode().as_str(),
+        attach_seconds,
+    }
 }
 
 fn deliver(sink: &mut dyn Sink, records: &[Record]) -> anyhow::Result<Stop> {

@@ -32,6 +32,9 @@ pub enum Record {
         ts: f64,
         #[serde(skip_serializing_if = "Option::is_none")]
         pid: Option<u32>,
+        /// The pid inside the process's own pid namespace, where it differs.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ns_pid: Option<u32>,
         path: String,
         functions: Vec<String>,
         /// `uprobe_multi` or `perf_link_per_function`.
@@ -43,6 +46,8 @@ pub enum Record {
     Sample {
         ts: f64,
         pid: u32,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ns_pid: Option<u32>,
         function: String,
         calls: u64,
         /// Calls per second over the interval.
@@ -305,6 +310,7 @@ mod tests {
         let rec = Record::Sample {
             ts: 1795574373.2,
             pid: 1234,
+            ns_pid: None,
             function: "cache_invalidate".into(),
             calls: 200,
             rate: 199.8,

@@ -42,15 +42,19 @@ impl<W: Write> Sink for TextSink<W> {
             Record::Attached {
                 ts,
                 pid,
+                ns_pid,
                 path,
                 functions,
                 mode,
                 attach_seconds,
             } => {
                 self.elapsed(*ts);
-                let who = match pid {
-                    Some(pid) => format!("pid {pid} ({path})"),
-                    None => format!("every process running {path}"),
+                let who = match (pid, ns_pid) {
+                    (Some(pid), Some(inner)) => {
+                        format!("pid {pid} (pid {inner} in its container) {path}")
+                    }
+                    (Some(pid), None) => format!("pid {pid} {path}"),
+                    (None, _) => format!("every process running {path}"),
                 };
                 let what = match functions.as_slice() {
                     [one] => one.clone(),
@@ -220,6 +224,7 @@ mod tests {
         Record::Sample {
             ts: 1.0,
             pid: 9,
+            ns_pid: None,
             function: function.into(),
             calls: rate as u64,
             rate,
