@@ -35,7 +35,7 @@ pub enum Command {
 }
 
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("target").required(true).multiple(true).args(["pid", "binary", "name"])))]
+#[command(group(ArgGroup::new("target").multiple(true).args(["pid", "binary", "name"])))]
 pub struct WatchArgs {
     /// Watch this process; repeat for several.
     #[arg(long, value_name = "PID", value_parser = parse_pid)]
@@ -54,8 +54,18 @@ pub struct WatchArgs {
     /// Functions to count: a glob (`*`, `?`, `[..]`) over demangled names
     /// (C, C++, Rust), in the executable and the libraries it maps; repeat
     /// for several.
-    #[arg(long = "func", value_name = "PATTERN", required = true)]
+    #[arg(
+        long = "func",
+        value_name = "PATTERN",
+        required_unless_present = "preset"
+    )]
     pub funcs: Vec<String>,
+
+    /// Watch a cache's invalidation functions as Debian packages it: redis
+    /// or varnish (see the README). Without a target, watches the cache's
+    /// processes by name.
+    #[arg(long, value_name = "NAME")]
+    pub preset: Option<String>,
 
     /// How often to read the counters and judge the rates.
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
@@ -252,9 +262,11 @@ mod tests {
     }
 
     #[test]
-    fn a_target_and_a_function_are_required() {
-        assert!(parse(&["watch", "--func", "f"]).is_err());
+    fn a_function_or_a_preset_is_required() {
         assert!(parse(&["watch", "--pid", "1"]).is_err());
+        let w = watch(&["watch", "--preset", "redis"]);
+        assert_eq!(w.preset.as_deref(), Some("redis"));
+        assert!(w.funcs.is_empty());
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::{path::PathBuf, time::Duration};
 use crate::{
     cli::WatchArgs,
     detect::Rules,
+    presets,
     symbols::{Pattern, SymbolError},
 };
 
@@ -26,6 +27,12 @@ pub enum ConfigError {
     /// A `--func` pattern is not a glob.
     #[error(transparent)]
     Pattern(#[from] SymbolError),
+    /// `--preset` names no preset.
+    #[error("no preset called '{name}'; presets: {known}")]
+    UnknownPreset { name: String, known: String },
+    /// Nothing to watch.
+    #[error("no target: give --pid PID, --binary PATH or --name COMM (or a --preset)")]
+    NoTarget,
 }
 
 /// How records are written.
@@ -88,10 +95,33 @@ impl TryFrom<WatchArgs> for WatchConfig {
                 expected: "at least 1 interval",
             });
         }
+        let preset = match args.preset.as_deref() {
+            Some(name) => Some(
+                presets::find(name).ok_or_else(|| ConfigError::UnknownPreset {
+                    name: name.to_owned(),
+                    known: presets::names(),
+                })?,
+            ),
+            None => None,
+        };
+        let mut names = args.name;
+        if args.pid.is_empty() && args.binary.is_none() && names.is_empty() {
+            let preset = preset.ok_or(ConfigError::NoTarget)?;
+            names = preset
+                .default_names
+                .iter()
+                .map(|n| (*n).to_owned())
+                .collect();
+        }
+        let preset_funcs = preset
+            .iter()
+            .flat_map(|p| p.functions.iter().map(|(f, _)| *f));
         let patterns = args
             .funcs
             .iter()
-            .map(|p| Pattern::new(p))
+            .map(String::as_str)
+            .chain(preset_funcs)
+            .map(Pattern::new)
             .collect::<Result<_, _>>()?;
         let mut pids = args.pid;
         pids.sort_unstable();
@@ -99,7 +129,7 @@ impl TryFrom<WatchArgs> for WatchConfig {
         Ok(Self {
             pids,
             binary: args.binary,
-            names: args.name,
+            names,
             patterns,
             interval: args.interval,
             duration: args.duration,
@@ -192,6 +222,52 @@ mod tests {
         ] {
             assert!(config(args).is_err(), "{args:?}");
         }
+    }
+
+    #[test]
+    fn preset_adds_its_functions_and_default_names() {
+        let args = [
+            "cacheloop",
+            "watch",
+            "--preset",
+            "varnish",
+            "--func",
+            "extra_fn",
+        ];
+        let Command::Watch(w) = Cli::try_parse_from(args).unwrap().command else {
+            panic!()
+        };
+        let c = WatchConfig::try_from(w).unwrap();
+        let texts: Vec<&str> = c.patterns.iter().map(Pattern::as_str).collect();
+        assert_eq!(
+            texts,
+            [
+                "extra_fn",
+                "HSH_Purge",
+                "BAN_Commit",
+                "EXP_Remove",
+                "HSH_Kill"
+            ]
+        );
+        assert_eq!(c.names, ["varnishd", "cache-main"]);
+    }
+
+    #[test]
+    fn unknown_preset_and_missing_target_are_refused() {
+        let args = ["cacheloop", "watch", "--preset", "memcached"];
+        let Command::Watch(w) = Cli::try_parse_from(args).unwrap().command else {
+            panic!()
+        };
+        let err = WatchConfig::try_from(w).unwrap_err().to_string();
+        assert_eq!(err, "no preset called 'memcached'; presets: redis, varnish");
+        let args = ["cacheloop", "watch", "--func", "f"];
+        let Command::Watch(w) = Cli::try_parse_from(args).unwrap().command else {
+            panic!()
+        };
+        assert!(matches!(
+            WatchConfig::try_from(w),
+            Err(ConfigError::NoTarget)
+        ));
     }
 
     #[test]

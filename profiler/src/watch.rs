@@ -160,69 +160,57 @@ impl Planner {
             .collect()
     }
 
-    /// The attach requests for `files`, the first of which (an executable)
-    /// must be readable ELF; later ones (libraries) that are not are
-    /// skipped. With `strict`, each pattern must match some function in
-    /// them (`hint` completes the suggestion); otherwise files with no match
-    /// are simply skipped.
+    /// The attach requests for `files`: an executable, then the libraries
+    /// it maps. Each pattern is looked up in the executable first, and only
+    /// if it matches nothing there in the libraries (read only then), so
+    /// `cache_*` means the program's own functions, while `--func lib_fn`
+    /// still finds its library. With `strict`, each pattern must match
+    /// somewhere (`hint` completes the suggestion); otherwise what matches
+    /// nothing is skipped.
     fn requests(
         &mut self,
         files: &[FileTarget],
         strict: bool,
         hint: &str,
     ) -> anyhow::Result<Vec<AttachRequest>> {
-        let mut chosen: Vec<((u64, u64), &FileTarget)> = Vec::with_capacity(files.len());
-        for (i, file) in files.iter().enumerate() {
-            let meta = match std::fs::metadata(&file.open) {
-                Ok(meta) => meta,
-                Err(source) if i == 0 => {
-                    return Err(SymbolError::Read {
-                        path: file.shown.clone(),
-                        source,
-                    }
-                    .into());
-                }
-                Err(_) => continue,
-            };
-            let id = (meta.dev(), meta.ino());
-            if let Entry::Vacant(slot) = self.tables.entry(id) {
-                match SymbolTable::read(&file.open, &file.shown, &file.root) {
-                    Ok(table) => {
-                        slot.insert(table);
-                    }
-                    Err(e) if i == 0 => return Err(e.into()),
-                    Err(e) => {
-                        log::debug!("skipping {}: {e}", file.shown.display());
-                        continue;
-                    }
-                }
-            }
-            chosen.push((id, file));
-        }
-        let tables: Vec<&SymbolTable> = chosen.iter().map(|(id, _)| &self.tables[id]).collect();
-        let selected: Vec<Vec<(u64, String)>> = if strict {
-            let owned: Vec<SymbolTable> = tables.iter().map(|t| (*t).clone()).collect();
-            crate::symbols::select_all(&owned, &self.patterns, hint)?
-                .into_iter()
-                .map(|syms| {
-                    syms.into_iter()
-                        .map(|s| (s.file_offset, s.name.clone()))
-                        .collect()
-                })
-                .collect()
-        } else {
-            tables
-                .iter()
-                .map(|t| {
-                    t.matching(&self.patterns)
-                        .into_iter()
-                        .map(|s| (s.file_offset, s.name.clone()))
-                        .collect()
-                })
-                .collect()
+        let Some((exe, libraries)) = files.split_first() else {
+            return Ok(Vec::new());
         };
+        let exe_id = self.load(exe)?;
+        let table = &self.tables[&exe_id];
+        let (in_exe, elsewhere): (Vec<Pattern>, Vec<Pattern>) = self
+            .patterns
+            .iter()
+            .cloned()
+            .partition(|p| table.symbols.iter().any(|s| p.selects(s)));
+        let mut chosen = vec![(exe, points_of(table.matching(&in_exe)))];
+        if !elsewhere.is_empty() {
+            let mut found = vec![false; elsewhere.len()];
+            for library in libraries {
+                let Ok(id) = self.load(library) else { continue };
+                let table = &self.tables[&id];
+                for (seen, pattern) in found.iter_mut().zip(&elsewhere) {
+                    *seen |= table.symbols.iter().any(|s| pattern.selects(s));
+                }
+                chosen.push((library, points_of(table.matching(&elsewhere))));
+            }
+            if let Some(missing) = found.iter().position(|f| !f)
+                && strict
+            {
+                return Err(SymbolError::NoMatch {
+                    pattern: elsewhere[missing].as_str().to_owned(),
+                    where_: format!(
+                        "{} or the {} libraries it maps",
+                        exe.shown.display(),
+                        libraries.len()
+                    ),
+                    hint: hint.to_owned(),
+                }
+                .into());
+            }
+        }
         let mut requests = Vec::new();
-        for ((_, file), symbols) in chosen.iter().zip(selected) {
+        for (file, symbols) in chosen {
             if symbols.is_empty() {
                 continue;
             }
@@ -240,6 +228,19 @@ impl Planner {
         Ok(requests)
     }
 
+    /// Reads a file's symbols once; returns its (device, inode).
+    fn load(&mut self, file: &FileTarget) -> Result<(u64, u64), SymbolError> {
+        let meta = std::fs::metadata(&file.open).map_err(|source| SymbolError::Read {
+            path: file.shown.clone(),
+            source,
+        })?;
+        let id = (meta.dev(), meta.ino());
+        if let Entry::Vacant(slot) = self.tables.entry(id) {
+            slot.insert(SymbolTable::read(&file.open, &file.shown, &file.root)?);
+        }
+        Ok(id)
+    }
+
     fn cookie(&mut self, name: &str) -> u32 {
         let next = self.names.len() as u32;
         *self.cookies.entry(name.to_owned()).or_insert_with(|| {
@@ -247,6 +248,13 @@ impl Planner {
             next
         })
     }
+}
+
+fn points_of(symbols: Vec<&crate::symbols::Symbol>) -> Vec<(u64, String)> {
+    symbols
+        .into_iter()
+        .map(|s| (s.file_offset, s.name.clone()))
+        .collect()
 }
 
 async fn watch(
@@ -337,13 +345,14 @@ async fn watch(
     let dropped = probes.dropped();
     let functions = probes.attached();
     let detach = probes.detach();
+    let summary = sampler.summary(dropped);
     let detached = Record::Detached {
         ts: unix_now(),
         functions,
         detach_seconds: detach.as_secs_f64(),
+        never_called: summary.silent.clone(),
     };
     if !matches!(stop, Stop::BrokenPipe) {
-        let summary = sampler.summary(dropped);
         let written = sink.emit(&detached).and_then(|()| sink.finish(&summary));
         if let Err(e) = written {
             write_failure(e)?;

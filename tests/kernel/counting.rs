@@ -126,4 +126,9 @@ fn watch_glob_over_several_functions_counts_each() {
     assert!((135.0..=165.0).contains(&lookups[0]), "{lookups:?}");
     // Never called: no samples at all.
     assert!(rates_of(&samples, target.pid, "cache_flush_all").is_empty());
+    let detached = run.records().pop().unwrap();
+    assert_eq!(
+        detached["never_called"],
+        serde_json::json!(["cache_flush_all"])
+    );
 }

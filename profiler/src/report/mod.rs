@@ -82,6 +82,9 @@ pub enum Record {
         ts: f64,
         functions: usize,
         detach_seconds: f64,
+        /// Watched functions that never fired: inlined into their callers
+        /// at that symbol, or not used by this workload.
+        never_called: Vec<String>,
     },
 }
 

@@ -1,0 +1,102 @@
+//! Ready-made `--func` sets for caches as Debian packages them.
+//!
+//! Debian's builds inline some exported functions into their callers (an
+//! inlined function never fires at its symbol), so every function here was
+//! checked against the real binaries: each one fires under the cache's own
+//! invalidation paths, and the kernel tests check that again on every run.
+//!
+//! Redis 7.0 (`redis-server`, Debian 12): `delCommand`, `dbDelete`,
+//! `dbSyncDelete`, `expireIfNeeded` and `deleteExpiredKeyAndPropagate` are
+//! exported but do not fire on DEL/expiry; eviction deletes through
+//! `dictDelete` rather than `dictUnlink`.
+//!
+//! Varnish 7.1 (`varnishd`): `VRT_purge` does not fire; `return (purge)`
+//! reaches `HSH_Purge` directly. Objects live in the child process
+//! (`cache-main`), bans are also committed from the manager's CLI.
+
+/// One preset: the functions it watches and why each is there.
+pub struct Preset {
+    pub name: &'static str,
+    /// Command names watched when no target is given.
+    pub default_names: &'static [&'static str],
+    /// (function, the invalidation paths it counts).
+    pub functions: &'static [(&'static str, &'static str)],
+}
+
+pub const PRESETS: &[Preset] = &[
+    Preset {
+        name: "redis",
+        default_names: &["redis-server"],
+        functions: &[
+            (
+                "trackingInvalidateKey",
+                "every key Redis invalidates: DEL, UNLINK, expiry, eviction (and writes, which invalidate cached copies)",
+            ),
+            (
+                "dictUnlink",
+                "keys removed from the keyspace by DEL, UNLINK and expiry",
+            ),
+            ("freeObjAsync", "values freed in the background by UNLINK"),
+            (
+                "propagateDeletion",
+                "keys Redis deletes on its own when they expire",
+            ),
+            (
+                "removeExpire",
+                "keys evicted under maxmemory (their TTL entry goes first)",
+            ),
+        ],
+    },
+    Preset {
+        name: "varnish",
+        default_names: &["varnishd", "cache-main"],
+        functions: &[
+            ("HSH_Purge", "each PURGE (return (purge) in VCL)"),
+            (
+                "BAN_Commit",
+                "each ban added: ban() in VCL, BAN requests, varnishadm ban",
+            ),
+            (
+                "EXP_Remove",
+                "each object taken off the expiry list: expiry, purge, ban",
+            ),
+            ("HSH_Kill", "each object killed: expiry, purge, ban"),
+        ],
+    },
+];
+
+/// The preset called `name`.
+pub fn find(name: &str) -> Option<&'static Preset> {
+    PRESETS.iter().find(|p| p.name == name)
+}
+
+/// The names of every preset, for messages.
+pub fn names() -> String {
+    PRESETS
+        .iter()
+        .map(|p| p.name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_are_found_by_name() {
+        assert_eq!(find("redis").unwrap().default_names, ["redis-server"]);
+        assert!(find("memcached").is_none());
+        assert_eq!(names(), "redis, varnish");
+    }
+
+    #[test]
+    fn every_preset_function_says_why() {
+        for preset in PRESETS {
+            assert!(!preset.functions.is_empty());
+            for (function, why) in preset.functions {
+                assert!(!function.is_empty() && !why.is_empty(), "{}", preset.name);
+            }
+        }
+    }
+}
