@@ -10,3 +10,4 @@ mod bad_input;
 mod counting;
 mod detection;
 mod lifecycle;
+mod targeting;

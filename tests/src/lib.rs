@@ -161,6 +161,92 @@ impl Drop for Target {
     }
 }
 
+/// The C and C++ fixtures, compiled once per test process.
+pub struct Native {
+    /// Stripped C program whose symbols are only in `c_cache.debug`
+    /// (found through `.gnu_debuglink`).
+    pub c_cache: PathBuf,
+    /// C++ program with a `cache::Store::invalidate` method.
+    pub cpp_cache: PathBuf,
+    /// C program calling `lib_cache_invalidate` in `libcachehelper.so`.
+    pub uses_lib: PathBuf,
+}
+
+/// Builds the native fixtures (gcc, g++, binutils) on first use.
+pub fn native() -> &'static Native {
+    static NATIVE: std::sync::OnceLock<Native> = std::sync::OnceLock::new();
+    NATIVE.get_or_init(|| {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+        let dir = std::env::temp_dir().join(format!("cacheloop-native-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("fixture dir");
+        let sh = |program: &str, args: &[&str]| {
+            let status = Command::new(program)
+                .args(args)
+                .current_dir(&dir)
+                .status()
+                .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+            assert!(status.success(), "{program} {args:?} failed");
+        };
+        let c = |name: &str| src.join(name).to_str().expect("utf-8 path").to_owned();
+        sh("gcc", &["-O2", "-g", "-o", "c_cache", &c("c_cache.c")]);
+        sh(
+            "objcopy",
+            &["--only-keep-debug", "c_cache", "c_cache.debug"],
+        );
+        sh("strip", &["--strip-all", "c_cache"]);
+        sh("objcopy", &["--add-gnu-debuglink=c_cache.debug", "c_cache"]);
+        sh("g++", &["-O2", "-o", "cpp_cache", &c("cpp_cache.cpp")]);
+        sh(
+            "gcc",
+            &[
+                "-O2",
+                "-shared",
+                "-fPIC",
+                "-o",
+                "libcachehelper.so",
+                &c("libcachehelper.c"),
+            ],
+        );
+        let rpath = format!("-Wl,-rpath,{}", dir.display());
+        sh(
+            "gcc",
+            &[
+                "-O2",
+                "-o",
+                "uses_lib",
+                &c("uses_lib.c"),
+                "-L.",
+                "-lcachehelper",
+                &rpath,
+            ],
+        );
+        Native {
+            c_cache: dir.join("c_cache"),
+            cpp_cache: dir.join("cpp_cache"),
+            uses_lib: dir.join("uses_lib"),
+        }
+    })
+}
+
+/// Sums `calls` over the samples of `function` (all pids when `pid` is
+/// `None`).
+pub fn total_calls(run: &Run, pid: Option<u32>, function: &str) -> u64 {
+    run.of_type("sample")
+        .iter()
+        .filter(|s| s["function"] == function && pid.is_none_or(|p| s["pid"] == p))
+        .map(|s| s["calls"].as_u64().expect("calls"))
+        .sum()
+}
+
+/// The rates of `function` in `pid`, interval by interval.
+pub fn rates(run: &Run, pid: u32, function: &str) -> Vec<f64> {
+    run.of_type("sample")
+        .iter()
+        .filter(|s| s["pid"] == pid && s["function"] == function)
+        .map(|s| s["rate"].as_f64().expect("rate"))
+        .collect()
+}
+
 /// What a finished `cacheloop` run left behind.
 #[derive(Debug)]
 pub struct Run {

@@ -4,7 +4,8 @@
 //!   (linked to that toolchain's own libLLVM). Quick when already done.
 //! - `build`: setup, then builds the workspace with the pinned toolchain.
 //! - `demo`: build, then the postmortem replayed with cacheloop attached.
-//! - `test`: build, then unit tests and kernel tests (root needed).
+//! - `test`: build, install the Debian packages the tests use (Redis,
+//!   Varnish, gcc, g++), then unit tests and kernel tests (root needed).
 //! - `check`: rustfmt and clippy, as CI runs them.
 //!
 //! This crate uses std only and builds on the machine's default toolchain:
@@ -27,6 +28,7 @@ fn main() -> ExitCode {
             .and_then(|()| cmd::build())
             .and_then(|()| demo::run()),
         Some("test") => setup::ensure()
+            .and_then(|()| setup::ensure_debian_packages())
             .and_then(|()| cmd::build())
             .and_then(|()| cmd::test(&args[1..])),
         Some("check") => setup::ensure().and_then(|()| cmd::check()),

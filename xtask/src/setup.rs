@@ -21,9 +21,38 @@ use crate::cmd::run;
 pub const TOOLCHAIN: &str = "1.98.0";
 const BPF_LINKER: &str = "0.13.0";
 
+/// Debian packages the tests use: real caches to probe, and compilers for
+/// the C and C++ fixtures (binutils splits their debug info).
+const DEBIAN_PACKAGES: &[&str] = &["redis-server", "varnish", "gcc", "g++", "binutils"];
+
 pub fn ensure() -> Result<(), String> {
     ensure_toolchain()?;
     ensure_bpf_linker()
+}
+
+/// Installs the missing packages of `DEBIAN_PACKAGES` with apt-get.
+pub fn ensure_debian_packages() -> Result<(), String> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|pkg| {
+            let status = output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]));
+            !status.is_some_and(|s| s.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing Debian packages: {}", missing.join(" "));
+    let apt = |args: &[&str]| {
+        let mut cmd = Command::new("apt-get");
+        cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        run(cmd).map_err(|e| format!("{e}; installing packages needs root"))
+    };
+    apt(&["update", "-q"])?;
+    let mut install = vec!["install", "-y", "-q", "--no-install-recommends"];
+    install.extend(&missing);
+    apt(&install)
 }
 
 fn cargo_home() -> PathBuf {

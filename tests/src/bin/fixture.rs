@@ -29,6 +29,15 @@ pub extern "C" fn cache_lookup(key: u64) -> u64 {
     black_box(key ^ 0x5555)
 }
 
+/// A Rust-mangled function (no `no_mangle`), for demangling tests: its
+/// symbol is `_ZN7fixture5store11evict_entry17h…E` or a v0 `_R…` name.
+mod store {
+    #[inline(never)]
+    pub fn evict_entry(key: u64) -> u64 {
+        std::hint::black_box(key.rotate_right(7))
+    }
+}
+
 /// Never called: for "matches but never fires" cases.
 #[unsafe(no_mangle)]
 #[inline(never)]
@@ -74,6 +83,7 @@ fn main() {
             while done < owed {
                 checksum = checksum.wrapping_add(cache_invalidate(calls));
                 checksum ^= cache_lookup(calls);
+                black_box(store::evict_entry(calls));
                 calls += 1;
                 done += 1;
             }
