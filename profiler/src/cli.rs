@@ -32,6 +32,14 @@ pub enum Command {
     Watch(WatchArgs),
     /// List the functions of a process or binary that can be watched.
     Symbols(SymbolsArgs),
+    /// Show what each preset watches, and why.
+    Presets(PresetsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PresetsArgs {
+    /// Only this preset, one function per line.
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -267,6 +275,18 @@ mod tests {
         let w = watch(&["watch", "--preset", "redis"]);
         assert_eq!(w.preset.as_deref(), Some("redis"));
         assert!(w.funcs.is_empty());
+    }
+
+    #[test]
+    fn presets_takes_an_optional_name() {
+        let Command::Presets(p) = parse(&["presets", "redis"]).unwrap().command else {
+            panic!()
+        };
+        assert_eq!(p.name.as_deref(), Some("redis"));
+        let Command::Presets(p) = parse(&["presets"]).unwrap().command else {
+            panic!()
+        };
+        assert_eq!(p.name, None);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use clap::Parser as _;
 use profiler::{
     cli::{Cli, Command},
     config::{ConfigError, WatchConfig},
-    listing,
+    listing, presets,
     symbols::SymbolError,
     target::TargetError,
     watch::{self, Outcome},
@@ -39,6 +39,10 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from)
             .and_then(watch::run),
         Command::Symbols(args) => listing::run(&args).map(|()| Outcome::Finished),
+        Command::Presets(args) => presets::describe(args.name.as_deref())
+            .map(|text| print!("{text}"))
+            .map(|()| Outcome::Finished)
+            .map_err(anyhow::Error::from),
     };
     match result {
         Ok(Outcome::Finished) => ExitCode::SUCCESS,

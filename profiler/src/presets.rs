@@ -70,6 +70,36 @@ pub fn find(name: &str) -> Option<&'static Preset> {
     PRESETS.iter().find(|p| p.name == name)
 }
 
+/// The `presets` command: one preset's functions, one per line (function,
+/// then why), or every preset with its default process names.
+pub fn describe(name: Option<&str>) -> Result<String, crate::config::ConfigError> {
+    let mut out = String::new();
+    match name {
+        Some(name) => {
+            let preset = find(name).ok_or_else(|| crate::config::ConfigError::UnknownPreset {
+                name: name.to_owned(),
+                known: names(),
+            })?;
+            for (function, why) in preset.functions {
+                out.push_str(&format!("{function:<24} {why}\n"));
+            }
+        }
+        None => {
+            for preset in PRESETS {
+                out.push_str(&format!(
+                    "{} (without a target: watches processes named {})\n",
+                    preset.name,
+                    preset.default_names.join(", ")
+                ));
+                for (function, why) in preset.functions {
+                    out.push_str(&format!("  {function:<24} {why}\n"));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// The names of every preset, for messages.
 pub fn names() -> String {
     PRESETS
@@ -88,6 +118,22 @@ mod tests {
         assert_eq!(find("redis").unwrap().default_names, ["redis-server"]);
         assert!(find("memcached").is_none());
         assert_eq!(names(), "redis, varnish");
+    }
+
+    #[test]
+    fn describe_lists_functions_first_on_each_line() {
+        let text = describe(Some("varnish")).unwrap();
+        let first: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        assert_eq!(first, ["HSH_Purge", "BAN_Commit", "EXP_Remove", "HSH_Kill"]);
+        assert!(
+            describe(None)
+                .unwrap()
+                .contains("redis (without a target: watches processes named redis-server)")
+        );
+        assert!(describe(Some("nope")).is_err());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! seconds.
 
 mod bad_input;
+mod caches;
 mod counting;
 mod detection;
 mod lifecycle;

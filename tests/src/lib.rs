@@ -65,7 +65,7 @@ pub struct Target {
     child: Child,
     pub pid: u32,
     lines: Receiver<String>,
-    /// The words after `ready` on its line.
+    /// The words after the ready marker on its line.
     pub ready_extra: Vec<String>,
 }
 
@@ -75,7 +75,7 @@ impl Target {
         Self::spawn(&fixture_bin(), phases, "ready")
     }
 
-    /// Starts `program` and waits for a stdout line starting with `ready`.
+    /// Starts `program` and waits for a stdout line containing `ready`.
     pub fn spawn(program: &Path, args: &[&str], ready: &str) -> Self {
         let mut child = Command::new(program)
             .args(args)
@@ -103,21 +103,28 @@ impl Target {
         let line = target
             .wait_line(ready, Duration::from_secs(20))
             .unwrap_or_else(|| panic!("{} never said '{ready}'", program.display()));
-        target.ready_extra = line.split_whitespace().skip(1).map(str::to_owned).collect();
+        let after = &line[line.find(ready).unwrap_or(0) + ready.len()..];
+        target.ready_extra = after.split_whitespace().map(str::to_owned).collect();
         target
     }
 
-    /// Waits for the next stdout line that starts with `prefix`.
-    pub fn wait_line(&mut self, prefix: &str, timeout: Duration) -> Option<String> {
+    /// Waits for the next stdout line that contains `marker`.
+    pub fn wait_line(&mut self, marker: &str, timeout: Duration) -> Option<String> {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.checked_duration_since(Instant::now())?;
             match self.lines.recv_timeout(left) {
-                Ok(line) if line.starts_with(prefix) => return Some(line),
+                Ok(line) if line.contains(marker) => return Some(line),
                 Ok(_) => {}
                 Err(_) => return None,
             }
         }
+    }
+
+    /// Sends a signal to the process, by its pid.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.pid as i32, signal) };
     }
 
     /// Whether the process is still running (not exited, not a zombie).
@@ -350,6 +357,41 @@ pub fn watch_fixture_args(pid: u32, extra: &[&str]) -> Vec<String> {
     base.into_iter()
         .chain(extra.iter().map(|s| (*s).to_owned()))
         .collect()
+}
+
+/// The functions of a `cacheloop` preset, as `cacheloop` itself documents
+/// them in its help (so the tests follow the presets, not a copy of them).
+pub fn presets(name: &str) -> Vec<String> {
+    let out = Command::new(cacheloop_bin())
+        .args(["presets", name])
+        .output()
+        .expect("cacheloop presets");
+    assert!(out.status.success(), "cacheloop presets {name}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect()
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// One HTTP/1.1 request on loopback; returns the status code.
+pub fn http(port: u16, method: &str, path: &str) -> Option<u16> {
+    use std::io::Write as _;
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut reply = String::new();
+    let _ = stream.read_to_string(&mut reply);
+    reply.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Runs `cacheloop` to completion.

@@ -1,0 +1,196 @@
+//! Real caches from Debian packages, started on loopback: every function of
+//! the presets must fire under the cache's own invalidation paths.
+
+use std::{
+    fs,
+    io::{Read as _, Write as _},
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use cacheloop_tests::{
+    Cacheloop, Run, Target, free_port, http, presets, require_root, total_calls,
+};
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("cacheloop-{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn assert_every_preset_function_fired(run: &Run, preset: &str) {
+    assert_eq!(run.code, 0, "{run:?}");
+    for function in presets(preset) {
+        let calls = total_calls(run, None, &function);
+        assert!(
+            calls > 0,
+            "{preset} preset: {function} never fired:\n{}",
+            run.stdout
+        );
+    }
+}
+
+/// Sends commands to redis-cli on stdin.
+fn redis(port: u16, commands: &str) {
+    let mut cli = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-cli (redis-tools) runs");
+    cli.stdin
+        .take()
+        .unwrap()
+        .write_all(commands.as_bytes())
+        .unwrap();
+    assert!(cli.wait().unwrap().success());
+}
+
+#[test]
+fn preset_redis_counts_del_unlink_expiry_and_eviction() {
+    require_root();
+    let dir = scratch("redis");
+    let port = free_port();
+    let redis_server = Target::spawn(
+        Path::new("redis-server"),
+        &[
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--maxmemory-policy",
+            "allkeys-lru",
+            "--hz",
+            "50",
+        ],
+        "Ready to accept connections",
+    );
+    let keys: String = (0..300).map(|i| format!("SET k{i} v{i}\n")).collect();
+    redis(port, &keys);
+
+    let pid = redis_server.pid.to_string();
+    let watcher = Cacheloop::start(&[
+        "watch",
+        "--pid",
+        &pid,
+        "--preset",
+        "redis",
+        "--json",
+        "--duration",
+        "8s",
+    ]);
+    std::thread::sleep(Duration::from_millis(1500));
+    redis(
+        port,
+        &(0..100).map(|i| format!("DEL k{i}\n")).collect::<String>(),
+    );
+    redis(
+        port,
+        &(100..200)
+            .map(|i| format!("UNLINK k{i}\n"))
+            .collect::<String>(),
+    );
+    redis(
+        port,
+        &(200..300)
+            .map(|i| format!("PEXPIRE k{i} 20\n"))
+            .collect::<String>(),
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    let value = "x".repeat(1000);
+    let mut fill = String::from("CONFIG SET maxmemory 3mb\n");
+    fill.extend((0..4000).map(|i| format!("SET big{i} {value}\n")));
+    redis(port, &fill);
+
+    let run = watcher.finish(Duration::from_secs(40));
+    assert_every_preset_function_fired(&run, "redis");
+    drop(redis_server);
+    let _ = fs::remove_dir_all(&dir);
+}
+
+/// A tiny HTTP backend on loopback for Varnish to cache.
+fn backend() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut buf = [0; 4096];
+            let _ = stream.read(&mut buf);
+            let _ = stream.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+            );
+        }
+    });
+    port
+}
+
+#[test]
+fn preset_varnish_counts_purge_ban_and_expiry() {
+    require_root();
+    let dir = scratch("varnish");
+    let backend = backend();
+    let vcl = dir.join("test.vcl");
+    fs::write(
+        &vcl,
+        format!(
+            r#"vcl 4.1;
+backend default {{ .host = "127.0.0.1"; .port = "{backend}"; }}
+sub vcl_recv {{
+  if (req.method == "PURGE") {{ return (purge); }}
+  if (req.method == "BAN") {{ ban("req.url ~ " + req.url); return (synth(200, "Banned")); }}
+}}
+sub vcl_backend_response {{ set beresp.ttl = 1s; set beresp.grace = 0s; set beresp.keep = 0s; }}
+"#
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let workdir = dir.join("n");
+    // varnishd reports on stderr; `exec` keeps its pid ours.
+    let command = format!(
+        "exec varnishd -F -f {} -a {listen} -n {} -s malloc,32m -p ban_lurker_sleep=0.1 2>&1",
+        vcl.display(),
+        workdir.display()
+    );
+    let mut varnishd = Target::spawn(Path::new("sh"), &["-c", &command], "Child launched OK");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http(port, "GET", "/warm").is_none_or(|s| s != 200) {
+        assert!(Instant::now() < deadline, "varnish never served");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // No target: the preset watches varnishd and its child by name.
+    let watcher = Cacheloop::start(&["watch", "--preset", "varnish", "--json", "--duration", "8s"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    for i in 0..30 {
+        assert_eq!(http(port, "GET", &format!("/p{i}")), Some(200));
+    }
+    for i in 0..10 {
+        assert_eq!(http(port, "PURGE", &format!("/p{i}")), Some(200));
+    }
+    for i in 10..15 {
+        assert_eq!(http(port, "BAN", &format!("/p{i}")), Some(200));
+    }
+    // The rest expire (TTL 1 s).
+    let run = watcher.finish(Duration::from_secs(40));
+    assert_every_preset_function_fired(&run, "varnish");
+
+    // The manager stops its child on SIGTERM.
+    varnishd.signal(libc::SIGTERM);
+    assert!(
+        varnishd.wait_exit(Duration::from_secs(20)).is_some(),
+        "varnishd stopped"
+    );
+    let _ = fs::remove_dir_all(&dir);
+}
