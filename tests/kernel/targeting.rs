@@ -5,7 +5,7 @@ use std::{fs, path::Path, process::Command, time::Duration};
 
 use cacheloop_tests::{
     Cacheloop, Target, cacheloop, fixture_bin, native, rates, require_root, total_calls,
-    watch_fixture_args,
+    watch_args, watch_fixture_args,
 };
 
 fn within(rate: f64, expected: f64, tolerance: f64) -> bool {
@@ -16,20 +16,12 @@ fn within(rate: f64, expected: f64, tolerance: f64) -> bool {
 fn watch_stripped_c_binary_finds_symbols_in_its_debug_file_and_counts_clones() {
     require_root();
     let target = Target::spawn(&native().c_cache, &["150", "60"], "ready");
-    let pid = target.pid.to_string();
     let run = cacheloop(
-        &[
-            "watch",
-            "--pid",
-            &pid,
-            "--func",
-            "evict",
-            "--func",
-            "cache_invalidate",
-            "--json",
-            "--duration",
-            "3s",
-        ],
+        &watch_args(
+            target.pid,
+            &["evict", "cache_invalidate"],
+            &["--duration", "3s"],
+        ),
         Duration::from_secs(30),
     );
     assert_eq!(run.code, 0, "{run:?}");
@@ -48,18 +40,12 @@ fn watch_stripped_c_binary_finds_symbols_in_its_debug_file_and_counts_clones() {
 fn watch_cpp_method_by_its_demangled_name() {
     require_root();
     let target = Target::spawn(&native().cpp_cache, &["120", "60"], "ready");
-    let pid = target.pid.to_string();
     let run = cacheloop(
-        &[
-            "watch",
-            "--pid",
-            &pid,
-            "--func",
-            "cache::Store::invalidate",
-            "--json",
-            "--duration",
-            "3s",
-        ],
+        &watch_args(
+            target.pid,
+            &["cache::Store::invalidate"],
+            &["--duration", "3s"],
+        ),
         Duration::from_secs(30),
     );
     assert_eq!(run.code, 0, "{run:?}");
@@ -94,18 +80,12 @@ fn watch_library_function_by_pid_counts_only_that_process() {
     require_root();
     let watched = Target::spawn(&native().uses_lib, &["200", "60"], "ready");
     let other = Target::spawn(&native().uses_lib, &["300", "60"], "ready");
-    let pid = watched.pid.to_string();
     let run = cacheloop(
-        &[
-            "watch",
-            "--pid",
-            &pid,
-            "--func",
-            "lib_cache_invalidate",
-            "--json",
-            "--duration",
-            "3s",
-        ],
+        &watch_args(
+            watched.pid,
+            &["lib_cache_invalidate"],
+            &["--duration", "3s"],
+        ),
         Duration::from_secs(30),
     );
     assert_eq!(run.code, 0, "{run:?}");
@@ -285,18 +265,8 @@ fn watch_process_in_a_container_resolves_its_files_and_reports_its_namespace_pid
         "the file is invisible from the host"
     );
 
-    let pid = host_pid.to_string();
     let run = cacheloop(
-        &[
-            "watch",
-            "--pid",
-            &pid,
-            "--func",
-            "cache_invalidate",
-            "--json",
-            "--duration",
-            "3s",
-        ],
+        &watch_args(host_pid, &["cache_invalidate"], &["--duration", "3s"]),
         Duration::from_secs(30),
     );
     assert_eq!(run.code, 0, "{run:?}");

@@ -342,21 +342,21 @@ impl Cacheloop {
     }
 }
 
-/// `watch --pid PID --func cache_invalidate --json` and `extra`: how most
-/// tests watch the fixture.
+/// `watch --pid PID --func F... --json` and `extra`: how most tests watch
+/// a process.
+pub fn watch_args(pid: u32, funcs: &[&str], extra: &[&str]) -> Vec<String> {
+    let mut args = vec!["watch".to_owned(), "--pid".to_owned(), pid.to_string()];
+    for func in funcs {
+        args.extend(["--func".to_owned(), (*func).to_owned()]);
+    }
+    args.push("--json".to_owned());
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    args
+}
+
+/// [`watch_args`] for the fixture's `cache_invalidate`.
 pub fn watch_fixture_args(pid: u32, extra: &[&str]) -> Vec<String> {
-    let base = [
-        "watch",
-        "--pid",
-        &pid.to_string(),
-        "--func",
-        "cache_invalidate",
-        "--json",
-    ]
-    .map(str::to_owned);
-    base.into_iter()
-        .chain(extra.iter().map(|s| (*s).to_owned()))
-        .collect()
+    watch_args(pid, &["cache_invalidate"], extra)
 }
 
 /// The functions of a `cacheloop` preset, as `cacheloop` itself documents
