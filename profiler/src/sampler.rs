@@ -16,7 +16,7 @@ use profiler_common::CallKey;
 use crate::{
     detect::{Detector, Event, LoopVerdict, SeriesKey},
     probes::{ProbeError, Probes},
-    report::{self, Record, Summary},
+    report::{self, Health, Record, Summary},
     target::{Binary, Process},
 };
 
@@ -78,6 +78,8 @@ pub struct Sampler {
     counts: HashMap<CallKey, u64>,
     totals: HashMap<SeriesKey, Totals>,
     loops: Vec<(u32, Vec<String>)>,
+    /// CPU time of each live process at the last read, in nanoseconds.
+    cpu: HashMap<u32, u64>,
     last_read: Instant,
     started: Instant,
 }
@@ -105,6 +107,7 @@ impl Sampler {
             counts: HashMap::new(),
             totals: HashMap::new(),
             loops: Vec::new(),
+            cpu: HashMap::new(),
             last_read: now,
             started: now,
         }
@@ -144,7 +147,22 @@ impl Sampler {
         self.discover_processes();
 
         let mut verdicts: BTreeMap<u32, Vec<LoopVerdict>> = BTreeMap::new();
+        let mut health: HashMap<u32, Health> = HashMap::new();
         for (&pid, process) in &self.live {
+            if let Some(usage) = process.usage() {
+                let before = self.cpu.insert(pid, usage.cpu_nanos);
+                // The first read of a process has nothing to diff against.
+                if let Some(before) = before {
+                    let h = Health {
+                        cpu_percent: report::round1(
+                            usage.cpu_nanos.saturating_sub(before) as f64 / (seconds * 1e7),
+                        ),
+                        rss_bytes: usage.rss_bytes,
+                    };
+                    health.insert(pid, h);
+                    tick.records.push(Record::Health { ts, pid, health: h });
+                }
+            }
             for func in 0..self.names.len() as u32 {
                 let key = CallKey { func, tgid: pid };
                 let calls = self
@@ -183,7 +201,9 @@ impl Sampler {
 
         for (pid, group) in &verdicts {
             let refs: Vec<&LoopVerdict> = group.iter().collect();
-            if let Some(record) = report::loop_record(ts, &refs, &self.names, self.detector.rules())
+            let target = health.get(pid).copied();
+            if let Some(record) =
+                report::loop_record(ts, &refs, &self.names, self.detector.rules(), target)
             {
                 if let Record::Loop { functions, .. } = &record {
                     self.loops.push((*pid, functions.clone()));
@@ -227,6 +247,7 @@ impl Sampler {
             self.live.remove(&pid);
             self.detector.forget_process(pid);
             self.deltas.forget_process(pid);
+            self.cpu.remove(&pid);
             probes.forget_process(pid);
             tick.records.push(Record::TargetExit { ts, pid });
         }

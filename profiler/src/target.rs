@@ -232,6 +232,40 @@ fn executable_mappings(maps: &str) -> Vec<PathBuf> {
 struct Stat {
     state: char,
     start_time: u64,
+    /// utime + stime, in clock ticks.
+    cpu_ticks: u64,
+    /// Resident set, in pages.
+    rss_pages: u64,
+}
+
+/// What a process costs now: the first symptoms in the postmortem were CPU
+/// and memory climbing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Usage {
+    /// CPU time used so far (user + system), in nanoseconds.
+    pub cpu_nanos: u64,
+    /// Resident memory, in bytes.
+    pub rss_bytes: u64,
+}
+
+impl Process {
+    /// CPU time and resident memory now, from `/proc/PID/stat`.
+    pub fn usage(&self) -> Option<Usage> {
+        let stat = read_stat(self.pid)?;
+        // SAFETY: sysconf only reads system configuration.
+        let (tick_hz, page) = unsafe {
+            (
+                libc::sysconf(libc::_SC_CLK_TCK),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
+        let tick_hz = u64::try_from(tick_hz).ok().filter(|&t| t > 0)?;
+        let page = u64::try_from(page).ok()?;
+        Some(Usage {
+            cpu_nanos: stat.cpu_ticks * (1_000_000_000 / tick_hz),
+            rss_bytes: stat.rss_pages * page,
+        })
+    }
 }
 
 fn read_stat(pid: u32) -> Option<Stat> {
@@ -245,9 +279,19 @@ fn parse_stat(text: &str) -> Option<Stat> {
     let rest = &text[text.rfind(')')? + 1..];
     let mut fields = rest.split_ascii_whitespace();
     let state = fields.next()?.chars().next()?;
-    // After the state (field 3), start time is field 22: 18 fields further.
-    let start_time = fields.nth(18)?.parse().ok()?;
-    Some(Stat { state, start_time })
+    // Fields are numbered from 1 in proc(5); the state is field 3, so field
+    // N is `nth(N - 4)` from here: utime 14, stime 15, starttime 22, rss 24.
+    let mut rest = fields.skip(10);
+    let utime: u64 = rest.next()?.parse().ok()?;
+    let stime: u64 = rest.next()?.parse().ok()?;
+    let start_time = rest.nth(6)?.parse().ok()?;
+    let rss_pages = rest.nth(1)?.parse().ok()?;
+    Some(Stat {
+        state,
+        start_time,
+        cpu_ticks: utime + stime,
+        rss_pages,
+    })
 }
 
 /// Whether this process may load BPF programs and attach uprobes: root, or
@@ -281,6 +325,8 @@ mod tests {
         let stat = parse_stat(line).unwrap();
         assert_eq!(stat.state, 'S');
         assert_eq!(stat.start_time, 987654);
+        assert_eq!(stat.cpu_ticks, 5 + 3);
+        assert_eq!(stat.rss_pages, 300);
     }
 
     #[test]
@@ -338,6 +384,13 @@ mod tests {
         let me = Process::from_pid(std::process::id()).unwrap();
         assert!(me.is_alive());
         assert_eq!(me.exe_name, std::env::current_exe().unwrap());
+    }
+
+    #[test]
+    fn own_usage_is_plausible() {
+        let me = Process::from_pid(std::process::id()).unwrap();
+        let usage = me.usage().unwrap();
+        assert!(usage.rss_bytes > 1 << 20, "{usage:?}");
     }
 
     #[test]

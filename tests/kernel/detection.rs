@@ -51,6 +51,21 @@ fn watch_loop_after_healthy_phase_exits_3_naming_the_function() {
         "loop confirmed {:.2} s after it began ({intervals_in_loop} intervals)",
         record["ts"].as_f64().unwrap() - start
     );
+    // Target health, the postmortem's first symptom: a spinning loop costs
+    // far more CPU than healthy traffic did.
+    let target_cpu = record["evidence"]["target"]["cpu_percent"]
+        .as_f64()
+        .unwrap();
+    let healthy_cpu = records[..at]
+        .iter()
+        .filter(|r| r["type"] == "health" && r["ts"].as_f64().unwrap() < start)
+        .map(|r| r["cpu_percent"].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    assert!(
+        target_cpu > 30.0 && target_cpu > 2.0 * healthy_cpu,
+        "loop {target_cpu}% vs healthy {healthy_cpu}%"
+    );
+    assert!(record["evidence"]["target"]["rss_bytes"].as_u64().unwrap() > 0);
     // --fail-on-loop stopped at the verdict and detached.
     assert_eq!(records.last().unwrap()["type"], "detached");
     assert!(target.is_running(), "the target survived");

@@ -56,6 +56,13 @@ pub enum Record {
         #[serde(skip_serializing_if = "Option::is_none")]
         baseline: Option<f64>,
     },
+    /// What a watched process costs over the last interval.
+    Health {
+        ts: f64,
+        pid: u32,
+        #[serde(flatten)]
+        health: Health,
+    },
     /// A confirmed loop.
     Loop {
         ts: f64,
@@ -88,6 +95,14 @@ pub enum Record {
     },
 }
 
+/// A process's CPU share (percent of one core; above 100 when several
+/// threads run) and resident memory, over one interval.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Health {
+    pub cpu_percent: f64,
+    pub rss_bytes: u64,
+}
+
 /// The numbers behind a loop verdict.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Evidence {
@@ -98,6 +113,9 @@ pub struct Evidence {
     pub elevated_seconds: f64,
     /// The rule that fired, with its thresholds.
     pub rule: RuleEvidence,
+    /// The process's CPU and memory in the confirming interval.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<Health>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -115,6 +133,7 @@ pub fn loop_record(
     verdicts: &[&LoopVerdict],
     names: &[String],
     rules: &Rules,
+    target: Option<Health>,
 ) -> Option<Record> {
     let first = verdicts.first()?;
     let rate: f64 = verdicts.iter().map(|v| v.rate).sum();
@@ -130,10 +149,17 @@ pub fn loop_record(
         .map(|v| function_name(names, v.key.func))
         .collect();
     let ratio = rate / baseline.max(crate::detect::BASELINE_FLOOR);
+    let health = target.map_or_else(String::new, |h| {
+        format!(
+            "; the process is using {:.0}% CPU and {}",
+            h.cpu_percent,
+            bytes(h.rss_bytes)
+        )
+    });
     let reason = format!(
         "{} ran at {}/s for {:.0} s straight, {} its usual {}/s; a burst calms down, \
          this kept going ({} intervals in a row at >= {}x baseline and >= {}/s): \
-         an invalidation loop",
+         an invalidation loop{health}",
         functions.join(" + "),
         thousands(rate),
         first.elevated_seconds,
@@ -160,8 +186,19 @@ pub fn loop_record(
                 min_rate: rules.min_rate,
                 sustain: rules.sustain,
             },
+            target,
         },
     })
+}
+
+/// 26_214_400 -> "25.0 MiB".
+pub(crate) fn bytes(n: u64) -> String {
+    const MIB: f64 = 1024.0 * 1024.0;
+    if n >= 1 << 30 {
+        format!("{:.1} GiB", n as f64 / (MIB * 1024.0))
+    } else {
+        format!("{:.1} MiB", n as f64 / MIB)
+    }
 }
 
 /// The record for a loop that is over.
@@ -273,7 +310,11 @@ mod tests {
     fn loop_record_names_the_function_and_explains_itself() {
         let names = vec!["cache_invalidate".to_owned()];
         let v = verdict(0, 48_000.0, 200.0);
-        let rec = loop_record(1.5, &[&v], &names, &Rules::default()).unwrap();
+        let health = Health {
+            cpu_percent: 99.0,
+            rss_bytes: 25 << 20,
+        };
+        let rec = loop_record(1.5, &[&v], &names, &Rules::default(), Some(health)).unwrap();
         let json = serde_json::to_value(&rec).unwrap();
         assert_eq!(json["type"], "loop");
         assert_eq!(json["pid"], 7);
@@ -287,13 +328,15 @@ mod tests {
             "{reason}"
         );
         assert!(reason.contains("240x its usual 200/s"), "{reason}");
+        assert!(reason.contains("using 99% CPU and 25.0 MiB"), "{reason}");
+        assert_eq!(json["evidence"]["target"]["rss_bytes"], 25 << 20);
     }
 
     #[test]
     fn simultaneous_loops_in_one_process_share_a_record() {
         let names = vec!["inv_a".to_owned(), "inv_b".to_owned()];
         let (a, b) = (verdict(0, 30_000.0, 100.0), verdict(1, 30_000.0, 100.0));
-        let rec = loop_record(0.0, &[&a, &b], &names, &Rules::default()).unwrap();
+        let rec = loop_record(0.0, &[&a, &b], &names, &Rules::default(), None).unwrap();
         let Record::Loop {
             functions,
             rate,

@@ -18,6 +18,8 @@ pub struct TextSink<W: Write> {
     /// (rate, pid, function, calls, baseline) of this interval's samples.
     rows: Vec<(f64, u32, String, u64, Option<f64>)>,
     looping: HashSet<(u32, String)>,
+    /// (pid, health) of this interval.
+    health: Vec<(u32, super::Health)>,
 }
 
 impl<W: Write> TextSink<W> {
@@ -28,6 +30,7 @@ impl<W: Write> TextSink<W> {
             header_done: false,
             rows: Vec::new(),
             looping: HashSet::new(),
+            health: Vec::new(),
         }
     }
 
@@ -116,6 +119,10 @@ impl<W: Write> Sink for TextSink<W> {
                     "\n.. recovered at {at:.1}s  pid {pid}: {reason}\n"
                 )
             }
+            Record::Health { pid, health, .. } => {
+                self.health.push((*pid, *health));
+                Ok(())
+            }
             Record::TargetExit { ts, pid } => {
                 let at = self.elapsed(*ts);
                 writeln!(self.out, "-- pid {pid} exited at {at:.1}s")
@@ -134,6 +141,7 @@ impl<W: Write> Sink for TextSink<W> {
 
     fn end_tick(&mut self) -> io::Result<()> {
         if self.rows.is_empty() {
+            self.health.clear();
             return self.out.flush();
         }
         if !self.header_done {
@@ -164,7 +172,17 @@ impl<W: Write> Sink for TextSink<W> {
         if self.rows.len() > TOP {
             writeln!(self.out, "{:>18}(+{} quieter)", "", self.rows.len() - TOP)?;
         }
+        for (pid, health) in &self.health {
+            writeln!(
+                self.out,
+                "{:>18}pid {pid}: {:.0}% CPU, {} resident",
+                "",
+                health.cpu_percent,
+                super::bytes(health.rss_bytes)
+            )?;
+        }
         self.rows.clear();
+        self.health.clear();
         self.out.flush()
     }
 
@@ -265,9 +283,18 @@ mod tests {
                         min_rate: 1000.0,
                         sustain: 3,
                     },
+                    target: None,
                 },
             },
             sample("cache_invalidate", 48_000.0),
+            Record::Health {
+                ts: 1.0,
+                pid: 9,
+                health: crate::report::Health {
+                    cpu_percent: 98.6,
+                    rss_bytes: 3 << 20,
+                },
+            },
         ];
         let summary = Summary {
             loops: vec![(9, vec!["cache_invalidate".into()])],
@@ -282,6 +309,7 @@ mod tests {
         );
         assert!(text.contains("why: because"), "{text}");
         assert!(text.contains("<< LOOP"), "{text}");
+        assert!(text.contains("pid 9: 99% CPU, 3.0 MiB resident"), "{text}");
         assert!(text.contains("LOOP in pid 9: cache_invalidate"), "{text}");
         assert!(text.contains("never called: cache_flush"), "{text}");
     }
