@@ -6,28 +6,37 @@
 //! one perf link per function. aya decides the attach path from the ELF
 //! section, not at run time, so the loader picks the program instead.
 //!
-//! Each hit adds one to a per-CPU counter keyed by (function, process). The
-//! function is the attach cookie the loader gave that address. No decision is
-//! made here: rates, baselines and verdicts are all computed in userspace.
+//! Each hit adds one to a per-CPU counter keyed by (function, process), and
+//! one to a counter keyed by (function, process, return address): who called
+//! it, so userspace can see watched functions calling each other in a cycle.
+//! The function is the attach cookie the loader gave that address. No
+//! decision is made here: rates, baselines, cycles and verdicts are all
+//! computed in userspace.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::BPF_NOEXIST,
-    helpers::generated::bpf_get_attach_cookie,
+    helpers::{bpf_probe_read_user, generated::bpf_get_attach_cookie},
     macros::{map, uprobe},
-    maps::{PerCpuArray, PerCpuHashMap},
+    maps::{LruPerCpuHashMap, PerCpuArray, PerCpuHashMap},
     programs::ProbeContext,
 };
 use aya_log_ebpf::warn;
-use profiler_common::{CallKey, DEFAULT_COUNTS_ENTRIES};
+use profiler_common::{CALLERS_ENTRIES, CallKey, CallerKey, DEFAULT_COUNTS_ENTRIES};
 
 /// Calls per (function, process), one slot per CPU so the hot path needs no
 /// atomics. Resized by the loader before load.
 #[map]
 static COUNTS: PerCpuHashMap<CallKey, u64> =
     PerCpuHashMap::with_max_entries(DEFAULT_COUNTS_ENTRIES, 0);
+
+/// Calls per (function, process, return address). LRU: bounded, and a call
+/// site that stops calling ages out.
+#[map]
+static CALLERS: LruPerCpuHashMap<CallerKey, u64> =
+    LruPerCpuHashMap::with_max_entries(CALLERS_ENTRIES, 0);
 
 /// Hits that could not be counted because `COUNTS` was full.
 #[map]
@@ -52,6 +61,7 @@ fn count(ctx: &ProbeContext) -> u32 {
         func: cookie as u32,
         tgid: ctx.tgid(),
     };
+    count_caller(ctx, &key);
     if bump(&key) {
         return 0;
     }
@@ -73,6 +83,35 @@ fn count(ctx: &ProbeContext) -> u32 {
         }
     }
     0
+}
+
+/// At a function's first instruction on x86-64 the stack pointer points at
+/// the return address the call pushed: one 8-byte user read, no unwinding.
+#[inline(always)]
+fn count_caller(ctx: &ProbeContext, key: &CallKey) {
+    #[cfg(bpf_target_arch = "x86_64")]
+    {
+        // SAFETY: `regs` is the register set the kernel handed this program.
+        let sp = unsafe { (*ctx.regs).rsp };
+        // SAFETY: a checked read of user memory; a fault returns Err.
+        let Ok(return_address) = (unsafe { bpf_probe_read_user(sp as *const u64) }) else {
+            return;
+        };
+        let caller = CallerKey {
+            func: key.func,
+            tgid: key.tgid,
+            return_address,
+        };
+        match CALLERS.get_ptr_mut(&caller) {
+            // SAFETY: this CPU's slot, as in `bump`.
+            Some(count) => unsafe { *count += 1 },
+            None => {
+                let _ = CALLERS.insert(&caller, &1, 0);
+            }
+        }
+    }
+    #[cfg(not(bpf_target_arch = "x86_64"))]
+    let _ = (ctx, key);
 }
 
 #[inline(always)]

@@ -19,9 +19,13 @@
 //! - **Recovery.** Once in a loop, `sustain` intervals in a row that are not
 //!   elevated report a recovery, and learning resumes.
 //!
-//! What this module does not do: see loops that were already running before
-//! the first sample (there is no healthy history to compare with; that needs
-//! structural evidence, not a rate), or read the kernel.
+//! - **Structural evidence.** A function the sampler saw in a call cycle
+//!   with other watched functions needs no baseline: an interval at or
+//!   above `min_rate` while in the cycle counts as elevated, warm-up or not.
+//!   That is how a loop already running at attach is caught.
+//!
+//! What this module does not do: find the cycles (`cycles.rs`), or read the
+//! kernel.
 
 use std::collections::HashMap;
 
@@ -86,6 +90,8 @@ pub struct LoopVerdict {
     pub elevated_rates: Vec<f64>,
     /// Seconds covered by those intervals.
     pub elevated_seconds: f64,
+    /// Confirmed by a call cycle, not (only) by the rate over baseline.
+    pub cycle: bool,
 }
 
 impl LoopVerdict {
@@ -113,8 +119,9 @@ struct Series {
     warm_sum: f64,
     warm_count: u32,
     baseline: Option<f64>,
-    /// Elevated intervals in a row (rate, seconds), while not yet in a loop.
-    elevated: Vec<(f64, f64)>,
+    /// Elevated intervals in a row (rate, seconds, in a cycle), while not
+    /// yet in a loop.
+    elevated: Vec<(f64, f64, bool)>,
     /// `Some` while in a loop.
     looping: Option<Looping>,
 }
@@ -148,21 +155,41 @@ impl Detector {
     /// Feeds the rate (calls/s) of one series over an interval of `seconds`.
     /// Returns an event when this interval confirms a loop or a recovery.
     pub fn observe(&mut self, key: SeriesKey, rate: f64, seconds: f64) -> Option<Event> {
+        self.observe_in_cycle(key, rate, seconds, false)
+    }
+
+    /// Like [`observe`](Self::observe), saying whether the function was seen
+    /// in a call cycle with other watched functions in this interval.
+    pub fn observe_in_cycle(
+        &mut self,
+        key: SeriesKey,
+        rate: f64,
+        seconds: f64,
+        in_cycle: bool,
+    ) -> Option<Event> {
         let rules = &self.rules;
         let series = self.series.entry(key).or_default();
+        let cyclic = in_cycle && rate >= rules.min_rate;
 
-        let Some(baseline) = series.baseline else {
-            // Still warming up: nothing to compare with yet.
-            series.warm_sum += rate;
-            series.warm_count += 1;
-            if series.warm_count >= rules.warmup.max(1) {
-                series.baseline = Some(series.warm_sum / f64::from(series.warm_count));
+        let baseline = match series.baseline {
+            Some(baseline) => baseline,
+            // Still warming up, and no structure to go by: learn.
+            None if !cyclic => {
+                series.warm_sum += rate;
+                series.warm_count += 1;
+                if series.warm_count >= rules.warmup.max(1) {
+                    series.baseline = Some(series.warm_sum / f64::from(series.warm_count));
+                }
+                return None;
             }
-            return None;
+            // A cycle during warm-up: never learn it as normal.
+            None => 0.0,
         };
 
-        let elevated =
-            rate >= rules.factor * baseline.max(BASELINE_FLOOR) && rate >= rules.min_rate;
+        let elevated = cyclic
+            || (series.baseline.is_some()
+                && rate >= rules.factor * baseline.max(BASELINE_FLOOR)
+                && rate >= rules.min_rate);
 
         if let Some(looping) = &mut series.looping {
             looping.seconds += seconds;
@@ -198,7 +225,7 @@ impl Detector {
             return None;
         }
 
-        series.elevated.push((rate, seconds));
+        series.elevated.push((rate, seconds, cyclic));
         if series.elevated.len() < rules.sustain as usize {
             return None;
         }
@@ -206,8 +233,9 @@ impl Detector {
             key,
             rate,
             baseline,
-            elevated_rates: series.elevated.iter().map(|&(r, _)| r).collect(),
-            elevated_seconds: series.elevated.iter().map(|&(_, s)| s).sum(),
+            elevated_rates: series.elevated.iter().map(|&(r, _, _)| r).collect(),
+            elevated_seconds: series.elevated.iter().map(|&(_, s, _)| s).sum(),
+            cycle: series.elevated.iter().any(|&(_, _, c)| c),
         };
         let peak = verdict.elevated_rates.iter().copied().fold(0.0, f64::max);
         series.looping = Some(Looping {
@@ -430,6 +458,43 @@ mod tests {
         d.observe(other, 1.0, 1.0);
         d.forget_process(KEY.pid);
         assert_eq!(d.baseline(other), Some(1.0));
+    }
+
+    #[test]
+    fn loop_running_at_attach_is_caught_from_its_cycle_without_history() {
+        let mut d = Detector::new(Rules::default());
+        // The very first intervals are already the loop: no baseline.
+        let mut events = Vec::new();
+        for i in 0..4 {
+            if let Some(e) = d.observe_in_cycle(KEY, 40_000.0, 1.0, true) {
+                events.push((i, e));
+            }
+        }
+        assert_eq!(loops(&events), vec![2]);
+        let Event::Loop(v) = &events[0].1 else {
+            panic!()
+        };
+        assert!(v.cycle);
+        // The loop was never learned as the baseline.
+        assert_eq!(d.baseline(KEY), None);
+    }
+
+    #[test]
+    fn busy_function_without_a_cycle_is_learned_not_flagged() {
+        let mut d = Detector::new(Rules::default());
+        for _ in 0..10 {
+            assert_eq!(d.observe_in_cycle(KEY, 40_000.0, 1.0, false), None);
+        }
+        assert_eq!(d.baseline(KEY), Some(40_000.0));
+    }
+
+    #[test]
+    fn slow_cycle_below_min_rate_is_not_a_loop() {
+        // Bounded recursion in normal operation: a cycle, but a calm one.
+        let mut d = Detector::new(Rules::default());
+        for _ in 0..10 {
+            assert_eq!(d.observe_in_cycle(KEY, 300.0, 1.0, true), None);
+        }
     }
 
     #[test]

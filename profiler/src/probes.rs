@@ -20,7 +20,9 @@ use aya::{
     },
     sys::{UProbeMultiFeature, is_uprobe_multi_supported},
 };
-use profiler_common::{COUNTS_MAP, CallKey, DROPS_MAP, PROG_MULTI, PROG_SINGLE};
+use profiler_common::{
+    CALLERS_MAP, COUNTS_MAP, CallKey, CallerKey, DROPS_MAP, PROG_MULTI, PROG_SINGLE,
+};
 
 /// Errors from loading, attaching and reading probes. All of them are about
 /// the run (exit 1), not about what the user typed.
@@ -93,6 +95,7 @@ pub struct Probes {
     // Field order matters for `Drop`: the maps and the logger hold their own
     // file descriptors; `ebpf` owns the program and with it every link.
     counts: PerCpuHashMap<MapData, CallKey, u64>,
+    callers: PerCpuHashMap<MapData, CallerKey, u64>,
     drops: PerCpuArray<MapData, u64>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     ebpf: Ebpf,
@@ -147,9 +150,11 @@ impl Probes {
         prog.load().map_err(ProbeError::Program)?;
 
         let counts = take_map(&mut ebpf, COUNTS_MAP)?;
+        let callers = take_map(&mut ebpf, CALLERS_MAP)?;
         let drops = take_map(&mut ebpf, DROPS_MAP)?;
         Ok(Self {
             counts,
+            callers,
             drops,
             logger,
             ebpf,
@@ -243,6 +248,19 @@ impl Probes {
         }
         if let Some(logger) = &mut self.logger {
             logger.flush();
+        }
+        Ok(())
+    }
+
+    /// Reads the per-call-site counters, summed over CPUs, into `out`.
+    pub fn read_callers(&mut self, out: &mut HashMap<CallerKey, u64>) -> Result<(), ProbeError> {
+        out.clear();
+        for entry in self.callers.iter() {
+            let (key, per_cpu) = entry.map_err(|source| ProbeError::Map {
+                name: CALLERS_MAP,
+                source,
+            })?;
+            out.insert(key, per_cpu.iter().sum());
         }
         Ok(())
     }

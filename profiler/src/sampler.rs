@@ -11,9 +11,10 @@ use std::{
     time::Instant,
 };
 
-use profiler_common::CallKey;
+use profiler_common::{CallKey, CallerKey};
 
 use crate::{
+    cycles::{self, CodeRange},
     detect::{Detector, Event, LoopVerdict, SeriesKey},
     probes::{ProbeError, Probes},
     report::{self, Health, Record, Summary},
@@ -80,6 +81,12 @@ pub struct Sampler {
     loops: Vec<(u32, Vec<String>)>,
     /// CPU time of each live process at the last read, in nanoseconds.
     cpu: HashMap<u32, u64>,
+    /// Where the watched functions' code is, to tell who called whom.
+    ranges: Vec<CodeRange>,
+    callers: HashMap<CallerKey, u64>,
+    caller_deltas: HashMap<CallerKey, u64>,
+    /// Return address -> watched function holding it (or none), per pid.
+    resolved: HashMap<(u32, u64), Option<u32>>,
     last_read: Instant,
     started: Instant,
 }
@@ -108,6 +115,10 @@ impl Sampler {
             totals: HashMap::new(),
             loops: Vec::new(),
             cpu: HashMap::new(),
+            ranges: Vec::new(),
+            callers: HashMap::new(),
+            caller_deltas: HashMap::new(),
+            resolved: HashMap::new(),
             last_read: now,
             started: now,
         }
@@ -135,6 +146,46 @@ impl Sampler {
         self.names = names.to_vec();
     }
 
+    /// Where the watched functions' code lies, for telling callers apart.
+    pub fn set_ranges(&mut self, ranges: &[CodeRange]) {
+        self.ranges = ranges.to_vec();
+        self.resolved.clear();
+    }
+
+    /// Per process, the cycle of watched functions calling each other in
+    /// this interval, if any (function indices, in call order).
+    fn cycles(&mut self, probes: &mut Probes) -> Result<HashMap<u32, Vec<u32>>, ProbeError> {
+        probes.read_callers(&mut self.callers)?;
+        let mut edges: HashMap<u32, std::collections::BTreeSet<(u32, u32)>> = HashMap::new();
+        let mut maps: HashMap<u32, Vec<cycles::Mapping>> = HashMap::new();
+        for (&key, &count) in &self.callers {
+            let before = self.caller_deltas.insert(key, count).unwrap_or(0);
+            if count <= before || !self.live.contains_key(&key.tgid) {
+                continue;
+            }
+            let caller = *self
+                .resolved
+                .entry((key.tgid, key.return_address))
+                .or_insert_with(|| {
+                    let maps = maps.entry(key.tgid).or_insert_with(|| {
+                        let text = std::fs::read_to_string(format!("/proc/{}/maps", key.tgid));
+                        cycles::parse_maps(&text.unwrap_or_default())
+                    });
+                    cycles::function_at(maps, &self.ranges, key.return_address)
+                });
+            if let Some(caller) = caller {
+                edges
+                    .entry(key.tgid)
+                    .or_default()
+                    .insert((caller, key.func));
+            }
+        }
+        Ok(edges
+            .into_iter()
+            .filter_map(|(pid, e)| Some((pid, cycles::find_cycle(&e)?)))
+            .collect())
+    }
+
     /// Reads the counters and produces this interval's records.
     pub fn tick(&mut self, probes: &mut Probes) -> Result<Tick, ProbeError> {
         probes.read_counts(&mut self.counts)?;
@@ -145,6 +196,7 @@ impl Sampler {
         let mut tick = Tick::default();
 
         self.discover_processes();
+        let cycles = self.cycles(probes)?;
 
         let mut verdicts: BTreeMap<u32, Vec<LoopVerdict>> = BTreeMap::new();
         let mut health: HashMap<u32, Health> = HashMap::new();
@@ -175,7 +227,11 @@ impl Sampler {
                 totals.peak_rate = totals.peak_rate.max(rate);
                 let fired = totals.calls > 0;
 
-                match self.detector.observe(series, rate, seconds) {
+                let in_cycle = cycles.get(&pid).is_some_and(|c| c.contains(&func));
+                match self
+                    .detector
+                    .observe_in_cycle(series, rate, seconds, in_cycle)
+                {
                     Some(Event::Loop(v)) => verdicts.entry(pid).or_default().push(v),
                     Some(Event::Recovered(r)) => {
                         tick.records
@@ -202,8 +258,13 @@ impl Sampler {
         for (pid, group) in &verdicts {
             let refs: Vec<&LoopVerdict> = group.iter().collect();
             let target = health.get(pid).copied();
+            let cycle = cycles.get(pid).map(|c| {
+                c.iter()
+                    .map(|&f| report::function_name(&self.names, f))
+                    .collect()
+            });
             if let Some(record) =
-                report::loop_record(ts, &refs, &self.names, self.detector.rules(), target)
+                report::loop_record(ts, &refs, &self.names, self.detector.rules(), target, cycle)
             {
                 if let Record::Loop { functions, .. } = &record {
                     self.loops.push((*pid, functions.clone()));
@@ -248,6 +309,8 @@ impl Sampler {
             self.detector.forget_process(pid);
             self.deltas.forget_process(pid);
             self.cpu.remove(&pid);
+            self.resolved.retain(|&(tgid, _), _| tgid != pid);
+            self.caller_deltas.retain(|k, _| k.tgid != pid);
             probes.forget_process(pid);
             tick.records.push(Record::TargetExit { ts, pid });
         }

@@ -20,6 +20,7 @@ use tokio::{
 
 use crate::{
     config::{Output, WatchConfig},
+    cycles::CodeRange,
     detect::Detector,
     probes::{AttachRequest, ProbeError, Probes},
     report::{Record, Sink, json::JsonSink, text::TextSink, unix_now},
@@ -125,6 +126,8 @@ struct Planner {
     tables: HashMap<(u64, u64), SymbolTable>,
     names: Vec<String>,
     cookies: HashMap<String, u32>,
+    /// Where each probed function's code lies, to tell callers apart.
+    ranges: Vec<CodeRange>,
 }
 
 /// A file to read and attach to, and the process scope of its link.
@@ -142,6 +145,7 @@ impl Planner {
             tables: HashMap::new(),
             names: Vec::new(),
             cookies: HashMap::new(),
+            ranges: Vec::new(),
         }
     }
 
@@ -214,10 +218,30 @@ impl Planner {
             if symbols.is_empty() {
                 continue;
             }
-            let points = symbols
-                .into_iter()
-                .map(|(offset, name)| (offset, self.cookie(&name)))
-                .collect();
+            // Mappings name a file by the path the process opened, links
+            // resolved; a --binary path may be a link (redis-server is).
+            let mapped = match file.pid {
+                Some(_) => file.shown.clone(),
+                None => crate::cycles::canonical(&file.shown),
+            };
+            let mut points = Vec::with_capacity(symbols.len());
+            for (offset, size, name) in symbols {
+                let func = self.cookie(&name);
+                if size > 0
+                    && !self
+                        .ranges
+                        .iter()
+                        .any(|r| r.path == mapped && r.start == offset)
+                {
+                    self.ranges.push(CodeRange {
+                        path: mapped.clone(),
+                        start: offset,
+                        end: offset + size,
+                        func,
+                    });
+                }
+                points.push((offset, func));
+            }
             requests.push(AttachRequest {
                 path: file.open.clone(),
                 shown: file.shown.clone(),
@@ -250,10 +274,10 @@ impl Planner {
     }
 }
 
-fn points_of(symbols: Vec<&crate::symbols::Symbol>) -> Vec<(u64, String)> {
+fn points_of(symbols: Vec<&crate::symbols::Symbol>) -> Vec<(u64, u64, String)> {
     symbols
         .into_iter()
-        .map(|s| (s.file_offset, s.name.clone()))
+        .map(|s| (s.file_offset, s.size, s.name.clone()))
         .collect()
 }
 
@@ -302,6 +326,7 @@ async fn watch(
         watched,
         Detector::new(config.rules.clone()),
     );
+    sampler.set_ranges(&planner.ranges);
     let attach_seconds = started.elapsed().as_secs_f64();
     let records: Vec<Record> = requests
         .iter()
@@ -393,6 +418,7 @@ fn attach_new_named(
             continue;
         }
         sampler.set_names(&planner.names);
+        sampler.set_ranges(&planner.ranges);
         sampler.adopt(process);
         let seconds = started.elapsed().as_secs_f64();
         records.extend(

@@ -2,7 +2,9 @@
 
 use std::{fs, time::Duration};
 
-use cacheloop_tests::{Cacheloop, Target, cacheloop, demo_bin, require_root, watch_fixture_args};
+use cacheloop_tests::{
+    Cacheloop, Target, cacheloop, demo_bin, require_root, watch_args, watch_fixture_args,
+};
 
 #[test]
 fn watch_loop_after_healthy_phase_exits_3_naming_the_function() {
@@ -130,4 +132,71 @@ fn demo_cache_dependency_cycle_is_caught_and_explained() {
     let baseline = record["baseline"].as_f64().unwrap();
     assert!((100.0..1000.0).contains(&baseline), "baseline {baseline}");
     let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn watch_loop_running_before_attach_is_caught_from_its_call_cycle() {
+    require_root();
+    // The loop is already running: there is no healthy history to learn.
+    let target = Target::fixture(&["cycle:max:60"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let run = cacheloop(
+        &watch_args(
+            target.pid,
+            &["invalidate_*"],
+            &["--fail-on-loop", "--duration", "30s"],
+        ),
+        Duration::from_secs(60),
+    );
+    assert_eq!(run.code, 3, "{run:?}");
+    let records = run.records();
+    let at = records
+        .iter()
+        .position(|r| r["type"] == "loop")
+        .expect("a loop record");
+    let record = &records[at];
+    assert_eq!(
+        record["evidence"]["cycle"],
+        serde_json::json!(["invalidate_a", "invalidate_b"])
+    );
+    assert_eq!(record["evidence"]["rule"]["name"], "call_cycle");
+    assert!(
+        record["reason"].as_str().unwrap().contains("cycle"),
+        "{record}"
+    );
+    // Caught within sustain (3) intervals of attaching.
+    let mut ticks: Vec<f64> = records[..=at]
+        .iter()
+        .filter(|r| r["type"] == "sample")
+        .map(|r| r["ts"].as_f64().unwrap())
+        .collect();
+    ticks.dedup();
+    assert!(
+        ticks.len() <= 3 + 2,
+        "confirmed after {} sampled intervals",
+        ticks.len()
+    );
+}
+
+#[test]
+fn watch_busy_acyclic_functions_raise_no_alarm_without_history() {
+    require_root();
+    // Flat out from before attach, but nothing calls itself back.
+    let target = Target::fixture(&["max:60"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let run = cacheloop(
+        &watch_args(
+            target.pid,
+            &["cache_invalidate", "cache_lookup"],
+            &["--fail-on-loop", "--duration", "6s"],
+        ),
+        Duration::from_secs(40),
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.of_type("loop").is_empty(), "{}", run.stdout);
+    assert!(
+        run.of_type("sample")
+            .iter()
+            .any(|s| s["rate"].as_f64().unwrap() > 5_000.0)
+    );
 }

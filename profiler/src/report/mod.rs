@@ -116,6 +116,9 @@ pub struct Evidence {
     /// The process's CPU and memory in the confirming interval.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target: Option<Health>,
+    /// Watched functions calling each other in a cycle, in call order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cycle: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -134,6 +137,7 @@ pub fn loop_record(
     names: &[String],
     rules: &Rules,
     target: Option<Health>,
+    cycle: Option<Vec<String>>,
 ) -> Option<Record> {
     let first = verdicts.first()?;
     let rate: f64 = verdicts.iter().map(|v| v.rate).sum();
@@ -156,19 +160,30 @@ pub fn loop_record(
             bytes(h.rss_bytes)
         )
     });
-    let reason = format!(
-        "{} ran at {}/s for {:.0} s straight, {} its usual {}/s; a burst calms down, \
-         this kept going ({} intervals in a row at >= {}x baseline and >= {}/s): \
-         an invalidation loop{health}",
-        functions.join(" + "),
-        thousands(rate),
-        first.elevated_seconds,
-        times(ratio),
-        thousands(baseline),
-        rules.sustain,
-        rules.factor,
-        thousands(rules.min_rate),
-    );
+    let reason = match (&cycle, verdicts.iter().any(|v| v.cycle)) {
+        (Some(cycle), true) => format!(
+            "{} call each other in a cycle ({} -> {}) and ran at {}/s for {:.0} s straight: \
+             an invalidation loop feeding itself, whatever the history{health}",
+            cycle.join(" and "),
+            cycle.join(" -> "),
+            cycle[0],
+            thousands(rate),
+            first.elevated_seconds,
+        ),
+        _ => format!(
+            "{} ran at {}/s for {:.0} s straight, {} its usual {}/s; a burst calms down, \
+             this kept going ({} intervals in a row at >= {}x baseline and >= {}/s): \
+             an invalidation loop{health}",
+            functions.join(" + "),
+            thousands(rate),
+            first.elevated_seconds,
+            times(ratio),
+            thousands(baseline),
+            rules.sustain,
+            rules.factor,
+            thousands(rules.min_rate),
+        ),
+    };
     Some(Record::Loop {
         ts,
         pid: first.key.pid,
@@ -181,12 +196,17 @@ pub fn loop_record(
             elevated_rates: elevated_rates.into_iter().map(round1).collect(),
             elevated_seconds: round1(first.elevated_seconds),
             rule: RuleEvidence {
-                name: "sustained_rate_over_baseline",
+                name: if verdicts.iter().any(|v| v.cycle) {
+                    "call_cycle"
+                } else {
+                    "sustained_rate_over_baseline"
+                },
                 factor: rules.factor,
                 min_rate: rules.min_rate,
                 sustain: rules.sustain,
             },
             target,
+            cycle,
         },
     })
 }
@@ -293,6 +313,7 @@ mod tests {
             baseline,
             elevated_rates: vec![rate; 3],
             elevated_seconds: 3.0,
+            cycle: false,
         }
     }
 
@@ -314,7 +335,7 @@ mod tests {
             cpu_percent: 99.0,
             rss_bytes: 25 << 20,
         };
-        let rec = loop_record(1.5, &[&v], &names, &Rules::default(), Some(health)).unwrap();
+        let rec = loop_record(1.5, &[&v], &names, &Rules::default(), Some(health), None).unwrap();
         let json = serde_json::to_value(&rec).unwrap();
         assert_eq!(json["type"], "loop");
         assert_eq!(json["pid"], 7);
@@ -336,7 +357,7 @@ mod tests {
     fn simultaneous_loops_in_one_process_share_a_record() {
         let names = vec!["inv_a".to_owned(), "inv_b".to_owned()];
         let (a, b) = (verdict(0, 30_000.0, 100.0), verdict(1, 30_000.0, 100.0));
-        let rec = loop_record(0.0, &[&a, &b], &names, &Rules::default(), None).unwrap();
+        let rec = loop_record(0.0, &[&a, &b], &names, &Rules::default(), None, None).unwrap();
         let Record::Loop {
             functions,
             rate,
@@ -349,6 +370,26 @@ mod tests {
         assert_eq!(functions, ["inv_a", "inv_b"]);
         assert_eq!(rate, 60_000.0);
         assert_eq!(evidence.elevated_rates, vec![60_000.0; 3]);
+    }
+
+    #[test]
+    fn loop_confirmed_by_a_cycle_says_so_and_carries_it() {
+        let names = vec!["invalidate_a".to_owned(), "invalidate_b".to_owned()];
+        let mut a = verdict(0, 30_000.0, 0.0);
+        a.cycle = true;
+        let cycle = Some(names.clone());
+        let rec = loop_record(0.0, &[&a], &names, &Rules::default(), None, cycle).unwrap();
+        let json = serde_json::to_value(&rec).unwrap();
+        assert_eq!(
+            json["evidence"]["cycle"],
+            serde_json::json!(["invalidate_a", "invalidate_b"])
+        );
+        assert_eq!(json["evidence"]["rule"]["name"], "call_cycle");
+        let reason = json["reason"].as_str().unwrap();
+        assert!(
+            reason.contains("invalidate_a -> invalidate_b -> invalidate_a"),
+            "{reason}"
+        );
     }
 
     #[test]

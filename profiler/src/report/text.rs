@@ -93,14 +93,23 @@ impl<W: Write> Sink for TextSink<W> {
                 for f in functions {
                     self.looping.insert((*pid, f.clone()));
                 }
+                let why = match &evidence.cycle {
+                    Some(_) => "in a call cycle".to_owned(),
+                    None => format!(
+                        "= {} its baseline of {}/s",
+                        times(evidence.ratio),
+                        thousands(*baseline)
+                    ),
+                };
                 writeln!(
                     self.out,
-                    "\n!! LOOP at {at:.1}s  pid {pid}  {}  {}/s = {} its baseline of {}/s",
+                    "\n!! LOOP at {at:.1}s  pid {pid}  {}  {}/s {why}",
                     functions.join(" + "),
                     thousands(*rate),
-                    times(evidence.ratio),
-                    thousands(*baseline),
                 )?;
+                if let Some(cycle) = &evidence.cycle {
+                    writeln!(self.out, "   cycle: {} -> {}", cycle.join(" -> "), cycle[0])?;
+                }
                 writeln!(self.out, "   why: {reason}\n")
             }
             Record::Recovered {
@@ -284,6 +293,7 @@ mod tests {
                         sustain: 3,
                     },
                     target: None,
+                    cycle: None,
                 },
             },
             sample("cache_invalidate", 48_000.0),

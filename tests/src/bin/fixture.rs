@@ -1,7 +1,10 @@
 //! A target process for the kernel tests: calls `cache_invalidate` on a
 //! schedule of phases, each a rate (calls/s, or `max`) for some seconds.
 //!
-//!     fixture 200:6 max:20 [--exit]
+//!     fixture 200:6 max:20 [cycle:max:10] [--exit]
+//!
+//! A `cycle:RATE:SECONDS` phase calls `invalidate_a(8)` instead: A and B
+//! invalidating each other, nine calls per top-level call.
 //!
 //! Prints `ready PID ADDR` at start (ADDR: where `cache_invalidate` is mapped), `phase N start TS` as each phase begins (Unix
 //! seconds), and at the end `done CALLS CHECKSUM`; then idles until killed,
@@ -38,6 +41,27 @@ mod store {
     }
 }
 
+/// Invalidating A invalidates B, which invalidates A...: the postmortem's
+/// cycle, bounded by `depth` so the stack stays small. Each top-level call
+/// makes `depth + 1` calls, alternating.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn invalidate_a(depth: u32) -> u64 {
+    if depth == 0 {
+        return 1;
+    }
+    black_box(invalidate_b(depth - 1)) + 1
+}
+
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn invalidate_b(depth: u32) -> u64 {
+    if depth == 0 {
+        return 1;
+    }
+    black_box(invalidate_a(depth - 1)) + 1
+}
+
 /// Never called: for "matches but never fires" cases.
 #[unsafe(no_mangle)]
 #[inline(never)]
@@ -53,20 +77,24 @@ fn main() {
             exit = true;
             continue;
         }
-        let (rate, secs) = arg.split_once(':').expect("phase is RATE:SECONDS");
+        let (cycle, spec) = match arg.strip_prefix("cycle:") {
+            Some(spec) => (true, spec),
+            None => (false, arg.as_str()),
+        };
+        let (rate, secs) = spec.split_once(':').expect("phase is RATE:SECONDS");
         let rate = if rate == "max" {
             None
         } else {
             Some(rate.parse::<f64>().expect("rate"))
         };
-        phases.push((rate, secs.parse::<f64>().expect("seconds")));
+        phases.push((cycle, rate, secs.parse::<f64>().expect("seconds")));
     }
     // The address lets tests read the function's live code bytes.
     let addr = cache_invalidate as *const () as usize;
     say(&format!("ready {} {addr:#x}", std::process::id()));
 
     let (mut calls, mut checksum) = (0u64, 0u64);
-    for (n, (rate, secs)) in phases.into_iter().enumerate() {
+    for (n, (cycle, rate, secs)) in phases.into_iter().enumerate() {
         say(&format!("phase {n} start {:.3}", unix_now()));
         let start = Instant::now();
         let mut done = 0u64;
@@ -80,6 +108,10 @@ fn main() {
                 Some(rate) => (rate * elapsed) as u64,
                 None => done + 4096,
             };
+            while done < owed && cycle {
+                black_box(invalidate_a(8));
+                done += 1;
+            }
             while done < owed {
                 checksum = checksum.wrapping_add(cache_invalidate(calls));
                 checksum ^= cache_lookup(calls);
