@@ -58,3 +58,78 @@ pub struct CallerKey {
 #[cfg(feature = "user")]
 // SAFETY: `#[repr(C)]`, two `u32`s then a `u64`, no padding; any bits are valid.
 unsafe impl aya::Pod for CallerKey {}
+
+/// Name of the array of per-function [`KeyConfig`]s, indexed by cookie.
+pub const KEY_CONFIG_MAP: &str = "KEY_CONFIG";
+/// Name of the LRU per-CPU map of (function, process, key hash) counts.
+pub const KEYS_MAP: &str = "KEYS";
+/// Name of the LRU map of key hash -> [`KeyText`] for string keys.
+pub const KEY_TEXT_MAP: &str = "KEY_TEXT";
+/// Capacity of `KEYS` and `KEY_TEXT`: LRU maps, so hot keys stay and cold
+/// ones make room — a bounded in-kernel top-K.
+pub const KEYS_ENTRIES: u32 = 4_096;
+/// Bytes of a string key kept; longer keys are truncated (and hashed over
+/// what was kept).
+pub const KEY_TEXT_LEN: usize = 48;
+
+/// No key captured for this function.
+pub const KEY_NONE: u32 = 0;
+/// The argument is the key, an integer.
+pub const KEY_U64: u32 = 1;
+/// The argument points to a NUL-terminated string.
+pub const KEY_STR: u32 = 2;
+/// The argument points to a struct holding, at `offset`, a pointer to a
+/// NUL-terminated string (Redis's `robj`: `ptr` at offset 8).
+pub const KEY_STR_AT: u32 = 3;
+
+/// How to read a function's key argument. Four `u32`s: no padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeyConfig {
+    pub kind: u32,
+    pub arg: u32,
+    pub offset: u32,
+    pub _reserved: u32,
+}
+
+/// Key of the `KEYS` map. `u32`, `u32`, `u64`: no padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyId {
+    pub func: u32,
+    pub tgid: u32,
+    /// The integer key itself, or FNV-1a of the string key's bytes.
+    pub hash: u64,
+}
+
+/// The bytes of a string key. `u32` length, `u32` reserved, bytes: no
+/// padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyText {
+    pub len: u32,
+    pub _reserved: u32,
+    pub bytes: [u8; KEY_TEXT_LEN],
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `#[repr(C)]`, four `u32`s, no padding; any bits are valid.
+unsafe impl aya::Pod for KeyConfig {}
+#[cfg(feature = "user")]
+// SAFETY: `#[repr(C)]`, `u32`, `u32`, `u64`, no padding; any bits are valid.
+unsafe impl aya::Pod for KeyId {}
+#[cfg(feature = "user")]
+// SAFETY: `#[repr(C)]`, two `u32`s then bytes, 56 bytes, no padding.
+unsafe impl aya::Pod for KeyText {}
+
+/// FNV-1a, the hash both sides use for string keys.
+pub const fn fnv1a(bytes: &[u8], len: usize) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut i = 0;
+    while i < bytes.len() && i < len {
+        hash ^= bytes[i] as u64;
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        i += 1;
+    }
+    hash
+}

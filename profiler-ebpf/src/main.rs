@@ -18,13 +18,18 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::BPF_NOEXIST,
-    helpers::{bpf_probe_read_user, generated::bpf_get_attach_cookie},
+    helpers::{
+        bpf_probe_read_user, bpf_probe_read_user_str_bytes, generated::bpf_get_attach_cookie,
+    },
     macros::{map, uprobe},
-    maps::{LruPerCpuHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap},
     programs::ProbeContext,
 };
 use aya_log_ebpf::warn;
-use profiler_common::{CALLERS_ENTRIES, CallKey, CallerKey, DEFAULT_COUNTS_ENTRIES};
+use profiler_common::{
+    CALLERS_ENTRIES, CallKey, CallerKey, DEFAULT_COUNTS_ENTRIES, KEY_STR, KEY_STR_AT, KEY_TEXT_LEN,
+    KEY_U64, KEYS_ENTRIES, KeyConfig, KeyId, KeyText, fnv1a,
+};
 
 /// Calls per (function, process), one slot per CPU so the hot path needs no
 /// atomics. Resized by the loader before load.
@@ -37,6 +42,19 @@ static COUNTS: PerCpuHashMap<CallKey, u64> =
 #[map]
 static CALLERS: LruPerCpuHashMap<CallerKey, u64> =
     LruPerCpuHashMap::with_max_entries(CALLERS_ENTRIES, 0);
+
+/// How to read each function's key argument, by cookie. Resized by the
+/// loader; all zero (no key) unless `--key-arg` or a preset says otherwise.
+#[map]
+static KEY_CONFIG: Array<KeyConfig> = Array::with_max_entries(1, 0);
+
+/// Calls per (function, process, key). LRU: the hot keys stay.
+#[map]
+static KEYS: LruPerCpuHashMap<KeyId, u64> = LruPerCpuHashMap::with_max_entries(KEYS_ENTRIES, 0);
+
+/// The text of string keys, written when a key is first seen.
+#[map]
+static KEY_TEXT: LruHashMap<u64, KeyText> = LruHashMap::with_max_entries(KEYS_ENTRIES, 0);
 
 /// Hits that could not be counted because `COUNTS` was full.
 #[map]
@@ -62,6 +80,7 @@ fn count(ctx: &ProbeContext) -> u32 {
         tgid: ctx.tgid(),
     };
     count_caller(ctx, &key);
+    count_key(ctx, &key);
     if bump(&key) {
         return 0;
     }
@@ -112,6 +131,81 @@ fn count_caller(ctx: &ProbeContext, key: &CallKey) {
     }
     #[cfg(not(bpf_target_arch = "x86_64"))]
     let _ = (ctx, key);
+}
+
+/// Argument `n` (from 0) of the probed call. The verifier refuses a load
+/// from the context at a computed offset, which `ctx.arg(n)` with a
+/// run-time `n` becomes; so read all six argument registers at constant
+/// offsets, and pick among the copies.
+#[inline(always)]
+fn argument(ctx: &ProbeContext, n: u32) -> Option<u64> {
+    #[cfg(bpf_target_arch = "x86_64")]
+    {
+        // SAFETY: `regs` is the register set the kernel handed this program.
+        let regs = unsafe { &*ctx.regs };
+        let args = [regs.rdi, regs.rsi, regs.rdx, regs.rcx, regs.r8, regs.r9];
+        args.get(n as usize).copied()
+    }
+    #[cfg(not(bpf_target_arch = "x86_64"))]
+    {
+        let _ = (ctx, n);
+        None
+    }
+}
+
+/// Reads the function's key argument, if it has one configured, and counts
+/// it. Strings are read with a bounded, fault-safe user read.
+#[inline(always)]
+fn count_key(ctx: &ProbeContext, key: &CallKey) {
+    let Some(config) = KEY_CONFIG.get(key.func) else {
+        return;
+    };
+    let Some(arg) = argument(ctx, config.arg) else {
+        return;
+    };
+    let mut text = KeyText {
+        len: 0,
+        _reserved: 0,
+        bytes: [0; KEY_TEXT_LEN],
+    };
+    let hash = match config.kind {
+        KEY_U64 => arg,
+        KEY_STR | KEY_STR_AT => {
+            let mut ptr = arg;
+            if config.kind == KEY_STR_AT {
+                // SAFETY: a checked read of user memory; a fault returns Err.
+                match unsafe { bpf_probe_read_user((arg + u64::from(config.offset)) as *const u64) }
+                {
+                    Ok(p) => ptr = p,
+                    Err(_) => return,
+                }
+            }
+            // SAFETY: a checked, bounded read of a user string.
+            let Ok(read) =
+                (unsafe { bpf_probe_read_user_str_bytes(ptr as *const u8, &mut text.bytes) })
+            else {
+                return;
+            };
+            text.len = read.len() as u32;
+            fnv1a(&text.bytes, text.len as usize)
+        }
+        _ => return,
+    };
+    let id = KeyId {
+        func: key.func,
+        tgid: key.tgid,
+        hash,
+    };
+    match KEYS.get_ptr_mut(&id) {
+        // SAFETY: this CPU's slot, as in `bump`.
+        Some(count) => unsafe { *count += 1 },
+        None => {
+            let _ = KEYS.insert(&id, &1, 0);
+            if config.kind != KEY_U64 {
+                let _ = KEY_TEXT.insert(&hash, &text, 0);
+            }
+        }
+    }
 }
 
 #[inline(always)]

@@ -110,6 +110,18 @@ pub struct WatchArgs {
     #[arg(long, value_name = "N", default_value_t = 2)]
     pub warmup: u32,
 
+    /// Capture argument N (from 0) of the watched functions as the key
+    /// being invalidated: `N:u64` for an integer, `N:str` for a C string
+    /// (read safely, truncated to 48 bytes). Repeating keys are evidence of
+    /// a loop.
+    #[arg(long, value_name = "N:TYPE", value_parser = parse_key_arg)]
+    pub key_arg: Option<KeyArg>,
+
+    /// Show keys as they are; by default they are hashed (keys can be
+    /// personal data).
+    #[arg(long)]
+    pub show_keys: bool,
+
     /// One JSON object per line on stdout; diagnostics stay on stderr.
     #[arg(long)]
     pub json: bool,
@@ -137,6 +149,34 @@ pub struct SymbolsArgs {
     /// One JSON object per function.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--key-arg N:u64` or `N:str`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyArg {
+    pub index: u32,
+    pub string: bool,
+}
+
+fn parse_key_arg(text: &str) -> Result<KeyArg, String> {
+    let bad =
+        || format!("'{text}' is not N:u64 or N:str (N: the argument number, from 0, up to 5)");
+    let (n, kind) = text.split_once(':').ok_or_else(bad)?;
+    let index: u32 = n.parse().map_err(|_| bad())?;
+    if index > 5 {
+        return Err(bad());
+    }
+    match kind {
+        "u64" => Ok(KeyArg {
+            index,
+            string: false,
+        }),
+        "str" => Ok(KeyArg {
+            index,
+            string: true,
+        }),
+        _ => Err(bad()),
+    }
 }
 
 fn parse_pid(text: &str) -> Result<u32, String> {
@@ -247,6 +287,42 @@ mod tests {
             (50.0, 4.0, 2, 5)
         );
         assert!(w.json && w.fail_on_loop);
+    }
+
+    #[test]
+    fn key_arg_takes_an_index_and_a_type() {
+        let w = watch(&[
+            "watch",
+            "--pid",
+            "1",
+            "--func",
+            "f",
+            "--key-arg",
+            "1:str",
+            "--show-keys",
+        ]);
+        assert_eq!(
+            w.key_arg,
+            Some(KeyArg {
+                index: 1,
+                string: true
+            })
+        );
+        assert!(w.show_keys);
+        let w = watch(&["watch", "--pid", "1", "--func", "f", "--key-arg", "0:u64"]);
+        assert_eq!(
+            w.key_arg,
+            Some(KeyArg {
+                index: 0,
+                string: false
+            })
+        );
+        for bad in ["1", "x:str", "1:float", "9:u64"] {
+            assert!(
+                parse(&["watch", "--pid", "1", "--func", "f", "--key-arg", bad]).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

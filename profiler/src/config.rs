@@ -55,6 +55,11 @@ pub struct WatchConfig {
     pub rules: Rules,
     pub output: Output,
     pub fail_on_loop: bool,
+    /// How to read keys: `--key-arg` for every function, and the preset's
+    /// own specs by function name (those win).
+    pub key_arg: Option<crate::cli::KeyArg>,
+    pub preset_keys: Vec<(&'static str, presets::KeySpec)>,
+    pub show_keys: bool,
 }
 
 impl TryFrom<WatchArgs> for WatchConfig {
@@ -146,6 +151,9 @@ impl TryFrom<WatchArgs> for WatchConfig {
                 Output::Text
             },
             fail_on_loop: args.fail_on_loop,
+            key_arg: args.key_arg,
+            preset_keys: preset.iter().flat_map(|p| p.keys.iter().copied()).collect(),
+            show_keys: args.show_keys,
         })
     }
 }

@@ -20,8 +20,9 @@
 //!   elevated report a recovery, and learning resumes.
 //!
 //! - **Structural evidence.** A function the sampler saw in a call cycle
-//!   with other watched functions needs no baseline: an interval at or
-//!   above `min_rate` while in the cycle counts as elevated, warm-up or not.
+//!   with other watched functions, or invalidating the same few keys again
+//!   and again, needs no baseline: an interval at or above `min_rate` with
+//!   that evidence counts as elevated, warm-up or not.
 //!   That is how a loop already running at attach is caught.
 //!
 //! What this module does not do: find the cycles (`cycles.rs`), or read the
@@ -90,8 +91,9 @@ pub struct LoopVerdict {
     pub elevated_rates: Vec<f64>,
     /// Seconds covered by those intervals.
     pub elevated_seconds: f64,
-    /// Confirmed by a call cycle, not (only) by the rate over baseline.
-    pub cycle: bool,
+    /// Confirmed by structural evidence (a call cycle, repeating keys), not
+    /// (only) by the rate over baseline.
+    pub structural: bool,
 }
 
 impl LoopVerdict {
@@ -155,21 +157,23 @@ impl Detector {
     /// Feeds the rate (calls/s) of one series over an interval of `seconds`.
     /// Returns an event when this interval confirms a loop or a recovery.
     pub fn observe(&mut self, key: SeriesKey, rate: f64, seconds: f64) -> Option<Event> {
-        self.observe_in_cycle(key, rate, seconds, false)
+        self.observe_structural(key, rate, seconds, false)
     }
 
-    /// Like [`observe`](Self::observe), saying whether the function was seen
-    /// in a call cycle with other watched functions in this interval.
-    pub fn observe_in_cycle(
+    /// Like [`observe`](Self::observe), saying whether the sampler saw
+    /// structural evidence of a loop for this function in this interval: a
+    /// call cycle with other watched functions, or the same few keys
+    /// invalidated again and again.
+    pub fn observe_structural(
         &mut self,
         key: SeriesKey,
         rate: f64,
         seconds: f64,
-        in_cycle: bool,
+        structural: bool,
     ) -> Option<Event> {
         let rules = &self.rules;
         let series = self.series.entry(key).or_default();
-        let cyclic = in_cycle && rate >= rules.min_rate;
+        let cyclic = structural && rate >= rules.min_rate;
 
         let baseline = match series.baseline {
             Some(baseline) => baseline,
@@ -235,7 +239,7 @@ impl Detector {
             baseline,
             elevated_rates: series.elevated.iter().map(|&(r, _, _)| r).collect(),
             elevated_seconds: series.elevated.iter().map(|&(_, s, _)| s).sum(),
-            cycle: series.elevated.iter().any(|&(_, _, c)| c),
+            structural: series.elevated.iter().any(|&(_, _, c)| c),
         };
         let peak = verdict.elevated_rates.iter().copied().fold(0.0, f64::max);
         series.looping = Some(Looping {
@@ -466,7 +470,7 @@ mod tests {
         // The very first intervals are already the loop: no baseline.
         let mut events = Vec::new();
         for i in 0..4 {
-            if let Some(e) = d.observe_in_cycle(KEY, 40_000.0, 1.0, true) {
+            if let Some(e) = d.observe_structural(KEY, 40_000.0, 1.0, true) {
                 events.push((i, e));
             }
         }
@@ -474,7 +478,7 @@ mod tests {
         let Event::Loop(v) = &events[0].1 else {
             panic!()
         };
-        assert!(v.cycle);
+        assert!(v.structural);
         // The loop was never learned as the baseline.
         assert_eq!(d.baseline(KEY), None);
     }
@@ -483,7 +487,7 @@ mod tests {
     fn busy_function_without_a_cycle_is_learned_not_flagged() {
         let mut d = Detector::new(Rules::default());
         for _ in 0..10 {
-            assert_eq!(d.observe_in_cycle(KEY, 40_000.0, 1.0, false), None);
+            assert_eq!(d.observe_structural(KEY, 40_000.0, 1.0, false), None);
         }
         assert_eq!(d.baseline(KEY), Some(40_000.0));
     }
@@ -493,7 +497,7 @@ mod tests {
         // Bounded recursion in normal operation: a cycle, but a calm one.
         let mut d = Detector::new(Rules::default());
         for _ in 0..10 {
-            assert_eq!(d.observe_in_cycle(KEY, 300.0, 1.0, true), None);
+            assert_eq!(d.observe_structural(KEY, 300.0, 1.0, true), None);
         }
     }
 

@@ -21,6 +21,19 @@ pub struct Preset {
     pub default_names: &'static [&'static str],
     /// (function, the invalidation paths it counts).
     pub functions: &'static [(&'static str, &'static str)],
+    /// Where each function's key is, by function name.
+    pub keys: &'static [(&'static str, KeySpec)],
+}
+
+/// Where a function's key argument is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeySpec {
+    /// Argument N is a C string (Redis's `sds`).
+    Str(u32),
+    /// Argument N points to a Redis `robj` whose `ptr`, at offset 8 (after
+    /// the 4-byte type/encoding/lru bit-field and the 4-byte refcount),
+    /// is the key's `sds`.
+    RedisObject(u32),
 }
 
 pub const PRESETS: &[Preset] = &[
@@ -46,6 +59,17 @@ pub const PRESETS: &[Preset] = &[
                 "keys evicted under maxmemory (their TTL entry goes first)",
             ),
         ],
+        // trackingInvalidateKey(client *c, robj *keyobj, int bcast);
+        // dictUnlink(dict *d, const void *key); freeObjAsync(robj *key, ...);
+        // propagateDeletion(redisDb *db, robj *key, int lazy);
+        // removeExpire(redisDb *db, robj *key). Redis 7.0 source.
+        keys: &[
+            ("trackingInvalidateKey", KeySpec::RedisObject(1)),
+            ("dictUnlink", KeySpec::Str(1)),
+            ("freeObjAsync", KeySpec::RedisObject(0)),
+            ("propagateDeletion", KeySpec::RedisObject(1)),
+            ("removeExpire", KeySpec::RedisObject(1)),
+        ],
     },
     Preset {
         name: "varnish",
@@ -62,6 +86,7 @@ pub const PRESETS: &[Preset] = &[
             ),
             ("HSH_Kill", "each object killed: expiry, purge, ban"),
         ],
+        keys: &[],
     },
 ];
 

@@ -13,7 +13,7 @@ use std::{collections::HashMap, num::NonZeroU32, path::PathBuf, time::Instant};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap},
     programs::{
         UProbe,
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
@@ -21,7 +21,8 @@ use aya::{
     sys::{UProbeMultiFeature, is_uprobe_multi_supported},
 };
 use profiler_common::{
-    CALLERS_MAP, COUNTS_MAP, CallKey, CallerKey, DROPS_MAP, PROG_MULTI, PROG_SINGLE,
+    CALLERS_MAP, COUNTS_MAP, CallKey, CallerKey, DROPS_MAP, KEY_CONFIG_MAP, KEY_TEXT_MAP, KEYS_MAP,
+    KeyConfig, KeyId, KeyText, PROG_MULTI, PROG_SINGLE,
 };
 
 /// Errors from loading, attaching and reading probes. All of them are about
@@ -96,6 +97,9 @@ pub struct Probes {
     // file descriptors; `ebpf` owns the program and with it every link.
     counts: PerCpuHashMap<MapData, CallKey, u64>,
     callers: PerCpuHashMap<MapData, CallerKey, u64>,
+    key_config: Array<MapData, KeyConfig>,
+    keys: PerCpuHashMap<MapData, KeyId, u64>,
+    key_text: BpfHashMap<MapData, u64, KeyText>,
     drops: PerCpuArray<MapData, u64>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     ebpf: Ebpf,
@@ -109,6 +113,10 @@ pub struct Probes {
     /// Links made for one process, to detach when it exits.
     links: HashMap<u32, Vec<(UProbeLinkId, usize)>>,
 }
+
+/// Functions that can have a key configuration (cookies beyond this count
+/// but carry none).
+pub const MAX_FUNCTIONS: u32 = 1 << 14;
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
 
@@ -133,6 +141,7 @@ impl Probes {
 
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(COUNTS_MAP, max_entries.max(1))
+            .map_max_entries(KEY_CONFIG_MAP, MAX_FUNCTIONS)
             // Only the chosen program is loaded; the other stays in the file.
             .load(EBPF_OBJECT)
             .map_err(ProbeError::Load)?;
@@ -151,10 +160,16 @@ impl Probes {
 
         let counts = take_map(&mut ebpf, COUNTS_MAP)?;
         let callers = take_map(&mut ebpf, CALLERS_MAP)?;
+        let key_config = take_map(&mut ebpf, KEY_CONFIG_MAP)?;
+        let keys = take_map(&mut ebpf, KEYS_MAP)?;
+        let key_text = take_map(&mut ebpf, KEY_TEXT_MAP)?;
         let drops = take_map(&mut ebpf, DROPS_MAP)?;
         Ok(Self {
             counts,
             callers,
+            key_config,
+            keys,
+            key_text,
             drops,
             logger,
             ebpf,
@@ -263,6 +278,39 @@ impl Probes {
             out.insert(key, per_cpu.iter().sum());
         }
         Ok(())
+    }
+
+    /// Tells the kernel how to read function `func`'s key argument.
+    pub fn set_key_config(&mut self, func: u32, config: KeyConfig) -> Result<(), ProbeError> {
+        self.key_config
+            .set(func, &config, 0)
+            .map_err(|source| ProbeError::Map {
+                name: KEY_CONFIG_MAP,
+                source,
+            })
+    }
+
+    /// Reads the per-key counters, summed over CPUs, into `out`.
+    pub fn read_keys(&mut self, out: &mut HashMap<KeyId, u64>) -> Result<(), ProbeError> {
+        out.clear();
+        for entry in self.keys.iter() {
+            let (key, per_cpu) = entry.map_err(|source| ProbeError::Map {
+                name: KEYS_MAP,
+                source,
+            })?;
+            out.insert(key, per_cpu.iter().sum());
+        }
+        Ok(())
+    }
+
+    /// The text of a string key, if the kernel still holds it.
+    pub fn key_text(&self, hash: u64) -> Option<String> {
+        let text = self.key_text.get(&hash, 0).ok()?;
+        let len = (text.len as usize).min(text.bytes.len());
+        // The kernel counts the NUL it copied.
+        let bytes = &text.bytes[..len];
+        let bytes = bytes.strip_suffix(&[0]).unwrap_or(bytes);
+        Some(String::from_utf8_lossy(bytes).into_owned())
     }
 
     /// Hits the kernel could not count because the counter map was full.

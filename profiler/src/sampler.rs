@@ -11,13 +11,13 @@ use std::{
     time::Instant,
 };
 
-use profiler_common::{CallKey, CallerKey};
+use profiler_common::{CallKey, CallerKey, KeyId};
 
 use crate::{
     cycles::{self, CodeRange},
     detect::{Detector, Event, LoopVerdict, SeriesKey},
     probes::{ProbeError, Probes},
-    report::{self, Health, Record, Summary},
+    report::{self, Health, KeyCount, Record, Structure, Summary},
     target::{Binary, Process},
 };
 
@@ -28,6 +28,21 @@ pub struct Watched {
     pub pids: Vec<Process>,
     pub binary: Option<Binary>,
     pub names: Vec<String>,
+}
+
+/// Keys shown in a loop record.
+const TOP_KEYS: usize = 5;
+/// "A few keys": at most this many carry...
+const FEW_KEYS: usize = 8;
+/// ...at least this share of the interval's calls.
+const FEW_KEYS_SHARE: f64 = 0.9;
+
+/// Whether a handful of keys carry (nearly) all of a function's `calls` in
+/// an interval: the same keys invalidated again and again. `keys` is sorted
+/// busiest first.
+fn few_keys_carry(keys: &[(u64, u64)], calls: u64) -> bool {
+    let top: u64 = keys.iter().take(FEW_KEYS).map(|&(_, n)| n).sum();
+    calls > 0 && top as f64 >= FEW_KEYS_SHARE * calls as f64
 }
 
 /// Per-series totals for the summary.
@@ -87,6 +102,14 @@ pub struct Sampler {
     caller_deltas: HashMap<CallerKey, u64>,
     /// Return address -> watched function holding it (or none), per pid.
     resolved: HashMap<(u32, u64), Option<u32>>,
+    keys: HashMap<KeyId, u64>,
+    key_deltas: HashMap<KeyId, u64>,
+    /// Which cookies have string keys (their text is in the kernel).
+    string_keys: Vec<bool>,
+    show_keys: bool,
+    /// Hashes keys for output, keyed anew each run: consistent within a
+    /// run, useless for guessing keys across runs.
+    key_hasher: std::collections::hash_map::RandomState,
     last_read: Instant,
     started: Instant,
 }
@@ -119,6 +142,11 @@ impl Sampler {
             callers: HashMap::new(),
             caller_deltas: HashMap::new(),
             resolved: HashMap::new(),
+            keys: HashMap::new(),
+            key_deltas: HashMap::new(),
+            string_keys: Vec::new(),
+            show_keys: false,
+            key_hasher: std::collections::hash_map::RandomState::new(),
             last_read: now,
             started: now,
         }
@@ -144,6 +172,63 @@ impl Sampler {
     /// The function table grew (new processes brought new functions).
     pub fn set_names(&mut self, names: &[String]) {
         self.names = names.to_vec();
+    }
+
+    /// Which functions have string keys (`string_keys[cookie]`), and
+    /// whether to show keys as they are.
+    pub fn set_key_kinds(&mut self, string_keys: &[bool], show_keys: bool) {
+        self.string_keys = string_keys.to_vec();
+        self.show_keys = show_keys;
+    }
+
+    /// Per process and function, the keys invalidated in this interval.
+    fn keys(
+        &mut self,
+        probes: &mut Probes,
+    ) -> Result<HashMap<SeriesKey, Vec<(u64, u64)>>, ProbeError> {
+        probes.read_keys(&mut self.keys)?;
+        let mut per_series: HashMap<SeriesKey, Vec<(u64, u64)>> = HashMap::new();
+        for (&id, &count) in &self.keys {
+            // An LRU entry that was evicted and made again restarts at 0.
+            let before = self.key_deltas.insert(id, count).unwrap_or(0);
+            let calls = if count >= before {
+                count - before
+            } else {
+                count
+            };
+            if calls > 0 && self.live.contains_key(&id.tgid) {
+                let series = SeriesKey {
+                    pid: id.tgid,
+                    func: id.func,
+                };
+                per_series.entry(series).or_default().push((id.hash, calls));
+            }
+        }
+        for keys in per_series.values_mut() {
+            keys.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        }
+        Ok(per_series)
+    }
+
+    /// How a key is shown: as it is with `--show-keys`, hashed otherwise.
+    fn key_label(&self, probes: &Probes, func: u32, hash: u64) -> String {
+        let string = self
+            .string_keys
+            .get(func as usize)
+            .copied()
+            .unwrap_or(false);
+        let text = if string {
+            probes
+                .key_text(hash)
+                .unwrap_or_else(|| format!("{hash:016x}"))
+        } else {
+            hash.to_string()
+        };
+        if self.show_keys {
+            return text;
+        }
+        use std::hash::BuildHasher as _;
+        format!("key#{:016x}", self.key_hasher.hash_one(&text))
     }
 
     /// Where the watched functions' code lies, for telling callers apart.
@@ -197,6 +282,7 @@ impl Sampler {
 
         self.discover_processes();
         let cycles = self.cycles(probes)?;
+        let keys = self.keys(probes)?;
 
         let mut verdicts: BTreeMap<u32, Vec<LoopVerdict>> = BTreeMap::new();
         let mut health: HashMap<u32, Health> = HashMap::new();
@@ -228,9 +314,10 @@ impl Sampler {
                 let fired = totals.calls > 0;
 
                 let in_cycle = cycles.get(&pid).is_some_and(|c| c.contains(&func));
+                let repeating = keys.get(&series).is_some_and(|k| few_keys_carry(k, calls));
                 match self
                     .detector
-                    .observe_in_cycle(series, rate, seconds, in_cycle)
+                    .observe_structural(series, rate, seconds, in_cycle || repeating)
                 {
                     Some(Event::Loop(v)) => verdicts.entry(pid).or_default().push(v),
                     Some(Event::Recovered(r)) => {
@@ -263,9 +350,42 @@ impl Sampler {
                     .map(|&f| report::function_name(&self.names, f))
                     .collect()
             });
-            if let Some(record) =
-                report::loop_record(ts, &refs, &self.names, self.detector.rules(), target, cycle)
-            {
+            // The busiest keys of the functions in this loop.
+            let mut top: Vec<(u32, u64, u64)> = group
+                .iter()
+                .flat_map(|v| {
+                    keys.get(&v.key)
+                        .into_iter()
+                        .flatten()
+                        .map(move |&(hash, n)| (v.key.func, hash, n))
+                })
+                .collect();
+            top.sort_by_key(|&(_, _, n)| std::cmp::Reverse(n));
+            top.truncate(TOP_KEYS);
+            let repeating = group.iter().any(|v| {
+                let calls = (v.rate * seconds) as u64;
+                keys.get(&v.key).is_some_and(|k| few_keys_carry(k, calls))
+            });
+            let structure = Structure {
+                cycle,
+                top_keys: (!top.is_empty()).then(|| {
+                    top.iter()
+                        .map(|&(func, hash, count)| KeyCount {
+                            key: self.key_label(probes, func, hash),
+                            count,
+                        })
+                        .collect()
+                }),
+                repeating,
+            };
+            if let Some(record) = report::loop_record(
+                ts,
+                &refs,
+                &self.names,
+                self.detector.rules(),
+                target,
+                structure,
+            ) {
                 if let Record::Loop { functions, .. } = &record {
                     self.loops.push((*pid, functions.clone()));
                 }
@@ -311,6 +431,7 @@ impl Sampler {
             self.cpu.remove(&pid);
             self.resolved.retain(|&(tgid, _), _| tgid != pid);
             self.caller_deltas.retain(|k, _| k.tgid != pid);
+            self.key_deltas.retain(|k, _| k.tgid != pid);
             probes.forget_process(pid);
             tick.records.push(Record::TargetExit { ts, pid });
         }
@@ -363,6 +484,18 @@ mod tests {
     use super::*;
 
     const K: CallKey = CallKey { func: 1, tgid: 10 };
+
+    #[test]
+    fn few_repeating_keys_are_told_from_many_distinct_ones() {
+        // Two keys carry all 1000 calls: a loop's signature.
+        assert!(few_keys_carry(&[(1, 500), (2, 500)], 1000));
+        // 1000 calls over 1000 keys: a busy day.
+        let many: Vec<(u64, u64)> = (0..1000).map(|k| (k, 1)).collect();
+        assert!(!few_keys_carry(&many, 1000));
+        // Keys seen for only part of the calls (the rest unknown): not enough.
+        assert!(!few_keys_carry(&[(1, 100)], 1000));
+        assert!(!few_keys_carry(&[], 0));
+    }
 
     #[test]
     fn deltas_follow_a_growing_counter() {

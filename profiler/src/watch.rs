@@ -18,10 +18,13 @@ use tokio::{
     time::{MissedTickBehavior, interval_at},
 };
 
+use profiler_common::{KEY_STR, KEY_STR_AT, KEY_U64, KeyConfig};
+
 use crate::{
     config::{Output, WatchConfig},
     cycles::CodeRange,
     detect::Detector,
+    presets::KeySpec,
     probes::{AttachRequest, ProbeError, Probes},
     report::{Record, Sink, json::JsonSink, text::TextSink, unix_now},
     sampler::{Sampler, Watched},
@@ -327,6 +330,7 @@ async fn watch(
         Detector::new(config.rules.clone()),
     );
     sampler.set_ranges(&planner.ranges);
+    apply_key_configs(&config, &planner.names, &mut probes, &mut sampler)?;
     let attach_seconds = started.elapsed().as_secs_f64();
     let records: Vec<Record> = requests
         .iter()
@@ -362,7 +366,7 @@ async fn watch(
             break;
         }
         if !config.names.is_empty() && matches!(stop, Stop::Done) {
-            let records = attach_new_named(&config.names, &mut planner, &mut probes, &mut sampler);
+            let records = attach_new_named(&config, &mut planner, &mut probes, &mut sampler);
             stop = deliver(&mut *sink, &records)?;
         }
     }
@@ -393,14 +397,14 @@ async fn watch(
 /// `--name`: probes processes of those names that started since the last
 /// interval (a restart, a new worker). Returns their `attached` records.
 fn attach_new_named(
-    names: &[String],
+    config: &WatchConfig,
     planner: &mut Planner,
     probes: &mut Probes,
     sampler: &mut Sampler,
 ) -> Vec<Record> {
     let started = Instant::now();
     let mut records = Vec::new();
-    for process in target::processes_named(names) {
+    for process in target::processes_named(&config.names) {
         if sampler.is_watching(process.pid) {
             continue;
         }
@@ -419,6 +423,9 @@ fn attach_new_named(
         }
         sampler.set_names(&planner.names);
         sampler.set_ranges(&planner.ranges);
+        if let Err(e) = apply_key_configs(config, &planner.names, probes, sampler) {
+            log::warn!("keys of new pid {} will not be read: {e:#}", process.pid);
+        }
         sampler.adopt(process);
         let seconds = started.elapsed().as_secs_f64();
         records.extend(
@@ -428,6 +435,49 @@ fn attach_new_named(
         );
     }
     records
+}
+
+/// How to read each function's key: the preset's spec for its functions,
+/// `--key-arg` for the rest.
+fn key_config(config: &WatchConfig, name: &str) -> Option<KeyConfig> {
+    if let Some((_, spec)) = config.preset_keys.iter().find(|(f, _)| *f == name) {
+        return Some(match *spec {
+            KeySpec::Str(arg) => KeyConfig {
+                kind: KEY_STR,
+                arg,
+                ..KeyConfig::default()
+            },
+            KeySpec::RedisObject(arg) => KeyConfig {
+                kind: KEY_STR_AT,
+                arg,
+                offset: 8,
+                ..KeyConfig::default()
+            },
+        });
+    }
+    config.key_arg.map(|k| KeyConfig {
+        kind: if k.string { KEY_STR } else { KEY_U64 },
+        arg: k.index,
+        ..KeyConfig::default()
+    })
+}
+
+fn apply_key_configs(
+    config: &WatchConfig,
+    names: &[String],
+    probes: &mut Probes,
+    sampler: &mut Sampler,
+) -> Result<(), ProbeError> {
+    let mut string_keys = Vec::with_capacity(names.len());
+    for (func, name) in names.iter().enumerate() {
+        let key = key_config(config, name);
+        string_keys.push(key.is_some_and(|k| k.kind != KEY_U64));
+        if let Some(key) = key {
+            probes.set_key_config(func as u32, key)?;
+        }
+    }
+    sampler.set_key_kinds(&string_keys, config.show_keys);
+    Ok(())
 }
 
 fn attached_record(

@@ -200,3 +200,71 @@ fn watch_busy_acyclic_functions_raise_no_alarm_without_history() {
             .any(|s| s["rate"].as_f64().unwrap() > 5_000.0)
     );
 }
+
+#[test]
+fn watch_loop_on_few_keys_running_before_attach_is_caught_and_keys_are_hashed() {
+    require_root();
+    let target = Target::fixture(&["keys:max:60"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let extra = ["--key-arg", "0:u64", "--fail-on-loop", "--duration", "30s"];
+    let run = cacheloop(
+        &watch_fixture_args(target.pid, &extra),
+        Duration::from_secs(60),
+    );
+    assert_eq!(run.code, 3, "{run:?}");
+    let record = &run.of_type("loop")[0];
+    assert_eq!(
+        record["evidence"]["rule"]["name"], "repeating_keys",
+        "{record}"
+    );
+    let keys = record["evidence"]["top_keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 3, "{record}");
+    for key in keys {
+        // Keys can be personal data: hashed unless --show-keys.
+        assert!(key["key"].as_str().unwrap().starts_with("key#"), "{key}");
+        assert!(key["count"].as_u64().unwrap() > 1000, "{key}");
+    }
+}
+
+#[test]
+fn demo_cache_loop_running_before_attach_is_caught_from_its_keys() {
+    require_root();
+    // The bad rules are live from the start: no healthy history, and the
+    // loop runs through a work queue, so there is no call cycle either.
+    let dir = std::env::temp_dir().join(format!("cacheloop-demo-keys-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let deps = dir.join("deps.conf");
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../demo/config");
+    fs::copy(format!("{config}/cycle.deps"), &deps).unwrap();
+    let cache = Target::spawn(&demo_bin(), &["--deps", deps.to_str().unwrap()], "ready");
+    std::thread::sleep(Duration::from_millis(1000));
+    let extra = [
+        "--key-arg",
+        "0:str",
+        "--show-keys",
+        "--fail-on-loop",
+        "--duration",
+        "30s",
+    ];
+    let run = cacheloop(
+        &watch_fixture_args(cache.pid, &extra),
+        Duration::from_secs(60),
+    );
+    assert_eq!(run.code, 3, "{run:?}");
+    let record = &run.of_type("loop")[0];
+    let keys: Vec<&str> = record["evidence"]["top_keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        &keys[..2]
+            .iter()
+            .copied()
+            .collect::<std::collections::BTreeSet<_>>(),
+        &["fragment:nav", "page:catalog"].into_iter().collect(),
+        "{record}"
+    );
+    let _ = fs::remove_dir_all(&dir);
+}

@@ -119,6 +119,27 @@ pub struct Evidence {
     /// Watched functions calling each other in a cycle, in call order.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cycle: Option<Vec<String>>,
+    /// The keys invalidated most in the confirming interval, busiest first
+    /// (hashed unless `--show-keys`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_keys: Option<Vec<KeyCount>>,
+}
+
+/// A key and how often it was invalidated.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct KeyCount {
+    pub key: String,
+    pub count: u64,
+}
+
+/// Structural evidence the sampler found for a process in an interval.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Structure {
+    /// Watched functions calling each other, in call order.
+    pub cycle: Option<Vec<String>>,
+    /// The busiest keys; `repeating` when a few keys carry the calls.
+    pub top_keys: Option<Vec<KeyCount>>,
+    pub repeating: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -137,8 +158,13 @@ pub fn loop_record(
     names: &[String],
     rules: &Rules,
     target: Option<Health>,
-    cycle: Option<Vec<String>>,
+    structure: Structure,
 ) -> Option<Record> {
+    let Structure {
+        cycle,
+        top_keys,
+        repeating,
+    } = structure;
     let first = verdicts.first()?;
     let rate: f64 = verdicts.iter().map(|v| v.rate).sum();
     let baseline: f64 = verdicts.iter().map(|v| v.baseline).sum();
@@ -160,8 +186,15 @@ pub fn loop_record(
             bytes(h.rss_bytes)
         )
     });
-    let reason = match (&cycle, verdicts.iter().any(|v| v.cycle)) {
-        (Some(cycle), true) => format!(
+    let structural = verdicts.iter().any(|v| v.structural);
+    let keys_text = |keys: &[KeyCount]| {
+        keys.iter()
+            .map(|k| format!("{} ({}x)", k.key, thousands(k.count as f64)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let reason = match (&cycle, &top_keys, structural) {
+        (Some(cycle), _, true) => format!(
             "{} call each other in a cycle ({} -> {}) and ran at {}/s for {:.0} s straight: \
              an invalidation loop feeding itself, whatever the history{health}",
             cycle.join(" and "),
@@ -169,6 +202,15 @@ pub fn loop_record(
             cycle[0],
             thousands(rate),
             first.elevated_seconds,
+        ),
+        (None, Some(keys), true) if repeating => format!(
+            "{} invalidated the same {} key(s) again and again, {}/s for {:.0} s straight \
+             ({}): an invalidation loop, whatever the history{health}",
+            functions.join(" + "),
+            keys.len(),
+            thousands(rate),
+            first.elevated_seconds,
+            keys_text(keys),
         ),
         _ => format!(
             "{} ran at {}/s for {:.0} s straight, {} its usual {}/s; a burst calms down, \
@@ -196,10 +238,10 @@ pub fn loop_record(
             elevated_rates: elevated_rates.into_iter().map(round1).collect(),
             elevated_seconds: round1(first.elevated_seconds),
             rule: RuleEvidence {
-                name: if verdicts.iter().any(|v| v.cycle) {
-                    "call_cycle"
-                } else {
-                    "sustained_rate_over_baseline"
+                name: match (&cycle, structural) {
+                    (Some(_), true) => "call_cycle",
+                    (None, true) => "repeating_keys",
+                    _ => "sustained_rate_over_baseline",
                 },
                 factor: rules.factor,
                 min_rate: rules.min_rate,
@@ -207,6 +249,7 @@ pub fn loop_record(
             },
             target,
             cycle,
+            top_keys,
         },
     })
 }
@@ -313,7 +356,7 @@ mod tests {
             baseline,
             elevated_rates: vec![rate; 3],
             elevated_seconds: 3.0,
-            cycle: false,
+            structural: false,
         }
     }
 
@@ -335,7 +378,15 @@ mod tests {
             cpu_percent: 99.0,
             rss_bytes: 25 << 20,
         };
-        let rec = loop_record(1.5, &[&v], &names, &Rules::default(), Some(health), None).unwrap();
+        let rec = loop_record(
+            1.5,
+            &[&v],
+            &names,
+            &Rules::default(),
+            Some(health),
+            Structure::default(),
+        )
+        .unwrap();
         let json = serde_json::to_value(&rec).unwrap();
         assert_eq!(json["type"], "loop");
         assert_eq!(json["pid"], 7);
@@ -357,7 +408,15 @@ mod tests {
     fn simultaneous_loops_in_one_process_share_a_record() {
         let names = vec!["inv_a".to_owned(), "inv_b".to_owned()];
         let (a, b) = (verdict(0, 30_000.0, 100.0), verdict(1, 30_000.0, 100.0));
-        let rec = loop_record(0.0, &[&a, &b], &names, &Rules::default(), None, None).unwrap();
+        let rec = loop_record(
+            0.0,
+            &[&a, &b],
+            &names,
+            &Rules::default(),
+            None,
+            Structure::default(),
+        )
+        .unwrap();
         let Record::Loop {
             functions,
             rate,
@@ -376,9 +435,12 @@ mod tests {
     fn loop_confirmed_by_a_cycle_says_so_and_carries_it() {
         let names = vec!["invalidate_a".to_owned(), "invalidate_b".to_owned()];
         let mut a = verdict(0, 30_000.0, 0.0);
-        a.cycle = true;
-        let cycle = Some(names.clone());
-        let rec = loop_record(0.0, &[&a], &names, &Rules::default(), None, cycle).unwrap();
+        a.structural = true;
+        let structure = Structure {
+            cycle: Some(names.clone()),
+            ..Structure::default()
+        };
+        let rec = loop_record(0.0, &[&a], &names, &Rules::default(), None, structure).unwrap();
         let json = serde_json::to_value(&rec).unwrap();
         assert_eq!(
             json["evidence"]["cycle"],
@@ -390,6 +452,39 @@ mod tests {
             reason.contains("invalidate_a -> invalidate_b -> invalidate_a"),
             "{reason}"
         );
+    }
+
+    #[test]
+    fn loop_confirmed_by_repeating_keys_names_them() {
+        let names = vec!["cache_invalidate".to_owned()];
+        let mut v = verdict(0, 80_000.0, 0.0);
+        v.structural = true;
+        let keys = vec![
+            KeyCount {
+                key: "page:catalog".into(),
+                count: 40_000,
+            },
+            KeyCount {
+                key: "fragment:nav".into(),
+                count: 40_000,
+            },
+        ];
+        let structure = Structure {
+            cycle: None,
+            top_keys: Some(keys),
+            repeating: true,
+        };
+        let rec = loop_record(0.0, &[&v], &names, &Rules::default(), None, structure).unwrap();
+        let json = serde_json::to_value(&rec).unwrap();
+        assert_eq!(json["evidence"]["rule"]["name"], "repeating_keys");
+        assert_eq!(json["evidence"]["top_keys"][0]["key"], "page:catalog");
+        assert_eq!(json["evidence"]["top_keys"][0]["count"], 40_000);
+        let reason = json["reason"].as_str().unwrap();
+        assert!(
+            reason.contains("the same 2 key(s) again and again"),
+            "{reason}"
+        );
+        assert!(reason.contains("page:catalog (40,000x)"), "{reason}");
     }
 
     #[test]

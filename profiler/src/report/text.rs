@@ -93,9 +93,10 @@ impl<W: Write> Sink for TextSink<W> {
                 for f in functions {
                     self.looping.insert((*pid, f.clone()));
                 }
-                let why = match &evidence.cycle {
-                    Some(_) => "in a call cycle".to_owned(),
-                    None => format!(
+                let why = match (&evidence.cycle, evidence.rule.name) {
+                    (Some(_), _) => "in a call cycle".to_owned(),
+                    (None, "repeating_keys") => "on the same few keys".to_owned(),
+                    _ => format!(
                         "= {} its baseline of {}/s",
                         times(evidence.ratio),
                         thousands(*baseline)
@@ -109,6 +110,13 @@ impl<W: Write> Sink for TextSink<W> {
                 )?;
                 if let Some(cycle) = &evidence.cycle {
                     writeln!(self.out, "   cycle: {} -> {}", cycle.join(" -> "), cycle[0])?;
+                }
+                if let Some(keys) = &evidence.top_keys {
+                    let keys: Vec<String> = keys
+                        .iter()
+                        .map(|k| format!("{} x{}", k.key, thousands(k.count as f64)))
+                        .collect();
+                    writeln!(self.out, "   top keys: {}", keys.join(", "))?;
                 }
                 writeln!(self.out, "   why: {reason}\n")
             }
@@ -294,6 +302,7 @@ mod tests {
                     },
                     target: None,
                     cycle: None,
+                    top_keys: None,
                 },
             },
             sample("cache_invalidate", 48_000.0),

@@ -4,7 +4,8 @@
 //!     fixture 200:6 max:20 [cycle:max:10] [--exit]
 //!
 //! A `cycle:RATE:SECONDS` phase calls `invalidate_a(8)` instead: A and B
-//! invalidating each other, nine calls per top-level call.
+//! invalidating each other, nine calls per top-level call. A
+//! `keys:RATE:SECONDS` phase invalidates keys 0, 1 and 2 over and over.
 //!
 //! Prints `ready PID ADDR` at start (ADDR: where `cache_invalidate` is mapped), `phase N start TS` as each phase begins (Unix
 //! seconds), and at the end `done CALLS CHECKSUM`; then idles until killed,
@@ -69,6 +70,16 @@ pub extern "C" fn cache_flush_all() -> u64 {
     black_box(7)
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// `cache_invalidate` (a new key each call) and `cache_lookup`.
+    Plain,
+    /// `invalidate_a` / `invalidate_b` calling each other.
+    Cycle,
+    /// `cache_invalidate` on keys 0, 1, 2 again and again.
+    FewKeys,
+}
+
 fn main() {
     let mut phases = Vec::new();
     let mut exit = false;
@@ -77,9 +88,12 @@ fn main() {
             exit = true;
             continue;
         }
-        let (cycle, spec) = match arg.strip_prefix("cycle:") {
-            Some(spec) => (true, spec),
-            None => (false, arg.as_str()),
+        let (kind, spec) = if let Some(spec) = arg.strip_prefix("cycle:") {
+            (Kind::Cycle, spec)
+        } else if let Some(spec) = arg.strip_prefix("keys:") {
+            (Kind::FewKeys, spec)
+        } else {
+            (Kind::Plain, arg.as_str())
         };
         let (rate, secs) = spec.split_once(':').expect("phase is RATE:SECONDS");
         let rate = if rate == "max" {
@@ -87,14 +101,14 @@ fn main() {
         } else {
             Some(rate.parse::<f64>().expect("rate"))
         };
-        phases.push((cycle, rate, secs.parse::<f64>().expect("seconds")));
+        phases.push((kind, rate, secs.parse::<f64>().expect("seconds")));
     }
     // The address lets tests read the function's live code bytes.
     let addr = cache_invalidate as *const () as usize;
     say(&format!("ready {} {addr:#x}", std::process::id()));
 
     let (mut calls, mut checksum) = (0u64, 0u64);
-    for (n, (cycle, rate, secs)) in phases.into_iter().enumerate() {
+    for (n, (kind, rate, secs)) in phases.into_iter().enumerate() {
         say(&format!("phase {n} start {:.3}", unix_now()));
         let start = Instant::now();
         let mut done = 0u64;
@@ -108,8 +122,12 @@ fn main() {
                 Some(rate) => (rate * elapsed) as u64,
                 None => done + 4096,
             };
-            while done < owed && cycle {
+            while done < owed && kind == Kind::Cycle {
                 black_box(invalidate_a(8));
+                done += 1;
+            }
+            while done < owed && kind == Kind::FewKeys {
+                black_box(cache_invalidate(done % 3));
                 done += 1;
             }
             while done < owed {
