@@ -350,17 +350,21 @@ impl Sampler {
                     .map(|&f| report::function_name(&self.names, f))
                     .collect()
             });
-            // The busiest keys of the functions in this loop.
-            let mut top: Vec<(u32, u64, u64)> = group
-                .iter()
-                .flat_map(|v| {
-                    keys.get(&v.key)
-                        .into_iter()
-                        .flatten()
-                        .map(move |&(hash, n)| (v.key.func, hash, n))
-                })
+            // The busiest keys of the functions in this loop; a key seen by
+            // several of them counts once, with their calls summed.
+            let mut by_key: BTreeMap<String, u64> = BTreeMap::new();
+            for v in group {
+                for &(hash, n) in keys.get(&v.key).into_iter().flatten() {
+                    *by_key
+                        .entry(self.key_label(probes, v.key.func, hash))
+                        .or_default() += n;
+                }
+            }
+            let mut top: Vec<KeyCount> = by_key
+                .into_iter()
+                .map(|(key, count)| KeyCount { key, count })
                 .collect();
-            top.sort_by_key(|&(_, _, n)| std::cmp::Reverse(n));
+            top.sort_by_key(|k| std::cmp::Reverse(k.count));
             top.truncate(TOP_KEYS);
             let repeating = group.iter().any(|v| {
                 let calls = (v.rate * seconds) as u64;
@@ -368,14 +372,7 @@ impl Sampler {
             });
             let structure = Structure {
                 cycle,
-                top_keys: (!top.is_empty()).then(|| {
-                    top.iter()
-                        .map(|&(func, hash, count)| KeyCount {
-                            key: self.key_label(probes, func, hash),
-                            count,
-                        })
-                        .collect()
-                }),
+                top_keys: (!top.is_empty()).then_some(top),
                 repeating,
             };
             if let Some(record) = report::loop_record(

@@ -194,3 +194,79 @@ sub vcl_backend_response {{ set beresp.ttl = 1s; set beresp.grace = 0s; set bere
     );
     let _ = fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn preset_redis_reads_keys_and_catches_a_client_rewriting_the_same_keys() {
+    require_root();
+    let dir = scratch("redis-keys");
+    let port = free_port();
+    let redis_server = Target::spawn(
+        Path::new("redis-server"),
+        &[
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            dir.to_str().unwrap(),
+        ],
+        "Ready to accept connections",
+    );
+    let pid = redis_server.pid.to_string();
+    let watcher = Cacheloop::start(&[
+        "watch",
+        "--pid",
+        &pid,
+        "--preset",
+        "redis",
+        "--show-keys",
+        "--fail-on-loop",
+        "--json",
+        "--duration",
+        "30s",
+    ]);
+    std::thread::sleep(Duration::from_millis(1500));
+    // A client stuck rewriting the same two keys: each write invalidates
+    // them (client-side caching), again and again.
+    let mut cli = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-cli runs");
+    let mut stdin = cli.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        let batch = "SET hot:a 1\nSET hot:b 1\n".repeat(1000);
+        for _ in 0..300 {
+            if stdin.write_all(batch.as_bytes()).is_err() {
+                break;
+            }
+        }
+    });
+    let run = watcher.finish(Duration::from_secs(60));
+    let _ = cli.kill();
+    let _ = cli.wait();
+    let _ = writer.join();
+    assert_eq!(run.code, 3, "{run:?}");
+    let record = &run.of_type("loop")[0];
+    assert_eq!(
+        record["evidence"]["rule"]["name"], "repeating_keys",
+        "{record}"
+    );
+    let keys: Vec<&str> = record["evidence"]["top_keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["key"].as_str().unwrap())
+        .collect();
+    // Read through robj->ptr: the real key names, each once.
+    let mut sorted = keys.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, ["hot:a", "hot:b"], "{record}");
+    drop(redis_server);
+    let _ = fs::remove_dir_all(&dir);
+}
