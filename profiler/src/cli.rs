@@ -110,6 +110,13 @@ pub struct WatchArgs {
     #[arg(long, value_name = "N", default_value_t = 2)]
     pub warmup: u32,
 
+    /// Functions that mark a request served (a glob; repeatable). They are
+    /// counted, not judged: each interval reports invalidations per
+    /// request, and a rise in invalidations that requests explain (traffic)
+    /// is not called a loop.
+    #[arg(long, value_name = "PATTERN")]
+    pub request_func: Vec<String>,
+
     /// Capture argument N (from 0) of the watched functions as the key
     /// being invalidated: `N:u64` for an integer, `N:str` for a C string
     /// (read safely, truncated to 48 bytes). Repeating keys are evidence of
@@ -287,6 +294,22 @@ mod tests {
             (50.0, 4.0, 2, 5)
         );
         assert!(w.json && w.fail_on_loop);
+    }
+
+    #[test]
+    fn request_func_repeats() {
+        let w = watch(&[
+            "watch",
+            "--pid",
+            "1",
+            "--func",
+            "f",
+            "--request-func",
+            "handle_*",
+            "--request-func",
+            "serve",
+        ]);
+        assert_eq!(w.request_func, ["handle_*", "serve"]);
     }
 
     #[test]

@@ -49,7 +49,10 @@ pub struct WatchConfig {
     pub binary: Option<PathBuf>,
     /// Command names (`--name`).
     pub names: Vec<String>,
+    /// Every function to probe: `--func`, the preset's, and the requests.
     pub patterns: Vec<Pattern>,
+    /// The `--request-func` patterns (also in `patterns`).
+    pub request_patterns: Vec<Pattern>,
     pub interval: Duration,
     pub duration: Option<Duration>,
     pub rules: Rules,
@@ -128,6 +131,13 @@ impl TryFrom<WatchArgs> for WatchConfig {
             .chain(preset_funcs)
             .map(Pattern::new)
             .collect::<Result<_, _>>()?;
+        let request_patterns: Vec<Pattern> = args
+            .request_func
+            .iter()
+            .map(|p| Pattern::new(p))
+            .collect::<Result<_, _>>()?;
+        let mut patterns: Vec<Pattern> = patterns;
+        patterns.extend(request_patterns.iter().cloned());
         let mut pids = args.pid;
         pids.sort_unstable();
         pids.dedup();
@@ -136,6 +146,7 @@ impl TryFrom<WatchArgs> for WatchConfig {
             binary: args.binary,
             names,
             patterns,
+            request_patterns,
             interval: args.interval,
             duration: args.duration,
             rules: Rules {

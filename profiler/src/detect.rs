@@ -25,6 +25,10 @@
 //!   that evidence counts as elevated, warm-up or not.
 //!   That is how a loop already running at attach is caught.
 //!
+//! - **Requests.** With `--request-func`, an interval whose invalidations
+//!   per request did not rise is traffic, not a loop: the rate rule does
+//!   not apply to it (structural evidence still does).
+//!
 //! What this module does not do: find the cycles (`cycles.rs`), or read the
 //! kernel.
 
@@ -68,6 +72,17 @@ pub const BASELINE_FLOOR: f64 = 1.0;
 pub struct SeriesKey {
     pub pid: u32,
     pub func: u32,
+}
+
+/// What the sampler knows about an interval besides the rate.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Signals {
+    /// A call cycle with other watched functions, or the same few keys
+    /// invalidated again and again.
+    pub structural: bool,
+    /// Requests (`--request-func`) rose with the invalidations: the rate
+    /// rule does not apply, this is traffic, not a loop.
+    pub explained_by_requests: bool,
 }
 
 /// Something the detector wants reported.
@@ -160,10 +175,8 @@ impl Detector {
         self.observe_structural(key, rate, seconds, false)
     }
 
-    /// Like [`observe`](Self::observe), saying whether the sampler saw
-    /// structural evidence of a loop for this function in this interval: a
-    /// call cycle with other watched functions, or the same few keys
-    /// invalidated again and again.
+    /// Like [`observe`](Self::observe), with what the sampler knows
+    /// besides the rate.
     pub fn observe_structural(
         &mut self,
         key: SeriesKey,
@@ -171,6 +184,25 @@ impl Detector {
         seconds: f64,
         structural: bool,
     ) -> Option<Event> {
+        let signals = Signals {
+            structural,
+            ..Signals::default()
+        };
+        self.observe_with(key, rate, seconds, signals)
+    }
+
+    /// Feeds one interval with the sampler's other signals.
+    pub fn observe_with(
+        &mut self,
+        key: SeriesKey,
+        rate: f64,
+        seconds: f64,
+        signals: Signals,
+    ) -> Option<Event> {
+        let Signals {
+            structural,
+            explained_by_requests,
+        } = signals;
         let rules = &self.rules;
         let series = self.series.entry(key).or_default();
         let cyclic = structural && rate >= rules.min_rate;
@@ -192,6 +224,7 @@ impl Detector {
 
         let elevated = cyclic
             || (series.baseline.is_some()
+                && !explained_by_requests
                 && rate >= rules.factor * baseline.max(BASELINE_FLOOR)
                 && rate >= rules.min_rate);
 
@@ -499,6 +532,29 @@ mod tests {
         for _ in 0..10 {
             assert_eq!(d.observe_structural(KEY, 300.0, 1.0, true), None);
         }
+    }
+
+    #[test]
+    fn surge_explained_by_requests_is_not_a_loop_but_a_cycle_still_is() {
+        let mut d = Detector::new(Rules::default());
+        let surge = Signals {
+            explained_by_requests: true,
+            ..Signals::default()
+        };
+        for _ in 0..5 {
+            d.observe(KEY, 200.0, 1.0);
+        }
+        for _ in 0..5 {
+            assert_eq!(d.observe_with(KEY, 20_000.0, 1.0, surge), None);
+        }
+        let cycle = Signals {
+            structural: true,
+            explained_by_requests: true,
+        };
+        let events: Vec<_> = (0..3)
+            .filter_map(|_| d.observe_with(KEY, 20_000.0, 1.0, cycle))
+            .collect();
+        assert_eq!(events.len(), 1, "{events:?}");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use profiler_common::{CallKey, CallerKey, KeyId};
 
 use crate::{
     cycles::{self, CodeRange},
-    detect::{Detector, Event, LoopVerdict, SeriesKey},
+    detect::{Detector, Event, LoopVerdict, SeriesKey, Signals},
     probes::{ProbeError, Probes},
     report::{self, Health, KeyCount, Record, Structure, Summary},
     target::{Binary, Process},
@@ -28,6 +28,71 @@ pub struct Watched {
     pub pids: Vec<Process>,
     pub binary: Option<Binary>,
     pub names: Vec<String>,
+}
+
+/// Invalidations per request, per process.
+#[derive(Debug, Default)]
+struct Requests {
+    /// Learned invalidations per request, per pid.
+    baseline: HashMap<u32, f64>,
+    /// How many times its baseline the ratio must reach for a rise in
+    /// invalidations to be more than traffic (half the rate factor: requests
+    /// can grow a little with a loop's side effects).
+    factor: f64,
+}
+
+/// One interval's invalidations per request in one process.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct PerRequest {
+    requests_rate: f64,
+    ratio: f64,
+    /// The ratio did not rise: requests explain the invalidations.
+    explained: bool,
+}
+
+impl Requests {
+    /// `None` without `--request-func`.
+    fn observe(
+        &mut self,
+        pid: u32,
+        calls: &[u64],
+        is_request: &[bool],
+        seconds: f64,
+    ) -> Option<PerRequest> {
+        if !is_request.iter().any(|&r| r) {
+            return None;
+        }
+        let (mut requests, mut invalidations) = (0u64, 0u64);
+        for (func, &n) in calls.iter().enumerate() {
+            if is_request.get(func).copied().unwrap_or(false) {
+                requests += n;
+            } else {
+                invalidations += n;
+            }
+        }
+        let ratio = invalidations as f64 / requests.max(1) as f64;
+        let explained = match self.baseline.get(&pid) {
+            // The same capped learning as the rate baseline: calm intervals
+            // only, rising by at most a fifth at a time.
+            Some(&base) => {
+                let risen = ratio >= self.factor * base.max(0.01);
+                if !risen {
+                    let step = (ratio - base).min(base.max(0.01));
+                    self.baseline.insert(pid, base + 0.2 * step);
+                }
+                !risen
+            }
+            None => {
+                self.baseline.insert(pid, ratio);
+                false
+            }
+        };
+        Some(PerRequest {
+            requests_rate: requests as f64 / seconds,
+            ratio,
+            explained,
+        })
+    }
 }
 
 /// Keys shown in a loop record.
@@ -110,6 +175,11 @@ pub struct Sampler {
     /// Hashes keys for output, keyed anew each run: consistent within a
     /// run, useless for guessing keys across runs.
     key_hasher: std::collections::hash_map::RandomState,
+    /// `is_request[cookie]`: a `--request-func` function.
+    is_request: Vec<bool>,
+    requests: Requests,
+    /// Scratch: this interval's calls per function of one process.
+    calls: Vec<u64>,
     last_read: Instant,
     started: Instant,
 }
@@ -147,6 +217,9 @@ impl Sampler {
             string_keys: Vec::new(),
             show_keys: false,
             key_hasher: std::collections::hash_map::RandomState::new(),
+            is_request: Vec::new(),
+            requests: Requests::default(),
+            calls: Vec::new(),
             last_read: now,
             started: now,
         }
@@ -172,6 +245,12 @@ impl Sampler {
     /// The function table grew (new processes brought new functions).
     pub fn set_names(&mut self, names: &[String]) {
         self.names = names.to_vec();
+    }
+
+    /// Which functions are requests (`--request-func`), by cookie.
+    pub fn set_request_funcs(&mut self, is_request: &[bool], factor: f64) {
+        self.is_request = is_request.to_vec();
+        self.requests.factor = factor / 2.0;
     }
 
     /// Which functions have string keys (`string_keys[cookie]`), and
@@ -287,6 +366,18 @@ impl Sampler {
         let mut verdicts: BTreeMap<u32, Vec<LoopVerdict>> = BTreeMap::new();
         let mut health: HashMap<u32, Health> = HashMap::new();
         for (&pid, process) in &self.live {
+            // This interval's calls of every function, before judging any:
+            // the invalidations-per-request signal needs them all.
+            self.calls.clear();
+            for func in 0..self.names.len() as u32 {
+                let key = CallKey { func, tgid: pid };
+                let now = self.counts.get(&key).copied().unwrap_or(0);
+                self.calls.push(self.deltas.advance(key, now));
+            }
+            let per_request = self
+                .requests
+                .observe(pid, &self.calls, &self.is_request, seconds);
+
             if let Some(usage) = process.usage() {
                 let before = self.cpu.insert(pid, usage.cpu_nanos);
                 // The first read of a process has nothing to diff against.
@@ -296,16 +387,15 @@ impl Sampler {
                             usage.cpu_nanos.saturating_sub(before) as f64 / (seconds * 1e7),
                         ),
                         rss_bytes: usage.rss_bytes,
+                        requests_rate: per_request.map(|r| report::round1(r.requests_rate)),
+                        invalidations_per_request: per_request.map(|r| report::round1(r.ratio)),
                     };
                     health.insert(pid, h);
                     tick.records.push(Record::Health { ts, pid, health: h });
                 }
             }
             for func in 0..self.names.len() as u32 {
-                let key = CallKey { func, tgid: pid };
-                let calls = self
-                    .deltas
-                    .advance(key, self.counts.get(&key).copied().unwrap_or(0));
+                let calls = self.calls[func as usize];
                 let series = SeriesKey { pid, func };
                 let rate = calls as f64 / seconds;
                 let totals = self.totals.entry(series).or_default();
@@ -313,18 +403,22 @@ impl Sampler {
                 totals.peak_rate = totals.peak_rate.max(rate);
                 let fired = totals.calls > 0;
 
-                let in_cycle = cycles.get(&pid).is_some_and(|c| c.contains(&func));
-                let repeating = keys.get(&series).is_some_and(|k| few_keys_carry(k, calls));
-                match self
-                    .detector
-                    .observe_structural(series, rate, seconds, in_cycle || repeating)
-                {
-                    Some(Event::Loop(v)) => verdicts.entry(pid).or_default().push(v),
-                    Some(Event::Recovered(r)) => {
-                        tick.records
-                            .push(report::recovered_record(ts, &r, &self.names))
+                // Requests are counted, not judged.
+                if !self.is_request.get(func as usize).copied().unwrap_or(false) {
+                    let in_cycle = cycles.get(&pid).is_some_and(|c| c.contains(&func));
+                    let repeating = keys.get(&series).is_some_and(|k| few_keys_carry(k, calls));
+                    let signals = Signals {
+                        structural: in_cycle || repeating,
+                        explained_by_requests: per_request.is_some_and(|r| r.explained),
+                    };
+                    match self.detector.observe_with(series, rate, seconds, signals) {
+                        Some(Event::Loop(v)) => verdicts.entry(pid).or_default().push(v),
+                        Some(Event::Recovered(r)) => {
+                            tick.records
+                                .push(report::recovered_record(ts, &r, &self.names))
+                        }
+                        None => {}
                     }
-                    None => {}
                 }
                 // A function that never fired has nothing to say; once it has,
                 // it reports every interval, zeros included.
@@ -429,6 +523,7 @@ impl Sampler {
             self.resolved.retain(|&(tgid, _), _| tgid != pid);
             self.caller_deltas.retain(|k, _| k.tgid != pid);
             self.key_deltas.retain(|k, _| k.tgid != pid);
+            self.requests.baseline.remove(&pid);
             probes.forget_process(pid);
             tick.records.push(Record::TargetExit { ts, pid });
         }
@@ -481,6 +576,32 @@ mod tests {
     use super::*;
 
     const K: CallKey = CallKey { func: 1, tgid: 10 };
+
+    #[test]
+    fn invalidations_rising_with_requests_are_explained_and_without_are_not() {
+        let mut r = Requests {
+            factor: 5.0,
+            ..Requests::default()
+        };
+        let is_request = [true, false];
+        // 200 requests/s, two invalidations each.
+        for _ in 0..3 {
+            let got = r.observe(7, &[200, 400], &is_request, 1.0).unwrap();
+            assert_eq!(got.ratio, 2.0);
+        }
+        // Traffic x10: the ratio holds, requests explain it.
+        let surge = r.observe(7, &[2000, 4000], &is_request, 1.0).unwrap();
+        assert!(
+            surge.explained && surge.requests_rate == 2000.0,
+            "{surge:?}"
+        );
+        // A loop: requests flat, invalidations x100.
+        let looping = r.observe(7, &[200, 40_000], &is_request, 1.0).unwrap();
+        assert!(!looping.explained, "{looping:?}");
+        assert_eq!(looping.ratio, 200.0);
+        // Without --request-func there is no such signal.
+        assert_eq!(r.observe(7, &[1, 2], &[false, false], 1.0), None);
+    }
 
     #[test]
     fn few_repeating_keys_are_told_from_many_distinct_ones() {

@@ -438,7 +438,7 @@ fn attach_new_named(
 }
 
 /// How to read each function's key: the preset's spec for its functions,
-/// `--key-arg` for the rest.
+/// `--key-arg` for the rest (requests have none).
 fn key_config(config: &WatchConfig, name: &str) -> Option<KeyConfig> {
     if let Some((_, spec)) = config.preset_keys.iter().find(|(f, _)| *f == name) {
         return Some(match *spec {
@@ -462,15 +462,22 @@ fn key_config(config: &WatchConfig, name: &str) -> Option<KeyConfig> {
     })
 }
 
+/// Tells the kernel and the sampler what each function is: its key, and
+/// whether it is a request.
 fn apply_key_configs(
     config: &WatchConfig,
     names: &[String],
     probes: &mut Probes,
     sampler: &mut Sampler,
 ) -> Result<(), ProbeError> {
+    let is_request: Vec<bool> = names
+        .iter()
+        .map(|n| config.request_patterns.iter().any(|p| p.matches(n)))
+        .collect();
+    sampler.set_request_funcs(&is_request, config.rules.factor);
     let mut string_keys = Vec::with_capacity(names.len());
     for (func, name) in names.iter().enumerate() {
-        let key = key_config(config, name);
+        let key = key_config(config, name).filter(|_| !is_request[func]);
         string_keys.push(key.is_some_and(|k| k.kind != KEY_U64));
         if let Some(key) = key {
             probes.set_key_config(func as u32, key)?;

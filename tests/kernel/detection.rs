@@ -268,3 +268,73 @@ fn demo_cache_loop_running_before_attach_is_caught_from_its_keys() {
     );
     let _ = fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn watch_traffic_surge_explained_by_requests_raises_no_alarm() {
+    require_root();
+    // Requests x10, invalidations x10 with them: a busy day, not a loop
+    // (without --request-func the rate rule alone would call it one).
+    let target = Target::fixture(&["req:150:5:2", "req:1500:6:2", "req:150:60:2"]);
+    let extra = [
+        "--request-func",
+        "handle_request",
+        "--fail-on-loop",
+        "--duration",
+        "10s",
+    ];
+    let run = cacheloop(
+        &watch_fixture_args(target.pid, &extra),
+        Duration::from_secs(40),
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.of_type("loop").is_empty(), "{}", run.stdout);
+    let peak = run
+        .of_type("sample")
+        .iter()
+        .filter(|s| s["function"] == "cache_invalidate")
+        .map(|s| s["rate"].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    assert!(peak > 2_500.0, "the surge was seen: {peak}");
+    let ratios: Vec<f64> = run
+        .of_type("health")
+        .iter()
+        .filter_map(|h| h["invalidations_per_request"].as_f64())
+        .collect();
+    assert!(ratios.iter().all(|r| (1.5..=2.5).contains(r)), "{ratios:?}");
+}
+
+#[test]
+fn watch_invalidations_per_request_climbing_is_a_loop() {
+    require_root();
+    // Requests stay at 150/s; each starts making 400 invalidations.
+    let target = Target::fixture(&["req:150:5:2", "req:150:60:400"]);
+    let extra = [
+        "--request-func",
+        "handle_request",
+        "--fail-on-loop",
+        "--duration",
+        "30s",
+    ];
+    let run = cacheloop(
+        &watch_fixture_args(target.pid, &extra),
+        Duration::from_secs(60),
+    );
+    assert_eq!(run.code, 3, "{run:?}");
+    let record = &run.of_type("loop")[0];
+    assert_eq!(
+        record["functions"],
+        serde_json::json!(["cache_invalidate"]),
+        "requests are not judged"
+    );
+    let ratio = record["evidence"]["target"]["invalidations_per_request"]
+        .as_f64()
+        .unwrap();
+    assert!(ratio > 50.0, "{record}");
+    assert!(
+        record["reason"]
+            .as_str()
+            .unwrap()
+            .contains("invalidations per request"),
+        "{record}"
+    );
+}

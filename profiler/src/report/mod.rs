@@ -101,6 +101,12 @@ pub enum Record {
 pub struct Health {
     pub cpu_percent: f64,
     pub rss_bytes: u64,
+    /// With `--request-func`: requests per second...
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requests_rate: Option<f64>,
+    /// ...and invalidations per request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub invalidations_per_request: Option<f64>,
 }
 
 /// The numbers behind a loop verdict.
@@ -180,8 +186,16 @@ pub fn loop_record(
         .collect();
     let ratio = rate / baseline.max(crate::detect::BASELINE_FLOOR);
     let health = target.map_or_else(String::new, |h| {
+        let per_request = match (h.invalidations_per_request, h.requests_rate) {
+            (Some(ratio), Some(requests)) => format!(
+                ", and makes {} invalidations per request while serving {} requests/s",
+                thousands(ratio),
+                thousands(requests)
+            ),
+            _ => String::new(),
+        };
         format!(
-            "; the process is using {:.0}% CPU and {}",
+            "; the process is using {:.0}% CPU and {}{per_request}",
             h.cpu_percent,
             bytes(h.rss_bytes)
         )
@@ -377,6 +391,8 @@ mod tests {
         let health = Health {
             cpu_percent: 99.0,
             rss_bytes: 25 << 20,
+            requests_rate: Some(200.0),
+            invalidations_per_request: Some(240.0),
         };
         let rec = loop_record(
             1.5,
@@ -401,6 +417,10 @@ mod tests {
         );
         assert!(reason.contains("240x its usual 200/s"), "{reason}");
         assert!(reason.contains("using 99% CPU and 25.0 MiB"), "{reason}");
+        assert!(
+            reason.contains("240 invalidations per request while serving 200 requests/s"),
+            "{reason}"
+        );
         assert_eq!(json["evidence"]["target"]["rss_bytes"], 25 << 20);
     }
 

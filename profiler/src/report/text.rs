@@ -190,9 +190,17 @@ impl<W: Write> Sink for TextSink<W> {
             writeln!(self.out, "{:>18}(+{} quieter)", "", self.rows.len() - TOP)?;
         }
         for (pid, health) in &self.health {
+            let per_request = match (health.invalidations_per_request, health.requests_rate) {
+                (Some(ratio), Some(requests)) => format!(
+                    ", {} requests/s, {} invalidations per request",
+                    thousands(requests),
+                    thousands(ratio)
+                ),
+                _ => String::new(),
+            };
             writeln!(
                 self.out,
-                "{:>18}pid {pid}: {:.0}% CPU, {} resident",
+                "{:>18}pid {pid}: {:.0}% CPU, {} resident{per_request}",
                 "",
                 health.cpu_percent,
                 super::bytes(health.rss_bytes)
@@ -312,6 +320,8 @@ mod tests {
                 health: crate::report::Health {
                     cpu_percent: 98.6,
                     rss_bytes: 3 << 20,
+                    requests_rate: None,
+                    invalidations_per_request: None,
                 },
             },
         ];

@@ -5,7 +5,9 @@
 //!
 //! A `cycle:RATE:SECONDS` phase calls `invalidate_a(8)` instead: A and B
 //! invalidating each other, nine calls per top-level call. A
-//! `keys:RATE:SECONDS` phase invalidates keys 0, 1 and 2 over and over.
+//! `keys:RATE:SECONDS` phase invalidates keys 0, 1 and 2 over and over. A
+//! `req:RATE:SECONDS:PER` phase serves RATE requests/s (`handle_request`),
+//! each making PER `cache_invalidate` calls.
 //!
 //! Prints `ready PID ADDR` at start (ADDR: where `cache_invalidate` is mapped), `phase N start TS` as each phase begins (Unix
 //! seconds), and at the end `done CALLS CHECKSUM`; then idles until killed,
@@ -63,6 +65,13 @@ pub extern "C" fn invalidate_b(depth: u32) -> u64 {
     black_box(invalidate_a(depth - 1)) + 1
 }
 
+/// Marks one request served, for `--request-func`.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn handle_request(id: u64) -> u64 {
+    black_box(id ^ 0xAAAA)
+}
+
 /// Never called: for "matches but never fires" cases.
 #[unsafe(no_mangle)]
 #[inline(never)]
@@ -78,6 +87,9 @@ enum Kind {
     Cycle,
     /// `cache_invalidate` on keys 0, 1, 2 again and again.
     FewKeys,
+    /// `handle_request` at the phase's rate, each making this many
+    /// `cache_invalidate` calls.
+    Requests(u64),
 }
 
 fn main() {
@@ -92,6 +104,12 @@ fn main() {
             (Kind::Cycle, spec)
         } else if let Some(spec) = arg.strip_prefix("keys:") {
             (Kind::FewKeys, spec)
+        } else if let Some(spec) = arg.strip_prefix("req:") {
+            let (spec, per) = spec.rsplit_once(':').expect("req:RATE:SECONDS:PER");
+            (
+                Kind::Requests(per.parse().expect("invalidations per request")),
+                spec,
+            )
         } else {
             (Kind::Plain, arg.as_str())
         };
@@ -128,6 +146,14 @@ fn main() {
             }
             while done < owed && kind == Kind::FewKeys {
                 black_box(cache_invalidate(done % 3));
+                done += 1;
+            }
+            while let (true, Kind::Requests(per)) = (done < owed, kind) {
+                black_box(handle_request(done));
+                for i in 0..per {
+                    black_box(cache_invalidate(calls + i));
+                }
+                calls += per;
                 done += 1;
             }
             while done < owed {
