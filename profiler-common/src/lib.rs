@@ -133,3 +133,29 @@ pub const fn fnv1a(bytes: &[u8], len: usize) -> u64 {
     }
     hash
 }
+
+/// Name of the stack-trace map of sampled user stacks.
+pub const STACKS_MAP: &str = "STACKS";
+/// Name of the LRU per-CPU map of (function, process, stack id) counts.
+pub const STACK_COUNTS_MAP: &str = "STACK_COUNTS";
+/// Name of the per-CPU hit counter that paces stack sampling.
+pub const STACK_PACE_MAP: &str = "STACK_PACE";
+/// Capacity of `STACKS` and `STACK_COUNTS`.
+pub const STACK_ENTRIES: u32 = 1_024;
+/// A user stack is taken on one hit in this many (per CPU): walking a stack
+/// costs far more than counting, and a loop's hot path shows up anyway.
+pub const STACK_SAMPLE_EVERY: u64 = 256;
+
+/// Key of `STACK_COUNTS`. Four `u32`s: no padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct StackKey {
+    pub func: u32,
+    pub tgid: u32,
+    pub stack_id: u32,
+    pub _reserved: u32,
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `#[repr(C)]`, four `u32`s, no padding; any bits are valid.
+unsafe impl aya::Pod for StackKey {}

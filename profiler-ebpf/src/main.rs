@@ -17,18 +17,20 @@
 
 use aya_ebpf::{
     EbpfContext as _,
+    bindings::BPF_F_USER_STACK,
     bindings::BPF_NOEXIST,
     helpers::{
         bpf_probe_read_user, bpf_probe_read_user_str_bytes, generated::bpf_get_attach_cookie,
     },
     macros::{map, uprobe},
-    maps::{Array, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap},
-    programs::ProbeContext,
+    maps::{Array, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, StackTrace},
+    programs::{ProbeContext, tracing::StackIdContext as _},
 };
 use aya_log_ebpf::warn;
 use profiler_common::{
     CALLERS_ENTRIES, CallKey, CallerKey, DEFAULT_COUNTS_ENTRIES, KEY_STR, KEY_STR_AT, KEY_TEXT_LEN,
-    KEY_U64, KEYS_ENTRIES, KeyConfig, KeyId, KeyText, fnv1a,
+    KEY_U64, KEYS_ENTRIES, KeyConfig, KeyId, KeyText, STACK_ENTRIES, STACK_SAMPLE_EVERY, StackKey,
+    fnv1a,
 };
 
 /// Calls per (function, process), one slot per CPU so the hot path needs no
@@ -56,6 +58,19 @@ static KEYS: LruPerCpuHashMap<KeyId, u64> = LruPerCpuHashMap::with_max_entries(K
 #[map]
 static KEY_TEXT: LruHashMap<u64, KeyText> = LruHashMap::with_max_entries(KEYS_ENTRIES, 0);
 
+/// Sampled user stacks, and how often each was seen per (function,
+/// process): at a verdict, userspace shows the hottest one.
+#[map]
+static STACKS: StackTrace = StackTrace::with_max_entries(STACK_ENTRIES, 0);
+
+#[map]
+static STACK_COUNTS: LruPerCpuHashMap<StackKey, u64> =
+    LruPerCpuHashMap::with_max_entries(STACK_ENTRIES, 0);
+
+/// Hits on this CPU, to take a stack on one in `STACK_SAMPLE_EVERY`.
+#[map]
+static STACK_PACE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// Hits that could not be counted because `COUNTS` was full.
 #[map]
 static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
@@ -81,6 +96,7 @@ fn count(ctx: &ProbeContext) -> u32 {
     };
     count_caller(ctx, &key);
     count_key(ctx, &key);
+    sample_stack(ctx, &key);
     if bump(&key) {
         return 0;
     }
@@ -131,6 +147,38 @@ fn count_caller(ctx: &ProbeContext, key: &CallKey) {
     }
     #[cfg(not(bpf_target_arch = "x86_64"))]
     let _ = (ctx, key);
+}
+
+/// Takes the user stack on one hit in `STACK_SAMPLE_EVERY` on this CPU.
+#[inline(always)]
+fn sample_stack(ctx: &ProbeContext, key: &CallKey) {
+    let Some(pace) = STACK_PACE.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot, as in `bump`.
+    let hits = unsafe {
+        *pace += 1;
+        *pace
+    };
+    if hits % STACK_SAMPLE_EVERY != 1 {
+        return;
+    }
+    let Ok(stack_id) = ctx.get_stackid(&STACKS, u64::from(BPF_F_USER_STACK)) else {
+        return;
+    };
+    let id = StackKey {
+        func: key.func,
+        tgid: key.tgid,
+        stack_id: stack_id as u32,
+        _reserved: 0,
+    };
+    match STACK_COUNTS.get_ptr_mut(&id) {
+        // SAFETY: this CPU's slot, as in `bump`.
+        Some(count) => unsafe { *count += 1 },
+        None => {
+            let _ = STACK_COUNTS.insert(&id, &1, 0);
+        }
+    }
 }
 
 /// Argument `n` (from 0) of the probed call. The verifier refuses a load

@@ -18,6 +18,7 @@ pub mod presets;
 pub mod probes;
 pub mod report;
 pub mod sampler;
+pub mod symbolize;
 pub mod symbols;
 pub mod target;
 pub mod watch;

@@ -13,7 +13,10 @@ use std::{collections::HashMap, num::NonZeroU32, path::PathBuf, time::Instant};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap},
+    maps::{
+        Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap,
+        stack_trace::StackTraceMap,
+    },
     programs::{
         UProbe,
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
@@ -22,7 +25,7 @@ use aya::{
 };
 use profiler_common::{
     CALLERS_MAP, COUNTS_MAP, CallKey, CallerKey, DROPS_MAP, KEY_CONFIG_MAP, KEY_TEXT_MAP, KEYS_MAP,
-    KeyConfig, KeyId, KeyText, PROG_MULTI, PROG_SINGLE,
+    KeyConfig, KeyId, KeyText, PROG_MULTI, PROG_SINGLE, STACK_COUNTS_MAP, STACKS_MAP, StackKey,
 };
 
 /// Errors from loading, attaching and reading probes. All of them are about
@@ -100,6 +103,8 @@ pub struct Probes {
     key_config: Array<MapData, KeyConfig>,
     keys: PerCpuHashMap<MapData, KeyId, u64>,
     key_text: BpfHashMap<MapData, u64, KeyText>,
+    stacks: StackTraceMap<MapData>,
+    stack_counts: PerCpuHashMap<MapData, StackKey, u64>,
     drops: PerCpuArray<MapData, u64>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     ebpf: Ebpf,
@@ -163,6 +168,8 @@ impl Probes {
         let key_config = take_map(&mut ebpf, KEY_CONFIG_MAP)?;
         let keys = take_map(&mut ebpf, KEYS_MAP)?;
         let key_text = take_map(&mut ebpf, KEY_TEXT_MAP)?;
+        let stacks = take_map(&mut ebpf, STACKS_MAP)?;
+        let stack_counts = take_map(&mut ebpf, STACK_COUNTS_MAP)?;
         let drops = take_map(&mut ebpf, DROPS_MAP)?;
         Ok(Self {
             counts,
@@ -170,6 +177,8 @@ impl Probes {
             key_config,
             keys,
             key_text,
+            stacks,
+            stack_counts,
             drops,
             logger,
             ebpf,
@@ -311,6 +320,32 @@ impl Probes {
         let bytes = &text.bytes[..len];
         let bytes = bytes.strip_suffix(&[0]).unwrap_or(bytes);
         Some(String::from_utf8_lossy(bytes).into_owned())
+    }
+
+    /// The most often sampled user stack of any of `funcs` in process
+    /// `tgid`, innermost frame first (instruction pointers).
+    pub fn hottest_stack(&self, tgid: u32, funcs: &[u32]) -> Option<Vec<u64>> {
+        let (key, _) = self
+            .stack_counts
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, _)| k.tgid == tgid && funcs.contains(&k.func))
+            .map(|(k, per_cpu)| (k, per_cpu.iter().sum::<u64>()))
+            .max_by_key(|&(_, n)| n)?;
+        let trace = self.stacks.get(&key.stack_id, 0).ok()?;
+        Some(trace.frames().iter().map(|f| f.ip).collect())
+    }
+
+    /// The return address most often seen for calls of any of `funcs` in
+    /// `tgid`: the immediate caller's call site.
+    pub fn hottest_caller(&self, tgid: u32, funcs: &[u32]) -> Option<u64> {
+        self.callers
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, _)| k.tgid == tgid && funcs.contains(&k.func))
+            .map(|(k, per_cpu)| (k.return_address, per_cpu.iter().sum::<u64>()))
+            .max_by_key(|&(_, n)| n)
+            .map(|(address, _)| address)
     }
 
     /// Hits the kernel could not count because the counter map was full.

@@ -464,10 +464,23 @@ impl Sampler {
                 let calls = (v.rate * seconds) as u64;
                 keys.get(&v.key).is_some_and(|k| few_keys_carry(k, calls))
             });
+            let funcs: Vec<u32> = group.iter().map(|v| v.key.func).collect();
+            // At a function's first instruction the kernel's frame-pointer
+            // walk skips the immediate caller: its return address is on top
+            // of the stack, not in the rbp chain. The caller map has it.
+            let stack = probes.hottest_stack(*pid, &funcs).map(|mut ips| {
+                if let Some(caller) = probes.hottest_caller(*pid, &funcs)
+                    && ips.get(1) != Some(&caller)
+                {
+                    ips.insert(1.min(ips.len()), caller);
+                }
+                crate::symbolize::stack(*pid, &ips)
+            });
             let structure = Structure {
                 cycle,
                 top_keys: (!top.is_empty()).then_some(top),
                 repeating,
+                stack,
             };
             if let Some(record) = report::loop_record(
                 ts,

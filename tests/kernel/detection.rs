@@ -39,6 +39,11 @@ fn watch_loop_after_healthy_phase_exits_3_naming_the_function() {
         "{reason}"
     );
     assert_eq!(record["evidence"]["rule"]["sustain"], 3);
+    let stack = record["evidence"]["stack"].as_array().expect("a stack");
+    assert!(
+        stack[0].as_str().unwrap().starts_with("cache_invalidate ("),
+        "{record}"
+    );
     // Latency in intervals: the one the loop started in (maybe partial) plus
     // the three that confirm it; never more.
     let intervals_in_loop = records[..at]

@@ -129,6 +129,10 @@ pub struct Evidence {
     /// (hashed unless `--show-keys`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub top_keys: Option<Vec<KeyCount>>,
+    /// The most often sampled user stack of the loop's functions,
+    /// innermost frame first: the hottest invalidation path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stack: Option<Vec<String>>,
 }
 
 /// A key and how often it was invalidated.
@@ -146,6 +150,8 @@ pub struct Structure {
     /// The busiest keys; `repeating` when a few keys carry the calls.
     pub top_keys: Option<Vec<KeyCount>>,
     pub repeating: bool,
+    /// The hottest user stack, symbolized.
+    pub stack: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -170,6 +176,7 @@ pub fn loop_record(
         cycle,
         top_keys,
         repeating,
+        stack,
     } = structure;
     let first = verdicts.first()?;
     let rate: f64 = verdicts.iter().map(|v| v.rate).sum();
@@ -264,6 +271,7 @@ pub fn loop_record(
             target,
             cycle,
             top_keys,
+            stack,
         },
     })
 }
@@ -490,9 +498,9 @@ mod tests {
             },
         ];
         let structure = Structure {
-            cycle: None,
             top_keys: Some(keys),
             repeating: true,
+            ..Structure::default()
         };
         let rec = loop_record(0.0, &[&v], &names, &Rules::default(), None, structure).unwrap();
         let json = serde_json::to_value(&rec).unwrap();

@@ -118,6 +118,12 @@ impl<W: Write> Sink for TextSink<W> {
                         .collect();
                     writeln!(self.out, "   top keys: {}", keys.join(", "))?;
                 }
+                if let Some(stack) = &evidence.stack {
+                    writeln!(self.out, "   hottest path:")?;
+                    for frame in stack.iter().take(12) {
+                        writeln!(self.out, "      {frame}")?;
+                    }
+                }
                 writeln!(self.out, "   why: {reason}\n")
             }
             Record::Recovered {
@@ -311,6 +317,10 @@ mod tests {
                     target: None,
                     cycle: None,
                     top_keys: None,
+                    stack: Some(vec![
+                        "cache_invalidate (cache)".into(),
+                        "main (cache)".into(),
+                    ]),
                 },
             },
             sample("cache_invalidate", 48_000.0),
@@ -337,6 +347,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("why: because"), "{text}");
+        assert!(
+            text.contains("hottest path:\n      cache_invalidate (cache)\n      main (cache)"),
+            "{text}"
+        );
         assert!(text.contains("<< LOOP"), "{text}");
         assert!(text.contains("pid 9: 99% CPU, 3.0 MiB resident"), "{text}");
         assert!(text.contains("LOOP in pid 9: cache_invalidate"), "{text}");
