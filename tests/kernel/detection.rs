@@ -184,16 +184,18 @@ fn watch_loop_running_before_attach_is_caught_from_its_call_cycle() {
 }
 
 #[test]
-fn watch_busy_acyclic_functions_raise_no_alarm_without_history() {
+fn watch_busy_acyclic_functions_with_distinct_keys_raise_no_alarm_without_history() {
     require_root();
-    // Flat out from before attach, but nothing calls itself back.
+    // Flat out from before attach, but nothing calls itself back and no
+    // key repeats.
     let target = Target::fixture(&["max:60"]);
     std::thread::sleep(Duration::from_millis(500));
     let run = cacheloop(
         &watch_args(
             target.pid,
             &["cache_invalidate", "cache_lookup"],
-            &["--fail-on-loop", "--duration", "6s"],
+            // Keys tracked: each call invalidates a new one.
+            &["--key-arg", "0:u64", "--fail-on-loop", "--duration", "6s"],
         ),
         Duration::from_secs(40),
     );
