@@ -262,14 +262,7 @@ impl Probes {
 
     /// Reads every counter, summed over CPUs, into `out` (cleared first).
     pub fn read_counts(&mut self, out: &mut HashMap<CallKey, u64>) -> Result<(), ProbeError> {
-        out.clear();
-        for entry in self.counts.iter() {
-            let (key, per_cpu) = entry.map_err(|source| ProbeError::Map {
-                name: COUNTS_MAP,
-                source,
-            })?;
-            out.insert(key, per_cpu.iter().sum());
-        }
+        sum_per_cpu(&self.counts, COUNTS_MAP, out)?;
         if let Some(logger) = &mut self.logger {
             logger.flush();
         }
@@ -278,15 +271,7 @@ impl Probes {
 
     /// Reads the per-call-site counters, summed over CPUs, into `out`.
     pub fn read_callers(&mut self, out: &mut HashMap<CallerKey, u64>) -> Result<(), ProbeError> {
-        out.clear();
-        for entry in self.callers.iter() {
-            let (key, per_cpu) = entry.map_err(|source| ProbeError::Map {
-                name: CALLERS_MAP,
-                source,
-            })?;
-            out.insert(key, per_cpu.iter().sum());
-        }
-        Ok(())
+        sum_per_cpu(&self.callers, CALLERS_MAP, out)
     }
 
     /// Tells the kernel how to read function `func`'s key argument.
@@ -301,15 +286,7 @@ impl Probes {
 
     /// Reads the per-key counters, summed over CPUs, into `out`.
     pub fn read_keys(&mut self, out: &mut HashMap<KeyId, u64>) -> Result<(), ProbeError> {
-        out.clear();
-        for entry in self.keys.iter() {
-            let (key, per_cpu) = entry.map_err(|source| ProbeError::Map {
-                name: KEYS_MAP,
-                source,
-            })?;
-            out.insert(key, per_cpu.iter().sum());
-        }
-        Ok(())
+        sum_per_cpu(&self.keys, KEYS_MAP, out)
     }
 
     /// The text of a string key, if the kernel still holds it.
@@ -377,6 +354,21 @@ impl Probes {
             .try_into()
             .map_err(ProbeError::Program)
     }
+}
+
+/// Every entry of a per-CPU counter map, summed over CPUs, into `out`
+/// (cleared first).
+fn sum_per_cpu<K: aya::Pod + Eq + std::hash::Hash>(
+    map: &PerCpuHashMap<MapData, K, u64>,
+    name: &'static str,
+    out: &mut HashMap<K, u64>,
+) -> Result<(), ProbeError> {
+    out.clear();
+    for entry in map.iter() {
+        let (key, per_cpu) = entry.map_err(|source| ProbeError::Map { name, source })?;
+        out.insert(key, per_cpu.iter().sum());
+    }
+    Ok(())
 }
 
 fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, ProbeError>
