@@ -33,6 +33,29 @@ fn assert_every_preset_function_fired(run: &Run, preset: &str) {
     }
 }
 
+/// A redis-server of our own on 127.0.0.1:`port`, no persistence.
+fn start_redis(dir: &Path, port: u16, extra: &[&str]) -> Target {
+    let port = port.to_string();
+    let mut args = vec![
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        &port,
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+    ];
+    args.push(dir.to_str().unwrap());
+    args.extend(extra);
+    Target::spawn(
+        Path::new("redis-server"),
+        &args,
+        "Ready to accept connections",
+    )
+}
+
 /// Sends commands to redis-cli on stdin.
 fn redis(port: u16, commands: &str) {
     let mut cli = Command::new("redis-cli")
@@ -54,25 +77,10 @@ fn preset_redis_counts_del_unlink_expiry_and_eviction() {
     require_root();
     let dir = scratch("redis");
     let port = free_port();
-    let redis_server = Target::spawn(
-        Path::new("redis-server"),
-        &[
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            dir.to_str().unwrap(),
-            "--maxmemory-policy",
-            "allkeys-lru",
-            "--hz",
-            "50",
-        ],
-        "Ready to accept connections",
+    let redis_server = start_redis(
+        &dir,
+        port,
+        &["--maxmemory-policy", "allkeys-lru", "--hz", "50"],
     );
     let keys: String = (0..300).map(|i| format!("SET k{i} v{i}\n")).collect();
     redis(port, &keys);
@@ -200,22 +208,7 @@ fn preset_redis_reads_keys_and_catches_a_client_rewriting_the_same_keys() {
     require_root();
     let dir = scratch("redis-keys");
     let port = free_port();
-    let redis_server = Target::spawn(
-        Path::new("redis-server"),
-        &[
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            dir.to_str().unwrap(),
-        ],
-        "Ready to accept connections",
-    );
+    let redis_server = start_redis(&dir, port, &[]);
     let pid = redis_server.pid.to_string();
     let watcher = Cacheloop::start(&[
         "watch",

@@ -6,6 +6,19 @@ use cacheloop_tests::{
     Cacheloop, Target, cacheloop, demo_bin, require_root, watch_args, watch_fixture_args,
 };
 
+/// Watches `pid` with `--fail-on-loop` and `extra`, expects exit 3, and
+/// returns the first loop record.
+fn expect_loop(pid: u32, funcs: &[&str], extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["--fail-on-loop", "--duration", "40s"];
+    args.extend(extra);
+    let run = cacheloop(&watch_args(pid, funcs, &args), Duration::from_secs(60));
+    assert_eq!(run.code, 3, "{run:?}");
+    run.of_type("loop")
+        .into_iter()
+        .next()
+        .expect("a loop record")
+}
+
 #[test]
 fn watch_loop_after_healthy_phase_exits_3_naming_the_function() {
     require_root();
@@ -213,13 +226,7 @@ fn watch_loop_on_few_keys_running_before_attach_is_caught_and_keys_are_hashed() 
     require_root();
     let target = Target::fixture(&["keys:max:60"]);
     std::thread::sleep(Duration::from_millis(500));
-    let extra = ["--key-arg", "0:u64", "--fail-on-loop", "--duration", "30s"];
-    let run = cacheloop(
-        &watch_fixture_args(target.pid, &extra),
-        Duration::from_secs(60),
-    );
-    assert_eq!(run.code, 3, "{run:?}");
-    let record = &run.of_type("loop")[0];
+    let record = expect_loop(target.pid, &["cache_invalidate"], &["--key-arg", "0:u64"]);
     assert_eq!(
         record["evidence"]["rule"]["name"], "repeating_keys",
         "{record}"
@@ -245,20 +252,11 @@ fn demo_cache_loop_running_before_attach_is_caught_from_its_keys() {
     fs::copy(format!("{config}/cycle.deps"), &deps).unwrap();
     let cache = Target::spawn(&demo_bin(), &["--deps", deps.to_str().unwrap()], "ready");
     std::thread::sleep(Duration::from_millis(1000));
-    let extra = [
-        "--key-arg",
-        "0:str",
-        "--show-keys",
-        "--fail-on-loop",
-        "--duration",
-        "30s",
-    ];
-    let run = cacheloop(
-        &watch_fixture_args(cache.pid, &extra),
-        Duration::from_secs(60),
+    let record = expect_loop(
+        cache.pid,
+        &["cache_invalidate"],
+        &["--key-arg", "0:str", "--show-keys"],
     );
-    assert_eq!(run.code, 3, "{run:?}");
-    let record = &run.of_type("loop")[0];
     let keys: Vec<&str> = record["evidence"]["top_keys"]
         .as_array()
         .unwrap()
@@ -315,19 +313,11 @@ fn watch_invalidations_per_request_climbing_is_a_loop() {
     require_root();
     // Requests stay at 150/s; each starts making 400 invalidations.
     let target = Target::fixture(&["req:150:5:2", "req:150:60:400"]);
-    let extra = [
-        "--request-func",
-        "handle_request",
-        "--fail-on-loop",
-        "--duration",
-        "30s",
-    ];
-    let run = cacheloop(
-        &watch_fixture_args(target.pid, &extra),
-        Duration::from_secs(60),
+    let record = expect_loop(
+        target.pid,
+        &["cache_invalidate"],
+        &["--request-func", "handle_request"],
     );
-    assert_eq!(run.code, 3, "{run:?}");
-    let record = &run.of_type("loop")[0];
     assert_eq!(
         record["functions"],
         serde_json::json!(["cache_invalidate"]),
