@@ -45,7 +45,8 @@ struct Requests {
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct PerRequest {
     requests_rate: f64,
-    ratio: f64,
+    /// `None` when nothing was served nor invalidated: no ratio to speak of.
+    ratio: Option<f64>,
     /// The ratio did not rise: requests explain the invalidations.
     explained: bool,
 }
@@ -70,6 +71,14 @@ impl Requests {
                 invalidations += n;
             }
         }
+        let requests_rate = requests as f64 / seconds;
+        if requests == 0 && invalidations == 0 {
+            return Some(PerRequest {
+                requests_rate,
+                ratio: None,
+                explained: true,
+            });
+        }
         let ratio = invalidations as f64 / requests.max(1) as f64;
         let explained = match self.baseline.get(&pid) {
             // The same capped learning as the rate baseline: calm intervals
@@ -88,8 +97,8 @@ impl Requests {
             }
         };
         Some(PerRequest {
-            requests_rate: requests as f64 / seconds,
-            ratio,
+            requests_rate,
+            ratio: Some(ratio),
             explained,
         })
     }
@@ -388,7 +397,9 @@ impl Sampler {
                         ),
                         rss_bytes: usage.rss_bytes,
                         requests_rate: per_request.map(|r| report::round1(r.requests_rate)),
-                        invalidations_per_request: per_request.map(|r| report::round1(r.ratio)),
+                        invalidations_per_request: per_request
+                            .and_then(|r| r.ratio)
+                            .map(report::round1),
                     };
                     health.insert(pid, h);
                     tick.records.push(Record::Health { ts, pid, health: h });
@@ -600,7 +611,7 @@ mod tests {
         // 200 requests/s, two invalidations each.
         for _ in 0..3 {
             let got = r.observe(7, &[200, 400], &is_request, 1.0).unwrap();
-            assert_eq!(got.ratio, 2.0);
+            assert_eq!(got.ratio, Some(2.0));
         }
         // Traffic x10: the ratio holds, requests explain it.
         let surge = r.observe(7, &[2000, 4000], &is_request, 1.0).unwrap();
@@ -611,7 +622,12 @@ mod tests {
         // A loop: requests flat, invalidations x100.
         let looping = r.observe(7, &[200, 40_000], &is_request, 1.0).unwrap();
         assert!(!looping.explained, "{looping:?}");
-        assert_eq!(looping.ratio, 200.0);
+        assert_eq!(looping.ratio, Some(200.0));
+        // An idle interval (the partial one at the end of a run, say) has
+        // no ratio, and does not move the learned one.
+        let idle = r.observe(7, &[0, 0], &is_request, 0.01).unwrap();
+        assert_eq!(idle.ratio, None);
+        assert_eq!(r.baseline[&7], 2.0);
         // Without --request-func there is no such signal.
         assert_eq!(r.observe(7, &[1, 2], &[false, false], 1.0), None);
     }

@@ -300,11 +300,15 @@ fn watch_traffic_surge_explained_by_requests_raises_no_alarm() {
         .map(|s| s["rate"].as_f64().unwrap())
         .fold(0.0, f64::max);
     assert!(peak > 2_500.0, "the surge was seen: {peak}");
-    let ratios: Vec<f64> = run
-        .of_type("health")
+    let health = run.of_type("health");
+    // The last interval may be cut to a few milliseconds by --duration,
+    // where one request and half its invalidations are a fair ratio too.
+    let full = &health[..health.len().saturating_sub(1)];
+    let ratios: Vec<f64> = full
         .iter()
         .filter_map(|h| h["invalidations_per_request"].as_f64())
         .collect();
+    assert!(ratios.len() >= 5, "{ratios:?}");
     assert!(ratios.iter().all(|r| (1.5..=2.5).contains(r)), "{ratios:?}");
 }
 
