@@ -49,12 +49,9 @@ pub fn run(args: &SymbolsArgs) -> anyhow::Result<()> {
             Err(e) => log::debug!("skipping {}: {e}", shown.display()),
         }
     }
-    if tables.iter().all(|t| t.symbols.is_empty()) {
-        return Err(crate::symbols::SymbolError::NoSymbols {
-            path: files[0].1.clone(),
-        }
-        .into());
-    }
+    // No pattern to check: only whether there is anything to list.
+    let all: Vec<&SymbolTable> = tables.iter().collect();
+    crate::symbols::check_matches(&all, &[], "")?;
     let pattern = args.pattern.as_deref().map(Pattern::new).transpose()?;
     let mut rows: Vec<Row> = tables
         .iter()

@@ -175,7 +175,8 @@ impl SymbolTable {
 
     /// The functions matching any of `patterns`, one per file offset (aliases
     /// of one function are probed once), in table order. Unlike
-    /// [`select_all`], a pattern that matches nothing here is not an error.
+    /// [`select`](Self::select), a pattern that matches nothing here is not
+    /// an error.
     pub fn matching<'a>(&'a self, patterns: &[Pattern]) -> Vec<&'a Symbol> {
         let mut offsets = HashMap::new();
         let mut selected = Vec::new();
@@ -190,47 +191,52 @@ impl SymbolTable {
     }
 
     /// Like [`matching`](Self::matching), but each pattern must match at
-    /// least one function in this file.
+    /// least one function in this file ([`check_matches`]).
     pub fn select(&self, patterns: &[Pattern]) -> Result<Vec<&Symbol>, SymbolError> {
-        select_all(
-            std::slice::from_ref(self),
-            patterns,
-            &format!("--binary {}", self.path.display()),
-        )
-        .map(|mut per_table| per_table.remove(0))
+        let hint = format!("--binary {}", self.path.display());
+        check_matches(&[self], patterns, &hint)?;
+        Ok(self.matching(patterns))
     }
 }
 
-/// Selects in several files at once (an executable and its libraries): each
-/// pattern must match somewhere. `hint` completes the `cacheloop symbols`
-/// suggestion (`--pid 42`, `--binary PATH`).
-pub fn select_all<'a>(
-    tables: &'a [SymbolTable],
+/// Checks that each pattern picks some function in `tables`: an executable
+/// first, then the libraries it maps that were searched. A file with no
+/// function symbols at all says so (stripped); otherwise the first pattern
+/// that matches nothing is named, with `hint` completing the `cacheloop
+/// symbols` suggestion (`--pid 42`, `--binary PATH`).
+pub fn check_matches(
+    tables: &[&SymbolTable],
     patterns: &[Pattern],
     hint: &str,
-) -> Result<Vec<Vec<&'a Symbol>>, SymbolError> {
-    let where_ = match tables {
-        [one] => one.path.display().to_string(),
-        _ => format!("{} files", tables.len()),
+) -> Result<(), SymbolError> {
+    let Some(first) = tables.first() else {
+        return Ok(());
     };
     if tables.iter().all(|t| t.symbols.is_empty()) {
         return Err(SymbolError::NoSymbols {
-            path: tables.first().map(|t| t.path.clone()).unwrap_or_default(),
+            path: first.path.clone(),
         });
     }
-    for pattern in patterns {
-        let found = tables
+    let missing = patterns.iter().find(|p| {
+        !tables
             .iter()
-            .any(|t| t.symbols.iter().any(|s| pattern.selects(s)));
-        if !found {
-            return Err(SymbolError::NoMatch {
-                pattern: pattern.text.clone(),
-                where_,
-                hint: hint.to_owned(),
-            });
-        }
+            .any(|t| t.symbols.iter().any(|s| p.selects(s)))
+    });
+    match missing {
+        None => Ok(()),
+        Some(pattern) => Err(SymbolError::NoMatch {
+            pattern: pattern.text.clone(),
+            where_: match tables.len() {
+                1 => first.path.display().to_string(),
+                n => format!(
+                    "{} or the {} libraries it maps",
+                    first.path.display(),
+                    n - 1
+                ),
+            },
+            hint: hint.to_owned(),
+        }),
     }
-    Ok(tables.iter().map(|t| t.matching(patterns)).collect())
 }
 
 /// The names of one raw symbol.
@@ -503,14 +509,20 @@ mod tests {
 
     #[test]
     fn pattern_matching_nothing_in_any_file_names_the_files() {
-        let tables = [table(&[("main", 0x2000)]), table(&[("free", 0x3000)])];
-        let err = select_all(&tables, &patterns(&["lib_fn"]), "--pid 42").unwrap_err();
+        let (exe, lib) = (table(&[("main", 0x2000)]), table(&[("free", 0x3000)]));
+        let err = check_matches(&[&exe, &lib], &patterns(&["lib_fn"]), "--pid 42").unwrap_err();
         assert_eq!(
             err.to_string(),
-            "--func 'lib_fn' matches no function in 2 files; list them with 'cacheloop symbols --pid 42'"
+            "--func 'lib_fn' matches no function in /srv/cache or the 1 libraries it maps; list them with 'cacheloop symbols --pid 42'"
         );
-        let got = select_all(&tables, &patterns(&["free"]), "--pid 42").unwrap();
-        assert_eq!((got[0].len(), got[1].len()), (0, 1));
+        assert!(check_matches(&[&exe, &lib], &patterns(&["free"]), "--pid 42").is_ok());
+    }
+
+    #[test]
+    fn files_without_any_symbols_say_they_are_stripped() {
+        let (bare, also_bare) = (table(&[]), table(&[]));
+        let err = check_matches(&[&bare, &also_bare], &patterns(&["f"]), "--pid 42").unwrap_err();
+        assert!(matches!(err, SymbolError::NoSymbols { .. }), "{err}");
     }
 
     #[test]

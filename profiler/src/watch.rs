@@ -28,7 +28,7 @@ use crate::{
     probes::{AttachRequest, ProbeError, Probes},
     report::{Record, Sink, json::JsonSink, text::TextSink, unix_now},
     sampler::{Sampler, Watched},
-    symbols::{Pattern, SymbolError, SymbolTable},
+    symbols::{Pattern, SymbolError, SymbolTable, check_matches},
     target::{self, Binary, Process},
 };
 
@@ -192,28 +192,19 @@ impl Planner {
             .partition(|p| table.symbols.iter().any(|s| p.selects(s)));
         let mut chosen = vec![(exe, points_of(table.matching(&in_exe)))];
         if !elsewhere.is_empty() {
-            let mut found = vec![false; elsewhere.len()];
-            for library in libraries {
-                let Ok(id) = self.load(library) else { continue };
-                let table = &self.tables[&id];
-                for (seen, pattern) in found.iter_mut().zip(&elsewhere) {
-                    *seen |= table.symbols.iter().any(|s| pattern.selects(s));
-                }
-                chosen.push((library, points_of(table.matching(&elsewhere))));
+            let found: Vec<((u64, u64), &FileTarget)> = libraries
+                .iter()
+                .filter_map(|library| Some((self.load(library).ok()?, library)))
+                .collect();
+            let searched: Vec<&SymbolTable> = std::iter::once(exe_id)
+                .chain(found.iter().map(|(id, _)| *id))
+                .map(|id| &self.tables[&id])
+                .collect();
+            if strict {
+                check_matches(&searched, &elsewhere, hint)?;
             }
-            if let Some(missing) = found.iter().position(|f| !f)
-                && strict
-            {
-                return Err(SymbolError::NoMatch {
-                    pattern: elsewhere[missing].as_str().to_owned(),
-                    where_: format!(
-                        "{} or the {} libraries it maps",
-                        exe.shown.display(),
-                        libraries.len()
-                    ),
-                    hint: hint.to_owned(),
-                }
-                .into());
+            for ((_, library), table) in found.iter().zip(&searched[1..]) {
+                chosen.push((library, points_of(table.matching(&elsewhere))));
             }
         }
         let mut requests = Vec::new();

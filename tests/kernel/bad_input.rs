@@ -178,3 +178,25 @@ fn watch_as_unprivileged_user_exits_1() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("needs root"), "{stderr}");
 }
+
+#[test]
+fn watch_stripped_binary_without_debug_file_exits_2_and_says_so() {
+    require_root();
+    let dir = std::env::temp_dir().join(format!("cacheloop-watch-stripped-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // The C fixture, without the debug file its debuglink names.
+    let bare = dir.join("bare");
+    std::fs::copy(&cacheloop_tests::native().c_cache, &bare).unwrap();
+    refused(
+        &[
+            "watch",
+            "--binary",
+            bare.to_str().unwrap(),
+            "--func",
+            "evict",
+        ],
+        2,
+        "has no function symbols (stripped?)",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
