@@ -172,23 +172,7 @@ impl Detector {
     /// Feeds the rate (calls/s) of one series over an interval of `seconds`.
     /// Returns an event when this interval confirms a loop or a recovery.
     pub fn observe(&mut self, key: SeriesKey, rate: f64, seconds: f64) -> Option<Event> {
-        self.observe_structural(key, rate, seconds, false)
-    }
-
-    /// Like [`observe`](Self::observe), with what the sampler knows
-    /// besides the rate.
-    pub fn observe_structural(
-        &mut self,
-        key: SeriesKey,
-        rate: f64,
-        seconds: f64,
-        structural: bool,
-    ) -> Option<Event> {
-        let signals = Signals {
-            structural,
-            ..Signals::default()
-        };
-        self.observe_with(key, rate, seconds, signals)
+        self.observe_with(key, rate, seconds, Signals::default())
     }
 
     /// Feeds one interval with the sampler's other signals.
@@ -308,6 +292,11 @@ mod tests {
     const KEY: SeriesKey = SeriesKey { pid: 42, func: 0 };
 
     /// Feeds one-second intervals; returns (interval index, event) pairs.
+    const CYCLE: Signals = Signals {
+        structural: true,
+        explained_by_requests: false,
+    };
+
     fn run(detector: &mut Detector, rates: &[f64]) -> Vec<(usize, Event)> {
         rates
             .iter()
@@ -503,7 +492,7 @@ mod tests {
         // The very first intervals are already the loop: no baseline.
         let mut events = Vec::new();
         for i in 0..4 {
-            if let Some(e) = d.observe_structural(KEY, 40_000.0, 1.0, true) {
+            if let Some(e) = d.observe_with(KEY, 40_000.0, 1.0, CYCLE) {
                 events.push((i, e));
             }
         }
@@ -520,7 +509,7 @@ mod tests {
     fn busy_function_without_a_cycle_is_learned_not_flagged() {
         let mut d = Detector::new(Rules::default());
         for _ in 0..10 {
-            assert_eq!(d.observe_structural(KEY, 40_000.0, 1.0, false), None);
+            assert_eq!(d.observe(KEY, 40_000.0, 1.0), None);
         }
         assert_eq!(d.baseline(KEY), Some(40_000.0));
     }
@@ -530,7 +519,7 @@ mod tests {
         // Bounded recursion in normal operation: a cycle, but a calm one.
         let mut d = Detector::new(Rules::default());
         for _ in 0..10 {
-            assert_eq!(d.observe_structural(KEY, 300.0, 1.0, true), None);
+            assert_eq!(d.observe_with(KEY, 300.0, 1.0, CYCLE), None);
         }
     }
 

@@ -194,12 +194,6 @@ impl Probes {
         self.mode
     }
 
-    /// Whether counts of processes other than the watched ones can appear
-    /// (the kernel's pid filter cannot be trusted); the sampler drops them.
-    pub fn needs_pid_filtering(&self) -> bool {
-        !self.pid_filter_ok
-    }
-
     /// Functions attached so far, over all requests.
     pub fn attached(&self) -> usize {
         self.attached

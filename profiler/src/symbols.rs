@@ -86,8 +86,6 @@ pub struct Symbol {
 pub struct SymbolTable {
     pub path: PathBuf,
     pub symbols: Vec<Symbol>,
-    /// The separate debug file the symbols also came from, if any.
-    pub debug_file: Option<PathBuf>,
 }
 
 impl SymbolTable {
@@ -105,11 +103,9 @@ impl SymbolTable {
             .find_map(|candidate| {
                 let in_root = root.join(candidate.strip_prefix("/").unwrap_or(&candidate));
                 let bytes = fs::read(&in_root).ok()?;
-                debug_file_matches(&data, &bytes).then_some((candidate, bytes))
+                debug_file_matches(&data, &bytes).then_some(bytes)
             });
-        let mut table = Self::parse(shown, &data, debug.as_ref().map(|(_, b)| b.as_slice()))?;
-        table.debug_file = debug.map(|(p, _)| p);
-        Ok(table)
+        Self::parse(shown, &data, debug.as_deref())
     }
 
     /// Parses ELF bytes, and those of its debug file if given; `path` is
@@ -169,7 +165,6 @@ impl SymbolTable {
         Ok(Self {
             path: path.to_owned(),
             symbols,
-            debug_file: None,
         })
     }
 
@@ -403,7 +398,6 @@ mod tests {
                     }
                 })
                 .collect(),
-            debug_file: None,
         }
     }
 

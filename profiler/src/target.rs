@@ -102,11 +102,6 @@ impl Process {
         files
     }
 
-    /// The process's command name (`/proc/PID/comm`).
-    pub fn comm(&self) -> Option<String> {
-        read_comm(self.pid)
-    }
-
     /// Whether this very process (not a successor with its pid) still runs.
     pub fn is_alive(&self) -> bool {
         read_stat(self.pid)
@@ -375,7 +370,7 @@ mod tests {
                 .any(|f| f.name.to_string_lossy().contains("libc")),
             "{files:?}"
         );
-        let named = processes_named(&[me.comm().unwrap()]);
+        let named = processes_named(&[read_comm(me.pid).unwrap()]);
         assert!(named.iter().any(|p| p.pid == me.pid));
     }
 
