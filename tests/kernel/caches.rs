@@ -11,7 +11,7 @@ use std::{
 };
 
 use cacheloop_tests::{
-    Cacheloop, Run, Target, free_port, http, presets, require_root, total_calls,
+    Cacheloop, Run, Target, free_port, http, presets, require_root, total_calls, watch_args,
 };
 
 fn scratch(name: &str) -> PathBuf {
@@ -85,17 +85,8 @@ fn preset_redis_counts_del_unlink_expiry_and_eviction() {
     let keys: String = (0..300).map(|i| format!("SET k{i} v{i}\n")).collect();
     redis(port, &keys);
 
-    let pid = redis_server.pid.to_string();
-    let watcher = Cacheloop::start(&[
-        "watch",
-        "--pid",
-        &pid,
-        "--preset",
-        "redis",
-        "--json",
-        "--duration",
-        "8s",
-    ]);
+    let extra = ["--preset", "redis", "--duration", "8s"];
+    let watcher = Cacheloop::start(&watch_args(redis_server.pid, &[], &extra));
     std::thread::sleep(Duration::from_millis(1500));
     redis(
         port,
@@ -209,19 +200,15 @@ fn preset_redis_reads_keys_and_catches_a_client_rewriting_the_same_keys() {
     let dir = scratch("redis-keys");
     let port = free_port();
     let redis_server = start_redis(&dir, port, &[]);
-    let pid = redis_server.pid.to_string();
-    let watcher = Cacheloop::start(&[
-        "watch",
-        "--pid",
-        &pid,
+    let extra = [
         "--preset",
         "redis",
         "--show-keys",
         "--fail-on-loop",
-        "--json",
         "--duration",
         "30s",
-    ]);
+    ];
+    let watcher = Cacheloop::start(&watch_args(redis_server.pid, &[], &extra));
     std::thread::sleep(Duration::from_millis(1500));
     // A client stuck rewriting the same two keys: each write invalidates
     // them (client-side caching), again and again.

@@ -3,7 +3,7 @@
 use std::{fs, time::Duration};
 
 use cacheloop_tests::{
-    Cacheloop, Target, cacheloop, demo_bin, require_root, watch_args, watch_fixture_args,
+    Cacheloop, Target, cacheloop, demo_bin, peak_rate, require_root, watch_args, watch_fixture_args,
 };
 
 /// Watches `pid` with `--fail-on-loop` and `extra`, expects exit 3, and
@@ -103,11 +103,7 @@ fn watch_healthy_bursts_raise_no_alarm() {
     );
     assert_eq!(run.code, 0, "{run:?}");
     assert!(run.of_type("loop").is_empty(), "{}", run.stdout);
-    let peak = run
-        .of_type("sample")
-        .iter()
-        .map(|s| s["rate"].as_f64().unwrap())
-        .fold(0.0, f64::max);
+    let peak = peak_rate(&run, None);
     assert!(peak > 800.0, "the bursts were seen: peak {peak}");
 }
 
@@ -120,18 +116,8 @@ fn demo_cache_dependency_cycle_is_caught_and_explained() {
     let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../demo/config");
     fs::copy(format!("{config}/healthy.deps"), &deps).unwrap();
     let mut cache = Target::spawn(&demo_bin(), &["--deps", deps.to_str().unwrap()], "ready");
-    let pid = cache.pid.to_string();
-    let watcher = Cacheloop::start(&[
-        "watch",
-        "--pid",
-        &pid,
-        "--func",
-        "cache_invalidate",
-        "--fail-on-loop",
-        "--json",
-        "--duration",
-        "40s",
-    ]);
+    let extra = ["--fail-on-loop", "--duration", "40s"];
+    let watcher = Cacheloop::start(&watch_fixture_args(cache.pid, &extra));
     std::thread::sleep(Duration::from_secs(5));
     let staged = dir.join("deps.new");
     fs::copy(format!("{config}/cycle.deps"), &staged).unwrap();
@@ -293,12 +279,7 @@ fn watch_traffic_surge_explained_by_requests_raises_no_alarm() {
     );
     assert_eq!(run.code, 0, "{run:?}");
     assert!(run.of_type("loop").is_empty(), "{}", run.stdout);
-    let peak = run
-        .of_type("sample")
-        .iter()
-        .filter(|s| s["function"] == "cache_invalidate")
-        .map(|s| s["rate"].as_f64().unwrap())
-        .fold(0.0, f64::max);
+    let peak = peak_rate(&run, Some("cache_invalidate"));
     assert!(peak > 2_500.0, "the surge was seen: {peak}");
     let health = run.of_type("health");
     // The last interval may be cut to a few milliseconds by --duration,

@@ -254,6 +254,15 @@ pub fn rates(run: &Run, pid: u32, function: &str) -> Vec<f64> {
         .collect()
 }
 
+/// The highest rate the samples report, for one function or (`None`) all.
+pub fn peak_rate(run: &Run, function: Option<&str>) -> f64 {
+    run.of_type("sample")
+        .iter()
+        .filter(|s| function.is_none_or(|f| s["function"] == f))
+        .map(|s| s["rate"].as_f64().expect("rate"))
+        .fold(0.0, f64::max)
+}
+
 /// What a finished `cacheloop` run left behind.
 #[derive(Debug)]
 pub struct Run {
