@@ -153,6 +153,9 @@ fn watch_without_func_exits_2() {
 #[test]
 fn watch_as_unprivileged_user_exits_1() {
     require_root();
+    if !cacheloop_tests::have_programs(&[("setpriv", "util-linux")]) {
+        return;
+    }
     let target = Target::fixture(&["100:60"]);
     // Drop to nobody, with no capabilities at all.
     let out = Command::new("setpriv")

@@ -3,7 +3,8 @@
 use std::{fs, time::Duration};
 
 use cacheloop_tests::{
-    Cacheloop, Target, cacheloop, demo_bin, peak_rate, require_root, watch_args, watch_fixture_args,
+    Cacheloop, Target, cacheloop, demo_bin, demo_config, peak_rate, require_root, watch_args,
+    watch_fixture_args,
 };
 
 /// Watches `pid` with `--fail-on-loop` and `extra`, expects exit 3, and
@@ -113,14 +114,13 @@ fn demo_cache_dependency_cycle_is_caught_and_explained() {
     let dir = std::env::temp_dir().join(format!("cacheloop-demo-test-{}", std::process::id()));
     fs::create_dir_all(&dir).unwrap();
     let deps = dir.join("deps.conf");
-    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../demo/config");
-    fs::copy(format!("{config}/healthy.deps"), &deps).unwrap();
+    fs::copy(demo_config("healthy.deps"), &deps).unwrap();
     let mut cache = Target::spawn(&demo_bin(), &["--deps", deps.to_str().unwrap()], "ready");
     let extra = ["--fail-on-loop", "--duration", "40s"];
     let watcher = Cacheloop::start(&watch_fixture_args(cache.pid, &extra));
     std::thread::sleep(Duration::from_secs(5));
     let staged = dir.join("deps.new");
-    fs::copy(format!("{config}/cycle.deps"), &staged).unwrap();
+    fs::copy(demo_config("cycle.deps"), &staged).unwrap();
     fs::rename(&staged, &deps).unwrap();
     assert!(
         cache
@@ -234,8 +234,7 @@ fn demo_cache_loop_running_before_attach_is_caught_from_its_keys() {
     let dir = std::env::temp_dir().join(format!("cacheloop-demo-keys-{}", std::process::id()));
     fs::create_dir_all(&dir).unwrap();
     let deps = dir.join("deps.conf");
-    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../demo/config");
-    fs::copy(format!("{config}/cycle.deps"), &deps).unwrap();
+    fs::copy(demo_config("cycle.deps"), &deps).unwrap();
     let cache = Target::spawn(&demo_bin(), &["--deps", deps.to_str().unwrap()], "ready");
     std::thread::sleep(Duration::from_millis(1000));
     let record = expect_loop(

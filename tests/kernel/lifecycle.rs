@@ -127,3 +127,11 @@ fn watch_goes_on_while_other_targets_remain() {
         "the long target is still sampled after: {later}"
     );
 }
+
+/// Fails on purpose: `cargo xtask vm-test --self-test` runs it in a guest
+/// to see that a failing test inside a VM fails the run.
+#[test]
+#[ignore = "fails on purpose; run by `cargo xtask vm-test --self-test`"]
+fn vm_runner_sees_this_test_fail() {
+    panic!("failing on purpose, for the VM runner's self-test");
+}

@@ -10,5 +10,6 @@ mod bad_input;
 mod caches;
 mod counting;
 mod detection;
+mod kernels;
 mod lifecycle;
 mod targeting;

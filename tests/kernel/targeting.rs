@@ -228,6 +228,9 @@ fn watch_by_name_attaches_processes_that_restart() {
 #[test]
 fn watch_process_in_a_container_resolves_its_files_and_reports_its_namespace_pid() {
     require_root();
+    if !cacheloop_tests::have_programs(&[("unshare", "util-linux")]) {
+        return;
+    }
     let (dir, binary) = private_fixture("nsfixture");
     // New mount and pid namespaces: the fixture runs from a tmpfs only that
     // namespace can see, as pid 1.

@@ -5,7 +5,7 @@
 //! dropped, test failures included.
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
     os::unix::{fs::FileExt as _, process::ExitStatusExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -179,60 +179,81 @@ pub struct Native {
     pub uses_lib: PathBuf,
 }
 
-/// Builds the native fixtures (gcc, g++, binutils) on first use.
+/// The native fixtures: prebuilt in `CACHELOOP_NATIVE` (the VM runner ships
+/// them to guests without a compiler), or built on first use by
+/// `fixtures/build.sh` (gcc, g++, binutils).
 pub fn native() -> &'static Native {
     static NATIVE: std::sync::OnceLock<Native> = std::sync::OnceLock::new();
     NATIVE.get_or_init(|| {
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
-        let dir = std::env::temp_dir().join(format!("cacheloop-native-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("fixture dir");
-        let sh = |program: &str, args: &[&str]| {
-            let status = Command::new(program)
-                .args(args)
-                .current_dir(&dir)
-                .status()
-                .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-            assert!(status.success(), "{program} {args:?} failed");
+        let dir = match std::env::var_os("CACHELOOP_NATIVE") {
+            Some(dir) => PathBuf::from(dir),
+            None => {
+                let dir =
+                    std::env::temp_dir().join(format!("cacheloop-native-{}", std::process::id()));
+                let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/build.sh");
+                let status = Command::new("sh")
+                    .arg(&script)
+                    .arg(&dir)
+                    .status()
+                    .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+                assert!(status.success(), "{} failed", script.display());
+                dir
+            }
         };
-        let c = |name: &str| src.join(name).to_str().expect("utf-8 path").to_owned();
-        sh("gcc", &["-O2", "-g", "-o", "c_cache", &c("c_cache.c")]);
-        sh(
-            "objcopy",
-            &["--only-keep-debug", "c_cache", "c_cache.debug"],
-        );
-        sh("strip", &["--strip-all", "c_cache"]);
-        sh("objcopy", &["--add-gnu-debuglink=c_cache.debug", "c_cache"]);
-        sh("g++", &["-O2", "-o", "cpp_cache", &c("cpp_cache.cpp")]);
-        sh(
-            "gcc",
-            &[
-                "-O2",
-                "-shared",
-                "-fPIC",
-                "-o",
-                "libcachehelper.so",
-                &c("libcachehelper.c"),
-            ],
-        );
-        let rpath = format!("-Wl,-rpath,{}", dir.display());
-        sh(
-            "gcc",
-            &[
-                "-O2",
-                "-o",
-                "uses_lib",
-                &c("uses_lib.c"),
-                "-L.",
-                "-lcachehelper",
-                &rpath,
-            ],
-        );
         Native {
             c_cache: dir.join("c_cache"),
             cpp_cache: dir.join("cpp_cache"),
             uses_lib: dir.join("uses_lib"),
         }
     })
+}
+
+/// The demo's dependency configurations: `CACHELOOP_DEMO_CONFIG`, or the
+/// ones in the source tree.
+pub fn demo_config(name: &str) -> PathBuf {
+    std::env::var_os("CACHELOOP_DEMO_CONFIG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../demo/config"))
+        .join(name)
+}
+
+/// Says on stderr that the calling test skips and why. Written straight to
+/// the stream, past libtest's capture, so it shows for a passing test too;
+/// the VM runner counts these lines.
+pub fn skip(why: &str) {
+    let current = std::thread::current();
+    let test = current.name().unwrap_or("a test");
+    let _ = writeln!(std::io::stderr(), "cacheloop-test skipped: {test}: {why}");
+}
+
+/// Whether every program is on PATH; if not, skips the test naming the
+/// first one missing and the Debian package that has it.
+pub fn have_programs(programs: &[(&str, &str)]) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for (program, package) in programs {
+        if !std::env::split_paths(&path).any(|dir| dir.join(program).is_file()) {
+            skip(&format!("needs {program} (Debian package {package})"));
+            return false;
+        }
+    }
+    true
+}
+
+/// The running kernel's (major, minor) version.
+pub fn kernel_version() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+/// The running kernel's release string, for messages.
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|r| r.trim().to_owned())
+        .unwrap_or_default()
 }
 
 /// Sums `calls` over the samples of `function` (all pids when `pid` is

@@ -5,7 +5,7 @@ use std::{
     process::Command,
 };
 
-use crate::setup::TOOLCHAIN;
+use crate::setup::{TARGET, TOOLCHAIN};
 
 /// The workspace root (xtask lives one level below it).
 pub fn root() -> PathBuf {
@@ -13,6 +13,12 @@ pub fn root() -> PathBuf {
         .parent()
         .expect("xtask is inside the workspace")
         .to_owned()
+}
+
+/// Where the build's binaries land: static executables, one build for the
+/// host tests, the VM guests and the demo.
+pub fn bin_dir() -> PathBuf {
+    root().join("target").join(TARGET).join("debug")
 }
 
 /// `cargo +TOOLCHAIN ...` in the workspace, through the rustup proxy.
@@ -45,18 +51,60 @@ pub fn run(mut cmd: Command) -> Result<(), String> {
     }
 }
 
-/// One build of every binary the demo and the tests use. The default
+/// One build of every binary the demo and the tests use, static (musl) so
+/// the same files run on the host and in a minimal VM guest. The default
 /// members only: the eBPF crate builds for the bpf target, through
 /// profiler/build.rs.
 pub fn build() -> Result<(), String> {
-    run(cargo(&["build", "--bins", "--tests"]))
+    run(cargo(&["build", "--target", TARGET, "--bins", "--tests"]))
 }
 
 /// Unit tests, then the kernel tests against the binaries just built.
 pub fn test(extra: &[String]) -> Result<(), String> {
-    let mut cmd = cargo(&["test"]);
+    let mut cmd = cargo(&["test", "--target", TARGET]);
     cmd.args(extra);
     run(cmd)
+}
+
+/// The kernel-test executable of the last build (cargo names it with a
+/// hash; it says which in its JSON messages).
+pub fn kernel_test_binary() -> Result<PathBuf, String> {
+    let mut cmd = cargo(&[
+        "test",
+        "--target",
+        TARGET,
+        "--package",
+        "cacheloop-tests",
+        "--test",
+        "kernel",
+        "--no-run",
+        "--message-format=json",
+    ]);
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("\"reason\":\"compiler-artifact\""))
+        // The package's binaries are built too; the test target is ours.
+        .filter(|l| l.contains("\"kind\":[\"test\"]"))
+        .find_map(|l| json_string(l, "executable"))
+        .map(PathBuf::from)
+        .ok_or_else(|| "cargo named no kernel test executable".to_owned())
+}
+
+/// The string value of `"key":"..."` in one line of JSON (cargo's paths
+/// carry no escapes worth decoding here).
+fn json_string(line: &str, key: &str) -> Option<String> {
+    let start = line.find(&format!("\"{key}\":\""))? + key.len() + 4;
+    let len = line[start..].find('"')?;
+    Some(line[start..start + len].to_owned())
 }
 
 /// What CI checks besides tests.

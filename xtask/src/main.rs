@@ -6,6 +6,8 @@
 //! - `demo`: build, then the postmortem replayed with cacheloop attached.
 //! - `test`: build, install the Debian packages the tests use (Redis,
 //!   Varnish, gcc, g++), then unit tests and kernel tests (root needed).
+//! - `vm-test`: build, then the kernel tests inside VMs booting Debian's
+//!   cloud kernels (6.1 and 6.12 unless `--kernel` says otherwise).
 //! - `check`: rustfmt and clippy, as CI runs them.
 //!
 //! This crate uses std only and builds on the machine's default toolchain:
@@ -14,10 +16,11 @@
 mod cmd;
 mod demo;
 mod setup;
+mod vm;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo xtask <setup|build|demo|test|check> [-- extra cargo test args]";
+const USAGE: &str = "usage: cargo xtask <setup|build|demo|test|vm-test|check> [args]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -28,9 +31,14 @@ fn main() -> ExitCode {
             .and_then(|()| cmd::build())
             .and_then(|()| demo::run()),
         Some("test") => setup::ensure()
-            .and_then(|()| setup::ensure_debian_packages())
+            .and_then(|()| setup::ensure_debian_packages(setup::TEST_PACKAGES))
             .and_then(|()| cmd::build())
             .and_then(|()| cmd::test(&args[1..])),
+        Some("vm-test") => setup::ensure()
+            .and_then(|()| setup::ensure_debian_packages(setup::TEST_PACKAGES))
+            .and_then(|()| setup::ensure_debian_packages(setup::VM_PACKAGES))
+            .and_then(|()| cmd::build())
+            .and_then(|()| vm::run(&args[1..])),
         Some("check") => setup::ensure().and_then(|()| cmd::check()),
         _ => Err(USAGE.to_owned()),
     };

@@ -20,19 +20,25 @@ use crate::cmd::run;
 /// The toolchain the workspace builds with (aya 0.16 needs 1.98).
 pub const TOOLCHAIN: &str = "1.98.0";
 const BPF_LINKER: &str = "0.13.0";
+/// Static executables: one build serves the host tests and VM guests, and
+/// the loader is a single file to copy to a server.
+pub const TARGET: &str = "x86_64-unknown-linux-musl";
 
 /// Debian packages the tests use: real caches to probe, and compilers for
 /// the C and C++ fixtures (binutils splits their debug info).
-const DEBIAN_PACKAGES: &[&str] = &["redis-server", "varnish", "gcc", "g++", "binutils"];
+pub const TEST_PACKAGES: &[&str] = &["redis-server", "varnish", "gcc", "g++", "binutils"];
+
+/// What `vm-test` adds: the emulator, the guest's userland, the packer.
+pub const VM_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio"];
 
 pub fn ensure() -> Result<(), String> {
     ensure_toolchain()?;
     ensure_bpf_linker()
 }
 
-/// Installs the missing packages of `DEBIAN_PACKAGES` with apt-get.
-pub fn ensure_debian_packages() -> Result<(), String> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+/// Installs those of `packages` that are missing, with apt-get.
+pub fn ensure_debian_packages(packages: &[&str]) -> Result<(), String> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|pkg| {
@@ -89,7 +95,7 @@ fn ensure_toolchain() -> Result<(), String> {
     .unwrap_or_default();
     let has = |c: &str| installed.lines().any(|l| l.starts_with(c));
     if has("rust-src") && has("clippy") && has("rustfmt") {
-        return Ok(());
+        return ensure_target();
     }
     eprintln!("xtask: installing Rust {TOOLCHAIN} with rust-src");
     let mut cmd = Command::new("rustup");
@@ -102,7 +108,26 @@ fn ensure_toolchain() -> Result<(), String> {
         "--component",
         "rust-src,rustfmt,clippy",
     ]);
-    run(cmd).map_err(|e| format!("{e}; rustup must be able to download Rust {TOOLCHAIN}"))
+    run(cmd).map_err(|e| format!("{e}; rustup must be able to download Rust {TOOLCHAIN}"))?;
+    ensure_target()
+}
+
+fn ensure_target() -> Result<(), String> {
+    let installed = output(Command::new("rustup").args([
+        "target",
+        "list",
+        "--installed",
+        "--toolchain",
+        TOOLCHAIN,
+    ]))
+    .unwrap_or_default();
+    if installed.lines().any(|l| l.trim() == TARGET) {
+        return Ok(());
+    }
+    eprintln!("xtask: adding the {TARGET} target to Rust {TOOLCHAIN}");
+    let mut cmd = Command::new("rustup");
+    cmd.args(["target", "add", TARGET, "--toolchain", TOOLCHAIN]);
+    run(cmd).map_err(|e| format!("{e}; rustup must be able to download the {TARGET} target"))
 }
 
 fn ensure_bpf_linker() -> Result<(), String> {
