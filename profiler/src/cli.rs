@@ -110,6 +110,13 @@ pub struct WatchArgs {
     #[arg(long, value_name = "N", default_value_t = 2)]
     pub warmup: u32,
 
+    /// The most of a target's time the probes may take, in percent. A hot
+    /// function (a loop calls it flat out) is then probed in a window of
+    /// each interval and its rates are estimates, marked as such; 100 keeps
+    /// the probes in throughout.
+    #[arg(long, value_name = "PERCENT", default_value_t = 10.0)]
+    pub max_overhead: f64,
+
     /// Functions that mark a request served (a glob; repeatable). They are
     /// counted, not judged: each interval reports invalidations per
     /// request, and a rise in invalidations that requests explain (traffic)

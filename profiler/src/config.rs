@@ -63,6 +63,8 @@ pub struct WatchConfig {
     pub key_arg: Option<crate::cli::KeyArg>,
     pub preset_keys: Vec<(&'static str, presets::KeySpec)>,
     pub show_keys: bool,
+    /// `--max-overhead` as a share (0.1 for 10%).
+    pub max_overhead: f64,
 }
 
 impl TryFrom<WatchArgs> for WatchConfig {
@@ -87,6 +89,14 @@ impl TryFrom<WatchArgs> for WatchConfig {
                 flag: "--factor",
                 value: args.factor.to_string(),
                 expected: "a multiple of the baseline greater than 1",
+            });
+        }
+        if !(args.max_overhead.is_finite() && args.max_overhead > 0.0 && args.max_overhead <= 100.0)
+        {
+            return Err(ConfigError::OutOfRange {
+                flag: "--max-overhead",
+                value: args.max_overhead.to_string(),
+                expected: "a percentage above 0 and at most 100",
             });
         }
         if args.sustain == 0 {
@@ -165,6 +175,7 @@ impl TryFrom<WatchArgs> for WatchConfig {
             key_arg: args.key_arg,
             preset_keys: preset.iter().flat_map(|p| p.keys.iter().copied()).collect(),
             show_keys: args.show_keys,
+            max_overhead: args.max_overhead / 100.0,
         })
     }
 }
@@ -219,6 +230,7 @@ mod tests {
             (50.0, 4.0, 2)
         );
         assert_eq!(c.output, Output::Json);
+        assert_eq!(c.max_overhead, 0.1, "10% unless told");
     }
 
     #[test]
@@ -238,6 +250,8 @@ mod tests {
             &["--threshold", "NaN"],
             &["--sustain", "0"],
             &["--duration", "0ms"],
+            &["--max-overhead", "0"],
+            &["--max-overhead", "101"],
         ] {
             assert!(config(args).is_err(), "{args:?}");
         }

@@ -1,7 +1,7 @@
 //! cacheloop: catch cache invalidation loops in live processes.
 //!
 //! Pure modules (no system calls, unit-tested without root): [`symbols`],
-//! [`detect`], [`report`], [`config`], [`cli`], [`presets`], [`cycles`]. Kernel-facing modules:
+//! [`detect`], [`report`], [`config`], [`cli`], [`presets`], [`cycles`], [`governor`]. Kernel-facing modules:
 //! [`probes`] (loads and attaches, owns the links) and [`sampler`] (reads the
 //! counters each interval). [`target`] reads `/proc`. [`watch`] and
 //! [`listing`] are the glue of the two commands.
@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod cycles;
 pub mod detect;
+pub mod governor;
 pub mod listing;
 pub mod presets;
 pub mod probes;

@@ -9,7 +9,12 @@
 //! - uprobes only read the target: the kernel swaps an int3 in at each probed
 //!   address and restores the original instruction on detach.
 
-use std::{collections::HashMap, num::NonZeroU32, path::PathBuf, time::Instant};
+use std::{
+    collections::HashMap,
+    num::NonZeroU32,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -115,8 +120,15 @@ pub struct Probes {
     /// attach for all processes and keep only the watched pids' counts.
     pid_filter_ok: bool,
     attached: usize,
-    /// Links made for one process, to detach when it exits.
-    links: HashMap<u32, Vec<(UProbeLinkId, usize)>>,
+    /// Every request attached, with its link while it is in place: a process's
+    /// are dropped when it exits, and all can be paused and resumed (the
+    /// overhead governor's probe windows).
+    entries: Vec<Entry>,
+}
+
+struct Entry {
+    request: AttachRequest,
+    link: Option<UProbeLinkId>,
 }
 
 /// Functions that can have a key configuration (cookies beyond this count
@@ -186,7 +198,7 @@ impl Probes {
             mode,
             pid_filter_ok,
             attached: 0,
-            links: HashMap::new(),
+            entries: Vec::new(),
         })
     }
 
@@ -201,6 +213,16 @@ impl Probes {
 
     /// Attaches one request.
     pub fn attach(&mut self, request: &AttachRequest) -> Result<(), ProbeError> {
+        let link = self.link(request)?;
+        self.attached += request.points.len();
+        self.entries.push(Entry {
+            request: request.clone(),
+            link: Some(link),
+        });
+        Ok(())
+    }
+
+    fn link(&mut self, request: &AttachRequest) -> Result<UProbeLinkId, ProbeError> {
         let scope = match request.pid.and_then(NonZeroU32::new) {
             Some(pid) if self.pid_filter_ok => UProbeScope::OneProcess(pid),
             _ => UProbeScope::AllProcesses,
@@ -212,21 +234,45 @@ impl Probes {
                 location: UProbeAttachLocation::AbsoluteOffset(offset),
                 cookie: Some(u64::from(cookie)),
             });
-        let prog = self.program_mut()?;
-        let link = prog
+        self.program_mut()?
             .attach(points, &request.path, scope)
             .map_err(|source| ProbeError::Attach {
                 path: request.shown.clone(),
                 pid: request.pid,
                 count: request.points.len(),
                 source,
-            })?;
-        self.attached += request.points.len();
-        if let Some(pid) = request.pid {
-            self.links
-                .entry(pid)
-                .or_default()
-                .push((link, request.points.len()));
+            })
+    }
+
+    fn unlink(&mut self, link: UProbeLinkId) {
+        if let Ok(prog) = self.program_mut()
+            && let Err(e) = prog.detach(link)
+        {
+            log::debug!("detaching a probe link: {e}");
+        }
+    }
+
+    /// Takes every probe out of the targets, keeping the program, maps and
+    /// counters: until [`Probes::resume`], the targets run unprobed.
+    pub fn pause(&mut self) {
+        let links: Vec<UProbeLinkId> = self
+            .entries
+            .iter_mut()
+            .filter_map(|e| e.link.take())
+            .collect();
+        for link in links {
+            self.unlink(link);
+        }
+    }
+
+    /// Puts back what [`Probes::pause`] took out. With uprobe_multi this
+    /// is one link per file and process, milliseconds in all.
+    pub fn resume(&mut self) -> Result<(), ProbeError> {
+        for i in 0..self.entries.len() {
+            if self.entries[i].link.is_none() {
+                let request = self.entries[i].request.clone();
+                self.entries[i].link = Some(self.link(&request)?);
+            }
         }
         Ok(())
     }
@@ -235,12 +281,14 @@ impl Probes {
     /// counters, so that a service that restarts all day does not pile up
     /// links and map slots.
     pub fn forget_process(&mut self, tgid: u32) {
-        for (link, points) in self.links.remove(&tgid).unwrap_or_default() {
-            if let Ok(prog) = self.program_mut() {
-                match prog.detach(link) {
-                    Ok(()) => self.attached -= points,
-                    Err(e) => log::debug!("detaching the probes of pid {tgid}: {e}"),
-                }
+        let (gone, kept): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut self.entries)
+            .into_iter()
+            .partition(|e| e.request.pid == Some(tgid));
+        self.entries = kept;
+        for entry in gone {
+            self.attached -= entry.request.points.len();
+            if let Some(link) = entry.link {
+                self.unlink(link);
             }
         }
         let stale: Vec<CallKey> = self
@@ -252,6 +300,34 @@ impl Probes {
         for key in stale {
             let _ = self.counts.remove(&key);
         }
+    }
+
+    /// Measures what one probe hit costs on this machine: calls a function
+    /// of our own, unprobed and then probed, and returns the difference per
+    /// call. Counted under a cookie no watched function has, in our own pid,
+    /// and removed after.
+    pub fn calibrate(&mut self) -> Result<Duration, ProbeError> {
+        const CALLS: u32 = 2000;
+        let request = self_probe_request()?;
+        let time_calls = || {
+            let started = Instant::now();
+            for i in 0..CALLS {
+                std::hint::black_box(cacheloop_calibration_probe(u64::from(i)));
+            }
+            started.elapsed()
+        };
+        // Warm, then the unprobed run.
+        time_calls();
+        let bare = time_calls();
+        let link = self.link(&request)?;
+        let probed = time_calls();
+        self.unlink(link);
+        let key = CallKey {
+            func: CALIBRATION_COOKIE,
+            tgid: std::process::id(),
+        };
+        let _ = self.counts.remove(&key);
+        Ok(probed.saturating_sub(bare) / CALLS)
     }
 
     /// Reads every counter, summed over CPUs, into `out` (cleared first).
@@ -348,6 +424,38 @@ impl Probes {
             .try_into()
             .map_err(ProbeError::Program)
     }
+}
+
+/// Counted under this cookie while calibrating (no watched function has it).
+const CALIBRATION_COOKIE: u32 = u32::MAX;
+
+/// What [`Probes::calibrate`] probes: a function of ours that does nothing
+/// worth optimising away.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn cacheloop_calibration_probe(x: u64) -> u64 {
+    std::hint::black_box(x.rotate_left(7))
+}
+
+/// Where [`cacheloop_calibration_probe`] is in our own executable, as a
+/// request for our own pid.
+fn self_probe_request() -> Result<AttachRequest, ProbeError> {
+    let address = cacheloop_calibration_probe as *const () as u64;
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    let map = crate::cycles::parse_maps(&maps)
+        .into_iter()
+        .find(|m| (m.start..m.end).contains(&address))
+        .ok_or(ProbeError::Missing {
+            what: "mapping",
+            name: "cacheloop_calibration_probe",
+        })?;
+    let path = PathBuf::from("/proc/self/exe");
+    Ok(AttachRequest {
+        shown: path.clone(),
+        path,
+        pid: Some(std::process::id()),
+        points: vec![(address - map.start + map.offset, CALIBRATION_COOKIE)],
+    })
 }
 
 /// Every entry of a per-CPU counter map, summed over CPUs, into `out`

@@ -155,6 +155,9 @@ pub struct Tick {
     /// No watched process is left, and none can come (no `--binary`, no
     /// `--name`).
     pub all_gone: bool,
+    /// The busiest process's probe hits per probed second (for the
+    /// overhead governor).
+    pub hit_rate: f64,
 }
 
 pub struct Sampler {
@@ -359,11 +362,16 @@ impl Sampler {
             .collect())
     }
 
-    /// Reads the counters and produces this interval's records.
-    pub fn tick(&mut self, probes: &mut Probes) -> Result<Tick, ProbeError> {
+    /// Reads the counters and produces this interval's records. `probed` is
+    /// the share of the interval the probes were in (1 unless the overhead
+    /// governor windowed them): rates are calls per probed second, and
+    /// marked as estimates when that is less than the interval.
+    pub fn tick(&mut self, probes: &mut Probes, probed: f64) -> Result<Tick, ProbeError> {
         probes.read_counts(&mut self.counts)?;
         let now = Instant::now();
         let seconds = now.duration_since(self.last_read).as_secs_f64().max(1e-3);
+        let estimated = probed < 1.0;
+        let window = seconds * probed.clamp(1e-3, 1.0);
         self.last_read = now;
         let ts = report::unix_now();
         let mut tick = Tick::default();
@@ -383,9 +391,12 @@ impl Sampler {
                 let now = self.counts.get(&key).copied().unwrap_or(0);
                 self.calls.push(self.deltas.advance(key, now));
             }
+            tick.hit_rate = tick
+                .hit_rate
+                .max(self.calls.iter().sum::<u64>() as f64 / window);
             let per_request = self
                 .requests
-                .observe(pid, &self.calls, &self.is_request, seconds);
+                .observe(pid, &self.calls, &self.is_request, window);
 
             if let Some(usage) = process.usage() {
                 let before = self.cpu.insert(pid, usage.cpu_nanos);
@@ -408,9 +419,15 @@ impl Sampler {
             for func in 0..self.names.len() as u32 {
                 let calls = self.calls[func as usize];
                 let series = SeriesKey { pid, func };
-                let rate = calls as f64 / seconds;
+                let rate = calls as f64 / window;
+                // Outside a probe window nothing is counted: scale up.
+                let reported = if estimated {
+                    (rate * seconds).round() as u64
+                } else {
+                    calls
+                };
                 let totals = self.totals.entry(series).or_default();
-                totals.calls += calls;
+                totals.calls += reported;
                 totals.peak_rate = totals.peak_rate.max(rate);
                 let fired = totals.calls > 0;
 
@@ -439,9 +456,10 @@ impl Sampler {
                         pid,
                         ns_pid: process.ns_pid,
                         function: self.names[func as usize].clone(),
-                        calls,
+                        calls: reported,
                         rate: report::round1(rate),
                         baseline: self.detector.baseline(series).map(report::round1),
+                        estimated,
                     });
                 }
             }
@@ -472,7 +490,7 @@ impl Sampler {
             top.sort_by_key(|k| std::cmp::Reverse(k.count));
             top.truncate(TOP_KEYS);
             let repeating = group.iter().any(|v| {
-                let calls = (v.rate * seconds) as u64;
+                let calls = (v.rate * window) as u64;
                 keys.get(&v.key).is_some_and(|k| few_keys_carry(k, calls))
             });
             let funcs: Vec<u32> = group.iter().map(|v| v.key.func).collect();

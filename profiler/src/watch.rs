@@ -24,9 +24,10 @@ use crate::{
     config::{Output, WatchConfig},
     cycles::CodeRange,
     detect::Detector,
+    governor::Governor,
     presets::KeySpec,
     probes::{AttachRequest, ProbeError, Probes},
-    report::{Record, Sink, json::JsonSink, text::TextSink, unix_now},
+    report::{self, Record, Sink, json::JsonSink, text::TextSink, unix_now},
     sampler::{Sampler, Watched},
     symbols::{Pattern, SymbolError, SymbolTable, check_matches},
     target::{self, Binary, Process},
@@ -329,6 +330,7 @@ async fn watch(
         .collect();
     let mut stop = deliver(&mut *sink, &records)?;
 
+    let mut windows = Windows::new(config.max_overhead);
     let deadline = config.duration.map(|d| tokio::time::Instant::now() + d);
     let mut ticks = interval_at(
         tokio::time::Instant::now() + config.interval,
@@ -342,15 +344,30 @@ async fn watch(
                 None => std::future::pending().await,
             }
         };
+        let window_end = windows.end;
+        let until_window_end = async {
+            match window_end {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
         let last = tokio::select! {
             _ = ticks.tick() => false,
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             // The last, partial interval still counts.
             () = until_deadline => true,
+            () = until_window_end => {
+                windows.close(&mut probes);
+                continue;
+            }
         };
-        let tick = sampler.tick(&mut probes)?;
+        let probed = windows.probed_share();
+        let tick = sampler.tick(&mut probes, probed)?;
         stop = deliver(&mut *sink, &tick.records)?;
+        if !last && let Some(record) = windows.plan(&mut probes, tick.hit_rate, config.interval)? {
+            stop = deliver(&mut *sink, &[record])?;
+        }
         if tick.loop_found && config.fail_on_loop && matches!(stop, Stop::Done) {
             stop = Stop::Loop;
         } else if last || tick.all_gone {
@@ -383,6 +400,109 @@ async fn watch(
         Stop::Loop => Outcome::LoopFound,
         Stop::Done | Stop::BrokenPipe => Outcome::Finished,
     })
+}
+
+/// The overhead governor's probe windows: when probing throughout would
+/// cost a target more than `--max-overhead`, the probes go in at each tick
+/// and come out after the governor's share of the interval.
+struct Windows {
+    budget: f64,
+    /// Created once hits are frequent enough to need it: it measures the
+    /// cost of a hit first (a few milliseconds).
+    governor: Option<Governor>,
+    /// When the probes went in (None: out).
+    since: Option<Instant>,
+    /// Probed time and wall time since the last tick.
+    probed: std::time::Duration,
+    tick_at: Instant,
+    /// When the probes come out in this interval.
+    end: Option<Instant>,
+}
+
+/// Calibrating waits until hits could cost this much each and still break
+/// the budget (TCG guests measure 27-45 us a hit; real machines far less).
+const WORST_HIT_COST: f64 = 100e-6;
+
+impl Windows {
+    fn new(budget: f64) -> Self {
+        let now = Instant::now();
+        Self {
+            budget,
+            governor: None,
+            since: Some(now),
+            probed: std::time::Duration::ZERO,
+            tick_at: now,
+            end: None,
+        }
+    }
+
+    /// Share of the interval now ending that the probes were in; starts
+    /// the next.
+    fn probed_share(&mut self) -> f64 {
+        let now = Instant::now();
+        if let Some(since) = self.since {
+            self.probed += now - since;
+            self.since = Some(now);
+        }
+        let wall = now - std::mem::replace(&mut self.tick_at, now);
+        let share = self.probed.as_secs_f64() / wall.as_secs_f64().max(1e-6);
+        self.probed = std::time::Duration::ZERO;
+        share.min(1.0)
+    }
+
+    /// The window is over: probes out until the next tick.
+    fn close(&mut self, probes: &mut Probes) {
+        probes.pause();
+        if let Some(since) = self.since.take() {
+            self.probed += since.elapsed();
+        }
+        self.end = None;
+    }
+
+    /// After a tick: asks the governor about the next interval and puts the
+    /// probes in (for a window, or throughout). Returns a record when the
+    /// plan changed.
+    fn plan(
+        &mut self,
+        probes: &mut Probes,
+        hit_rate: f64,
+        interval: std::time::Duration,
+    ) -> anyhow::Result<Option<Record>> {
+        if self.budget >= 1.0 {
+            return Ok(None);
+        }
+        if self.governor.is_none() && hit_rate * WORST_HIT_COST > self.budget {
+            match probes.calibrate() {
+                Ok(cost) => {
+                    log::info!("one probe hit costs {cost:?} here");
+                    self.governor = Some(Governor::new(self.budget, cost.as_secs_f64()));
+                }
+                Err(e) => {
+                    log::warn!(
+                        "cannot measure the cost of a probe hit ({e}); --max-overhead is off"
+                    );
+                    self.budget = 1.0;
+                }
+            }
+        }
+        let Some(governor) = &mut self.governor else {
+            return Ok(None);
+        };
+        let plan = governor.observe(hit_rate);
+        let exposure = governor.exposure();
+        if self.since.is_none() {
+            probes.resume().context("cannot put the probes back in")?;
+            self.since = Some(Instant::now());
+        }
+        self.end = (exposure < 1.0).then(|| Instant::now() + interval.mul_f64(exposure));
+        Ok(plan.map(|p| Record::Governor {
+            ts: unix_now(),
+            probed_percent: report::round1(p.exposure * 100.0),
+            full_overhead_percent: report::round1(p.full_overhead * 100.0),
+            max_overhead_percent: self.budget * 100.0,
+            probe_cost_us: report::round1(governor.cost() * 1e6),
+        }))
+    }
 }
 
 /// `--name`: probes processes of those names that started since the last

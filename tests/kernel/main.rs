@@ -12,4 +12,5 @@ mod counting;
 mod detection;
 mod kernels;
 mod lifecycle;
+mod overhead;
 mod targeting;

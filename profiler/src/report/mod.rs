@@ -42,6 +42,20 @@ pub enum Record {
         /// Seconds from start-up to this record.
         attach_seconds: f64,
     },
+    /// The overhead governor (`--max-overhead`) changed how much of each
+    /// interval the probes stay in.
+    Governor {
+        ts: f64,
+        /// Share of each interval the probes are in, percent (100 =
+        /// throughout; below that, rates are estimates).
+        probed_percent: f64,
+        /// What probing throughout would cost the busiest target, percent
+        /// of its time.
+        full_overhead_percent: f64,
+        max_overhead_percent: f64,
+        /// What one probe hit costs, measured at start-up.
+        probe_cost_us: f64,
+    },
     /// Calls of one function in one process over the last interval.
     Sample {
         ts: f64,
@@ -55,6 +69,10 @@ pub enum Record {
         /// The detector's learned rate, once it has one.
         #[serde(skip_serializing_if = "Option::is_none")]
         baseline: Option<f64>,
+        /// `calls` and `rate` are estimated from a probe window (the
+        /// overhead governor kept the probes out for part of the interval).
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        estimated: bool,
     },
     /// What a watched process costs over the last interval.
     Health {
@@ -525,6 +543,7 @@ mod tests {
             calls: 200,
             rate: 199.8,
             baseline: None,
+            estimated: false,
         };
         assert_eq!(
             serde_json::to_string(&rec).unwrap(),

@@ -15,8 +15,9 @@ pub struct TextSink<W: Write> {
     out: W,
     started: Option<f64>,
     header_done: bool,
-    /// (rate, pid, function, calls, baseline) of this interval's samples.
-    rows: Vec<(f64, u32, String, u64, Option<f64>)>,
+    /// (rate, pid, function, calls, baseline, estimated) of this
+    /// interval's samples.
+    rows: Vec<(f64, u32, String, u64, Option<f64>, bool)>,
     looping: HashSet<(u32, String)>,
     /// (pid, health) of this interval.
     health: Vec<(u32, super::Health)>,
@@ -74,11 +75,33 @@ impl<W: Write> Sink for TextSink<W> {
                 calls,
                 rate,
                 baseline,
+                estimated,
                 ..
             } => {
                 self.rows
-                    .push((*rate, *pid, function.clone(), *calls, *baseline));
+                    .push((*rate, *pid, function.clone(), *calls, *baseline, *estimated));
                 Ok(())
+            }
+            Record::Governor {
+                ts,
+                probed_percent,
+                full_overhead_percent,
+                max_overhead_percent,
+                probe_cost_us,
+            } => {
+                let at = self.elapsed(*ts);
+                if *probed_percent >= 100.0 {
+                    writeln!(
+                        self.out,
+                        "-- {at:.1}s probes back in throughout: they cost ~{full_overhead_percent:.1}% of the target's time (limit {max_overhead_percent}%)"
+                    )
+                } else {
+                    writeln!(
+                        self.out,
+                        "-- {at:.1}s probes in for {probed_percent:.0}% of each interval: left in they would cost ~{full_overhead_percent:.0}% of the target's time \
+                         ({probe_cost_us:.1} us a hit; limit {max_overhead_percent}%); rates marked ~ are estimates from those windows"
+                    )
+                }
             }
             Record::Loop {
                 ts,
@@ -179,17 +202,19 @@ impl<W: Write> Sink for TextSink<W> {
         let at = self.elapsed(now);
         self.rows
             .sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-        for (rate, pid, function, calls, baseline) in self.rows.iter().take(TOP) {
+        for (rate, pid, function, calls, baseline, estimated) in self.rows.iter().take(TOP) {
             let flag = if self.looping.contains(&(*pid, function.clone())) {
                 "  << LOOP"
             } else {
                 ""
             };
             let baseline = baseline.map_or_else(|| "learning".to_owned(), thousands);
+            let approx = if *estimated { "~" } else { "" };
             writeln!(
                 self.out,
-                "{at:>6.1}s  {pid:>7}  {function:<32} {calls:>9} {:>10} {baseline:>10}{flag}",
-                thousands(*rate),
+                "{at:>6.1}s  {pid:>7}  {function:<32} {:>9} {:>10} {baseline:>10}{flag}",
+                format!("{approx}{calls}"),
+                format!("{approx}{}", thousands(*rate)),
             )?;
         }
         if self.rows.len() > TOP {
@@ -278,6 +303,7 @@ mod tests {
             calls: rate as u64,
             rate,
             baseline: Some(100.0),
+            estimated: false,
         }
     }
 

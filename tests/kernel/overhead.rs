@@ -1,0 +1,72 @@
+//! The overhead governor (`--max-overhead`): a function called flat out is
+//! probed in windows, its rates are marked as estimates, and the loop is
+//! still caught. How much throughput the target keeps is a benchmark
+//! (`cargo xtask bench`), not a test: timings are noise here.
+
+use std::time::Duration;
+
+use cacheloop_tests::{Target, cacheloop, require_root, watch_fixture_args};
+
+const INT3: u8 = 0xcc;
+
+#[test]
+fn watch_hot_function_under_max_overhead_is_probed_in_windows_and_the_loop_still_caught() {
+    require_root();
+    let target = Target::fixture(&["200:6", "max:40"]);
+    let addr = target.invalidate_addr();
+    let extra = ["--fail-on-loop", "--duration", "40s", "--max-overhead", "5"];
+    let run = cacheloop(
+        &watch_fixture_args(target.pid, &extra),
+        Duration::from_secs(60),
+    );
+    assert_eq!(run.code, 3, "{run:?}");
+
+    let governor = run.of_type("governor");
+    let first = governor.first().expect("the governor stepped in");
+    let probed = first["probed_percent"].as_f64().unwrap();
+    assert!((1.0..100.0).contains(&probed), "{first}");
+    assert!(
+        first["full_overhead_percent"].as_f64().unwrap() > 5.0,
+        "{first}"
+    );
+    assert!(first["probe_cost_us"].as_f64().unwrap() > 0.0, "{first}");
+    assert_eq!(first["max_overhead_percent"], 5.0);
+
+    // The healthy phase was probed throughout; the runaway in windows.
+    let samples = run.of_type("sample");
+    assert_eq!(
+        samples[0]["estimated"],
+        serde_json::Value::Null,
+        "{}",
+        samples[0]
+    );
+    assert!(
+        samples.iter().any(|s| s["estimated"] == true),
+        "{}",
+        run.stdout
+    );
+    let record = &run.of_type("loop")[0];
+    assert_eq!(record["functions"][0], "cache_invalidate");
+    // Whether it ended inside a window or not, nothing is left behind.
+    assert_ne!(target.code_at(addr, 1)[0], INT3, "probe removed");
+}
+
+#[test]
+fn watch_max_overhead_100_keeps_the_probes_in_throughout() {
+    require_root();
+    let target = Target::fixture(&["max:30"]);
+    let extra = ["--duration", "3s", "--max-overhead", "100"];
+    let run = cacheloop(
+        &watch_fixture_args(target.pid, &extra),
+        Duration::from_secs(30),
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.of_type("governor").is_empty(), "{}", run.stdout);
+    let samples = run.of_type("sample");
+    assert!(!samples.is_empty());
+    assert!(
+        samples.iter().all(|s| s["estimated"].is_null()),
+        "{}",
+        run.stdout
+    );
+}
