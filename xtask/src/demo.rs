@@ -19,17 +19,28 @@ use crate::cmd::root;
 const HEALTHY_SECONDS: u64 = 6;
 
 pub fn run() -> Result<(), String> {
+    replay(&crate::cmd::bin_dir(), false).map(drop)
+}
+
+/// The demo with the binaries in `bin`; returns the seconds from the bad
+/// rules going live to cacheloop's verdict. `quiet` (the benchmark) shows
+/// nothing of it.
+pub fn replay(bin: &std::path::Path, quiet: bool) -> Result<f64, String> {
     let root = root();
-    let bin = root.join("target/debug");
+    let say = |line: &str| {
+        if !quiet {
+            println!("{line}");
+        }
+    };
     let work = root.join("target/demo");
     fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
     let deps = work.join("deps.conf");
     fs::copy(root.join("demo/config/healthy.deps"), &deps)
         .map_err(|e| format!("cannot write {}: {e}", deps.display()))?;
 
-    println!("== cacheloop demo: the invalidation-loop postmortem, replayed");
-    println!("== demo-cache serves 2,000 reads/s and 100 writes/s; each write invalidates");
-    println!("== a key and, through the dependency rules, the keys that depend on it.\n");
+    say("== cacheloop demo: the invalidation-loop postmortem, replayed");
+    say("== demo-cache serves 2,000 reads/s and 100 writes/s; each write invalidates");
+    say("== a key and, through the dependency rules, the keys that depend on it.\n");
 
     let mut cache = Command::new(bin.join("demo-cache"))
         .arg("--deps")
@@ -45,12 +56,14 @@ pub fn run() -> Result<(), String> {
         .ok_or("demo-cache did not start")?;
     // Keep reading its output so it never blocks on a full pipe.
     thread::spawn(move || {
-        lines
-            .map_while(Result::ok)
-            .for_each(|l| println!("   [demo-cache] {l}"))
+        lines.map_while(Result::ok).for_each(|l| {
+            if !quiet {
+                println!("   [demo-cache] {l}")
+            }
+        })
     });
 
-    let result = watch_and_break(&bin, &pid, &deps, &root);
+    let result = watch_and_break(bin, &pid, &deps, &root, quiet);
     // Ours, by its pid.
     let _ = cache.kill();
     let _ = cache.wait();
@@ -62,9 +75,16 @@ fn watch_and_break(
     pid: &str,
     deps: &std::path::Path,
     root: &std::path::Path,
-) -> Result<(), String> {
-    println!("$ cacheloop watch --pid {pid} --func 'cache_*' --fail-on-loop\n");
-    let mut watcher = Command::new(bin.join("cacheloop"))
+    quiet: bool,
+) -> Result<f64, String> {
+    if !quiet {
+        println!("$ cacheloop watch --pid {pid} --func 'cache_*' --fail-on-loop\n");
+    }
+    let mut watcher = Command::new(bin.join("cacheloop"));
+    if quiet {
+        watcher.stdout(Stdio::null());
+    }
+    let mut watcher = watcher
         .args([
             "watch",
             "--pid",
@@ -79,7 +99,11 @@ fn watch_and_break(
         .map_err(|e| format!("cannot start cacheloop: {e}"))?;
 
     thread::sleep(Duration::from_secs(HEALTHY_SECONDS));
-    println!("\n== deploying the new dependency rules: fragment:nav -> page:catalog (a cycle)\n");
+    if !quiet {
+        println!(
+            "\n== deploying the new dependency rules: fragment:nav -> page:catalog (a cycle)\n"
+        );
+    }
     let staged = deps.with_extension("new");
     fs::copy(root.join("demo/config/cycle.deps"), &staged).map_err(|e| e.to_string())?;
     fs::rename(&staged, deps).map_err(|e| e.to_string())?;
@@ -89,11 +113,13 @@ fn watch_and_break(
     let caught = deployed.elapsed().as_secs_f64();
     match status.code() {
         Some(3) => {
-            println!(
-                "\n== caught: cacheloop exited 3 (loop found) {caught:.1} s after the bad rules went live."
-            );
-            println!("== In the incident this took people more than two hours.");
-            Ok(())
+            if !quiet {
+                println!(
+                    "\n== caught: cacheloop exited 3 (loop found) {caught:.1} s after the bad rules went live."
+                );
+                println!("== In the incident this took people more than two hours.");
+            }
+            Ok(caught)
         }
         other => Err(format!(
             "cacheloop exited with {other:?}, not 3: the loop was not caught"

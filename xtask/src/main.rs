@@ -8,11 +8,13 @@
 //!   Varnish, gcc, g++), then unit tests and kernel tests (root needed).
 //! - `vm-test`: build, then the kernel tests inside VMs booting Debian's
 //!   cloud kernels (6.1 and 6.12 unless `--kernel` says otherwise).
+//! - `bench`: cacheloop against bpftrace, written to BENCHMARKS.md.
 //! - `check`: rustfmt and clippy, as CI runs them.
 //!
 //! This crate uses std only and builds on the machine's default toolchain:
 //! it is what installs the toolchain the rest of the workspace needs.
 
+mod bench;
 mod cmd;
 mod demo;
 mod setup;
@@ -20,7 +22,7 @@ mod vm;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo xtask <setup|build|demo|test|vm-test|check> [args]";
+const USAGE: &str = "usage: cargo xtask <setup|build|demo|test|vm-test|bench|check> [args]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -39,6 +41,9 @@ fn main() -> ExitCode {
             .and_then(|()| setup::ensure_debian_packages(setup::VM_PACKAGES))
             .and_then(|()| cmd::build())
             .and_then(|()| vm::run(&args[1..])),
+        Some("bench") => setup::ensure()
+            .and_then(|()| setup::ensure_debian_packages(setup::BENCH_PACKAGES))
+            .and_then(|()| bench::run(&args[1..])),
         Some("check") => setup::ensure().and_then(|()| cmd::check()),
         _ => Err(USAGE.to_owned()),
     };

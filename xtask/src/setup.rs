@@ -28,6 +28,10 @@ pub const TARGET: &str = "x86_64-unknown-linux-musl";
 /// the C and C++ fixtures (binutils splits their debug info).
 pub const TEST_PACKAGES: &[&str] = &["redis-server", "varnish", "gcc", "g++", "binutils"];
 
+/// What `bench` uses: the tools compared, the chroot maker for the newer
+/// bpftrace, GNU time for peak RSS, and gcc for the target.
+pub const BENCH_PACKAGES: &[&str] = &["bpftrace", "debootstrap", "time", "gcc"];
+
 /// What `vm-test` adds: the emulator, the guest's userland, the packer.
 pub const VM_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio"];
 
