@@ -485,7 +485,11 @@ impl Sampler {
             }
             let mut top: Vec<KeyCount> = by_key
                 .into_iter()
-                .map(|(key, count)| KeyCount { key, count })
+                // Counted in the probe window; scaled like the calls.
+                .map(|(key, count)| KeyCount {
+                    key,
+                    count: (count as f64 * seconds / window).round() as u64,
+                })
                 .collect();
             top.sort_by_key(|k| std::cmp::Reverse(k.count));
             top.truncate(TOP_KEYS);
