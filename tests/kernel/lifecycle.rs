@@ -94,7 +94,9 @@ fn watch_target_exit_mid_run_is_reported_and_ends_the_run() {
 #[test]
 fn watch_goes_on_while_other_targets_remain() {
     require_root();
-    let short = Target::fixture(&["200:1", "--exit"]);
+    // Long enough to outlive attaching in a TCG guest (0.3-0.6 s to load
+    // and attach there, plus starting the second fixture).
+    let short = Target::fixture(&["200:3", "--exit"]);
     let long = Target::fixture(&["200:60"]);
     let (a, b) = (short.pid.to_string(), long.pid.to_string());
     let run = cacheloop(
@@ -107,7 +109,7 @@ fn watch_goes_on_while_other_targets_remain() {
             "--func",
             "cache_invalidate",
             "--duration",
-            "5s",
+            "7s",
             "--json",
         ],
         Duration::from_secs(30),
