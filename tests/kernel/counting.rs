@@ -3,17 +3,8 @@
 use std::{fs, time::Duration};
 
 use cacheloop_tests::{
-    Cacheloop, Target, cacheloop, fixture_bin, require_root, watch_fixture_args,
+    Cacheloop, Run, Target, cacheloop, fixture_bin, rates, require_root, watch_fixture_args,
 };
-use serde_json::Value;
-
-fn rates_of(samples: &[Value], pid: u32, function: &str) -> Vec<f64> {
-    samples
-        .iter()
-        .filter(|s| s["pid"] == pid && s["function"] == function)
-        .map(|s| s["rate"].as_f64().expect("rate"))
-        .collect()
-}
 
 #[test]
 fn watch_by_pid_scripted_200_per_second_is_reported_within_10_percent() {
@@ -26,7 +17,7 @@ fn watch_by_pid_scripted_200_per_second_is_reported_within_10_percent() {
     );
     assert_eq!(run.code, 0, "{run:?}");
     let samples = run.of_type("sample");
-    let rates = rates_of(&samples, target.pid, "cache_invalidate");
+    let rates = rates(&run, target.pid, "cache_invalidate");
     // Five 1 s intervals; the last may be cut short by --duration.
     assert!(rates.len() >= 4, "{rates:?}");
     for rate in &rates[..4] {
@@ -73,10 +64,9 @@ fn watch_by_binary_counts_each_process_apart_including_later_ones() {
     let fast = Target::spawn(&binary, &["300:60"], "ready");
     let run = watcher.finish(Duration::from_secs(30));
     assert_eq!(run.code, 0, "{run:?}");
-    let samples = run.of_type("sample");
     // The late process started mid-interval: its first sample is partial.
     for (target, expected, full) in [(&slow, 100.0, 0), (&fast, 300.0, 1)] {
-        let rates = rates_of(&samples, target.pid, "cache_invalidate");
+        let rates = rates(&run, target.pid, "cache_invalidate");
         assert!(rates.len() >= full + 3, "pid {}: {rates:?}", target.pid);
         for rate in &rates[full..full + 3] {
             let error = (rate - expected).abs() / expected;
@@ -92,6 +82,13 @@ fn watch_by_binary_counts_each_process_apart_including_later_ones() {
 #[test]
 fn watch_glob_over_several_functions_counts_each() {
     require_root();
+    watch_glob_over_cache_functions();
+}
+
+/// Watches the fixture's three `cache_*` functions for 3 s and checks each
+/// is attached and counted (`cache_flush_all` is never called). Returns
+/// the run for the kernel-specific checks of `kernels.rs`.
+pub fn watch_glob_over_cache_functions() -> Run {
     let target = Target::fixture(&["150:60"]);
     let pid = target.pid.to_string();
     let run = cacheloop(
@@ -120,15 +117,15 @@ fn watch_glob_over_several_functions_counts_each() {
         functions,
         ["cache_flush_all", "cache_invalidate", "cache_lookup"]
     );
-    let samples = run.of_type("sample");
     // Called once per cache_invalidate: same rate.
-    let lookups = rates_of(&samples, target.pid, "cache_lookup");
+    let lookups = rates(&run, target.pid, "cache_lookup");
     assert!((135.0..=165.0).contains(&lookups[0]), "{lookups:?}");
     // Never called: no samples at all.
-    assert!(rates_of(&samples, target.pid, "cache_flush_all").is_empty());
+    assert!(rates(&run, target.pid, "cache_flush_all").is_empty());
     let detached = run.records().pop().unwrap();
     assert_eq!(
         detached["never_called"],
         serde_json::json!(["cache_flush_all"])
     );
+    run
 }
