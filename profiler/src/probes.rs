@@ -119,7 +119,6 @@ pub struct Probes {
     /// threads). Early uprobe_multi kernels filtered one thread only; then we
     /// attach for all processes and keep only the watched pids' counts.
     pid_filter_ok: bool,
-    attached: usize,
     /// Every request attached, with its link while it is in place: a process's
     /// are dropped when it exits, and all can be paused and resumed (the
     /// overhead governor's probe windows).
@@ -197,7 +196,6 @@ impl Probes {
             program,
             mode,
             pid_filter_ok,
-            attached: 0,
             entries: Vec::new(),
         })
     }
@@ -206,15 +204,14 @@ impl Probes {
         self.mode
     }
 
-    /// Functions attached so far, over all requests.
+    /// Functions attached, over all requests (paused ones included).
     pub fn attached(&self) -> usize {
-        self.attached
+        self.entries.iter().map(|e| e.request.points.len()).sum()
     }
 
     /// Attaches one request.
     pub fn attach(&mut self, request: &AttachRequest) -> Result<(), ProbeError> {
         let link = self.link(request)?;
-        self.attached += request.points.len();
         self.entries.push(Entry {
             request: request.clone(),
             link: Some(link),
@@ -268,13 +265,16 @@ impl Probes {
     /// Puts back what [`Probes::pause`] took out. With uprobe_multi this
     /// is one link per file and process, milliseconds in all.
     pub fn resume(&mut self) -> Result<(), ProbeError> {
-        for i in 0..self.entries.len() {
-            if self.entries[i].link.is_none() {
-                let request = self.entries[i].request.clone();
-                self.entries[i].link = Some(self.link(&request)?);
-            }
-        }
-        Ok(())
+        let mut entries = std::mem::take(&mut self.entries);
+        let linked = entries
+            .iter_mut()
+            .filter(|e| e.link.is_none())
+            .try_for_each(|e| {
+                e.link = Some(self.link(&e.request)?);
+                Ok(())
+            });
+        self.entries = entries;
+        linked
     }
 
     /// Detaches the links made for one process (it exited) and removes its
@@ -286,7 +286,6 @@ impl Probes {
             .partition(|e| e.request.pid == Some(tgid));
         self.entries = kept;
         for entry in gone {
-            self.attached -= entry.request.points.len();
             if let Some(link) = entry.link {
                 self.unlink(link);
             }
