@@ -30,6 +30,9 @@ use crate::cmd;
 use tools::{Chroot, Setup, Tool};
 
 const HOT_SECONDS: u32 = 8;
+/// Throughput rows, named as the goals look them up.
+const CACHELOOP_ALL_HITS: &str = "cacheloop --max-overhead 100";
+const CACHELOOP_GOVERNED: &str = "cacheloop --max-overhead 5";
 const CPU_RATE: u32 = 10_000;
 
 pub fn run(args: &[String]) -> Result<(), String> {
@@ -128,20 +131,25 @@ pub fn run(args: &[String]) -> Result<(), String> {
     report
         .throughput
         .push(("unprobed".to_owned(), median(&mut unprobed)));
-    let mut cases: Vec<(String, Tool, &[&str])> = tools
-        .iter()
-        .map(|&t| (t.name().to_owned(), t, &[][..]))
-        .collect();
-    cases[0] = (
-        "cacheloop --max-overhead 100".to_owned(),
-        Tool::Cacheloop,
-        &["--max-overhead", "100"][..],
+    // cacheloop twice: governor off (the per-hit cost against bpftrace's)
+    // and at 5% (what a flat-out target keeps).
+    let mut cases: Vec<(String, Tool, &[&str])> = vec![
+        (
+            CACHELOOP_ALL_HITS.to_owned(),
+            Tool::Cacheloop,
+            &["--max-overhead", "100"],
+        ),
+        (
+            CACHELOOP_GOVERNED.to_owned(),
+            Tool::Cacheloop,
+            &["--max-overhead", "5"],
+        ),
+    ];
+    cases.extend(
+        tools[1..]
+            .iter()
+            .map(|&t| (t.name().to_owned(), t, &[][..])),
     );
-    cases.push((
-        "cacheloop --max-overhead 5".to_owned(),
-        Tool::Cacheloop,
-        &["--max-overhead", "5"][..],
-    ));
     for (label, tool, extra) in &cases {
         let mut rates: Vec<f64> = (0..runs)
             .map(|_| throughput(&setup, Some((*tool, *extra))))
@@ -530,7 +538,7 @@ question goes away: the hot function is probed in windows."
             );
             goal(
                 &format!("throughput probed at least 0.95x of bpftrace {name}'s"),
-                ratio(thr("cacheloop --max-overhead 100"), thr(bp.name())),
+                ratio(thr(CACHELOOP_ALL_HITS), thr(bp.name())),
                 0.95,
                 false,
                 &|v| format!("{v:.3}x"),
@@ -538,7 +546,7 @@ question goes away: the hot function is probed in windows."
         }
         goal(
             "flat-out target keeps at least 80% of unprobed throughput under --max-overhead 5",
-            ratio(thr("cacheloop --max-overhead 5"), Some(unprobed)),
+            ratio(thr(CACHELOOP_GOVERNED), Some(unprobed)),
             0.8,
             false,
             &|v| format!("{:.1}%", v * 100.0),
