@@ -1,5 +1,5 @@
 //! Installs what the build needs, once: the pinned Rust toolchain with
-//! rust-src, and bpf-linker linked to that toolchain's own libLLVM.
+//! rust-src and the static (musl) target, and bpf-linker linked to that toolchain's own libLLVM.
 //!
 //! Facts this rests on (checked on Debian 12): a plain `cargo install
 //! bpf-linker` looks for a system LLVM that Debian 12 does not have; linking
@@ -37,6 +37,7 @@ pub const VM_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio"];
 
 pub fn ensure() -> Result<(), String> {
     ensure_toolchain()?;
+    ensure_target()?;
     ensure_bpf_linker()
 }
 
@@ -88,18 +89,18 @@ fn output(cmd: &mut Command) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// What `rustup <kind> list --installed` says for the pinned toolchain
+/// (`component` or `target`), one per line.
+fn rustup_installed(kind: &str) -> String {
+    output(Command::new("rustup").args([kind, "list", "--installed", "--toolchain", TOOLCHAIN]))
+        .unwrap_or_default()
+}
+
 fn ensure_toolchain() -> Result<(), String> {
-    let installed = output(Command::new("rustup").args([
-        "component",
-        "list",
-        "--installed",
-        "--toolchain",
-        TOOLCHAIN,
-    ]))
-    .unwrap_or_default();
+    let installed = rustup_installed("component");
     let has = |c: &str| installed.lines().any(|l| l.starts_with(c));
     if has("rust-src") && has("clippy") && has("rustfmt") {
-        return ensure_target();
+        return Ok(());
     }
     eprintln!("xtask: installing Rust {TOOLCHAIN} with rust-src");
     let mut cmd = Command::new("rustup");
@@ -112,20 +113,14 @@ fn ensure_toolchain() -> Result<(), String> {
         "--component",
         "rust-src,rustfmt,clippy",
     ]);
-    run(cmd).map_err(|e| format!("{e}; rustup must be able to download Rust {TOOLCHAIN}"))?;
-    ensure_target()
+    run(cmd).map_err(|e| format!("{e}; rustup must be able to download Rust {TOOLCHAIN}"))
 }
 
 fn ensure_target() -> Result<(), String> {
-    let installed = output(Command::new("rustup").args([
-        "target",
-        "list",
-        "--installed",
-        "--toolchain",
-        TOOLCHAIN,
-    ]))
-    .unwrap_or_default();
-    if installed.lines().any(|l| l.trim() == TARGET) {
+    if rustup_installed("target")
+        .lines()
+        .any(|l| l.trim() == TARGET)
+    {
         return Ok(());
     }
     eprintln!("xtask: adding the {TARGET} target to Rust {TOOLCHAIN}");
