@@ -34,6 +34,49 @@ pub enum Command {
     Symbols(SymbolsArgs),
     /// Show what each preset watches, and why.
     Presets(PresetsArgs),
+    /// Run the detector over a recording (`watch --record`) and print what
+    /// a live run would; other rule settings give other verdicts. No root
+    /// needed.
+    Replay(ReplayArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// The recording, made with `cacheloop watch ... --record FILE`.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+
+    /// Least rate, in calls/s, that can count as a loop (default: the
+    /// recording's).
+    #[arg(long, value_name = "CALLS_PER_SEC", allow_negative_numbers = true)]
+    pub threshold: Option<f64>,
+
+    /// How many times its learned baseline a rate must reach to be suspect
+    /// (default: the recording's).
+    #[arg(long, value_name = "X", allow_negative_numbers = true)]
+    pub factor: Option<f64>,
+
+    /// Suspect intervals in a row that confirm a loop, and calm ones that
+    /// confirm a recovery (default: the recording's).
+    #[arg(long, value_name = "N")]
+    pub sustain: Option<u32>,
+
+    /// Intervals averaged into the first baseline (default: the
+    /// recording's).
+    #[arg(long, value_name = "N")]
+    pub warmup: Option<u32>,
+
+    /// Show keys as they are; by default they are hashed as in the live run.
+    #[arg(long)]
+    pub show_keys: bool,
+
+    /// One JSON object per line on stdout.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Stop at the first loop and exit with status 3.
+    #[arg(long)]
+    pub fail_on_loop: bool,
 }
 
 #[derive(Debug, Args)]
@@ -143,6 +186,12 @@ pub struct WatchArgs {
     /// Stop as soon as a loop is confirmed, and exit with status 3.
     #[arg(long)]
     pub fail_on_loop: bool,
+
+    /// Record the run to FILE: the catalog of probed functions and every
+    /// raw snapshot, for `cacheloop replay` (compressed; made durable every
+    /// 2 s, so a crash loses at most that).
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -381,6 +430,50 @@ mod tests {
         let w = watch(&["watch", "--preset", "redis"]);
         assert_eq!(w.preset.as_deref(), Some("redis"));
         assert!(w.funcs.is_empty());
+    }
+
+    #[test]
+    fn record_takes_a_file() {
+        let w = watch(&["watch", "--pid", "1", "--func", "f", "--record", "x.rec"]);
+        assert_eq!(w.record.as_deref(), Some(std::path::Path::new("x.rec")));
+    }
+
+    #[test]
+    fn replay_takes_a_file_and_optional_rules() {
+        let Command::Replay(r) = parse(&["replay", "x.rec"]).unwrap().command else {
+            panic!()
+        };
+        assert_eq!(r.file, std::path::Path::new("x.rec"));
+        assert_eq!(
+            (r.threshold, r.factor, r.sustain, r.warmup),
+            (None, None, None, None)
+        );
+        let Command::Replay(r) = parse(&[
+            "replay",
+            "x.rec",
+            "--threshold",
+            "5000",
+            "--factor",
+            "4",
+            "--sustain",
+            "5",
+            "--warmup",
+            "3",
+            "--json",
+            "--show-keys",
+            "--fail-on-loop",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (r.threshold, r.factor, r.sustain, r.warmup),
+            (Some(5000.0), Some(4.0), Some(5), Some(3))
+        );
+        assert!(r.json && r.show_keys && r.fail_on_loop);
+        assert!(parse(&["replay"]).is_err());
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use crate::{
-    cli::WatchArgs,
+    cli::{ReplayArgs, WatchArgs},
     detect::Rules,
     presets,
     symbols::{Pattern, SymbolError},
@@ -65,6 +65,109 @@ pub struct WatchConfig {
     pub show_keys: bool,
     /// `--max-overhead` as a share (0.1 for 10%).
     pub max_overhead: f64,
+    /// `--record FILE`.
+    pub record: Option<PathBuf>,
+}
+
+/// Rule settings given on `replay`'s command line; the rest come from the
+/// recording.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RuleOverrides {
+    pub factor: Option<f64>,
+    pub min_rate: Option<f64>,
+    pub sustain: Option<u32>,
+    pub warmup: Option<u32>,
+}
+
+impl RuleOverrides {
+    /// The recording's rules with these settings in their place.
+    pub fn apply(&self, recorded: Rules) -> Rules {
+        Rules {
+            factor: self.factor.unwrap_or(recorded.factor),
+            min_rate: self.min_rate.unwrap_or(recorded.min_rate),
+            sustain: self.sustain.unwrap_or(recorded.sustain),
+            warmup: self.warmup.unwrap_or(recorded.warmup),
+            ..recorded
+        }
+    }
+}
+
+/// Everything `replay` needs, checked.
+#[derive(Debug)]
+pub struct ReplayConfig {
+    pub path: PathBuf,
+    pub rules: RuleOverrides,
+    pub output: Output,
+    pub show_keys: bool,
+    pub fail_on_loop: bool,
+}
+
+impl TryFrom<ReplayArgs> for ReplayConfig {
+    type Error = ConfigError;
+
+    fn try_from(args: ReplayArgs) -> Result<Self, ConfigError> {
+        if let Some(threshold) = args.threshold {
+            check_threshold(threshold)?;
+        }
+        if let Some(factor) = args.factor {
+            check_factor(factor)?;
+        }
+        if let Some(sustain) = args.sustain {
+            check_intervals("--sustain", sustain)?;
+        }
+        if let Some(warmup) = args.warmup {
+            check_intervals("--warmup", warmup)?;
+        }
+        Ok(Self {
+            path: args.file,
+            rules: RuleOverrides {
+                factor: args.factor,
+                min_rate: args.threshold,
+                sustain: args.sustain,
+                warmup: args.warmup,
+            },
+            output: if args.json {
+                Output::Json
+            } else {
+                Output::Text
+            },
+            show_keys: args.show_keys,
+            fail_on_loop: args.fail_on_loop,
+        })
+    }
+}
+
+fn check_threshold(threshold: f64) -> Result<(), ConfigError> {
+    if threshold.is_finite() && threshold >= 0.0 {
+        return Ok(());
+    }
+    Err(ConfigError::OutOfRange {
+        flag: "--threshold",
+        value: threshold.to_string(),
+        expected: "calls per second, 0 or more",
+    })
+}
+
+fn check_factor(factor: f64) -> Result<(), ConfigError> {
+    if factor.is_finite() && factor > 1.0 {
+        return Ok(());
+    }
+    Err(ConfigError::OutOfRange {
+        flag: "--factor",
+        value: factor.to_string(),
+        expected: "a multiple of the baseline greater than 1",
+    })
+}
+
+fn check_intervals(flag: &'static str, n: u32) -> Result<(), ConfigError> {
+    if n > 0 {
+        return Ok(());
+    }
+    Err(ConfigError::OutOfRange {
+        flag,
+        value: "0".to_owned(),
+        expected: "at least 1 interval",
+    })
 }
 
 impl TryFrom<WatchArgs> for WatchConfig {
@@ -77,20 +180,8 @@ impl TryFrom<WatchArgs> for WatchConfig {
         if args.duration.is_some_and(|d| d.is_zero()) {
             return Err(ConfigError::ZeroDuration { flag: "--duration" });
         }
-        if !(args.threshold.is_finite() && args.threshold >= 0.0) {
-            return Err(ConfigError::OutOfRange {
-                flag: "--threshold",
-                value: args.threshold.to_string(),
-                expected: "calls per second, 0 or more",
-            });
-        }
-        if !(args.factor.is_finite() && args.factor > 1.0) {
-            return Err(ConfigError::OutOfRange {
-                flag: "--factor",
-                value: args.factor.to_string(),
-                expected: "a multiple of the baseline greater than 1",
-            });
-        }
+        check_threshold(args.threshold)?;
+        check_factor(args.factor)?;
         if !(args.max_overhead.is_finite() && args.max_overhead > 0.0 && args.max_overhead <= 100.0)
         {
             return Err(ConfigError::OutOfRange {
@@ -99,20 +190,8 @@ impl TryFrom<WatchArgs> for WatchConfig {
                 expected: "a percentage above 0 and at most 100",
             });
         }
-        if args.sustain == 0 {
-            return Err(ConfigError::OutOfRange {
-                flag: "--sustain",
-                value: "0".to_owned(),
-                expected: "at least 1 interval",
-            });
-        }
-        if args.warmup == 0 {
-            return Err(ConfigError::OutOfRange {
-                flag: "--warmup",
-                value: "0".to_owned(),
-                expected: "at least 1 interval",
-            });
-        }
+        check_intervals("--sustain", args.sustain)?;
+        check_intervals("--warmup", args.warmup)?;
         let preset = match args.preset.as_deref() {
             Some(name) => Some(
                 presets::find(name).ok_or_else(|| ConfigError::UnknownPreset {
@@ -176,6 +255,7 @@ impl TryFrom<WatchArgs> for WatchConfig {
             preset_keys: preset.iter().flat_map(|p| p.keys.iter().copied()).collect(),
             show_keys: args.show_keys,
             max_overhead: args.max_overhead / 100.0,
+            record: args.record,
         })
     }
 }

@@ -1,10 +1,10 @@
 //! Call cycles between watched functions: structural evidence of a loop.
 //!
 //! The kernel records, for each call of a watched function, the return
-//! address in its caller. Here those addresses become caller functions
-//! (through the process's mappings and the watched functions' code ranges),
-//! the (caller, callee) pairs become a graph, and a cycle in it is a loop
-//! that needs no rate history to be recognised.
+//! address in its caller; the collector resolves those to caller functions
+//! (through the process's mappings, parsed here, and the catalog's code
+//! ranges). Here the (caller, callee) pairs become a graph, and a cycle in
+//! it is a loop that needs no rate history to be recognised.
 //!
 //! Pure: mappings come in as `/proc/PID/maps` text.
 
@@ -12,17 +12,6 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
 };
-
-/// Where a watched function's code lies in a file.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CodeRange {
-    /// The file as processes map it (canonical path).
-    pub path: PathBuf,
-    /// File offsets `[start, end)`.
-    pub start: u64,
-    pub end: u64,
-    pub func: u32,
-}
 
 /// One file-backed mapping of `/proc/PID/maps`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,17 +41,6 @@ pub fn parse_maps(text: &str) -> Vec<Mapping> {
             })
         })
         .collect()
-}
-
-/// The watched function whose code holds `address` (a return address) in a
-/// process with these mappings.
-pub fn function_at(maps: &[Mapping], ranges: &[CodeRange], address: u64) -> Option<u32> {
-    let map = maps.iter().find(|m| (m.start..m.end).contains(&address))?;
-    let offset = address - map.start + map.offset;
-    ranges
-        .iter()
-        .find(|r| r.path == map.path && (r.start..r.end).contains(&offset))
-        .map(|r| r.func)
 }
 
 /// A cycle in the caller -> callee graph, in call order, starting from its
@@ -135,31 +113,15 @@ mod tests {
     }
 
     #[test]
-    fn return_addresses_resolve_to_the_watched_function_that_holds_them() {
+    fn file_backed_mappings_are_parsed() {
         let maps = parse_maps(
             "55d0a0000000-55d0a0001000 r--p 00000000 08:01 42 /srv/cache\n\
              55d0a0001000-55d0a0005000 r-xp 00001000 08:01 42 /srv/cache\n\
              7f0000000000-7f0000001000 rw-p 00000000 00:00 0 \n",
         );
         assert_eq!(maps.len(), 2);
-        let ranges = [
-            CodeRange {
-                path: "/srv/cache".into(),
-                start: 0x1200,
-                end: 0x1280,
-                func: 0,
-            },
-            CodeRange {
-                path: "/srv/cache".into(),
-                start: 0x1300,
-                end: 0x1340,
-                func: 1,
-            },
-        ];
-        // File offset 0x1310 is mapped at 0x55d0a0001000 + 0x310.
-        assert_eq!(function_at(&maps, &ranges, 0x55d0_a000_1310), Some(1));
-        assert_eq!(function_at(&maps, &ranges, 0x55d0_a000_1250), Some(0));
-        assert_eq!(function_at(&maps, &ranges, 0x55d0_a000_1400), None);
-        assert_eq!(function_at(&maps, &ranges, 0x7f00_0000_0010), None);
+        assert_eq!(maps[1].start, 0x55d0_a000_1000);
+        assert_eq!(maps[1].offset, 0x1000);
+        assert_eq!(maps[1].path, PathBuf::from("/srv/cache"));
     }
 }

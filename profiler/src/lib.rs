@@ -1,24 +1,41 @@
 //! cacheloop: catch cache invalidation loops in live processes.
 //!
-//! Pure modules (no system calls, unit-tested without root): [`symbols`],
-//! [`detect`], [`report`], [`config`], [`cli`], [`presets`], [`cycles`], [`governor`]. Kernel-facing modules:
-//! [`probes`] (loads and attaches, owns the links) and [`sampler`] (reads the
-//! counters each interval). [`target`] reads `/proc`. [`watch`] and
-//! [`listing`] are the glue of the two commands.
+//! Data flows one way, and the modules say where each step runs:
 //!
-//! Data flows one way: target -> symbols -> probes -> sampler -> detect ->
-//! report.
+//! - kernel-facing: [`control`] (targets, attach/detach, probe windows; the
+//!   only owner of links, through [`probes`]) and [`collect`] (one raw
+//!   [`snapshot`] per tick from the kernel's maps and `/proc`);
+//! - pure, unit-tested without root: [`analyze`] ((catalog, snapshot,
+//!   settings) -> events, with [`detect`], [`cycles`] and [`governor`]),
+//!   [`catalog`], [`symbols`], [`report`] (records and sinks), [`recording`]
+//!   (the `--record` format), [`config`] and [`cli`], [`presets`];
+//! - off the control path: [`enrich`] (names, key texts, [`symbolize`]d
+//!   stacks) and the sinks, on threads run by [`pipeline`];
+//! - glue: [`watch`], [`replay`], [`listing`]; [`plan`] and [`target`] read
+//!   ELF files and `/proc` for the controller.
+//!
+//! controller -> collector -> snapshot -> analyzer -> enricher -> sinks;
+//! `replay` feeds recorded snapshots to the same analyzer.
 
+pub mod analyze;
+pub mod catalog;
 pub mod cli;
+pub mod collect;
 pub mod config;
+pub mod control;
 pub mod cycles;
 pub mod detect;
+pub mod enrich;
 pub mod governor;
 pub mod listing;
+pub mod pipeline;
+pub mod plan;
 pub mod presets;
 pub mod probes;
+pub mod recording;
+pub mod replay;
 pub mod report;
-pub mod sampler;
+pub mod snapshot;
 pub mod symbolize;
 pub mod symbols;
 pub mod target;

@@ -6,8 +6,10 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use profiler::{
     cli::{Cli, Command},
-    config::{ConfigError, WatchConfig},
+    config::{ConfigError, ReplayConfig, WatchConfig},
     listing, presets,
+    recording::RecordingError,
+    replay,
     symbols::SymbolError,
     target::TargetError,
     watch::{self, Outcome},
@@ -38,6 +40,9 @@ fn main() -> ExitCode {
         Command::Watch(args) => WatchConfig::try_from(args)
             .map_err(anyhow::Error::from)
             .and_then(watch::run),
+        Command::Replay(args) => ReplayConfig::try_from(args)
+            .map_err(anyhow::Error::from)
+            .and_then(replay::run),
         Command::Symbols(args) => listing::run(&args).map(|()| Outcome::Finished),
         Command::Presets(args) => presets::describe(args.name.as_deref())
             .map(|text| print!("{text}"))
@@ -56,9 +61,12 @@ fn main() -> ExitCode {
 
 /// Bad input is 2; anything that went wrong while running is 1.
 fn exit_code(err: &anyhow::Error) -> u8 {
-    let usage = err
-        .chain()
-        .any(|e| e.is::<ConfigError>() || e.is::<SymbolError>() || e.is::<TargetError>());
+    let usage = err.chain().any(|e| {
+        e.is::<ConfigError>()
+            || e.is::<SymbolError>()
+            || e.is::<TargetError>()
+            || e.is::<RecordingError>()
+    });
     if usage { EXIT_USAGE } else { EXIT_RUNTIME }
 }
 

@@ -123,6 +123,7 @@ pub struct Probes {
     /// are dropped when it exits, and all can be paused and resumed (the
     /// overhead governor's probe windows).
     entries: Vec<Entry>,
+    capacity: u32,
 }
 
 struct Entry {
@@ -197,6 +198,7 @@ impl Probes {
             mode,
             pid_filter_ok,
             entries: Vec::new(),
+            capacity: max_entries.max(1),
         })
     }
 
@@ -368,30 +370,21 @@ impl Probes {
         Some(String::from_utf8_lossy(bytes).into_owned())
     }
 
-    /// The most often sampled user stack of any of `funcs` in process
-    /// `tgid`, innermost frame first (instruction pointers).
-    pub fn hottest_stack(&self, tgid: u32, funcs: &[u32]) -> Option<Vec<u64>> {
-        let (key, _) = self
-            .stack_counts
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, _)| k.tgid == tgid && funcs.contains(&k.func))
-            .map(|(k, per_cpu)| (k, per_cpu.iter().sum::<u64>()))
-            .max_by_key(|&(_, n)| n)?;
-        let trace = self.stacks.get(&key.stack_id, 0).ok()?;
+    /// Reads the sampled-stack counters, summed over CPUs, into `out`.
+    pub fn read_stacks(&mut self, out: &mut HashMap<StackKey, u64>) -> Result<(), ProbeError> {
+        sum_per_cpu(&self.stack_counts, STACK_COUNTS_MAP, out)
+    }
+
+    /// The frames of a sampled stack (instruction pointers, innermost
+    /// first), if the kernel still holds it.
+    pub fn stack_frames(&self, stack_id: u32) -> Option<Vec<u64>> {
+        let trace = self.stacks.get(&stack_id, 0).ok()?;
         Some(trace.frames().iter().map(|f| f.ip).collect())
     }
 
-    /// The return address most often seen for calls of any of `funcs` in
-    /// `tgid`: the immediate caller's call site.
-    pub fn hottest_caller(&self, tgid: u32, funcs: &[u32]) -> Option<u64> {
-        self.callers
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, _)| k.tgid == tgid && funcs.contains(&k.func))
-            .map(|(k, per_cpu)| (k.return_address, per_cpu.iter().sum::<u64>()))
-            .max_by_key(|&(_, n)| n)
-            .map(|(address, _)| address)
+    /// How many (function, process) counters the kernel map holds at most.
+    pub fn capacity(&self) -> u32 {
+        self.capacity
     }
 
     /// Hits the kernel could not count because the counter map was full.

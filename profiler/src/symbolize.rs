@@ -1,52 +1,155 @@
-//! Names the frames of a user stack: instruction pointers in a process
-//! become `function (file)`, through its mappings and the files' symbol
-//! tables. Used once per verdict, never per sample.
+//! Names code addresses: an address in a process becomes `function (file)`,
+//! through the process's mappings and the files' symbol tables.
+//!
+//! Live, [`Symbolizer`] reads `/proc/PID/maps` and symbol tables, caching
+//! both (bounded): the enricher calls it off the control path. A recording
+//! keeps the [`Frame`]s it produced, so `replay` names the same frames
+//! without the processes.
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
 
 use crate::{cycles, symbols::SymbolTable};
 
-/// Symbolizes the frames of one process's stack, innermost first. Frames
-/// after the first are return addresses (the instruction after a call), so
-/// they are looked up one byte earlier, inside the call.
-pub fn stack(pid: u32, ips: &[u64]) -> Vec<String> {
-    let maps = cycles::parse_maps(
-        &std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default(),
-    );
-    let root = std::path::PathBuf::from(format!("/proc/{pid}/root"));
-    let mut tables: HashMap<std::path::PathBuf, Option<SymbolTable>> = HashMap::new();
-    ips.iter()
-        .enumerate()
-        .map(|(i, &ip)| {
-            let lookup = if i == 0 { ip } else { ip.saturating_sub(1) };
-            let Some(map) = maps.iter().find(|m| (m.start..m.end).contains(&lookup)) else {
-                return format!("{ip:#x} (unmapped)");
-            };
-            let offset = lookup - map.start + map.offset;
-            let table = tables.entry(map.path.clone()).or_insert_with(|| {
-                let open = root.join(map.path.strip_prefix("/").unwrap_or(&map.path));
-                SymbolTable::read(&open, &map.path, &root).ok()
-            });
-            let file = map.path.file_name().map_or_else(
-                || map.path.display().to_string(),
-                |f| f.to_string_lossy().into_owned(),
-            );
-            match table.as_ref().and_then(|t| function_at(t, offset)) {
-                Some(name) => format!("{name} ({file})"),
-                None => format!("{ip:#x} ({file})"),
-            }
-        })
-        .collect()
+/// What an address was found to be.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Frame {
+    /// The function holding it, if a symbol covers it.
+    pub function: Option<String>,
+    /// The file mapped there (its name only), if any.
+    pub file: Option<String>,
 }
 
-/// The function whose code holds file offset `offset`.
-fn function_at(table: &SymbolTable, offset: u64) -> Option<&str> {
-    table
-        .symbols
-        .iter()
-        .filter(|s| s.size > 0 && (s.file_offset..s.file_offset + s.size).contains(&offset))
-        .map(|s| s.name.as_str())
-        .next()
+impl Frame {
+    /// `function (file)`, or the address where no symbol covers it.
+    pub fn describe(&self, ip: u64) -> String {
+        match (&self.function, &self.file) {
+            (Some(name), Some(file)) => format!("{name} ({file})"),
+            (None, Some(file)) => format!("{ip:#x} ({file})"),
+            _ => format!("{ip:#x} (unmapped)"),
+        }
+    }
+}
+
+/// Where a frame's address is looked up: the innermost frame at its own
+/// address, the others (return addresses, the instruction after a call)
+/// one byte earlier, inside the call.
+pub fn lookup_address(ip: u64, innermost: bool) -> u64 {
+    if innermost { ip } else { ip.saturating_sub(1) }
+}
+
+/// Symbol tables kept at most; past this the cache starts over.
+const TABLES: usize = 64;
+/// Processes whose mappings are kept at most.
+const PROCESSES: usize = 256;
+
+/// A function's code in a file, sorted by start for binary search.
+struct Sorted {
+    /// (start, end, name).
+    ranges: Vec<(u64, u64, String)>,
+}
+
+impl Sorted {
+    fn new(table: &SymbolTable) -> Self {
+        let mut ranges: Vec<(u64, u64, String)> = table
+            .symbols
+            .iter()
+            .filter(|s| s.size > 0)
+            .map(|s| (s.file_offset, s.file_offset + s.size, s.name.clone()))
+            .collect();
+        ranges.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+        Self { ranges }
+    }
+
+    fn function_at(&self, offset: u64) -> Option<&str> {
+        let after = self.ranges.partition_point(|r| r.0 <= offset);
+        // The nearest starts at or before the offset; a few may overlap
+        // (aliases), so look back a little.
+        self.ranges[..after]
+            .iter()
+            .rev()
+            .take(8)
+            .find(|r| offset < r.1)
+            .map(|r| r.2.as_str())
+    }
+}
+
+#[derive(Default)]
+pub struct Symbolizer {
+    maps: HashMap<u32, Vec<cycles::Mapping>>,
+    tables: HashMap<(u32, PathBuf), Option<Sorted>>,
+}
+
+impl Symbolizer {
+    /// Names the code at `address` in process `pid`.
+    pub fn frame(&mut self, pid: u32, address: u64) -> Frame {
+        let mut map = self.mapping(pid, address, false);
+        if map.is_none() {
+            // Mapped since we last looked (a library loaded late)?
+            map = self.mapping(pid, address, true);
+        }
+        let Some(map) = map else {
+            return Frame::default();
+        };
+        let offset = address - map.start + map.offset;
+        let file = map.path.file_name().map_or_else(
+            || map.path.display().to_string(),
+            |f| f.to_string_lossy().into_owned(),
+        );
+        if self.tables.len() >= TABLES {
+            self.tables.clear();
+        }
+        let table = self
+            .tables
+            .entry((pid, map.path.clone()))
+            .or_insert_with(|| {
+                let root = PathBuf::from(format!("/proc/{pid}/root"));
+                let open = root.join(map.path.strip_prefix("/").unwrap_or(&map.path));
+                SymbolTable::read(&open, &map.path, &root)
+                    .ok()
+                    .map(|t| Sorted::new(&t))
+            });
+        Frame {
+            function: table
+                .as_ref()
+                .and_then(|t| t.function_at(offset))
+                .map(str::to_owned),
+            file: Some(file),
+        }
+    }
+
+    fn mapping(&mut self, pid: u32, address: u64, reread: bool) -> Option<cycles::Mapping> {
+        if reread || !self.maps.contains_key(&pid) {
+            if self.maps.len() >= PROCESSES {
+                self.maps.clear();
+            }
+            let text = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+            self.maps.insert(pid, cycles::parse_maps(&text));
+        }
+        self.maps
+            .get(&pid)?
+            .iter()
+            .find(|m| (m.start..m.end).contains(&address))
+            .cloned()
+    }
+
+    /// Forgets what was cached for a process that exited.
+    pub fn forget(&mut self, pid: u32) {
+        self.maps.remove(&pid);
+        self.tables.retain(|(p, _), _| *p != pid);
+    }
+}
+
+/// The name of a file for frames: its last component.
+pub fn file_label(path: &Path) -> String {
+    path.file_name().map_or_else(
+        || path.display().to_string(),
+        |f| f.to_string_lossy().into_owned(),
+    )
 }
 
 #[cfg(test)]
@@ -61,15 +164,23 @@ mod tests {
 
     #[test]
     fn own_function_is_named() {
-        let frames = stack(std::process::id(), &[where_am_i() + 1]);
-        assert!(frames[0].contains("where_am_i"), "{frames:?}");
+        let mut s = Symbolizer::default();
+        let ip = where_am_i() + 1;
+        let text = s.frame(std::process::id(), ip).describe(ip);
+        assert!(text.contains("where_am_i"), "{text}");
         let own = std::env::current_exe().unwrap();
-        let name = own.file_name().unwrap().to_string_lossy().into_owned();
-        assert!(frames[0].ends_with(&format!("({name})")), "{frames:?}");
+        assert!(text.ends_with(&format!("({})", file_label(&own))), "{text}");
     }
 
     #[test]
     fn unmapped_address_says_so() {
-        assert_eq!(stack(std::process::id(), &[8])[0], "0x8 (unmapped)");
+        let mut s = Symbolizer::default();
+        assert_eq!(s.frame(std::process::id(), 8).describe(8), "0x8 (unmapped)");
+    }
+
+    #[test]
+    fn return_addresses_are_looked_up_inside_the_call() {
+        assert_eq!(lookup_address(0x1000, true), 0x1000);
+        assert_eq!(lookup_address(0x1000, false), 0xfff);
     }
 }

@@ -289,6 +289,13 @@ fn parse_stat(text: &str) -> Option<Stat> {
     })
 }
 
+/// The running kernel's release (`uname -r`), for records.
+pub fn kernel_release() -> String {
+    fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|r| r.trim().to_owned())
+        .unwrap_or_default()
+}
+
 /// Whether this process may load BPF programs and attach uprobes: root, or
 /// CAP_SYS_ADMIN, or CAP_BPF together with CAP_PERFMON.
 pub fn has_bpf_privileges() -> bool {

@@ -13,4 +13,5 @@ mod detection;
 mod kernels;
 mod lifecycle;
 mod overhead;
+mod recording;
 mod targeting;

@@ -11,7 +11,7 @@ pub mod text;
 
 use std::{io, time::SystemTime};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::detect::{LoopVerdict, Recovery, Rules};
 
@@ -23,22 +23,51 @@ pub fn unix_now() -> f64 {
 }
 
 /// One line of output.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Record {
+    /// The first record of a run: what is running, where, and every rule
+    /// setting in force.
+    Start {
+        ts: f64,
+        /// cacheloop's version.
+        version: String,
+        /// The kernel release the probes run on.
+        kernel: String,
+        /// `uprobe_multi` or `perf_link_per_function`.
+        mode: String,
+        settings: StartSettings,
+        /// With `replay`: the recording replayed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        recording: Option<String>,
+    },
+    /// Something the user should know that does not stop the run: a target
+    /// that could not be probed, hits not counted, a map filling up.
+    Warning {
+        ts: f64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pid: Option<u32>,
+        /// What kind: `attach_failed`, `dropped_hits`, `map_pressure`,
+        /// `calibration_failed`, `keys_unavailable`, `output_behind`,
+        /// `recording_failed`.
+        kind: String,
+        message: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        count: Option<u64>,
+    },
     /// Probes are in place for a process (or, with `pid` absent, for every
     /// process running `path`).
     Attached {
         ts: f64,
-        #[serde(skip_serializing_if = "Option::is_none")]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         pid: Option<u32>,
         /// The pid inside the process's own pid namespace, where it differs.
-        #[serde(skip_serializing_if = "Option::is_none")]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         ns_pid: Option<u32>,
         path: String,
         functions: Vec<String>,
         /// `uprobe_multi` or `perf_link_per_function`.
-        mode: &'static str,
+        mode: String,
         /// Seconds from start-up to this record.
         attach_seconds: f64,
     },
@@ -60,18 +89,18 @@ pub enum Record {
     Sample {
         ts: f64,
         pid: u32,
-        #[serde(skip_serializing_if = "Option::is_none")]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         ns_pid: Option<u32>,
         function: String,
         calls: u64,
         /// Calls per second over the interval.
         rate: f64,
         /// The detector's learned rate, once it has one.
-        #[serde(skip_serializing_if = "Option::is_none")]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         baseline: Option<f64>,
         /// `calls` and `rate` are estimated from a probe window (the
         /// overhead governor kept the probes out for part of the interval).
-        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         estimated: bool,
     },
     /// What a watched process costs over the last interval.
@@ -115,20 +144,57 @@ pub enum Record {
 
 /// A process's CPU share (percent of one core; above 100 when several
 /// threads run) and resident memory, over one interval.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Health {
     pub cpu_percent: f64,
     pub rss_bytes: u64,
     /// With `--request-func`: requests per second...
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests_rate: Option<f64>,
     /// ...and invalidations per request.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub invalidations_per_request: Option<f64>,
 }
 
+/// Every setting in force, in the `start` record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StartSettings {
+    /// `--interval`, seconds.
+    pub interval_seconds: f64,
+    /// `--threshold`: the least rate that can be a loop, calls/s.
+    pub threshold: f64,
+    /// `--factor`: times the baseline that make an interval suspect.
+    pub factor: f64,
+    /// `--sustain`: suspect intervals in a row that confirm a loop.
+    pub sustain: u32,
+    /// `--warmup`: intervals averaged into the first baseline.
+    pub warmup: u32,
+    /// Weight of a calm interval in the baseline.
+    pub alpha: f64,
+    /// Times its learned value the invalidations per request must reach
+    /// (`--request-func`): half of `factor`.
+    pub request_factor: f64,
+    /// `--max-overhead`, percent.
+    pub max_overhead_percent: f64,
+}
+
+impl StartSettings {
+    pub fn new(rules: &Rules, interval_seconds: f64, max_overhead_percent: f64) -> Self {
+        Self {
+            interval_seconds,
+            threshold: rules.min_rate,
+            factor: rules.factor,
+            sustain: rules.sustain,
+            warmup: rules.warmup,
+            alpha: rules.alpha,
+            request_factor: rules.factor / 2.0,
+            max_overhead_percent,
+        }
+    }
+}
+
 /// The numbers behind a loop verdict.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Evidence {
     /// Confirming rate over baseline.
     pub ratio: f64,
@@ -138,23 +204,23 @@ pub struct Evidence {
     /// The rule that fired, with its thresholds.
     pub rule: RuleEvidence,
     /// The process's CPU and memory in the confirming interval.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<Health>,
     /// Watched functions calling each other in a cycle, in call order.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cycle: Option<Vec<String>>,
     /// The keys invalidated most in the confirming interval, busiest first
     /// (hashed unless `--show-keys`).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_keys: Option<Vec<KeyCount>>,
     /// The most often sampled user stack of the loop's functions,
     /// innermost frame first: the hottest invalidation path.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stack: Option<Vec<String>>,
 }
 
 /// A key and how often it was invalidated.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct KeyCount {
     pub key: String,
     pub count: u64,
@@ -172,9 +238,9 @@ pub struct Structure {
     pub stack: Option<Vec<String>>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RuleEvidence {
-    pub name: &'static str,
+    pub name: String,
     pub factor: f64,
     pub min_rate: f64,
     pub sustain: u32,
@@ -281,7 +347,8 @@ pub fn loop_record(
                     (Some(_), true) => "call_cycle",
                     (None, true) => "repeating_keys",
                     _ => "sustained_rate_over_baseline",
-                },
+                }
+                .to_owned(),
                 factor: rules.factor,
                 min_rate: rules.min_rate,
                 sustain: rules.sustain,
@@ -304,9 +371,9 @@ pub(crate) fn bytes(n: u64) -> String {
     }
 }
 
-/// The record for a loop that is over.
-pub fn recovered_record(ts: f64, recovery: &Recovery, names: &[String]) -> Record {
-    let function = function_name(names, recovery.key.func);
+/// The record for a loop of `function` that is over.
+pub fn recovered_record(ts: f64, recovery: &Recovery, function: &str) -> Record {
+    let function = function.to_owned();
     Record::Recovered {
         ts,
         pid: recovery.key.pid,

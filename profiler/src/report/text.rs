@@ -21,6 +21,8 @@ pub struct TextSink<W: Write> {
     looping: HashSet<(u32, String)>,
     /// (pid, health) of this interval.
     health: Vec<(u32, super::Health)>,
+    /// When this interval's samples were read.
+    tick_ts: f64,
 }
 
 impl<W: Write> TextSink<W> {
@@ -32,6 +34,7 @@ impl<W: Write> TextSink<W> {
             rows: Vec::new(),
             looping: HashSet::new(),
             health: Vec::new(),
+            tick_ts: 0.0,
         }
     }
 
@@ -69,7 +72,37 @@ impl<W: Write> Sink for TextSink<W> {
                     "watching {what} in {who} via {mode}, attached in {attach_seconds:.2} s"
                 )
             }
+            Record::Start {
+                ts,
+                version,
+                kernel,
+                mode,
+                settings,
+                recording,
+            } => {
+                self.elapsed(*ts);
+                let source = recording
+                    .as_ref()
+                    .map_or_else(String::new, |r| format!(", replaying {r}"));
+                writeln!(
+                    self.out,
+                    "cacheloop {version} on Linux {kernel} via {mode}{source}: a loop is >= {}x baseline \
+                     and >= {}/s for {} intervals of {} s",
+                    settings.factor,
+                    thousands(settings.threshold),
+                    settings.sustain,
+                    settings.interval_seconds
+                )
+            }
+            Record::Warning {
+                ts, pid, message, ..
+            } => {
+                let at = self.elapsed(*ts);
+                let who = pid.map_or_else(String::new, |p| format!(" pid {p}:"));
+                writeln!(self.out, "!! warning at {at:.1}s{who} {message}")
+            }
             Record::Sample {
+                ts,
                 pid,
                 function,
                 calls,
@@ -78,6 +111,7 @@ impl<W: Write> Sink for TextSink<W> {
                 estimated,
                 ..
             } => {
+                self.tick_ts = *ts;
                 self.rows
                     .push((*rate, *pid, function.clone(), *calls, *baseline, *estimated));
                 Ok(())
@@ -116,7 +150,7 @@ impl<W: Write> Sink for TextSink<W> {
                 for f in functions {
                     self.looping.insert((*pid, f.clone()));
                 }
-                let why = match (&evidence.cycle, evidence.rule.name) {
+                let why = match (&evidence.cycle, evidence.rule.name.as_str()) {
                     (Some(_), _) => "in a call cycle".to_owned(),
                     (None, "repeating_keys") => "on the same few keys".to_owned(),
                     _ => format!(
@@ -198,8 +232,8 @@ impl<W: Write> Sink for TextSink<W> {
             )?;
             self.header_done = true;
         }
-        let now = super::unix_now();
-        let at = self.elapsed(now);
+        // The samples' own time: a replay shows the incident's clock.
+        let at = self.elapsed(self.tick_ts);
         self.rows
             .sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
         for (rate, pid, function, calls, baseline, estimated) in self.rows.iter().take(TOP) {
@@ -335,7 +369,7 @@ mod tests {
                     elevated_rates: vec![],
                     elevated_seconds: 3.0,
                     rule: RuleEvidence {
-                        name: "x",
+                        name: "x".into(),
                         factor: 10.0,
                         min_rate: 1000.0,
                         sustain: 3,

@@ -1,0 +1,926 @@
+//! The analyzer: a pure function of (catalog, snapshot, settings) to typed
+//! events. Live, it runs on the control thread right after each reading;
+//! `replay` runs the very same code over a recording, which is why it makes
+//! no system call and takes time only from the snapshots.
+//!
+//! Each snapshot's cumulative counters are diffed against the previous one
+//! into calls per (process, function); those become rates (calls per probed
+//! second), the detector's verdicts, and the structural evidence behind
+//! them (call cycles, repeating keys, the hottest stack). Names, key texts
+//! and symbols are the enricher's business: events carry ids.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use crate::{
+    catalog::Catalog,
+    cycles,
+    detect::{self, Detector, LoopVerdict, Recovery, Rules, SeriesKey, Signals},
+    report::{Health, round1},
+    snapshot::{ProcessFacts, Snapshot},
+};
+
+/// The analyzer's settings: the detector's rules (every one a flag of
+/// `watch` and of `replay`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Settings {
+    pub rules: Rules,
+}
+
+/// Keys shown in a loop record.
+const TOP_KEYS: usize = 5;
+/// "A few keys": at most this many carry...
+const FEW_KEYS: usize = 8;
+/// ...at least this share of the interval's calls.
+const FEW_KEYS_SHARE: f64 = 0.9;
+/// Warn once the counter map is this full.
+const MAP_PRESSURE: f64 = 0.9;
+
+/// Whether a handful of keys carry (nearly) all of a function's `calls` in
+/// an interval: the same keys invalidated again and again. `keys` is sorted
+/// busiest first.
+fn few_keys_carry<K>(keys: &[(K, u64)], calls: u64) -> bool {
+    let top: u64 = keys.iter().take(FEW_KEYS).map(|&(_, n)| n).sum();
+    calls > 0 && top as f64 >= FEW_KEYS_SHARE * calls as f64
+}
+
+/// A key counted in a loop: text keys are told from integer keys, since a
+/// text key's hash is not its value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyRef {
+    pub text: bool,
+    pub hash: u64,
+}
+
+/// The hottest stack of a loop's functions, to be symbolized.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StackRef {
+    pub pid: u32,
+    pub stack_id: u32,
+    /// The busiest call site's return address: a frame-pointer walk from a
+    /// function's first instruction skips the immediate caller.
+    pub caller: Option<u64>,
+}
+
+/// A loop confirmed in one process this tick (its functions together).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoopEvent {
+    pub pid: u32,
+    pub verdicts: Vec<LoopVerdict>,
+    pub target: Option<Health>,
+    /// Function ids in call order.
+    pub cycle: Option<Vec<u32>>,
+    /// Busiest first, counts scaled to the interval like the calls.
+    pub top_keys: Vec<(KeyRef, u64)>,
+    /// A few keys carry the calls.
+    pub repeating: bool,
+    pub stack: Option<StackRef>,
+}
+
+/// Something worth a record.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    Sample {
+        pid: u32,
+        ns_pid: Option<u32>,
+        func: u32,
+        calls: u64,
+        rate: f64,
+        baseline: Option<f64>,
+        estimated: bool,
+    },
+    Health {
+        pid: u32,
+        health: Health,
+    },
+    Loop(LoopEvent),
+    Recovered(Recovery),
+    TargetExit {
+        pid: u32,
+    },
+    /// Hits the kernel could not count in this interval.
+    Dropped {
+        count: u64,
+    },
+    /// The counter map is nearly full.
+    MapPressure {
+        used: usize,
+        capacity: u32,
+    },
+}
+
+/// One tick's outcome.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Output {
+    pub ts: f64,
+    pub events: Vec<Event>,
+    /// At least one loop was confirmed.
+    pub loop_found: bool,
+    /// The busiest process's probe hits per probed second (for the
+    /// overhead governor).
+    pub hit_rate: f64,
+}
+
+/// Invalidations per request, per process.
+#[derive(Debug, Default)]
+struct Requests {
+    /// Learned invalidations per request, per pid.
+    baseline: HashMap<u32, f64>,
+    /// How many times its baseline the ratio must reach for a rise in
+    /// invalidations to be more than traffic (half the rate factor: requests
+    /// can grow a little with a loop's side effects).
+    factor: f64,
+}
+
+/// One interval's invalidations per request in one process.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct PerRequest {
+    requests_rate: f64,
+    /// `None` when nothing was served nor invalidated: no ratio to speak of.
+    ratio: Option<f64>,
+    /// The ratio did not rise: requests explain the invalidations.
+    explained: bool,
+}
+
+impl Requests {
+    /// `None` without `--request-func`.
+    fn observe(
+        &mut self,
+        pid: u32,
+        calls: &[u64],
+        is_request: &[bool],
+        seconds: f64,
+    ) -> Option<PerRequest> {
+        if !is_request.iter().any(|&r| r) {
+            return None;
+        }
+        let (mut requests, mut invalidations) = (0u64, 0u64);
+        for (func, &n) in calls.iter().enumerate() {
+            if is_request.get(func).copied().unwrap_or(false) {
+                requests += n;
+            } else {
+                invalidations += n;
+            }
+        }
+        let requests_rate = requests as f64 / seconds;
+        if requests == 0 && invalidations == 0 {
+            return Some(PerRequest {
+                requests_rate,
+                ratio: None,
+                explained: true,
+            });
+        }
+        let ratio = invalidations as f64 / requests.max(1) as f64;
+        let explained = match self.baseline.get(&pid) {
+            // The same capped learning as the rate baseline: calm intervals
+            // only, rising by at most a fifth at a time.
+            Some(&base) => {
+                let risen = ratio >= self.factor * base.max(0.01);
+                if !risen {
+                    let step = (ratio - base).min(base.max(0.01));
+                    self.baseline.insert(pid, base + 0.2 * step);
+                }
+                !risen
+            }
+            None => {
+                self.baseline.insert(pid, ratio);
+                false
+            }
+        };
+        Some(PerRequest {
+            requests_rate,
+            ratio: Some(ratio),
+            explained,
+        })
+    }
+}
+
+/// Diffs cumulative counters: the calls since the previous reading. A
+/// counter that went backwards (its entry was removed and made again) counts
+/// from zero; one that is missing reads as zero.
+#[derive(Debug)]
+struct Deltas<K> {
+    last: HashMap<K, u64>,
+}
+
+impl<K> Default for Deltas<K> {
+    fn default() -> Self {
+        Self {
+            last: HashMap::new(),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Copy> Deltas<K> {
+    fn advance(&mut self, key: K, now: u64) -> u64 {
+        let before = self.last.insert(key, now).unwrap_or(0);
+        if now >= before { now - before } else { now }
+    }
+
+    fn forget(&mut self, mut keep: impl FnMut(&K) -> bool) {
+        self.last.retain(|k, _| keep(k));
+    }
+}
+
+/// Per-series totals for the summary.
+#[derive(Clone, Copy, Debug, Default)]
+struct Totals {
+    calls: u64,
+    peak_rate: f64,
+}
+
+/// What the run saw, in ids.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Summary {
+    pub seconds: f64,
+    pub functions: usize,
+    pub processes: usize,
+    /// (pid, function, total calls, peak rate), busiest first.
+    pub busiest: Vec<(u32, u32, u64, f64)>,
+    /// (pid, functions) of every loop confirmed.
+    pub loops: Vec<(u32, Vec<u32>)>,
+    /// Functions that never fired.
+    pub silent: Vec<u32>,
+    pub dropped: u64,
+}
+
+pub struct Analyzer {
+    detector: Detector,
+    requests: Requests,
+    counts: Deltas<(u32, u32)>,
+    /// Call sites: the last cumulative count, to see which fired.
+    call_sites: HashMap<(u32, u32, u64), u64>,
+    keys: Deltas<(u32, u32, u64)>,
+    /// CPU time of each live process at its last reading, nanoseconds.
+    cpu: HashMap<u32, u64>,
+    /// The processes of the last snapshot, by pid, with their start time.
+    live: BTreeMap<u32, u64>,
+    /// Every process seen: (pid, start time).
+    seen: BTreeSet<(u32, u64)>,
+    totals: HashMap<SeriesKey, Totals>,
+    loops: Vec<(u32, Vec<u32>)>,
+    functions: usize,
+    dropped: u64,
+    pressure_warned: bool,
+    elapsed: f64,
+    /// Scratch: this snapshot's counters by (func, pid), and this
+    /// interval's calls per function of one process.
+    by_key: HashMap<(u32, u32), u64>,
+    calls: Vec<u64>,
+    is_request: Vec<bool>,
+}
+
+impl Analyzer {
+    pub fn new(settings: Settings) -> Self {
+        let factor = settings.rules.factor / 2.0;
+        Self {
+            detector: Detector::new(settings.rules),
+            requests: Requests {
+                factor,
+                ..Requests::default()
+            },
+            counts: Deltas::default(),
+            call_sites: HashMap::new(),
+            keys: Deltas::default(),
+            cpu: HashMap::new(),
+            live: BTreeMap::new(),
+            seen: BTreeSet::new(),
+            totals: HashMap::new(),
+            loops: Vec::new(),
+            functions: 0,
+            dropped: 0,
+            pressure_warned: false,
+            elapsed: 0.0,
+            by_key: HashMap::new(),
+            calls: Vec::new(),
+            is_request: Vec::new(),
+        }
+    }
+
+    pub fn rules(&self) -> &Rules {
+        self.detector.rules()
+    }
+
+    /// Judges one snapshot, taken under `catalog`.
+    pub fn analyze(&mut self, catalog: &Catalog, snap: &Snapshot) -> Output {
+        let seconds = snap.seconds.max(1e-3);
+        let estimated = snap.probed < 1.0;
+        let window = seconds * snap.probed.clamp(1e-3, 1.0);
+        let mut out = Output {
+            ts: snap.ts,
+            ..Output::default()
+        };
+        self.functions = catalog.len();
+        self.elapsed = snap.elapsed;
+        self.is_request.clear();
+        self.is_request
+            .extend((0..catalog.len() as u32).map(|f| catalog.is_request(f)));
+        self.notice_processes(&snap.processes);
+        self.kernel_warnings(snap, &mut out);
+
+        self.by_key.clear();
+        self.by_key
+            .extend(snap.counts.iter().map(|c| ((c.func, c.pid), c.calls)));
+        let cycles = self.cycles(snap);
+        let keys = self.keys(catalog, snap);
+
+        let mut verdicts: BTreeMap<u32, Vec<LoopVerdict>> = BTreeMap::new();
+        let mut health: HashMap<u32, Health> = HashMap::new();
+        let mut processes: Vec<&ProcessFacts> = snap.processes.iter().collect();
+        processes.sort_by_key(|p| p.pid);
+        for process in &processes {
+            let pid = process.pid;
+            // This interval's calls of every function, before judging any:
+            // the invalidations-per-request signal needs them all.
+            self.calls.clear();
+            for func in 0..catalog.len() as u32 {
+                let now = self.by_key.get(&(func, pid)).copied().unwrap_or(0);
+                self.calls.push(self.counts.advance((func, pid), now));
+            }
+            out.hit_rate = out
+                .hit_rate
+                .max(self.calls.iter().sum::<u64>() as f64 / window);
+            let per_request = self
+                .requests
+                .observe(pid, &self.calls, &self.is_request, window);
+
+            if let Some(cpu_nanos) = process.cpu_nanos {
+                let before = self.cpu.insert(pid, cpu_nanos);
+                // The first reading of a process has nothing to diff against.
+                if let Some(before) = before {
+                    let h = Health {
+                        cpu_percent: round1(
+                            cpu_nanos.saturating_sub(before) as f64 / (seconds * 1e7),
+                        ),
+                        rss_bytes: process.rss_bytes,
+                        requests_rate: per_request.map(|r| round1(r.requests_rate)),
+                        invalidations_per_request: per_request.and_then(|r| r.ratio).map(round1),
+                    };
+                    health.insert(pid, h);
+                    out.events.push(Event::Health { pid, health: h });
+                }
+            }
+            for func in 0..catalog.len() as u32 {
+                let calls = self.calls[func as usize];
+                let series = SeriesKey { pid, func };
+                let rate = calls as f64 / window;
+                // Outside a probe window nothing is counted: scale up.
+                let reported = if estimated {
+                    (rate * seconds).round() as u64
+                } else {
+                    calls
+                };
+                let totals = self.totals.entry(series).or_default();
+                totals.calls += reported;
+                totals.peak_rate = totals.peak_rate.max(rate);
+                let fired = totals.calls > 0;
+
+                // Requests are counted, not judged.
+                if !self.is_request[func as usize] {
+                    let in_cycle = cycles.get(&pid).is_some_and(|c| c.contains(&func));
+                    let repeating = keys.get(&series).is_some_and(|k| few_keys_carry(k, calls));
+                    let signals = Signals {
+                        structural: in_cycle || repeating,
+                        explained_by_requests: per_request.is_some_and(|r| r.explained),
+                    };
+                    match self.detector.observe_with(series, rate, seconds, signals) {
+                        Some(detect::Event::Loop(v)) => verdicts.entry(pid).or_default().push(v),
+                        Some(detect::Event::Recovered(r)) => {
+                            out.events.push(Event::Recovered(r));
+                        }
+                        None => {}
+                    }
+                }
+                // A function that never fired has nothing to say; once it has,
+                // it reports every interval, zeros included.
+                if fired {
+                    out.events.push(Event::Sample {
+                        pid,
+                        ns_pid: process.ns_pid,
+                        func,
+                        calls: reported,
+                        rate: round1(rate),
+                        baseline: self.detector.baseline(series).map(round1),
+                        estimated,
+                    });
+                }
+            }
+        }
+
+        for (pid, group) in verdicts {
+            let top_keys = top_keys(&group, &keys, seconds / window);
+            let repeating = group.iter().any(|v| {
+                let calls = (v.rate * window) as u64;
+                keys.get(&v.key).is_some_and(|k| few_keys_carry(k, calls))
+            });
+            let funcs: Vec<u32> = group.iter().map(|v| v.key.func).collect();
+            self.loops.push((pid, funcs.clone()));
+            out.events.push(Event::Loop(LoopEvent {
+                pid,
+                target: health.get(&pid).copied(),
+                cycle: cycles.get(&pid).cloned(),
+                top_keys,
+                repeating,
+                stack: hottest_stack(snap, pid, &funcs),
+                verdicts: group,
+            }));
+            out.loop_found = true;
+        }
+
+        for process in processes.iter().filter(|p| !p.alive) {
+            out.events.push(Event::TargetExit { pid: process.pid });
+            self.forget(process.pid);
+        }
+        out
+    }
+
+    /// A pid whose start time changed is a new process: forget the old one.
+    fn notice_processes(&mut self, processes: &[ProcessFacts]) {
+        for p in processes {
+            match self.live.insert(p.pid, p.start_time) {
+                Some(before) if before != p.start_time => self.forget_state(p.pid),
+                _ => {}
+            }
+            self.seen.insert((p.pid, p.start_time));
+        }
+    }
+
+    fn kernel_warnings(&mut self, snap: &Snapshot, out: &mut Output) {
+        if snap.dropped > self.dropped {
+            out.events.push(Event::Dropped {
+                count: snap.dropped - self.dropped,
+            });
+            self.dropped = snap.dropped;
+        }
+        let used = snap.counts.len();
+        if !self.pressure_warned
+            && snap.counts_capacity > 0
+            && used as f64 >= MAP_PRESSURE * f64::from(snap.counts_capacity)
+        {
+            self.pressure_warned = true;
+            out.events.push(Event::MapPressure {
+                used,
+                capacity: snap.counts_capacity,
+            });
+        }
+    }
+
+    /// Per process, the cycle of watched functions calling each other in
+    /// this interval, if any (function ids, in call order).
+    fn cycles(&mut self, snap: &Snapshot) -> HashMap<u32, Vec<u32>> {
+        let mut edges: HashMap<u32, BTreeSet<(u32, u32)>> = HashMap::new();
+        for site in &snap.call_sites {
+            let key = (site.func, site.pid, site.return_address);
+            let before = self.call_sites.insert(key, site.calls).unwrap_or(0);
+            if site.calls <= before || !self.live.contains_key(&site.pid) {
+                continue;
+            }
+            if let Some(caller) = site.caller {
+                edges
+                    .entry(site.pid)
+                    .or_default()
+                    .insert((caller, site.func));
+            }
+        }
+        edges
+            .into_iter()
+            .filter_map(|(pid, e)| Some((pid, cycles::find_cycle(&e)?)))
+            .collect()
+    }
+
+    /// Per process and function, the keys invalidated in this interval,
+    /// busiest first.
+    fn keys(
+        &mut self,
+        catalog: &Catalog,
+        snap: &Snapshot,
+    ) -> HashMap<SeriesKey, Vec<(KeyRef, u64)>> {
+        let mut per_series: HashMap<SeriesKey, Vec<(KeyRef, u64)>> = HashMap::new();
+        for k in &snap.keys {
+            let calls = self.keys.advance((k.func, k.pid, k.hash), k.calls);
+            if calls > 0 && self.live.contains_key(&k.pid) {
+                let series = SeriesKey {
+                    pid: k.pid,
+                    func: k.func,
+                };
+                let key = KeyRef {
+                    text: catalog.has_text_keys(k.func),
+                    hash: k.hash,
+                };
+                per_series.entry(series).or_default().push((key, calls));
+            }
+        }
+        for keys in per_series.values_mut() {
+            keys.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        }
+        per_series
+    }
+
+    fn forget(&mut self, pid: u32) {
+        self.live.remove(&pid);
+        self.forget_state(pid);
+    }
+
+    fn forget_state(&mut self, pid: u32) {
+        self.detector.forget_process(pid);
+        self.counts.forget(|&(_, p)| p != pid);
+        self.keys.forget(|&(_, p, _)| p != pid);
+        self.call_sites.retain(|&(_, p, _), _| p != pid);
+        self.cpu.remove(&pid);
+        self.requests.baseline.remove(&pid);
+    }
+
+    /// What the run saw, in ids.
+    pub fn summary(&self) -> Summary {
+        let mut busiest: Vec<(u32, u32, u64, f64)> = self
+            .totals
+            .iter()
+            .filter(|(_, t)| t.calls > 0)
+            .map(|(k, t)| (k.pid, k.func, t.calls, round1(t.peak_rate)))
+            .collect();
+        busiest.sort_by(|a, b| b.2.cmp(&a.2).then(a.0.cmp(&b.0)).then(a.1.cmp(&b.1)));
+        let silent = (0..self.functions as u32)
+            .filter(|&func| {
+                !self
+                    .totals
+                    .iter()
+                    .any(|(k, t)| k.func == func && t.calls > 0)
+            })
+            .collect();
+        Summary {
+            seconds: self.elapsed,
+            functions: self.functions,
+            processes: self.seen.len(),
+            busiest,
+            loops: self.loops.clone(),
+            silent,
+            dropped: self.dropped,
+        }
+    }
+}
+
+/// The busiest keys of the functions in a loop; a key seen by several of
+/// them counts once, with their calls summed. Counted in the probe window,
+/// scaled like the calls.
+fn top_keys(
+    group: &[LoopVerdict],
+    keys: &HashMap<SeriesKey, Vec<(KeyRef, u64)>>,
+    scale: f64,
+) -> Vec<(KeyRef, u64)> {
+    let mut by_key: BTreeMap<KeyRef, u64> = BTreeMap::new();
+    for v in group {
+        for &(key, n) in keys.get(&v.key).into_iter().flatten() {
+            *by_key.entry(key).or_default() += n;
+        }
+    }
+    let mut top: Vec<(KeyRef, u64)> = by_key
+        .into_iter()
+        .map(|(key, count)| (key, (count as f64 * scale).round() as u64))
+        .collect();
+    top.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    top.truncate(TOP_KEYS);
+    top
+}
+
+/// The most often sampled stack of any of `funcs` in `pid`, with the
+/// busiest call site of those functions.
+fn hottest_stack(snap: &Snapshot, pid: u32, funcs: &[u32]) -> Option<StackRef> {
+    let stack = snap
+        .stacks
+        .iter()
+        .filter(|s| s.pid == pid && funcs.contains(&s.func))
+        .max_by(|a, b| a.samples.cmp(&b.samples).then(b.stack_id.cmp(&a.stack_id)))?;
+    let caller = snap
+        .call_sites
+        .iter()
+        .filter(|c| c.pid == pid && funcs.contains(&c.func))
+        .max_by(|a, b| {
+            a.calls
+                .cmp(&b.calls)
+                .then(b.return_address.cmp(&a.return_address))
+        })
+        .map(|c| c.return_address);
+    Some(StackRef {
+        pid,
+        stack_id: stack.stack_id,
+        caller,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        catalog::{FileId, Function, KeySpec, Range},
+        snapshot::{CallSite, Count, KeyCount},
+    };
+
+    const PID: u32 = 42;
+
+    fn catalog(names: &[&str]) -> Catalog {
+        Catalog {
+            version: 1,
+            functions: names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| Function {
+                    name: (*n).into(),
+                    file: "/srv/cache".into(),
+                    file_id: FileId { dev: 1, ino: 2 },
+                    offsets: vec![0x1000 * (i as u64 + 1)],
+                    ranges: vec![Range {
+                        start: 0x1000 * (i as u64 + 1),
+                        end: 0x1000 * (i as u64 + 1) + 0x100,
+                    }],
+                    key: Some(KeySpec::Str { arg: 0 }),
+                    request: n.starts_with("handle"),
+                })
+                .collect(),
+        }
+    }
+
+    fn process(alive: bool) -> ProcessFacts {
+        ProcessFacts {
+            pid: PID,
+            ns_pid: None,
+            start_time: 100,
+            exe: FileId { dev: 1, ino: 2 },
+            cpu_nanos: None,
+            rss_bytes: 0,
+            alive,
+        }
+    }
+
+    /// A stream of one-second snapshots built from per-interval calls.
+    struct Stream {
+        catalog: Catalog,
+        analyzer: Analyzer,
+        totals: HashMap<u32, u64>,
+        key_totals: HashMap<(u32, u64), u64>,
+        site_totals: HashMap<(u32, u64), u64>,
+        tick: u32,
+    }
+
+    impl Stream {
+        fn new(names: &[&str]) -> Self {
+            Self {
+                catalog: catalog(names),
+                analyzer: Analyzer::new(Settings::default()),
+                totals: HashMap::new(),
+                key_totals: HashMap::new(),
+                site_totals: HashMap::new(),
+                tick: 0,
+            }
+        }
+
+        /// `calls[f]` in this interval; `keys`: (func, key, calls);
+        /// `sites`: (func, caller func, calls).
+        fn tick(
+            &mut self,
+            calls: &[u64],
+            keys: &[(u32, u64, u64)],
+            sites: &[(u32, u32, u64)],
+        ) -> Output {
+            self.tick += 1;
+            let mut snap = Snapshot {
+                catalog: 1,
+                ts: 1_000.0 + f64::from(self.tick),
+                seconds: 1.0,
+                elapsed: f64::from(self.tick),
+                probed: 1.0,
+                processes: vec![process(true)],
+                ..Snapshot::default()
+            };
+            for (func, &n) in calls.iter().enumerate() {
+                let total = self.totals.entry(func as u32).or_default();
+                *total += n;
+                snap.counts.push(Count {
+                    func: func as u32,
+                    pid: PID,
+                    calls: *total,
+                });
+            }
+            for &(func, key, n) in keys {
+                let total = self.key_totals.entry((func, key)).or_default();
+                *total += n;
+            }
+            snap.keys = self
+                .key_totals
+                .iter()
+                .map(|(&(func, hash), &calls)| KeyCount {
+                    func,
+                    pid: PID,
+                    hash,
+                    calls,
+                })
+                .collect();
+            for &(func, caller, n) in sites {
+                let total = self
+                    .site_totals
+                    .entry((func, u64::from(caller)))
+                    .or_default();
+                *total += n;
+            }
+            snap.call_sites = self
+                .site_totals
+                .iter()
+                .map(|(&(func, caller), &calls)| CallSite {
+                    func,
+                    pid: PID,
+                    return_address: 0x1000 * (caller + 1) + 5,
+                    caller: Some(caller as u32),
+                    calls,
+                })
+                .collect();
+            self.analyzer.analyze(&self.catalog, &snap)
+        }
+    }
+
+    fn loops(out: &Output) -> Vec<&LoopEvent> {
+        out.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Loop(l) => Some(l),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn runaway_after_healthy_traffic_is_a_loop_in_the_third_elevated_interval() {
+        let mut s = Stream::new(&["cache_invalidate"]);
+        for _ in 0..5 {
+            assert!(!s.tick(&[200], &[], &[]).loop_found);
+        }
+        let outs: Vec<Output> = (0..3).map(|_| s.tick(&[40_000], &[], &[])).collect();
+        assert!(!outs[0].loop_found && !outs[1].loop_found);
+        let found = loops(&outs[2]);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].verdicts[0].baseline, 200.0);
+        assert_eq!(found[0].cycle, None);
+        // Samples carry rates and the learned baseline.
+        assert!(outs[2].events.iter().any(|e| matches!(
+            e,
+            Event::Sample { func: 0, calls: 40_000, rate, baseline: Some(b), .. }
+                if *rate == 40_000.0 && *b == 200.0
+        )));
+        assert_eq!(outs[2].hit_rate, 40_000.0);
+    }
+
+    #[test]
+    fn call_cycle_from_the_first_interval_is_a_loop_with_its_order() {
+        let mut s = Stream::new(&["inv_a", "inv_b"]);
+        let mut found = Vec::new();
+        for _ in 0..3 {
+            let out = s.tick(&[20_000, 20_000], &[], &[(0, 1, 20_000), (1, 0, 20_000)]);
+            found.extend(loops(&out).into_iter().cloned());
+        }
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].cycle, Some(vec![0, 1]));
+        assert_eq!(found[0].verdicts.len(), 2, "both functions, one record");
+    }
+
+    #[test]
+    fn few_repeating_keys_are_a_loop_and_many_distinct_keys_are_not() {
+        let mut s = Stream::new(&["cache_invalidate"]);
+        let mut found = Vec::new();
+        for _ in 0..4 {
+            let out = s.tick(&[30_000], &[(0, 7, 15_000), (0, 9, 15_000)], &[]);
+            found.extend(loops(&out).into_iter().cloned());
+        }
+        assert_eq!(found.len(), 1);
+        assert!(found[0].repeating);
+        let keys: Vec<u64> = found[0].top_keys.iter().map(|(k, _)| k.hash).collect();
+        assert_eq!(keys, [7, 9]);
+        assert!(
+            found[0]
+                .top_keys
+                .iter()
+                .all(|(k, n)| k.text && *n == 15_000)
+        );
+
+        let mut busy = Stream::new(&["cache_invalidate"]);
+        for i in 0..6u64 {
+            let keys: Vec<(u32, u64, u64)> = (0..3000).map(|k| (0, i * 3000 + k, 10)).collect();
+            assert!(!busy.tick(&[30_000], &keys, &[]).loop_found);
+        }
+    }
+
+    #[test]
+    fn requests_explain_a_surge_but_not_a_loop() {
+        let mut s = Stream::new(&["cache_invalidate", "handle_request"]);
+        for _ in 0..4 {
+            s.tick(&[400, 200], &[], &[]);
+        }
+        // Traffic x10: invalidations per request hold.
+        for _ in 0..5 {
+            assert!(!s.tick(&[4_000, 2_000], &[], &[]).loop_found);
+        }
+        // Requests flat, invalidations x100.
+        let found: usize = (0..4)
+            .map(|_| loops(&s.tick(&[40_000, 200], &[], &[])).len())
+            .sum();
+        assert_eq!(found, 1);
+    }
+
+    #[test]
+    fn exit_is_reported_once_and_a_reused_pid_starts_fresh() {
+        let mut s = Stream::new(&["cache_invalidate"]);
+        s.tick(&[100], &[], &[]);
+        let mut snap = Snapshot {
+            seconds: 1.0,
+            probed: 1.0,
+            processes: vec![process(false)],
+            ..Snapshot::default()
+        };
+        let out = s.analyzer.analyze(&s.catalog, &snap);
+        assert!(out.events.contains(&Event::TargetExit { pid: PID }));
+        snap.processes[0].alive = true;
+        snap.processes[0].start_time = 999;
+        snap.counts = vec![Count {
+            func: 0,
+            pid: PID,
+            calls: 7,
+        }];
+        let out = s.analyzer.analyze(&s.catalog, &snap);
+        assert!(
+            out.events
+                .iter()
+                .any(|e| matches!(e, Event::Sample { calls: 7, .. }))
+        );
+        assert_eq!(s.analyzer.summary().processes, 2);
+    }
+
+    #[test]
+    fn windows_scale_calls_and_mark_estimates() {
+        let mut s = Stream::new(&["cache_invalidate"]);
+        s.tick(&[100], &[], &[]);
+        let snap = Snapshot {
+            catalog: 1,
+            seconds: 1.0,
+            probed: 0.1,
+            counts: vec![Count {
+                func: 0,
+                pid: PID,
+                calls: 100 + 500,
+            }],
+            processes: vec![process(true)],
+            ..Snapshot::default()
+        };
+        let out = s.analyzer.analyze(&s.catalog, &snap);
+        assert!(out.events.iter().any(|e| matches!(
+            e,
+            Event::Sample { calls: 5000, estimated: true, rate, .. } if *rate == 5000.0
+        )));
+    }
+
+    #[test]
+    fn dropped_hits_and_map_pressure_are_reported() {
+        let mut s = Stream::new(&["cache_invalidate"]);
+        let snap = Snapshot {
+            seconds: 1.0,
+            probed: 1.0,
+            dropped: 12,
+            counts_capacity: 1,
+            counts: vec![Count {
+                func: 0,
+                pid: PID,
+                calls: 1,
+            }],
+            processes: vec![process(true)],
+            ..Snapshot::default()
+        };
+        let out = s.analyzer.analyze(&s.catalog, &snap);
+        assert!(out.events.contains(&Event::Dropped { count: 12 }));
+        assert!(
+            out.events
+                .iter()
+                .any(|e| matches!(e, Event::MapPressure { .. }))
+        );
+        // Only news is reported.
+        let out = s.analyzer.analyze(&s.catalog, &snap);
+        assert!(
+            !out.events
+                .iter()
+                .any(|e| matches!(e, Event::Dropped { .. } | Event::MapPressure { .. }))
+        );
+    }
+
+    #[test]
+    fn few_repeating_keys_are_told_from_many_distinct_ones() {
+        assert!(few_keys_carry(&[(1, 500), (2, 500)], 1000));
+        let many: Vec<(u64, u64)> = (0..1000).map(|k| (k, 1)).collect();
+        assert!(!few_keys_carry(&many, 1000));
+        assert!(!few_keys_carry(&[(1, 100)], 1000));
+        assert!(!few_keys_carry::<u64>(&[], 0));
+    }
+
+    #[test]
+    fn counters_that_restart_count_from_zero() {
+        let mut d: Deltas<u32> = Deltas::default();
+        assert_eq!(d.advance(1, 5), 5);
+        assert_eq!(d.advance(1, 205), 200);
+        assert_eq!(d.advance(1, 30), 30);
+        d.forget(|_| false);
+        assert_eq!(d.advance(1, 1000), 1000);
+    }
+}

@@ -1,0 +1,223 @@
+//! The collector: at each tick, one raw reading of the kernel's maps and of
+//! `/proc` for the watched processes, as a [`Snapshot`]. No decision, no
+//! formatting: diffs, rates and verdicts are the analyzer's.
+//!
+//! Two facts are looked up here because only a live machine has them: the
+//! watched function a call site's return address lies in (through the
+//! process's mappings and the catalog's code ranges), and the text and
+//! frames of keys and stacks the kernel holds, read once when first seen.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    os::unix::fs::MetadataExt as _,
+    time::Instant,
+};
+
+use profiler_common::{CallKey, CallerKey, KeyId, StackKey};
+
+use crate::{
+    catalog::{Catalog, FileId},
+    cycles,
+    probes::{ProbeError, Probes},
+    report::unix_now,
+    snapshot::{CallSite, Count, KeyCount, KeyText, NewStack, ProcessFacts, Snapshot, StackCount},
+    target::Process,
+};
+
+pub struct Collector {
+    counts: HashMap<CallKey, u64>,
+    callers: HashMap<CallerKey, u64>,
+    keys: HashMap<KeyId, u64>,
+    stacks: HashMap<StackKey, u64>,
+    /// Return address -> watched function holding it (or none), per pid,
+    /// under catalog version `resolved_for`.
+    resolved: HashMap<(u32, u64), Option<u32>>,
+    resolved_for: u32,
+    known_texts: HashSet<u64>,
+    known_stacks: HashSet<u32>,
+    last_read: Instant,
+    started: Instant,
+}
+
+impl Collector {
+    /// Counting starts at zero now: make it right after attaching.
+    pub fn new(started: Instant) -> Self {
+        Self {
+            counts: HashMap::new(),
+            callers: HashMap::new(),
+            keys: HashMap::new(),
+            stacks: HashMap::new(),
+            resolved: HashMap::new(),
+            resolved_for: 0,
+            known_texts: HashSet::new(),
+            known_stacks: HashSet::new(),
+            last_read: Instant::now(),
+            started,
+        }
+    }
+
+    /// Reads every counter map. Call [`Collector::snapshot`] next.
+    pub fn read_kernel(&mut self, probes: &mut Probes) -> Result<(), ProbeError> {
+        probes.read_counts(&mut self.counts)?;
+        probes.read_callers(&mut self.callers)?;
+        probes.read_keys(&mut self.keys)?;
+        probes.read_stacks(&mut self.stacks)?;
+        Ok(())
+    }
+
+    /// The processes the counters name: under `--binary`, new processes
+    /// show up here first.
+    pub fn counted_pids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.counts.keys().map(|k| k.tgid)
+    }
+
+    /// The snapshot of what [`Collector::read_kernel`] read, for the
+    /// processes in `live`. `probed` is the share of the interval the
+    /// probes were in.
+    pub fn snapshot(
+        &mut self,
+        probes: &Probes,
+        catalog: &Catalog,
+        live: &BTreeMap<u32, Process>,
+        probed: f64,
+    ) -> Snapshot {
+        let now = Instant::now();
+        let seconds = now.duration_since(self.last_read).as_secs_f64().max(1e-3);
+        self.last_read = now;
+        let watched = |pid: &u32| live.contains_key(pid);
+
+        let mut snap = Snapshot {
+            catalog: catalog.version,
+            ts: unix_now(),
+            seconds,
+            elapsed: now.duration_since(self.started).as_secs_f64(),
+            probed,
+            dropped: probes.dropped(),
+            counts_capacity: probes.capacity(),
+            ..Snapshot::default()
+        };
+        snap.counts = self
+            .counts
+            .iter()
+            .filter(|(k, _)| watched(&k.tgid))
+            .map(|(k, &calls)| Count {
+                func: k.func,
+                pid: k.tgid,
+                calls,
+            })
+            .collect();
+        snap.call_sites = self.call_sites(catalog, live);
+        snap.keys = self
+            .keys
+            .iter()
+            .filter(|(k, _)| watched(&k.tgid))
+            .map(|(k, &calls)| KeyCount {
+                func: k.func,
+                pid: k.tgid,
+                hash: k.hash,
+                calls,
+            })
+            .collect();
+        snap.stacks = self
+            .stacks
+            .iter()
+            .filter(|(k, _)| watched(&k.tgid))
+            .map(|(k, &samples)| StackCount {
+                func: k.func,
+                pid: k.tgid,
+                stack_id: k.stack_id,
+                samples,
+            })
+            .collect();
+
+        // Texts and frames, once each while the kernel holds them.
+        let text_keys: HashSet<u64> = snap
+            .keys
+            .iter()
+            .filter(|k| catalog.has_text_keys(k.func))
+            .map(|k| k.hash)
+            .collect();
+        for &hash in &text_keys {
+            if !self.known_texts.contains(&hash)
+                && let Some(text) = probes.key_text(hash)
+            {
+                snap.key_texts.push(KeyText { hash, text });
+            }
+        }
+        self.known_texts = text_keys;
+        let stack_ids: HashSet<u32> = snap.stacks.iter().map(|s| s.stack_id).collect();
+        for &stack_id in &stack_ids {
+            if !self.known_stacks.contains(&stack_id)
+                && let Some(ips) = probes.stack_frames(stack_id)
+            {
+                snap.new_stacks.push(NewStack { stack_id, ips });
+            }
+        }
+        self.known_stacks = stack_ids;
+
+        snap.processes = live.values().map(facts).collect();
+        snap
+    }
+
+    /// Call sites with the watched function each lies in, if any.
+    fn call_sites(&mut self, catalog: &Catalog, live: &BTreeMap<u32, Process>) -> Vec<CallSite> {
+        if self.resolved_for != catalog.version {
+            // New functions may hold addresses that held none before.
+            self.resolved.clear();
+            self.resolved_for = catalog.version;
+        }
+        let mut maps: HashMap<u32, Vec<cycles::Mapping>> = HashMap::new();
+        let mut sites = Vec::with_capacity(self.callers.len());
+        for (key, &calls) in &self.callers {
+            if !live.contains_key(&key.tgid) {
+                continue;
+            }
+            let caller = *self
+                .resolved
+                .entry((key.tgid, key.return_address))
+                .or_insert_with(|| {
+                    let maps = maps.entry(key.tgid).or_insert_with(|| {
+                        let text = std::fs::read_to_string(format!("/proc/{}/maps", key.tgid));
+                        cycles::parse_maps(&text.unwrap_or_default())
+                    });
+                    let map = maps
+                        .iter()
+                        .find(|m| (m.start..m.end).contains(&key.return_address))?;
+                    catalog.function_at(&map.path, key.return_address - map.start + map.offset)
+                });
+            sites.push(CallSite {
+                func: key.func,
+                pid: key.tgid,
+                return_address: key.return_address,
+                caller,
+                calls,
+            });
+        }
+        sites
+    }
+
+    /// Forgets what was cached for a process that exited.
+    pub fn forget(&mut self, pid: u32) {
+        self.resolved.retain(|&(p, _), _| p != pid);
+    }
+}
+
+/// What `/proc` says of a process now.
+fn facts(p: &Process) -> ProcessFacts {
+    let usage = p.usage();
+    let exe = std::fs::metadata(&p.exe)
+        .map(|m| FileId {
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+        .unwrap_or_default();
+    ProcessFacts {
+        pid: p.pid,
+        ns_pid: p.ns_pid,
+        start_time: p.start_time,
+        exe,
+        cpu_nanos: usage.map(|u| u.cpu_nanos),
+        rss_bytes: usage.map_or(0, |u| u.rss_bytes),
+        alive: p.is_alive(),
+    }
+}

@@ -1,0 +1,233 @@
+//! The planner: decides what to attach where. Reads each file's symbols once
+//! (by device and inode), picks the functions the patterns name, and files
+//! them in the catalog: one id per (file, function name), shared by the
+//! function's compiler clones and by every process running that file.
+//!
+//! Reads ELF files; attaches nothing (the controller does).
+
+use std::{
+    collections::{HashMap, hash_map::Entry},
+    os::unix::fs::MetadataExt as _,
+    path::PathBuf,
+    sync::Arc,
+};
+
+use crate::{
+    catalog::{Catalog, FileId, Function, KeySpec, Range},
+    cli::KeyArg,
+    config::WatchConfig,
+    presets,
+    probes::AttachRequest,
+    symbols::{Pattern, Symbol, SymbolError, SymbolTable, check_matches},
+    target::Process,
+};
+
+/// A file to read and attach to, and the process scope of its link.
+pub struct FileTarget {
+    pub open: PathBuf,
+    pub shown: PathBuf,
+    pub root: PathBuf,
+    pub pid: Option<u32>,
+}
+
+impl FileTarget {
+    /// The files of a process: its executable and libraries, attached for
+    /// that process only.
+    pub fn of_process(process: &Process) -> Vec<Self> {
+        process
+            .mapped_files()
+            .into_iter()
+            .map(|f| Self {
+                open: f.open,
+                shown: f.name,
+                root: process.root.clone(),
+                pid: Some(process.pid),
+            })
+            .collect()
+    }
+}
+
+pub struct Planner {
+    patterns: Vec<Pattern>,
+    request_patterns: Vec<Pattern>,
+    key_arg: Option<KeyArg>,
+    preset_keys: Vec<(&'static str, presets::KeySpec)>,
+    tables: HashMap<FileId, SymbolTable>,
+    functions: Vec<Function>,
+    ids: HashMap<(FileId, String), u32>,
+    published: Arc<Catalog>,
+    changed: bool,
+}
+
+impl Planner {
+    pub fn new(config: &WatchConfig) -> Self {
+        Self {
+            patterns: config.patterns.clone(),
+            request_patterns: config.request_patterns.clone(),
+            key_arg: config.key_arg,
+            preset_keys: config.preset_keys.clone(),
+            tables: HashMap::new(),
+            functions: Vec::new(),
+            ids: HashMap::new(),
+            published: Arc::new(Catalog::default()),
+            changed: false,
+        }
+    }
+
+    /// The catalog as planned so far: a new version if anything was added
+    /// since the last call.
+    pub fn catalog(&mut self) -> Arc<Catalog> {
+        if self.changed {
+            self.changed = false;
+            self.published = Arc::new(Catalog {
+                version: self.published.version + 1,
+                functions: self.functions.clone(),
+            });
+        }
+        self.published.clone()
+    }
+
+    /// The attach requests for `files`: an executable, then the libraries
+    /// it maps. Each pattern is looked up in the executable first, and only
+    /// if it matches nothing there in the libraries (read only then), so
+    /// `cache_*` means the program's own functions, while `--func lib_fn`
+    /// still finds its library. With `strict`, each pattern must match
+    /// somewhere (`hint` completes the suggestion); otherwise what matches
+    /// nothing is skipped.
+    pub fn requests(
+        &mut self,
+        files: &[FileTarget],
+        strict: bool,
+        hint: &str,
+    ) -> anyhow::Result<Vec<AttachRequest>> {
+        let Some((exe, libraries)) = files.split_first() else {
+            return Ok(Vec::new());
+        };
+        let exe_id = self.load(exe)?;
+        let table = &self.tables[&exe_id];
+        let (in_exe, elsewhere): (Vec<Pattern>, Vec<Pattern>) = self
+            .patterns
+            .iter()
+            .cloned()
+            .partition(|p| table.symbols.iter().any(|s| p.selects(s)));
+        let mut chosen = vec![(exe, exe_id, points_of(table.matching(&in_exe)))];
+        if !elsewhere.is_empty() {
+            let found: Vec<(FileId, &FileTarget)> = libraries
+                .iter()
+                .filter_map(|library| Some((self.load(library).ok()?, library)))
+                .collect();
+            let searched: Vec<&SymbolTable> = std::iter::once(exe_id)
+                .chain(found.iter().map(|(id, _)| *id))
+                .map(|id| &self.tables[&id])
+                .collect();
+            if strict {
+                check_matches(&searched, &elsewhere, hint)?;
+            }
+            for ((id, library), table) in found.iter().zip(&searched[1..]) {
+                chosen.push((library, *id, points_of(table.matching(&elsewhere))));
+            }
+        }
+        let mut requests = Vec::new();
+        for (file, file_id, symbols) in chosen {
+            if symbols.is_empty() {
+                continue;
+            }
+            // Mappings name a file by the path the process opened, links
+            // resolved; a --binary path may be a link (redis-server is).
+            let mapped = match file.pid {
+                Some(_) => file.shown.clone(),
+                None => crate::cycles::canonical(&file.shown),
+            };
+            let mut points = Vec::with_capacity(symbols.len());
+            for symbol in symbols {
+                let id = self.add(file_id, &mapped, &symbol);
+                points.push((symbol.file_offset, id));
+            }
+            requests.push(AttachRequest {
+                path: file.open.clone(),
+                shown: file.shown.clone(),
+                pid: file.pid,
+                points,
+            });
+        }
+        Ok(requests)
+    }
+
+    /// Files a symbol under its function's id (made on first sight).
+    fn add(&mut self, file_id: FileId, mapped: &std::path::Path, symbol: &Symbol) -> u32 {
+        let next = self.functions.len() as u32;
+        let id = match self.ids.entry((file_id, symbol.name.clone())) {
+            Entry::Occupied(e) => *e.get(),
+            Entry::Vacant(e) => {
+                e.insert(next);
+                let request = self
+                    .request_patterns
+                    .iter()
+                    .any(|p| p.matches(&symbol.name));
+                let key = if request {
+                    None
+                } else {
+                    self.key_spec(&symbol.name)
+                };
+                self.functions.push(Function {
+                    name: symbol.name.clone(),
+                    file: mapped.to_owned(),
+                    file_id,
+                    offsets: Vec::new(),
+                    ranges: Vec::new(),
+                    key,
+                    request,
+                });
+                self.changed = true;
+                next
+            }
+        };
+        let function = &mut self.functions[id as usize];
+        if !function.offsets.contains(&symbol.file_offset) {
+            function.offsets.push(symbol.file_offset);
+            if symbol.size > 0 {
+                function.ranges.push(Range {
+                    start: symbol.file_offset,
+                    end: symbol.file_offset + symbol.size,
+                });
+            }
+            self.changed = true;
+        }
+        id
+    }
+
+    /// How to read a function's key: the preset's spec for its functions,
+    /// `--key-arg` for the rest.
+    fn key_spec(&self, name: &str) -> Option<KeySpec> {
+        if let Some((_, spec)) = self.preset_keys.iter().find(|(f, _)| *f == name) {
+            return Some(match *spec {
+                presets::KeySpec::Str(arg) => KeySpec::Str { arg },
+                presets::KeySpec::RedisObject(arg) => KeySpec::StrAt { arg, offset: 8 },
+            });
+        }
+        self.key_arg.map(|k| match k.string {
+            true => KeySpec::Str { arg: k.index },
+            false => KeySpec::U64 { arg: k.index },
+        })
+    }
+
+    /// Reads a file's symbols once; returns its identity.
+    fn load(&mut self, file: &FileTarget) -> Result<FileId, SymbolError> {
+        let meta = std::fs::metadata(&file.open).map_err(|source| SymbolError::Read {
+            path: file.shown.clone(),
+            source,
+        })?;
+        let id = FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        };
+        if let Entry::Vacant(slot) = self.tables.entry(id) {
+            slot.insert(SymbolTable::read(&file.open, &file.shown, &file.root)?);
+        }
+        Ok(id)
+    }
+}
+
+fn points_of(symbols: Vec<&Symbol>) -> Vec<Symbol> {
+    symbols.into_iter().cloned().collect()
+}

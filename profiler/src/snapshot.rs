@@ -1,0 +1,112 @@
+//! One raw reading of everything cacheloop measures, taken by the collector
+//! at each tick: the analyzer's only input besides the catalog, and what a
+//! recording stores.
+//!
+//! Counters are cumulative (summed over CPUs) as the kernel holds them: an
+//! entry that disappears was removed or evicted, and one that comes back
+//! smaller was made again. No decision and no formatting lives here.
+
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::FileId;
+
+/// Calls of a function in a process, since its counter was made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Count {
+    pub func: u32,
+    pub pid: u32,
+    pub calls: u64,
+}
+
+/// Calls of a function from one call site (return address) in a process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct CallSite {
+    pub func: u32,
+    pub pid: u32,
+    pub return_address: u64,
+    /// The watched function whose code holds the return address, if any:
+    /// resolved by the collector through the process's mappings.
+    pub caller: Option<u32>,
+    pub calls: u64,
+}
+
+/// Calls of a function with one key in a process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct KeyCount {
+    pub func: u32,
+    pub pid: u32,
+    /// The integer key, or the FNV-1a hash of a text key.
+    pub hash: u64,
+    pub calls: u64,
+}
+
+/// Sampled stacks of a function in a process, by stack id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct StackCount {
+    pub func: u32,
+    pub pid: u32,
+    pub stack_id: u32,
+    pub samples: u64,
+}
+
+/// The frames of a stack id first seen in this snapshot (instruction
+/// pointers, innermost first).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewStack {
+    pub stack_id: u32,
+    pub ips: Vec<u64>,
+}
+
+/// The text of a key first seen in this snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyText {
+    pub hash: u64,
+    pub text: String,
+}
+
+/// What `/proc` says of a watched process at this tick.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessFacts {
+    pub pid: u32,
+    /// The pid inside its own pid namespace, where it differs.
+    pub ns_pid: Option<u32>,
+    /// Start time in clock ticks since boot: tells a process from a later
+    /// one that reuses its pid.
+    pub start_time: u64,
+    /// The executable it runs.
+    pub exe: FileId,
+    /// CPU time used so far (user + system), nanoseconds; `None` when
+    /// `/proc` could not be read.
+    pub cpu_nanos: Option<u64>,
+    pub rss_bytes: u64,
+    /// Still running at the end of this tick; `false` is its last snapshot.
+    pub alive: bool,
+}
+
+/// One tick's reading.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// The catalog version the counters are keyed by.
+    pub catalog: u32,
+    /// Unix time of the reading, seconds.
+    pub ts: f64,
+    /// Seconds since the previous reading (or since attaching), measured.
+    pub seconds: f64,
+    /// Seconds since the run began.
+    pub elapsed: f64,
+    /// Share of those seconds the probes were in (1 unless the overhead
+    /// governor windowed them).
+    pub probed: f64,
+    pub counts: Vec<Count>,
+    pub call_sites: Vec<CallSite>,
+    pub keys: Vec<KeyCount>,
+    pub stacks: Vec<StackCount>,
+    pub new_stacks: Vec<NewStack>,
+    pub key_texts: Vec<KeyText>,
+    /// Hits the kernel could not count since attaching (counter map full).
+    pub dropped: u64,
+    /// Capacity of the counter map, to warn before it fills.
+    pub counts_capacity: u32,
+    /// Every watched process, by pid.
+    pub processes: Vec<ProcessFacts>,
+}
