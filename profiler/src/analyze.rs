@@ -451,7 +451,7 @@ impl Analyzer {
             });
             self.dropped = snap.dropped;
         }
-        let used = snap.counts.len();
+        let used = snap.counts_entries as usize;
         if !self.pressure_warned
             && snap.counts_capacity > 0
             && used as f64 >= MAP_PRESSURE * f64::from(snap.counts_capacity)
@@ -468,9 +468,12 @@ impl Analyzer {
     /// this interval, if any (function ids, in call order).
     fn cycles(&mut self, snap: &Snapshot) -> HashMap<u32, Vec<u32>> {
         let mut edges: HashMap<u32, BTreeSet<(u32, u32)>> = HashMap::new();
+        // Only what the kernel still counts is kept: its LRU map bounds this.
+        let last = std::mem::take(&mut self.call_sites);
         for site in &snap.call_sites {
             let key = (site.func, site.pid, site.return_address);
-            let before = self.call_sites.insert(key, site.calls).unwrap_or(0);
+            self.call_sites.insert(key, site.calls);
+            let before = last.get(&key).copied().unwrap_or(0);
             if site.calls <= before || !self.live.contains_key(&site.pid) {
                 continue;
             }
@@ -495,8 +498,15 @@ impl Analyzer {
         snap: &Snapshot,
     ) -> HashMap<SeriesKey, Vec<(KeyRef, u64)>> {
         let mut per_series: HashMap<SeriesKey, Vec<(KeyRef, u64)>> = HashMap::new();
+        // Only keys the kernel still counts are kept (its LRU bounds them);
+        // one evicted and seen again counts from zero.
+        let last = std::mem::take(&mut self.keys.last);
         for k in &snap.keys {
-            let calls = self.keys.advance((k.func, k.pid, k.hash), k.calls);
+            let id = (k.func, k.pid, k.hash);
+            self.keys
+                .last
+                .insert(id, last.get(&id).copied().unwrap_or(0));
+            let calls = self.keys.advance(id, k.calls);
             if calls > 0 && self.live.contains_key(&k.pid) {
                 let series = SeriesKey {
                     pid: k.pid,
@@ -624,7 +634,7 @@ mod tests {
                 .enumerate()
                 .map(|(i, n)| Function {
                     name: (*n).into(),
-                    file: "/srv/cache".into(),
+                    paths: vec!["/srv/cache".into()],
                     file_id: FileId { dev: 1, ino: 2 },
                     offsets: vec![0x1000 * (i as u64 + 1)],
                     ranges: vec![Range {
@@ -881,6 +891,7 @@ mod tests {
             probed: 1.0,
             dropped: 12,
             counts_capacity: 1,
+            counts_entries: 1,
             counts: vec![Count {
                 func: 0,
                 pid: PID,

@@ -75,8 +75,9 @@ pub struct Range {
 pub struct Function {
     /// Demangled name, as records show it.
     pub name: String,
-    /// The file as processes map it (links resolved for `--binary`).
-    pub file: PathBuf,
+    /// The file as processes map it (links resolved for `--binary`): every
+    /// path it was seen under (bind mounts, hard links, containers).
+    pub paths: Vec<PathBuf>,
     pub file_id: FileId,
     /// Entry offsets probed in the file: the function and its clones.
     pub offsets: Vec<u64>,
@@ -135,7 +136,8 @@ impl Catalog {
         self.functions
             .iter()
             .position(|f| {
-                f.file == path && f.ranges.iter().any(|r| (r.start..r.end).contains(&offset))
+                f.paths.iter().any(|p| p == path)
+                    && f.ranges.iter().any(|r| (r.start..r.end).contains(&offset))
             })
             .map(|i| i as u32)
     }
@@ -148,7 +150,7 @@ mod tests {
     fn function(name: &str, file: &str, start: u64, end: u64) -> Function {
         Function {
             name: name.into(),
-            file: file.into(),
+            paths: vec![file.into()],
             file_id: FileId { dev: 1, ino: 2 },
             offsets: vec![start],
             ranges: vec![Range { start, end }],

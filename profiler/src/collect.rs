@@ -94,6 +94,9 @@ impl Collector {
             probed,
             dropped: probes.dropped(),
             counts_capacity: probes.capacity(),
+            // Every entry, watched or not: without a usable pid filter the
+            // map also holds other processes' counters.
+            counts_entries: self.counts.len() as u32,
             ..Snapshot::default()
         };
         snap.counts = self
@@ -137,23 +140,27 @@ impl Collector {
             .filter(|k| catalog.has_text_keys(k.func))
             .map(|k| k.hash)
             .collect();
-        for &hash in &text_keys {
+        // Known only once read: the text and frame maps are LRU maps of
+        // their own and may lack what the counters name; try again next tick.
+        self.known_texts.retain(|hash| text_keys.contains(hash));
+        for hash in text_keys {
             if !self.known_texts.contains(&hash)
                 && let Some(text) = probes.key_text(hash)
             {
                 snap.key_texts.push(KeyText { hash, text });
+                self.known_texts.insert(hash);
             }
         }
-        self.known_texts = text_keys;
         let stack_ids: HashSet<u32> = snap.stacks.iter().map(|s| s.stack_id).collect();
-        for &stack_id in &stack_ids {
+        self.known_stacks.retain(|id| stack_ids.contains(id));
+        for stack_id in stack_ids {
             if !self.known_stacks.contains(&stack_id)
                 && let Some(ips) = probes.stack_frames(stack_id)
             {
                 snap.new_stacks.push(NewStack { stack_id, ips });
+                self.known_stacks.insert(stack_id);
             }
         }
-        self.known_stacks = stack_ids;
 
         snap.processes = live.values().map(facts).collect();
         snap

@@ -53,6 +53,9 @@ pub struct Controller {
     windows: Windows,
     collector: Collector,
     started: Instant,
+    /// `--name` processes that could not be probed, by (pid, start time):
+    /// said once, not tried again each tick.
+    failed: std::collections::HashSet<(u32, u64)>,
 }
 
 impl Controller {
@@ -143,6 +146,7 @@ impl Controller {
             windows: Windows::new(config.max_overhead),
             collector: Collector::new(started),
             started,
+            failed: std::collections::HashSet::new(),
         };
         controller
             .apply_keys()
@@ -197,22 +201,22 @@ impl Controller {
         }
     }
 
-    /// After a tick was judged: lets exited processes go, plans the next
+    /// After a tick was judged: lets `exited` processes go, plans the next
     /// probe window (unless this was the `last` tick) and, with `follow`,
     /// attaches processes that started under a watched `--name`. Returns
     /// the records of what it did.
     pub fn after_tick(
         &mut self,
-        snapshot: &Snapshot,
+        exited: &[u32],
         hit_rate: f64,
         interval: Duration,
         last: bool,
         follow: bool,
     ) -> anyhow::Result<Vec<Record>> {
-        for gone in snapshot.processes.iter().filter(|p| !p.alive) {
-            self.live.remove(&gone.pid);
-            self.collector.forget(gone.pid);
-            self.probes.forget_process(gone.pid);
+        for &pid in exited {
+            self.live.remove(&pid);
+            self.collector.forget(pid);
+            self.probes.forget_process(pid);
         }
         let mut records = Vec::new();
         if !last {
@@ -257,16 +261,18 @@ impl Controller {
     fn attach_new_named(&mut self) -> Vec<Record> {
         let started = Instant::now();
         let mut records = Vec::new();
+        self.failed.retain(|&(pid, _)| target::is_running(pid));
         for process in target::processes_named(&self.names) {
-            if self.live.contains_key(&process.pid) {
+            let id = (process.pid, process.start_time);
+            if self.live.contains_key(&process.pid) || self.failed.contains(&id) {
                 continue;
             }
             let pid = process.pid;
-            let failed = |what: &str, e: &dyn std::fmt::Display| Record::Warning {
+            let failed = |e: anyhow::Error| Record::Warning {
                 ts: unix_now(),
                 pid: Some(pid),
                 kind: "attach_failed".to_owned(),
-                message: format!("cannot probe new pid {pid}: {what}{e:#}"),
+                message: format!("cannot probe new pid {pid}: {e:#}"),
                 count: None,
             };
             let requests = match self
@@ -275,13 +281,15 @@ impl Controller {
             {
                 Ok(requests) => requests,
                 Err(e) => {
-                    records.push(failed("", &e));
+                    records.push(failed(e));
+                    self.failed.insert(id);
                     continue;
                 }
             };
             let attached = requests.iter().try_for_each(|r| self.probes.attach(r));
             if let Err(e) = attached {
-                records.push(failed("", &anyhow::Error::from(e)));
+                records.push(failed(e.into()));
+                self.failed.insert(id);
                 self.probes.forget_process(pid);
                 continue;
             }
@@ -309,13 +317,21 @@ impl Controller {
     /// yet.
     fn apply_keys(&mut self) -> Result<(), ProbeError> {
         let catalog = self.catalog.clone();
+        let mut beyond = 0;
         for (id, function) in catalog.functions.iter().enumerate().skip(self.keyed) {
             self.keyed = id + 1;
-            if let Some(key) = function.key
-                && (id as u32) < MAX_FUNCTIONS
-            {
-                self.probes.set_key_config(id as u32, key.kernel_config())?;
+            match function.key {
+                Some(key) if (id as u32) < MAX_FUNCTIONS => {
+                    self.probes.set_key_config(id as u32, key.kernel_config())?;
+                }
+                Some(_) => beyond += 1,
+                None => {}
             }
+        }
+        if beyond > 0 {
+            log::warn!(
+                "keys of {beyond} function(s) will not be read: the kernel's key table holds {MAX_FUNCTIONS}"
+            );
         }
         Ok(())
     }

@@ -38,10 +38,6 @@ enum Frames {
     Recorded,
 }
 
-/// Texts of keys kept at most per generation (two generations: a bounded
-/// cache that keeps what is used).
-const KEY_TEXTS: usize = 32_768;
-
 pub struct Enricher {
     catalog: Arc<Catalog>,
     rules: Rules,
@@ -53,8 +49,8 @@ pub struct Enricher {
     /// Symbolize every new stack and call site as it appears (to record
     /// them), not only at verdicts.
     eager: bool,
+    /// Texts of the keys the kernel counts now (bounded by its LRU map).
     key_texts: HashMap<u64, String>,
-    old_key_texts: HashMap<u64, String>,
     stacks: HashMap<u32, Vec<u64>>,
     named: HashMap<(u32, u64), Frame>,
     frames: Frames,
@@ -102,7 +98,6 @@ impl Enricher {
             seed,
             eager,
             key_texts: HashMap::new(),
-            old_key_texts: HashMap::new(),
             stacks: HashMap::new(),
             named: HashMap::new(),
             frames,
@@ -128,10 +123,14 @@ impl Enricher {
     /// names their frames and new call sites.
     pub fn observe(&mut self, snap: &Snapshot) {
         for k in &snap.key_texts {
-            if self.key_texts.len() >= KEY_TEXTS {
-                self.old_key_texts = std::mem::take(&mut self.key_texts);
-            }
             self.key_texts.insert(k.hash, k.text.clone());
+        }
+        // A key the kernel no longer counts is in no verdict to come; the
+        // collector sends its text again if it comes back.
+        if self.key_texts.len() > snap.keys.len() {
+            let counted: std::collections::HashSet<u64> =
+                snap.keys.iter().map(|k| k.hash).collect();
+            self.key_texts.retain(|hash, _| counted.contains(hash));
         }
         for s in &snap.new_stacks {
             self.stacks.insert(s.stack_id, s.ips.clone());
@@ -291,7 +290,6 @@ impl Enricher {
         let text = if key.text {
             self.key_texts
                 .get(&key.hash)
-                .or_else(|| self.old_key_texts.get(&key.hash))
                 .cloned()
                 .unwrap_or_else(|| format!("{:016x}", key.hash))
         } else {
@@ -354,6 +352,12 @@ mod tests {
             key_texts: vec![KeyText {
                 hash: 5,
                 text: "page:catalog".into(),
+            }],
+            keys: vec![crate::snapshot::KeyCount {
+                func: 0,
+                pid: 1,
+                hash: 5,
+                calls: 9,
             }],
             ..Snapshot::default()
         };

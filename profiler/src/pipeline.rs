@@ -8,11 +8,16 @@
 //! own. Nothing the sinks do (a paused terminal, a slow pipe, a slow disk)
 //! can hold the probes in past the overhead budget.
 //!
-//! Falling behind: each queue holds at most [`BACKLOG`] ticks. When a sink
-//! is that far behind, further ticks are dropped for it and counted, and
-//! when it catches up it says so first: a `warning` record
-//! (`output_behind`) on the output, a gap item in the recording. Records
-//! that are not per-tick (attached, warnings, the end) are never dropped.
+//! Falling behind: each queue holds at most [`BACKLOG`] ticks (a bound on
+//! memory, not only on delay). When a stage is that far behind, further
+//! ticks are dropped for it and counted, and when it catches up it says so
+//! first: a `warning` record (`output_behind`) on the output, a gap item in
+//! the recording. What a dropped snapshot carried that is sent only once
+//! (key texts, stack frames) and its seconds are folded into the next one
+//! that gets through, so rates after a gap stay rates and names stay known.
+//! Verdicts are made on the control thread and never depend on a sink.
+//! Records that are not per-tick (attached, warnings, the end) are never
+//! dropped.
 
 use std::{
     io::{self, Write},
@@ -35,7 +40,10 @@ use crate::{
 };
 
 /// Ticks a queue holds before it drops.
-pub const BACKLOG: usize = 256;
+pub const BACKLOG: usize = 32;
+/// How long the end waits for the sinks to write it (stdout may be
+/// blocked for good; the probes are out by then).
+const FINISH_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What the control thread sends.
 pub enum Msg {
@@ -45,6 +53,8 @@ pub enum Msg {
     Tick {
         snapshot: Arc<Snapshot>,
         output: Output,
+        /// Ticks dropped just before this one.
+        dropped: u64,
     },
     End {
         detached: Record,
@@ -91,12 +101,16 @@ impl<T> Queue<T> {
     /// Queued unless the reader is [`BACKLOG`] behind; `make` gets how many
     /// ticks were dropped before this one.
     fn send_tick(&mut self, make: impl FnOnce(u64) -> T) {
-        if self.depth.load(Ordering::Relaxed) >= BACKLOG {
+        if self.full() {
             self.dropped += 1;
             return;
         }
         let dropped = std::mem::take(&mut self.dropped);
         self.send(make(dropped));
+    }
+
+    fn full(&self) -> bool {
+        self.depth.load(Ordering::Relaxed) >= BACKLOG
     }
 }
 
@@ -105,6 +119,36 @@ impl<T> QueueRx<T> {
         let msg = self.rx.recv().ok()?;
         self.depth.fetch_sub(1, Ordering::Relaxed);
         Some(msg)
+    }
+}
+
+/// What dropped snapshots leave to the next one that gets through.
+#[derive(Default)]
+struct Fold {
+    count: u64,
+    seconds: f64,
+    key_texts: Vec<crate::snapshot::KeyText>,
+    new_stacks: Vec<crate::snapshot::NewStack>,
+}
+
+impl Fold {
+    fn drop_one(&mut self, snapshot: &Snapshot) {
+        self.count += 1;
+        self.seconds += snapshot.seconds;
+        self.key_texts.extend(snapshot.key_texts.iter().cloned());
+        self.new_stacks.extend(snapshot.new_stacks.iter().cloned());
+    }
+
+    /// `snapshot` with what was dropped before it; the count dropped.
+    fn into_next(self, snapshot: Arc<Snapshot>) -> (Arc<Snapshot>, u64) {
+        if self.count == 0 {
+            return (snapshot, 0);
+        }
+        let mut merged = (*snapshot).clone();
+        merged.seconds += self.seconds;
+        merged.key_texts.splice(0..0, self.key_texts);
+        merged.new_stacks.splice(0..0, self.new_stacks);
+        (Arc::new(merged), self.count)
     }
 }
 
@@ -135,7 +179,10 @@ enum RecMsg {
 /// The running enricher and sinks.
 pub struct Pipeline {
     queue: Queue<Msg>,
+    fold: Fold,
     thread: Option<JoinHandle<()>>,
+    /// Says when the enricher thread (and the sinks it waits for) ended.
+    done: Receiver<()>,
     pub status: Arc<SinkStatus>,
 }
 
@@ -153,30 +200,31 @@ impl Pipeline {
         mut enricher: Enricher,
         make_sink: impl FnOnce() -> Box<dyn Sink> + Send + 'static,
         record: Option<RecordTo>,
-    ) -> Self {
+    ) -> io::Result<Self> {
         let status = Arc::new(SinkStatus::default());
         let (to_enricher, rx) = queue::<Msg>();
         let (mut out, out_rx) = queue::<SinkMsg>();
         let out_status = status.clone();
         let out_thread = std::thread::Builder::new()
             .name("cacheloop-out".into())
-            .spawn(move || run_sink(make_sink(), out_rx, &out_status))
-            .ok();
+            .spawn(move || run_sink(make_sink(), out_rx, &out_status))?;
         let (mut rec, rec_thread) = match record {
             Some(to) => {
                 let (q, rec_rx) = queue::<RecMsg>();
                 let rec_status = status.clone();
                 let thread = std::thread::Builder::new()
                     .name("cacheloop-rec".into())
-                    .spawn(move || run_recorder(to, rec_rx, &rec_status))
-                    .ok();
-                (Some(q), thread)
+                    .spawn(move || run_recorder(to, rec_rx, &rec_status))?;
+                (Some(q), Some(thread))
             }
             None => (None, None),
         };
+        let (done_tx, done) = mpsc::channel();
+        let enrich_status = status.clone();
         let thread = std::thread::Builder::new()
             .name("cacheloop-enrich".into())
             .spawn(move || {
+                let mut rec_fold = Fold::default();
                 while let Some(msg) = rx.recv() {
                     match msg {
                         Msg::Catalog(catalog) => {
@@ -194,7 +242,11 @@ impl Pipeline {
                                 dropped: 0,
                             });
                         }
-                        Msg::Tick { snapshot, output } => {
+                        Msg::Tick {
+                            snapshot,
+                            output,
+                            dropped,
+                        } => {
                             enricher.observe(&snapshot);
                             let records = enricher.records(&output);
                             let facts: Vec<SymbolFact> = enricher.take_facts();
@@ -202,9 +254,21 @@ impl Pipeline {
                                 if !facts.is_empty() {
                                     rec.send(RecMsg::Item(Box::new(Item::Symbols(facts))));
                                 }
-                                rec.send_tick(|dropped| RecMsg::Snapshot { snapshot, dropped });
+                                if rec.full() {
+                                    rec_fold.drop_one(&snapshot);
+                                } else {
+                                    let (snapshot, folded) =
+                                        std::mem::take(&mut rec_fold).into_next(snapshot);
+                                    rec.send(RecMsg::Snapshot {
+                                        snapshot,
+                                        dropped: folded + dropped,
+                                    });
+                                }
                             }
-                            out.send_tick(|dropped| SinkMsg::Batch { records, dropped });
+                            out.send_tick(|behind| SinkMsg::Batch {
+                                records,
+                                dropped: behind + dropped,
+                            });
                         }
                         Msg::End { detached, summary } => {
                             if let Some(rec) = &rec {
@@ -221,16 +285,22 @@ impl Pipeline {
                 }
                 drop(out);
                 drop(rec);
-                for thread in [out_thread, rec_thread].into_iter().flatten() {
-                    let _ = thread.join();
+                for thread in std::iter::once(out_thread).chain(rec_thread) {
+                    if thread.join().is_err()
+                        && let Ok(mut error) = enrich_status.error.lock()
+                    {
+                        *error = Some("an output thread of cacheloop failed".to_owned());
+                    }
                 }
-            })
-            .ok();
-        Self {
+                let _ = done_tx.send(());
+            })?;
+        Ok(Self {
             queue: to_enricher,
-            thread,
+            fold: Fold::default(),
+            thread: Some(thread),
+            done,
             status,
-        }
+        })
     }
 
     pub fn catalog(&self, catalog: Arc<Catalog>) {
@@ -243,17 +313,38 @@ impl Pipeline {
         }
     }
 
+    /// Hands one tick over; if the enricher is [`BACKLOG`] behind, it is
+    /// dropped and folded into the next.
     pub fn tick(&mut self, snapshot: Snapshot, output: Output) {
-        let snapshot = Arc::new(snapshot);
-        self.queue.send_tick(|_| Msg::Tick { snapshot, output });
+        if self.queue.full() {
+            self.fold.drop_one(&snapshot);
+            return;
+        }
+        let (snapshot, dropped) = std::mem::take(&mut self.fold).into_next(Arc::new(snapshot));
+        self.queue.send(Msg::Tick {
+            snapshot,
+            output,
+            dropped,
+        });
     }
 
-    /// Sends the end and waits for every sink to write it. `detached` and
-    /// the summary are written unless stdout was closed.
+    /// Sends the end and waits (a bounded time: stdout may be blocked for
+    /// good) for every sink to write it. `detached` and the summary are
+    /// written unless stdout was closed.
     pub fn finish(mut self, detached: Record, summary: analyze::Summary) {
         self.queue.send(Msg::End { detached, summary });
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        match self.done.recv_timeout(FINISH_WAIT) {
+            Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                if let Some(thread) = self.thread.take()
+                    && thread.join().is_err()
+                    && let Ok(mut error) = self.status.error.lock()
+                {
+                    *error = Some("cacheloop's enricher thread failed".to_owned());
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                log::warn!("the output did not take the last records within {FINISH_WAIT:?}");
+            }
         }
     }
 }
@@ -320,10 +411,11 @@ fn run_recorder(to: RecordTo, rx: QueueRx<RecMsg>, status: &SinkStatus) {
             });
         }
     };
-    // The header durable at once: a run killed early still leaves a file
-    // that says what it is.
+    // Named, and the header durable, at once: a run killed early still
+    // leaves a file that says what it is.
     let mut ok = writer
-        .item(&Item::Header(header))
+        .commit()
+        .and_then(|()| writer.item(&Item::Header(header)))
         .and_then(|()| writer.durable())
         .map_err(&fail)
         .is_ok();

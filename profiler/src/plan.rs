@@ -171,7 +171,7 @@ impl Planner {
                 };
                 self.functions.push(Function {
                     name: symbol.name.clone(),
-                    file: mapped.to_owned(),
+                    paths: Vec::new(),
                     file_id,
                     offsets: Vec::new(),
                     ranges: Vec::new(),
@@ -183,6 +183,10 @@ impl Planner {
             }
         };
         let function = &mut self.functions[id as usize];
+        if !function.paths.iter().any(|p| p == mapped) {
+            function.paths.push(mapped.to_owned());
+            self.changed = true;
+        }
         if !function.offsets.contains(&symbol.file_offset) {
             function.offsets.push(symbol.file_offset);
             if symbol.size > 0 {

@@ -67,6 +67,11 @@ pub enum RecordingError {
         path.display()
     )]
     FutureVersion { path: PathBuf, found: u16 },
+    #[error(
+        "{} is a recording of format {found}, older than this cacheloop reads ({VERSION}); replay it with the cacheloop that made it",
+        path.display()
+    )]
+    OldVersion { path: PathBuf, found: u16 },
     #[error("cannot create the recording {}", path.display())]
     Create {
         path: PathBuf,
@@ -99,6 +104,8 @@ pub struct Header {
     pub rules: RecordedRules,
     /// The run's key-hash seed, so replayed key labels match the live ones.
     pub seed: (u64, u64),
+    /// The run showed keys as they are (`--show-keys`).
+    pub show_keys: bool,
     /// The command line of the run.
     pub command: Vec<String>,
 }
@@ -126,6 +133,7 @@ pub struct StoredSnapshot {
     pub key_texts: Vec<KeyText>,
     pub dropped: u64,
     pub counts_capacity: u32,
+    pub counts_entries: u32,
     pub processes: Vec<ProcessFacts>,
 }
 
@@ -232,6 +240,7 @@ impl Codec {
             key_texts: s.key_texts.clone(),
             dropped: s.dropped,
             counts_capacity: s.counts_capacity,
+            counts_entries: s.counts_entries,
             processes: s.processes.clone(),
         }
     }
@@ -285,24 +294,56 @@ impl Codec {
             key_texts: s.key_texts,
             dropped: s.dropped,
             counts_capacity: s.counts_capacity,
+            counts_entries: s.counts_entries,
             processes: s.processes,
         }
     }
 }
 
 /// Writes a recording.
+///
+/// It is written under a temporary name beside `path`, readable by its
+/// owner only (it holds keys in clear), and takes `path`'s name at
+/// [`Writer::commit`]: a run refused at start (no privileges, a wrong pid)
+/// never overwrites an earlier recording.
 pub struct Writer {
     out: DeflateEncoder<BufWriter<File>>,
     codec: Codec,
     durable_at: Instant,
     scratch: Vec<u8>,
+    path: PathBuf,
+    temp: Pending,
+}
+
+/// The temporary name of a recording not committed yet.
+struct Pending(Option<PathBuf>);
+
+impl Drop for Pending {
+    /// A recording that never started (the run was refused) leaves nothing.
+    fn drop(&mut self) {
+        if let Some(temp) = self.0.take() {
+            let _ = std::fs::remove_file(temp);
+        }
+    }
 }
 
 impl Writer {
-    /// Creates (or truncates) `path` and writes the magic and version.
+    /// Creates the file under its temporary name and writes the magic and
+    /// version.
     pub fn create(path: &Path) -> Result<Self, RecordingError> {
+        let name = path
+            .file_name()
+            .map_or_else(|| "recording".into(), |n| n.to_string_lossy().into_owned());
+        let temp = path.with_file_name(format!(".{name}.{}.partial", std::process::id()));
         let create = || -> io::Result<Self> {
-            let mut file = BufWriter::new(File::create(path)?);
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&temp)?;
+            let mut file = BufWriter::new(file);
             file.write_all(MAGIC)?;
             file.write_all(&VERSION.to_le_bytes())?;
             Ok(Self {
@@ -310,12 +351,28 @@ impl Writer {
                 codec: Codec::default(),
                 durable_at: Instant::now(),
                 scratch: Vec::new(),
+                path: path.to_owned(),
+                temp: Pending(Some(temp.clone())),
             })
         };
         create().map_err(|source| RecordingError::Create {
             path: path.to_owned(),
             source,
         })
+    }
+
+    /// Gives the file its name (replacing any file of that name) and makes
+    /// the name durable. Call once the run has started.
+    pub fn commit(&mut self) -> io::Result<()> {
+        let Some(temp) = self.temp.0.take() else {
+            return Ok(());
+        };
+        std::fs::rename(&temp, &self.path)?;
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        File::open(dir)?.sync_all()
     }
 
     pub fn snapshot(&mut self, snapshot: &Snapshot) -> io::Result<()> {
@@ -348,6 +405,7 @@ impl Writer {
 
     /// Writes the closing item and finishes the stream.
     pub fn finish(mut self) -> io::Result<()> {
+        self.commit()?;
         self.item(&Item::End)?;
         let file = self.out.finish()?;
         let file = file.into_inner().map_err(|e| e.into_error())?;
@@ -407,7 +465,10 @@ impl Reader {
             });
         }
         if version != VERSION {
-            return Err(not());
+            return Err(RecordingError::OldVersion {
+                path: path.to_owned(),
+                found: version,
+            });
         }
         let mut reader = Self {
             input: DeflateDecoder::new(file),
@@ -506,6 +567,7 @@ fn placeholder_header() -> Header {
             alpha: 0.0,
         },
         seed: (0, 0),
+        show_keys: false,
         command: Vec::new(),
     }
 }
@@ -531,6 +593,7 @@ mod tests {
                 alpha: 0.2,
             },
             seed: (1, 2),
+            show_keys: false,
             command: vec!["cacheloop".into()],
         }
     }
@@ -578,6 +641,7 @@ mod tests {
 
     fn write(path: &Path, snapshots: &[Snapshot], finish: bool) {
         let mut w = Writer::create(path).unwrap();
+        w.commit().unwrap();
         w.item(&Item::Header(header())).unwrap();
         w.durable().unwrap();
         w.item(&Item::Catalog(Catalog {

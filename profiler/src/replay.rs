@@ -107,7 +107,9 @@ pub fn run(config: ReplayConfig) -> anyhow::Result<Outcome> {
     let header = reader.header.clone();
     let rules = config.rules.apply(recorded_rules(&header));
     let mut sink = stdout_sink(config.output);
-    let mut replayer = Replayer::new(&rules, config.show_keys, &header);
+    // Keys shown as the live run showed them, or as they are if asked.
+    let show_keys = config.show_keys || header.show_keys;
+    let mut replayer = Replayer::new(&rules, show_keys, &header);
     let start = Record::Start {
         ts: header.started,
         version: env!("CARGO_PKG_VERSION").to_owned(),

@@ -105,8 +105,10 @@ pub struct Snapshot {
     pub key_texts: Vec<KeyText>,
     /// Hits the kernel could not count since attaching (counter map full).
     pub dropped: u64,
-    /// Capacity of the counter map, to warn before it fills.
+    /// Capacity of the counter map, and the entries it holds (for every
+    /// process, watched or not), to warn before it fills.
     pub counts_capacity: u32,
+    pub counts_entries: u32,
     /// Every watched process, by pid.
     pub processes: Vec<ProcessFacts>,
 }

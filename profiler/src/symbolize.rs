@@ -81,7 +81,10 @@ impl Sorted {
 #[derive(Default)]
 pub struct Symbolizer {
     maps: HashMap<u32, Vec<cycles::Mapping>>,
-    tables: HashMap<(u32, PathBuf), Option<Sorted>>,
+    /// (pid, path) -> the file's identity (device, inode), so that a
+    /// library mapped by many processes is read once.
+    files: HashMap<(u32, PathBuf), Option<(u64, u64)>>,
+    tables: HashMap<(u64, u64), Option<Sorted>>,
 }
 
 impl Symbolizer {
@@ -100,19 +103,35 @@ impl Symbolizer {
             || map.path.display().to_string(),
             |f| f.to_string_lossy().into_owned(),
         );
-        if self.tables.len() >= TABLES {
-            self.tables.clear();
+        let root = PathBuf::from(format!("/proc/{pid}/root"));
+        let open = root.join(map.path.strip_prefix("/").unwrap_or(&map.path));
+        if self.files.len() >= PROCESSES * 8 {
+            self.files.clear();
         }
-        let table = self
-            .tables
+        let id = *self
+            .files
             .entry((pid, map.path.clone()))
             .or_insert_with(|| {
-                let root = PathBuf::from(format!("/proc/{pid}/root"));
-                let open = root.join(map.path.strip_prefix("/").unwrap_or(&map.path));
-                SymbolTable::read(&open, &map.path, &root)
-                    .ok()
-                    .map(|t| Sorted::new(&t))
+                use std::os::unix::fs::MetadataExt as _;
+                std::fs::metadata(&open).ok().map(|m| (m.dev(), m.ino()))
             });
+        let Some(id) = id else {
+            return Frame {
+                function: None,
+                file: Some(file),
+            };
+        };
+        if !self.tables.contains_key(&id) && self.tables.len() >= TABLES {
+            // One out, not all: the others are still in use.
+            if let Some(&old) = self.tables.keys().next() {
+                self.tables.remove(&old);
+            }
+        }
+        let table = self.tables.entry(id).or_insert_with(|| {
+            SymbolTable::read(&open, &map.path, &root)
+                .ok()
+                .map(|t| Sorted::new(&t))
+        });
         Frame {
             function: table
                 .as_ref()
@@ -137,10 +156,11 @@ impl Symbolizer {
             .cloned()
     }
 
-    /// Forgets what was cached for a process that exited.
+    /// Forgets what was cached for a process that exited (symbol tables
+    /// stay: other processes may map the same files).
     pub fn forget(&mut self, pid: u32) {
         self.maps.remove(&pid);
-        self.tables.retain(|(p, _), _| *p != pid);
+        self.files.retain(|(p, _), _| *p != pid);
     }
 }
 

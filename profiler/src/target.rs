@@ -289,6 +289,11 @@ fn parse_stat(text: &str) -> Option<Stat> {
     })
 }
 
+/// Whether some process has this pid now.
+pub fn is_running(pid: u32) -> bool {
+    read_stat(pid).is_some_and(|s| s.state != 'Z' && s.state != 'X')
+}
+
 /// The running kernel's release (`uname -r`), for records.
 pub fn kernel_release() -> String {
     fs::read_to_string("/proc/sys/kernel/osrelease")

@@ -117,6 +117,7 @@ async fn watch(
                     alpha: config.rules.alpha,
                 },
                 seed,
+                show_keys: config.show_keys,
                 command: std::env::args().collect(),
             },
         }),
@@ -130,7 +131,8 @@ async fn watch(
         record.is_some(),
     );
     let output = config.output;
-    let mut pipeline = Pipeline::start(enricher, move || stdout_sink(output), record);
+    let mut pipeline = Pipeline::start(enricher, move || stdout_sink(output), record)
+        .context("cannot start cacheloop's output threads")?;
     pipeline.catalog(catalog.clone());
     pipeline.lifecycle(std::iter::once(start).chain(attached));
 
@@ -181,8 +183,16 @@ async fn watch(
         let out = analyzer.analyze(&catalog, &snapshot);
         let stop_at_loop = out.loop_found && config.fail_on_loop;
         let follow = !(stop_at_loop || last);
-        let records = controller.after_tick(&snapshot, out.hit_rate, config.interval, last, follow);
+        let hit_rate = out.hit_rate;
+        let exited: Vec<u32> = snapshot
+            .processes
+            .iter()
+            .filter(|p| !p.alive)
+            .map(|p| p.pid)
+            .collect();
+        // Output first: following new processes may take a moment.
         pipeline.tick(snapshot, out);
+        let records = controller.after_tick(&exited, hit_rate, config.interval, last, follow);
         match records {
             Ok(records) => pipeline.lifecycle(records),
             Err(e) => {

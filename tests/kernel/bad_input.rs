@@ -158,14 +158,7 @@ fn watch_as_unprivileged_user_exits_1() {
     }
     let target = Target::fixture(&["100:60"]);
     // Drop to nobody, with no capabilities at all.
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-            "--bounding-set=-all",
-        ])
+    let out = cacheloop_tests::as_nobody()
         .arg(cacheloop_bin())
         .args([
             "watch",

@@ -4,7 +4,6 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::Command,
     time::Duration,
 };
 
@@ -35,14 +34,7 @@ impl Drop for TempFile {
 fn replay_unprivileged(file: &Path, args: &[&str]) -> Run {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-            "--bounding-set=-all",
-        ])
+    let out = cacheloop_tests::as_nobody()
         .arg(cacheloop_bin())
         .arg("replay")
         .arg(file)

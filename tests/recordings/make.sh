@@ -43,4 +43,5 @@ start demo-cache --deps "$work/deps"
 cacheloop watch --pid "$target" --func 'cache_*' --key-arg 0:str \
     --duration 12s --json --record demo-loop.rec > /dev/null
 stop
+chmod 644 "$here"/*.rec
 ls -l "$here"/*.rec

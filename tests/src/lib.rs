@@ -402,6 +402,20 @@ pub fn presets(name: &str) -> Vec<String> {
         .collect()
 }
 
+/// `setpriv` dropping to the user nobody with no capabilities at all, to
+/// run a program unprivileged (util-linux).
+pub fn as_nobody() -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+    ]);
+    cmd
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
