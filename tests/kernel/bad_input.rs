@@ -1,7 +1,7 @@
 //! Bad input: one line on stderr that names the problem, the documented exit
 //! code, no panic, and the target untouched.
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use cacheloop_tests::{Run, Target, cacheloop, cacheloop_bin, require_root};
 
