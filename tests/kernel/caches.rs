@@ -217,10 +217,16 @@ fn preset_redis_reads_keys_and_catches_a_client_rewriting_the_same_keys() {
     let dir = scratch("redis-keys");
     let port = free_port();
     let redis_server = start_redis(&dir, port, &[]);
+    // The client rewrites as fast as the machine lets it: tens of
+    // thousands of writes a second on the host, but 650-1000 a second in a
+    // TCG guest on 6.1, where each probe hit costs ~45 us and the probes
+    // are windowed. The verdict is about the keys, not the speed.
     let extra = [
         "--preset",
         "redis",
         "--show-keys",
+        "--threshold",
+        "200",
         "--fail-on-loop",
         "--duration",
         "30s",
