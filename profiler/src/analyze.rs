@@ -210,10 +210,15 @@ impl<K> Default for Deltas<K> {
     }
 }
 
+/// Calls between two readings of a cumulative counter; one that went
+/// backwards was made again and counts from zero.
+fn since(before: u64, now: u64) -> u64 {
+    if now >= before { now - before } else { now }
+}
+
 impl<K: std::hash::Hash + Eq + Copy> Deltas<K> {
     fn advance(&mut self, key: K, now: u64) -> u64 {
-        let before = self.last.insert(key, now).unwrap_or(0);
-        if now >= before { now - before } else { now }
+        since(self.last.insert(key, now).unwrap_or(0), now)
     }
 
     fn forget(&mut self, mut keep: impl FnMut(&K) -> bool) {
@@ -247,9 +252,10 @@ pub struct Analyzer {
     detector: Detector,
     requests: Requests,
     counts: Deltas<(u32, u32)>,
-    /// Call sites: the last cumulative count, to see which fired.
+    /// Call sites and keys: the last cumulative counts of the entries the
+    /// kernel holds (its LRU maps bound them).
     call_sites: HashMap<(u32, u32, u64), u64>,
-    keys: Deltas<(u32, u32, u64)>,
+    keys: HashMap<(u32, u32, u64), u64>,
     /// CPU time of each live process at its last reading, nanoseconds.
     cpu: HashMap<u32, u64>,
     /// The processes of the last snapshot, by pid, with their start time.
@@ -280,7 +286,7 @@ impl Analyzer {
             },
             counts: Deltas::default(),
             call_sites: HashMap::new(),
-            keys: Deltas::default(),
+            keys: HashMap::new(),
             cpu: HashMap::new(),
             live: BTreeMap::new(),
             seen: BTreeSet::new(),
@@ -294,10 +300,6 @@ impl Analyzer {
             calls: Vec::new(),
             is_request: Vec::new(),
         }
-    }
-
-    pub fn rules(&self) -> &Rules {
-        self.detector.rules()
     }
 
     /// Judges one snapshot, taken under `catalog`.
@@ -468,7 +470,6 @@ impl Analyzer {
     /// this interval, if any (function ids, in call order).
     fn cycles(&mut self, snap: &Snapshot) -> HashMap<u32, Vec<u32>> {
         let mut edges: HashMap<u32, BTreeSet<(u32, u32)>> = HashMap::new();
-        // Only what the kernel still counts is kept: its LRU map bounds this.
         let last = std::mem::take(&mut self.call_sites);
         for site in &snap.call_sites {
             let key = (site.func, site.pid, site.return_address);
@@ -498,15 +499,13 @@ impl Analyzer {
         snap: &Snapshot,
     ) -> HashMap<SeriesKey, Vec<(KeyRef, u64)>> {
         let mut per_series: HashMap<SeriesKey, Vec<(KeyRef, u64)>> = HashMap::new();
-        // Only keys the kernel still counts are kept (its LRU bounds them);
-        // one evicted and seen again counts from zero.
-        let last = std::mem::take(&mut self.keys.last);
+        // Only keys the kernel still counts are kept; one evicted and seen
+        // again counts from zero.
+        let last = std::mem::take(&mut self.keys);
         for k in &snap.keys {
             let id = (k.func, k.pid, k.hash);
-            self.keys
-                .last
-                .insert(id, last.get(&id).copied().unwrap_or(0));
-            let calls = self.keys.advance(id, k.calls);
+            self.keys.insert(id, k.calls);
+            let calls = since(last.get(&id).copied().unwrap_or(0), k.calls);
             if calls > 0 && self.live.contains_key(&k.pid) {
                 let series = SeriesKey {
                     pid: k.pid,
@@ -533,7 +532,7 @@ impl Analyzer {
     fn forget_state(&mut self, pid: u32) {
         self.detector.forget_process(pid);
         self.counts.forget(|&(_, p)| p != pid);
-        self.keys.forget(|&(_, p, _)| p != pid);
+        self.keys.retain(|&(_, p, _), _| p != pid);
         self.call_sites.retain(|&(_, p, _), _| p != pid);
         self.cpu.remove(&pid);
         self.requests.baseline.remove(&pid);
@@ -927,6 +926,7 @@ mod tests {
 
     #[test]
     fn counters_that_restart_count_from_zero() {
+        assert_eq!(since(205, 30), 30);
         let mut d: Deltas<u32> = Deltas::default();
         assert_eq!(d.advance(1, 5), 5);
         assert_eq!(d.advance(1, 205), 200);

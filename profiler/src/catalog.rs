@@ -126,11 +126,6 @@ impl Catalog {
             .is_some_and(KeySpec::is_text)
     }
 
-    /// Whether any function marks requests.
-    pub fn has_requests(&self) -> bool {
-        self.functions.iter().any(|f| f.request)
-    }
-
     /// The function whose code holds `offset` in the file mapped as `path`.
     pub fn function_at(&self, path: &std::path::Path, offset: u64) -> Option<u32> {
         self.functions

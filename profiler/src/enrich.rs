@@ -261,11 +261,15 @@ impl Enricher {
             repeating: l.repeating,
             stack: l.stack.map(|s| self.stack(s)),
         };
-        let verdicts: Vec<&crate::detect::LoopVerdict> = l.verdicts.iter().collect();
-        let names: Vec<String> = (0..self.catalog.len() as u32)
-            .map(|f| self.catalog.name(f))
-            .collect();
-        report::loop_record(ts, &verdicts, &names, &self.rules, l.target, structure)
+        let catalog = &self.catalog;
+        report::loop_record(
+            ts,
+            &l.verdicts,
+            |f| catalog.name(f),
+            &self.rules,
+            l.target,
+            structure,
+        )
     }
 
     /// A stack's frames, innermost first, named. At a function's first

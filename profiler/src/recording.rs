@@ -470,23 +470,23 @@ impl Reader {
                 found: version,
             });
         }
-        let mut reader = Self {
-            input: DeflateDecoder::new(file),
-            codec: Codec::default(),
-            catalogs: BTreeMap::new(),
-            header: placeholder_header(),
-            ending: None,
-        };
-        match reader.raw_item() {
-            Some(Item::Header(h)) => reader.header = h,
+        let mut input = DeflateDecoder::new(file);
+        let header = match read_item(&mut input) {
+            Some(Item::Header(h)) => h,
             Some(_) => return Err(not()),
             None => {
                 return Err(RecordingError::CutShort {
                     path: path.to_owned(),
                 });
             }
-        }
-        Ok(reader)
+        };
+        Ok(Self {
+            input,
+            codec: Codec::default(),
+            catalogs: BTreeMap::new(),
+            header,
+            ending: None,
+        })
     }
 
     /// `None` once the items are over; then [`Reader::ending`] says how.
@@ -533,17 +533,7 @@ impl Reader {
         if self.ending.is_some() {
             return None;
         }
-        let mut len = [0u8; 4];
-        let item = (|| {
-            self.input.read_exact(&mut len).ok()?;
-            let len = u32::from_le_bytes(len);
-            if len > MAX_ITEM {
-                return None;
-            }
-            let mut bytes = vec![0u8; len as usize];
-            self.input.read_exact(&mut bytes).ok()?;
-            postcard::from_bytes(&bytes).ok()
-        })();
+        let item = read_item(&mut self.input);
         if item.is_none() {
             self.ending = Some(Ending::Truncated);
         }
@@ -551,25 +541,18 @@ impl Reader {
     }
 }
 
-fn placeholder_header() -> Header {
-    Header {
-        cacheloop: String::new(),
-        kernel: String::new(),
-        mode: String::new(),
-        started: 0.0,
-        interval_seconds: 0.0,
-        max_overhead_percent: 0.0,
-        rules: RecordedRules {
-            factor: 0.0,
-            min_rate: 0.0,
-            sustain: 0,
-            warmup: 0,
-            alpha: 0.0,
-        },
-        seed: (0, 0),
-        show_keys: false,
-        command: Vec::new(),
+/// The next whole item, or `None` at the end of what can be read (a clean
+/// end, a cut, or damage).
+fn read_item(input: &mut impl Read) -> Option<Item> {
+    let mut len = [0u8; 4];
+    input.read_exact(&mut len).ok()?;
+    let len = u32::from_le_bytes(len);
+    if len > MAX_ITEM {
+        return None;
     }
+    let mut bytes = vec![0u8; len as usize];
+    input.read_exact(&mut bytes).ok()?;
+    postcard::from_bytes(&bytes).ok()
 }
 
 #[cfg(test)]

@@ -99,10 +99,7 @@ impl Symbolizer {
             return Frame::default();
         };
         let offset = address - map.start + map.offset;
-        let file = map.path.file_name().map_or_else(
-            || map.path.display().to_string(),
-            |f| f.to_string_lossy().into_owned(),
-        );
+        let file = file_label(&map.path);
         let root = PathBuf::from(format!("/proc/{pid}/root"));
         let open = root.join(map.path.strip_prefix("/").unwrap_or(&map.path));
         if self.files.len() >= PROCESSES * 8 {

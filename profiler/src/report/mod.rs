@@ -250,8 +250,8 @@ pub struct RuleEvidence {
 /// interval: rates and baselines are summed over them.
 pub fn loop_record(
     ts: f64,
-    verdicts: &[&LoopVerdict],
-    names: &[String],
+    verdicts: &[LoopVerdict],
+    name: impl Fn(u32) -> String,
     rules: &Rules,
     target: Option<Health>,
     structure: Structure,
@@ -271,10 +271,7 @@ pub fn loop_record(
             *sum += r;
         }
     }
-    let functions: Vec<String> = verdicts
-        .iter()
-        .map(|v| function_name(names, v.key.func))
-        .collect();
+    let functions: Vec<String> = verdicts.iter().map(|v| name(v.key.func)).collect();
     let ratio = rate / baseline.max(crate::detect::BASELINE_FLOOR);
     let health = target.map_or_else(String::new, |h| {
         let per_request = match (h.invalidations_per_request, h.requests_rate) {
@@ -415,13 +412,6 @@ pub trait Sink {
     fn finish(&mut self, summary: &Summary) -> io::Result<()>;
 }
 
-pub(crate) fn function_name(names: &[String], func: u32) -> String {
-    names
-        .get(func as usize)
-        .cloned()
-        .unwrap_or_else(|| format!("#{func}"))
-}
-
 pub(crate) fn round1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
@@ -479,7 +469,7 @@ mod tests {
 
     #[test]
     fn loop_record_names_the_function_and_explains_itself() {
-        let names = vec!["cache_invalidate".to_owned()];
+        let names = ["cache_invalidate".to_owned()];
         let v = verdict(0, 48_000.0, 200.0);
         let health = Health {
             cpu_percent: 99.0,
@@ -489,8 +479,8 @@ mod tests {
         };
         let rec = loop_record(
             1.5,
-            &[&v],
-            &names,
+            &[v],
+            |f| names[f as usize].clone(),
             &Rules::default(),
             Some(health),
             Structure::default(),
@@ -519,12 +509,12 @@ mod tests {
 
     #[test]
     fn simultaneous_loops_in_one_process_share_a_record() {
-        let names = vec!["inv_a".to_owned(), "inv_b".to_owned()];
+        let names = ["inv_a".to_owned(), "inv_b".to_owned()];
         let (a, b) = (verdict(0, 30_000.0, 100.0), verdict(1, 30_000.0, 100.0));
         let rec = loop_record(
             0.0,
-            &[&a, &b],
-            &names,
+            &[a, b],
+            |f| names[f as usize].clone(),
             &Rules::default(),
             None,
             Structure::default(),
@@ -553,7 +543,8 @@ mod tests {
             cycle: Some(names.clone()),
             ..Structure::default()
         };
-        let rec = loop_record(0.0, &[&a], &names, &Rules::default(), None, structure).unwrap();
+        let name = |f: u32| names[f as usize].clone();
+        let rec = loop_record(0.0, &[a], name, &Rules::default(), None, structure).unwrap();
         let json = serde_json::to_value(&rec).unwrap();
         assert_eq!(
             json["evidence"]["cycle"],
@@ -569,7 +560,7 @@ mod tests {
 
     #[test]
     fn loop_confirmed_by_repeating_keys_names_them() {
-        let names = vec!["cache_invalidate".to_owned()];
+        let names = ["cache_invalidate".to_owned()];
         let mut v = verdict(0, 80_000.0, 0.0);
         v.structural = true;
         let keys = vec![
@@ -587,7 +578,8 @@ mod tests {
             repeating: true,
             ..Structure::default()
         };
-        let rec = loop_record(0.0, &[&v], &names, &Rules::default(), None, structure).unwrap();
+        let name = |f: u32| names[f as usize].clone();
+        let rec = loop_record(0.0, &[v], name, &Rules::default(), None, structure).unwrap();
         let json = serde_json::to_value(&rec).unwrap();
         assert_eq!(json["evidence"]["rule"]["name"], "repeating_keys");
         assert_eq!(json["evidence"]["top_keys"][0]["key"], "page:catalog");
