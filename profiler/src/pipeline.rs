@@ -59,6 +59,8 @@ pub enum Msg {
     End {
         detached: Record,
         summary: analyze::Summary,
+        /// Ticks dropped since the last one that got through.
+        dropped: u64,
     },
 }
 
@@ -99,8 +101,10 @@ impl<T> Queue<T> {
     }
 
     /// Queued unless the reader is [`BACKLOG`] behind; `make` gets how many
-    /// ticks were dropped before this one.
-    fn send_tick(&mut self, make: impl FnOnce(u64) -> T) {
+    /// ticks were dropped before this one: here, and the `carried` ones
+    /// dropped upstream of it.
+    fn send_tick(&mut self, carried: u64, make: impl FnOnce(u64) -> T) {
+        self.dropped += carried;
         if self.full() {
             self.dropped += 1;
             return;
@@ -132,8 +136,9 @@ struct Fold {
 }
 
 impl Fold {
-    fn drop_one(&mut self, snapshot: &Snapshot) {
-        self.count += 1;
+    /// Drops `snapshot`, which stands for `carried` dropped before it too.
+    fn drop_one(&mut self, snapshot: &Snapshot, carried: u64) {
+        self.count += 1 + carried;
         self.seconds += snapshot.seconds;
         self.key_texts.extend(snapshot.key_texts.iter().cloned());
         self.new_stacks.extend(snapshot.new_stacks.iter().cloned());
@@ -255,7 +260,7 @@ impl Pipeline {
                                     rec.send(RecMsg::Item(Box::new(Item::Symbols(facts))));
                                 }
                                 if rec.full() {
-                                    rec_fold.drop_one(&snapshot);
+                                    rec_fold.drop_one(&snapshot, dropped);
                                 } else {
                                     let (snapshot, folded) =
                                         std::mem::take(&mut rec_fold).into_next(snapshot);
@@ -265,18 +270,28 @@ impl Pipeline {
                                     });
                                 }
                             }
-                            out.send_tick(|behind| SinkMsg::Batch {
+                            out.send_tick(dropped, |behind| SinkMsg::Batch {
                                 records,
-                                dropped: behind + dropped,
+                                dropped: behind,
                             });
                         }
-                        Msg::End { detached, summary } => {
+                        Msg::End {
+                            detached,
+                            summary,
+                            dropped,
+                        } => {
+                            // Ticks dropped at the very end are said too.
                             if let Some(rec) = &rec {
+                                let gap = rec_fold.count + dropped;
+                                if gap > 0 {
+                                    rec.send(RecMsg::Item(Box::new(Item::Gap(gap))));
+                                }
                                 rec.send(RecMsg::Item(Box::new(Item::lifecycle(&detached))));
                             }
+                            let behind = std::mem::take(&mut out.dropped) + dropped;
                             out.send(SinkMsg::Batch {
                                 records: vec![detached],
-                                dropped: 0,
+                                dropped: behind,
                             });
                             out.send(SinkMsg::Finish(Box::new(enricher.summary(&summary))));
                             break;
@@ -317,7 +332,7 @@ impl Pipeline {
     /// dropped and folded into the next.
     pub fn tick(&mut self, snapshot: Snapshot, output: Output) {
         if self.queue.full() {
-            self.fold.drop_one(&snapshot);
+            self.fold.drop_one(&snapshot, 0);
             return;
         }
         let (snapshot, dropped) = std::mem::take(&mut self.fold).into_next(Arc::new(snapshot));
@@ -332,7 +347,12 @@ impl Pipeline {
     /// good) for every sink to write it. `detached` and the summary are
     /// written unless stdout was closed.
     pub fn finish(mut self, detached: Record, summary: analyze::Summary) {
-        self.queue.send(Msg::End { detached, summary });
+        let dropped = std::mem::take(&mut self.fold).count;
+        self.queue.send(Msg::End {
+            detached,
+            summary,
+            dropped,
+        });
         match self.done.recv_timeout(FINISH_WAIT) {
             Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => {
                 if let Some(thread) = self.thread.take()
@@ -442,4 +462,127 @@ pub fn write_now(sink: &mut dyn Sink, records: &[Record]) -> io::Result<()> {
 /// Flushes stdout at the very end; a closed pipe is fine.
 pub fn flush_stdout() {
     let _ = io::stdout().flush();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::SyncSender;
+
+    use super::*;
+    use crate::{analyze::Event, detect::Rules, enrich::Enricher, snapshot::KeyText};
+
+    /// A sink that holds its first record until told to go on, then keeps
+    /// what it is given.
+    struct Stuck {
+        go: Option<Receiver<()>>,
+        kept: SyncSender<Record>,
+    }
+
+    impl Sink for Stuck {
+        fn emit(&mut self, record: &Record) -> io::Result<()> {
+            if let Some(go) = self.go.take() {
+                let _ = go.recv();
+            }
+            let _ = self.kept.send(record.clone());
+            Ok(())
+        }
+        fn end_tick(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+        fn finish(&mut self, _: &Summary) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn sample(tick: u64) -> Output {
+        Output {
+            ts: tick as f64,
+            events: vec![Event::Sample {
+                pid: 1,
+                ns_pid: None,
+                func: 0,
+                calls: tick,
+                rate: 1.0,
+                baseline: None,
+                estimated: false,
+            }],
+            ..Output::default()
+        }
+    }
+
+    #[test]
+    fn a_stuck_output_never_blocks_and_every_tick_is_written_or_counted() {
+        const TICKS: u64 = 3 * BACKLOG as u64;
+        let (go_tx, go) = mpsc::channel();
+        let (kept, records) = mpsc::sync_channel(10 * BACKLOG);
+        let enricher = Enricher::replay(
+            Arc::new(Catalog::default()),
+            Rules::default(),
+            false,
+            (1, 2),
+        );
+        let mut pipeline = Pipeline::start(
+            enricher,
+            move || Box::new(Stuck { go: Some(go), kept }),
+            None,
+        )
+        .unwrap();
+        // The output is stuck; the control thread goes on regardless.
+        for tick in 0..TICKS {
+            pipeline.tick(Snapshot::default(), sample(tick));
+        }
+        go_tx.send(()).unwrap();
+        let detached = Record::TargetExit { ts: 0.0, pid: 0 };
+        pipeline.finish(detached, analyze::Summary::default());
+        let records: Vec<Record> = records.try_iter().collect();
+        let written = records
+            .iter()
+            .filter(|r| matches!(r, Record::Sample { .. }))
+            .count() as u64;
+        let counted: u64 = records
+            .iter()
+            .filter_map(|r| match r {
+                Record::Warning { kind, count, .. } if kind == "output_behind" => *count,
+                _ => None,
+            })
+            .sum();
+        // Two queues of BACKLOG and a tick in each thread's hands cannot
+        // hold them all while the sink is stuck: some must be dropped, and
+        // every one dropped is counted, the last ones too.
+        assert!(counted > 0, "the output fell behind: {records:?}");
+        assert_eq!(written + counted, TICKS);
+    }
+
+    #[test]
+    fn dropped_snapshots_fold_into_the_next() {
+        let mut fold = Fold::default();
+        let dropped = Snapshot {
+            seconds: 1.0,
+            key_texts: vec![KeyText {
+                hash: 7,
+                text: "page:catalog".into(),
+            }],
+            ..Snapshot::default()
+        };
+        fold.drop_one(&dropped, 0);
+        // One that stood for two dropped before it.
+        fold.drop_one(
+            &Snapshot {
+                seconds: 1.5,
+                ..Snapshot::default()
+            },
+            2,
+        );
+        let next = Arc::new(Snapshot {
+            seconds: 1.0,
+            ..Snapshot::default()
+        });
+        let (merged, count) = fold.into_next(next);
+        assert_eq!(count, 4);
+        assert_eq!(merged.seconds, 3.5, "rates after a gap cover the gap");
+        assert_eq!(merged.key_texts, dropped.key_texts);
+        let (same, none) = Fold::default().into_next(merged.clone());
+        assert_eq!(none, 0);
+        assert!(Arc::ptr_eq(&same, &merged));
+    }
 }
