@@ -14,6 +14,10 @@
 //! computed in userspace.
 #![no_std]
 #![no_main]
+// For `atomic_xadd`, see `add_one`. The crate is built with -Z build-std
+// already (RUSTC_BOOTSTRAP=1), so no other toolchain is needed.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -107,11 +111,10 @@ fn count(ctx: &ProbeContext) -> u32 {
         return 0;
     }
     if let Some(drops) = DROPS.get_ptr_mut(0) {
-        // SAFETY: this CPU's slot, as in `bump`.
-        let first = unsafe {
-            *drops += 1;
-            *drops == 1
-        };
+        add_one(drops);
+        // SAFETY: this CPU's slot, live as in `add_one`; a racing add only
+        // changes which hit logs.
+        let first = unsafe { core::ptr::read_volatile(drops) } == 1;
         // Log once per CPU, never per hit: this is the hot path.
         if first {
             warn!(ctx, "cacheloop: counter map full, hits are being dropped");
@@ -137,13 +140,7 @@ fn count_caller(ctx: &ProbeContext, key: &CallKey) {
             tgid: key.tgid,
             return_address,
         };
-        match CALLERS.get_ptr_mut(&caller) {
-            // SAFETY: this CPU's slot, as in `bump`.
-            Some(count) => unsafe { *count += 1 },
-            None => {
-                let _ = CALLERS.insert(&caller, &1, 0);
-            }
-        }
+        add_lru(&CALLERS, &caller);
     }
     #[cfg(not(bpf_target_arch = "x86_64"))]
     let _ = (ctx, key);
@@ -155,11 +152,10 @@ fn sample_stack(ctx: &ProbeContext, key: &CallKey) {
     let Some(pace) = STACK_PACE.get_ptr_mut(0) else {
         return;
     };
-    // SAFETY: this CPU's slot, as in `bump`.
-    let hits = unsafe {
-        *pace += 1;
-        *pace
-    };
+    add_one(pace);
+    // SAFETY: this CPU's slot, live as in `add_one`; a racing add only
+    // shifts which hit is sampled.
+    let hits = unsafe { core::ptr::read_volatile(pace) };
     if hits % STACK_SAMPLE_EVERY != 1 {
         return;
     }
@@ -172,13 +168,7 @@ fn sample_stack(ctx: &ProbeContext, key: &CallKey) {
         stack_id: stack_id as u32,
         _reserved: 0,
     };
-    match STACK_COUNTS.get_ptr_mut(&id) {
-        // SAFETY: this CPU's slot, as in `bump`.
-        Some(count) => unsafe { *count += 1 },
-        None => {
-            let _ = STACK_COUNTS.insert(&id, &1, 0);
-        }
-    }
+    add_lru(&STACK_COUNTS, &id);
 }
 
 /// Argument `n` (from 0) of the probed call. The verifier refuses a load
@@ -244,15 +234,8 @@ fn count_key(ctx: &ProbeContext, key: &CallKey) {
         tgid: key.tgid,
         hash,
     };
-    match KEYS.get_ptr_mut(&id) {
-        // SAFETY: this CPU's slot, as in `bump`.
-        Some(count) => unsafe { *count += 1 },
-        None => {
-            let _ = KEYS.insert(&id, &1, 0);
-            if config.kind != KEY_U64 {
-                let _ = KEY_TEXT.insert(&hash, &text, 0);
-            }
-        }
+    if add_lru(&KEYS, &id) && config.kind != KEY_U64 {
+        let _ = KEY_TEXT.insert(&hash, &text, 0);
     }
 }
 
@@ -260,14 +243,50 @@ fn count_key(ctx: &ProbeContext, key: &CallKey) {
 fn bump(key: &CallKey) -> bool {
     match COUNTS.get_ptr_mut(key) {
         Some(count) => {
-            // SAFETY: the value is this CPU's slot of a per-CPU map; no other
-            // CPU writes it, and the kernel runs no second uprobe program on
-            // this CPU while we run (its per-CPU `bpf_prog_active` guard).
-            unsafe { *count += 1 };
+            add_one(count);
             true
         }
         None => false,
     }
+}
+
+/// Adds one to this CPU's slot of a per-CPU map value. A uprobe program
+/// runs with migration disabled, so it stays on this CPU, but it is not
+/// under a per-CPU guard the way kprobes are (`bpf_prog_active`), and on a
+/// preemptible kernel another task on this CPU may run this program between
+/// a plain load and store of ours: one of the two hits would be lost. An
+/// atomic add (a BPF_ATOMIC add whose result is unused, understood by every
+/// kernel we run on) keeps both; uncontended, it costs what a plain add did.
+#[inline(always)]
+fn add_one(slot: *mut u64) {
+    // `AtomicU64::fetch_add` does not exist on the bpf target (it has no
+    // compare-and-swap before v3, so Rust declares no 64-bit atomics); the
+    // intrinsic it is built on lowers to the plain atomic add.
+    // SAFETY: `slot` came from a successful map lookup: a live, aligned u64
+    // the map keeps while this program runs.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            slot, 1,
+        )
+    };
+}
+
+/// Adds one under `key` in an LRU per-CPU map, creating the entry. Two
+/// tasks may create it at once: the second insert fails (`BPF_NOEXIST`)
+/// and adds to the entry the first made instead of overwriting it.
+#[inline(always)]
+fn add_lru<K>(map: &LruPerCpuHashMap<K, u64>, key: &K) -> bool {
+    if let Some(count) = map.get_ptr_mut(key) {
+        add_one(count);
+        return false;
+    }
+    if map.insert(key, &1, u64::from(BPF_NOEXIST)).is_ok() {
+        return true;
+    }
+    if let Some(count) = map.get_ptr_mut(key) {
+        add_one(count);
+    }
+    false
 }
 
 #[cfg(not(test))]
