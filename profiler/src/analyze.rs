@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::{
-    catalog::Catalog,
+    catalog::{Catalog, FileId},
     cycles,
     detect::{self, Detector, LoopVerdict, Recovery, Rules, SeriesKey, Signals},
     report::{Health, round1},
@@ -102,6 +102,21 @@ pub enum Event {
         count: u64,
     },
     /// The counter map is nearly full.
+    /// Every interval: what the kernel could not count, and how full the
+    /// counter map is.
+    Interval {
+        dropped: u64,
+        /// Key and call-site entries of live processes the kernel's LRU
+        /// maps let go in this interval (their counts start over).
+        evicted: u64,
+        counters: u32,
+        capacity: u32,
+    },
+    /// The first eviction from the key or call-site maps: those statistics
+    /// are now the recent ones, not the whole run's.
+    Evicted {
+        count: u64,
+    },
     MapPressure {
         used: usize,
         capacity: u32,
@@ -258,8 +273,9 @@ pub struct Analyzer {
     keys: HashMap<(u32, u32, u64), u64>,
     /// CPU time of each live process at its last reading, nanoseconds.
     cpu: HashMap<u32, u64>,
-    /// The processes of the last snapshot, by pid, with their start time.
-    live: BTreeMap<u32, u64>,
+    /// The processes of the last snapshot, by pid, with their start time
+    /// and executable.
+    live: BTreeMap<u32, (u64, FileId)>,
     /// Every process seen: (pid, start time).
     seen: BTreeSet<(u32, u64)>,
     totals: HashMap<SeriesKey, Totals>,
@@ -267,6 +283,10 @@ pub struct Analyzer {
     functions: usize,
     dropped: u64,
     pressure_warned: bool,
+    /// Key and call-site entries of live processes that vanished from the
+    /// kernel's LRU maps, over the run.
+    evicted: u64,
+    evictions_warned: bool,
     elapsed: f64,
     /// Scratch: this snapshot's counters by (func, pid), and this
     /// interval's calls per function of one process.
@@ -295,6 +315,8 @@ impl Analyzer {
             functions: 0,
             dropped: 0,
             pressure_warned: false,
+            evicted: 0,
+            evictions_warned: false,
             elapsed: 0.0,
             by_key: HashMap::new(),
             calls: Vec::new(),
@@ -318,12 +340,25 @@ impl Analyzer {
             .extend((0..catalog.len() as u32).map(|f| catalog.is_request(f)));
         self.notice_processes(&snap.processes);
         self.kernel_warnings(snap, &mut out);
+        let evicted_before = self.evicted;
 
         self.by_key.clear();
         self.by_key
             .extend(snap.counts.iter().map(|c| ((c.func, c.pid), c.calls)));
         let cycles = self.cycles(snap);
         let keys = self.keys(catalog, snap);
+        let evicted = self.evicted - evicted_before;
+        if let Some(Event::Interval { evicted: e, .. }) = out
+            .events
+            .iter_mut()
+            .find(|e| matches!(e, Event::Interval { .. }))
+        {
+            *e = evicted;
+        }
+        if evicted > 0 && !self.evictions_warned {
+            self.evictions_warned = true;
+            out.events.push(Event::Evicted { count: evicted });
+        }
 
         let mut verdicts: BTreeMap<u32, Vec<LoopVerdict>> = BTreeMap::new();
         let mut health: HashMap<u32, Health> = HashMap::new();
@@ -435,22 +470,35 @@ impl Analyzer {
         out
     }
 
-    /// A pid whose start time changed is a new process: forget the old one.
+    /// A pid whose start time changed is a new process, and one whose
+    /// executable changed ran exec: a new program, whose history starts
+    /// afresh. Forget the old one. (An executable that could not be read
+    /// this tick changes nothing.)
     fn notice_processes(&mut self, processes: &[ProcessFacts]) {
         for p in processes {
-            match self.live.insert(p.pid, p.start_time) {
-                Some(before) if before != p.start_time => self.forget_state(p.pid),
-                _ => {}
+            let before = self.live.get(&p.pid).copied();
+            let exe = match before {
+                Some((_, exe)) if p.exe == FileId::default() => exe,
+                _ => p.exe,
+            };
+            if before.is_some_and(|b| b != (p.start_time, exe)) {
+                self.forget_state(p.pid);
             }
+            self.live.insert(p.pid, (p.start_time, exe));
             self.seen.insert((p.pid, p.start_time));
         }
     }
 
     fn kernel_warnings(&mut self, snap: &Snapshot, out: &mut Output) {
+        let dropped = since(self.dropped, snap.dropped);
+        out.events.push(Event::Interval {
+            dropped,
+            evicted: 0,
+            counters: snap.counts_entries,
+            capacity: snap.counts_capacity,
+        });
         if snap.dropped > self.dropped {
-            out.events.push(Event::Dropped {
-                count: snap.dropped - self.dropped,
-            });
+            out.events.push(Event::Dropped { count: dropped });
             self.dropped = snap.dropped;
         }
         let used = snap.counts_entries as usize;
@@ -485,6 +533,7 @@ impl Analyzer {
                     .insert((caller, site.func));
             }
         }
+        self.evicted += self.vanished(&last, |s, k| s.call_sites.contains_key(k));
         edges
             .into_iter()
             .filter_map(|(pid, e)| Some((pid, cycles::find_cycle(&e)?)))
@@ -518,10 +567,24 @@ impl Analyzer {
                 per_series.entry(series).or_default().push((key, calls));
             }
         }
+        self.evicted += self.vanished(&last, |s, k| s.keys.contains_key(k));
         for keys in per_series.values_mut() {
             keys.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         }
         per_series
+    }
+
+    /// Entries of `last` (func, pid, ..) whose process is still live but
+    /// that the kernel no longer holds: its LRU map evicted them. Entries
+    /// are never deleted otherwise.
+    fn vanished(
+        &self,
+        last: &HashMap<(u32, u32, u64), u64>,
+        held: impl Fn(&Self, &(u32, u32, u64)) -> bool,
+    ) -> u64 {
+        last.keys()
+            .filter(|k| self.live.contains_key(&k.1) && !held(self, k))
+            .count() as u64
     }
 
     fn forget(&mut self, pid: u32) {
@@ -857,6 +920,69 @@ mod tests {
                 .any(|e| matches!(e, Event::Sample { calls: 7, .. }))
         );
         assert_eq!(s.analyzer.summary().processes, 2);
+    }
+
+    #[test]
+    fn every_interval_says_what_was_dropped_and_evicted() {
+        let interval = |out: &Output| {
+            out.events.iter().find_map(|e| match e {
+                Event::Interval {
+                    dropped, evicted, ..
+                } => Some((*dropped, *evicted)),
+                _ => None,
+            })
+        };
+        let mut s = Stream::new(&["cache_invalidate"]);
+        let out = s.tick(&[10], &[(0, 1, 5), (0, 2, 5)], &[]);
+        assert_eq!(interval(&out), Some((0, 0)));
+        // The kernel's LRU key map let key 2 go while the process lives.
+        s.key_totals.remove(&(0, 2));
+        let out = s.tick(&[10], &[(0, 1, 5)], &[]);
+        assert_eq!(interval(&out), Some((0, 1)), "{out:?}");
+        assert!(out.events.contains(&Event::Evicted { count: 1 }));
+        // Said once as a warning; counted every interval.
+        s.key_totals.remove(&(0, 1));
+        let out = s.tick(&[10], &[], &[]);
+        assert_eq!(interval(&out), Some((0, 1)), "{out:?}");
+        assert!(
+            !out.events
+                .iter()
+                .any(|e| matches!(e, Event::Evicted { .. }))
+        );
+    }
+
+    #[test]
+    fn a_process_that_ran_exec_starts_fresh() {
+        let baseline = |out: &Output| {
+            out.events.iter().find_map(|e| match e {
+                Event::Sample { baseline, .. } => Some(*baseline),
+                _ => None,
+            })
+        };
+        let mut s = Stream::new(&["cache_invalidate"]);
+        for _ in 0..4 {
+            s.tick(&[100], &[], &[]);
+        }
+        let out = s.tick(&[100], &[], &[]);
+        assert!(matches!(baseline(&out), Some(Some(_))), "{out:?}");
+        // Same pid and start time, another program: its counters start at
+        // zero and it has no history.
+        let mut exec = process(true);
+        exec.exe = FileId { dev: 1, ino: 3 };
+        let snap = Snapshot {
+            seconds: 1.0,
+            probed: 1.0,
+            processes: vec![exec],
+            counts: vec![Count {
+                func: 0,
+                pid: PID,
+                calls: 7,
+            }],
+            ..Snapshot::default()
+        };
+        let out = s.analyzer.analyze(&s.catalog, &snap);
+        assert_eq!(baseline(&out), Some(None), "{out:?}");
+        assert_eq!(s.analyzer.summary().processes, 1, "the same process");
     }
 
     #[test]

@@ -227,6 +227,27 @@ impl Enricher {
                     ),
                     count: Some(*count),
                 },
+                Event::Interval {
+                    dropped,
+                    evicted,
+                    counters,
+                    capacity,
+                } => Record::Interval {
+                    ts,
+                    dropped: *dropped,
+                    evicted: *evicted,
+                    counters: *counters,
+                    counters_capacity: *capacity,
+                },
+                Event::Evicted { count } => Record::Warning {
+                    ts,
+                    pid: None,
+                    kind: "evicted".to_owned(),
+                    message: format!(
+                        "the kernel's key and call-site tables are full and let {count} entries go                          in this interval; key counts and call cycles now cover the recent calls                          (each interval's `evicted` says how many)"
+                    ),
+                    count: Some(*count),
+                },
                 Event::MapPressure { used, capacity } => Record::Warning {
                     ts,
                     pid: None,

@@ -131,6 +131,17 @@ pub enum Record {
     },
     /// A watched process exited.
     TargetExit { ts: f64, pid: u32 },
+    /// Once per interval: calls the kernel could not count in it (the
+    /// counter map was full), and how full that map is. Nothing is lost
+    /// without a word: `dropped` is 0 in a healthy run.
+    Interval {
+        ts: f64,
+        dropped: u64,
+        /// Key and call-site entries the kernel's LRU tables let go.
+        evicted: u64,
+        counters: u32,
+        counters_capacity: u32,
+    },
     /// Every probe was removed.
     Detached {
         ts: f64,

@@ -203,6 +203,9 @@ impl<W: Write> Sink for TextSink<W> {
                 self.health.push((*pid, *health));
                 Ok(())
             }
+            // Drops have their own warning; the text report stays quiet
+            // about healthy intervals.
+            Record::Interval { .. } => Ok(()),
             Record::TargetExit { ts, pid } => {
                 let at = self.elapsed(*ts);
                 writeln!(self.out, "-- pid {pid} exited at {at:.1}s")
