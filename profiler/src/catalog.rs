@@ -126,12 +126,15 @@ impl Catalog {
             .is_some_and(KeySpec::is_text)
     }
 
-    /// The function whose code holds `offset` in the file mapped as `path`.
-    pub fn function_at(&self, path: &std::path::Path, offset: u64) -> Option<u32> {
+    /// The function whose code holds `offset` in the file mapped as `path`
+    /// with inode `inode`: after a deploy two builds share a path, and only
+    /// the inode tells whose code an address is in.
+    pub fn function_at(&self, path: &std::path::Path, inode: u64, offset: u64) -> Option<u32> {
         self.functions
             .iter()
             .position(|f| {
-                f.paths.iter().any(|p| p == path)
+                f.file_id.ino == inode
+                    && f.paths.iter().any(|p| p == path)
                     && f.ranges.iter().any(|r| (r.start..r.end).contains(&offset))
             })
             .map(|i| i as u32)
@@ -165,12 +168,17 @@ mod tests {
             ],
         };
         let cache = std::path::Path::new("/srv/cache");
-        assert_eq!(catalog.function_at(cache, 0x1250), Some(0));
-        assert_eq!(catalog.function_at(cache, 0x1310), Some(1));
-        assert_eq!(catalog.function_at(cache, 0x1400), None);
+        assert_eq!(catalog.function_at(cache, 2, 0x1250), Some(0));
+        assert_eq!(catalog.function_at(cache, 2, 0x1310), Some(1));
+        assert_eq!(catalog.function_at(cache, 2, 0x1400), None);
         assert_eq!(
-            catalog.function_at(std::path::Path::new("/lib/other.so"), 0x1200),
+            catalog.function_at(std::path::Path::new("/lib/other.so"), 2, 0x1200),
             Some(2)
+        );
+        assert_eq!(
+            catalog.function_at(cache, 3, 0x1250),
+            None,
+            "another build at the same path"
         );
         assert_eq!(catalog.name(7), "#7");
     }

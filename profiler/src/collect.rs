@@ -65,10 +65,14 @@ impl Collector {
         Ok(())
     }
 
-    /// The processes the counters name: under `--binary`, new processes
-    /// show up here first.
-    pub fn counted_pids(&self) -> impl Iterator<Item = u32> + '_ {
-        self.counts.keys().map(|k| k.tgid)
+    /// The processes the counters name, with their calls: under
+    /// `--binary`, new processes show up here first.
+    pub fn counted(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
+        let mut per_pid: BTreeMap<u32, u64> = BTreeMap::new();
+        for (key, calls) in &self.counts {
+            *per_pid.entry(key.tgid).or_default() += calls;
+        }
+        per_pid.into_iter()
     }
 
     /// The snapshot of what [`Collector::read_kernel`] read, for the
@@ -94,8 +98,8 @@ impl Collector {
             probed,
             dropped: probes.dropped(),
             counts_capacity: probes.capacity(),
-            // Every entry, watched or not: without a usable pid filter the
-            // map also holds other processes' counters.
+            // Every entry, watched or not: under --binary the map also
+            // holds processes not identified yet.
             counts_entries: self.counts.len() as u32,
             ..Snapshot::default()
         };
@@ -190,7 +194,11 @@ impl Collector {
                     let map = maps
                         .iter()
                         .find(|m| (m.start..m.end).contains(&key.return_address))?;
-                    catalog.function_at(&map.path, key.return_address - map.start + map.offset)
+                    catalog.function_at(
+                        &map.path,
+                        map.inode,
+                        key.return_address - map.start + map.offset,
+                    )
                 });
             sites.push(CallSite {
                 func: key.func,

@@ -159,6 +159,14 @@ fn check_factor(factor: f64) -> Result<(), ConfigError> {
     })
 }
 
+/// Shorter intervals would read every map hundreds of times a second: a
+/// busy loop of system calls on the server being diagnosed.
+const MIN_INTERVAL: Duration = Duration::from_millis(10);
+const MAX_INTERVAL: Duration = Duration::from_secs(3600);
+/// Far beyond any run, and far below what makes `Instant + duration`
+/// overflow.
+const MAX_DURATION: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
+
 fn check_intervals(flag: &'static str, n: u32) -> Result<(), ConfigError> {
     if n > 0 {
         return Ok(());
@@ -177,8 +185,22 @@ impl TryFrom<WatchArgs> for WatchConfig {
         if args.interval.is_zero() {
             return Err(ConfigError::ZeroDuration { flag: "--interval" });
         }
+        if !(MIN_INTERVAL..=MAX_INTERVAL).contains(&args.interval) {
+            return Err(ConfigError::OutOfRange {
+                flag: "--interval",
+                value: humantime::format_duration(args.interval).to_string(),
+                expected: "from 10ms to 1h (the counters are read and judged this often)",
+            });
+        }
         if args.duration.is_some_and(|d| d.is_zero()) {
             return Err(ConfigError::ZeroDuration { flag: "--duration" });
+        }
+        if let Some(duration) = args.duration.filter(|&d| d > MAX_DURATION) {
+            return Err(ConfigError::OutOfRange {
+                flag: "--duration",
+                value: humantime::format_duration(duration).to_string(),
+                expected: "at most 10 years; leave --duration out to run until Ctrl-C",
+            });
         }
         check_threshold(args.threshold)?;
         check_factor(args.factor)?;
@@ -330,6 +352,11 @@ mod tests {
             &["--threshold", "NaN"],
             &["--sustain", "0"],
             &["--duration", "0ms"],
+            // Regression: made `Instant + duration` overflow and panic.
+            &["--duration", "300000000000y"],
+            // Regression: read the maps in a busy loop.
+            &["--interval", "1ns"],
+            &["--interval", "2h"],
             &["--max-overhead", "0"],
             &["--max-overhead", "101"],
         ] {

@@ -17,7 +17,7 @@ use std::{
 use anyhow::Context as _;
 
 use crate::{
-    catalog::Catalog,
+    catalog::{Catalog, FileId},
     collect::Collector,
     config::WatchConfig,
     governor::Governor,
@@ -36,6 +36,12 @@ pub enum RunError {
         "cacheloop needs root (or CAP_BPF and CAP_PERFMON) to attach uprobes; run it with sudo"
     )]
     NoPrivileges,
+    /// cacheloop runs in a pid namespace of its own: the kernel side counts
+    /// by the host's pids, which it cannot see, so every count would be 0.
+    #[error(
+        "cacheloop runs inside a pid namespace (a container) but the kernel counts calls by host pid; run it in the host's pid namespace (docker --pid=host, Kubernetes hostPID: true)"
+    )]
+    PidNamespace,
     /// A target exited between being found and being probed.
     #[error("pid {pid} exited before cacheloop could attach")]
     TargetGone { pid: u32 },
@@ -49,7 +55,16 @@ pub struct Controller {
     keyed: usize,
     live: BTreeMap<u32, Process>,
     binary: Option<Binary>,
+    /// The `--pid` targets: followed through exec.
+    pids: Vec<u32>,
     names: Vec<String>,
+    /// Live processes whose executable changed since they were planned
+    /// (exec): found by the collector's reading, handled after the tick.
+    execed: Vec<u32>,
+    /// What the collector's reading said of unknown processes, for after
+    /// the tick.
+    discovered: Vec<Record>,
+    ticks: u64,
     windows: Windows,
     collector: Collector,
     started: Instant,
@@ -65,6 +80,9 @@ impl Controller {
     pub fn start(config: &WatchConfig, started: Instant) -> anyhow::Result<(Self, Vec<Record>)> {
         if !target::has_bpf_privileges() {
             return Err(RunError::NoPrivileges.into());
+        }
+        if target::in_child_pid_namespace() {
+            return Err(RunError::PidNamespace.into());
         }
         let mut processes = config
             .pids
@@ -86,21 +104,22 @@ impl Controller {
 
         let mut planner = Planner::new(config);
         let mut requests = Vec::new();
-        if let Some(b) = &binary {
-            let file = FileTarget {
-                open: b.path.clone(),
-                shown: b.path.clone(),
-                root: PathBuf::from("/"),
-                pid: None,
-            };
+        let mut binary = binary;
+        if let Some(b) = &mut binary {
             let hint = format!("--binary {}", b.path.display());
-            requests.extend(planner.requests(&[file], true, &hint)?);
+            requests.extend(planner.requests(&[binary_file(b)], true, &hint)?);
+            // The file read, should a deploy have renamed another into
+            // place since the path was checked.
+            if let Some(r) = requests.first() {
+                b.id = r.file.id;
+            }
         }
-        // A pid running the --binary file is already covered by the
-        // all-processes link on that file.
+        let shared: Vec<_> = requests.iter().map(|r| r.file.id).collect();
+        // A pid running or mapping the --binary file is already covered by
+        // the all-processes link on that file.
         for p in processes
             .iter()
-            .filter(|p| !binary.as_ref().is_some_and(|b| b.runs(p.pid)))
+            .filter(|p| !Binary::used_by(p.pid, &shared))
         {
             let hint = format!("--pid {}", p.pid);
             requests.extend(planner.requests(&FileTarget::of_process(p), true, &hint)?);
@@ -129,7 +148,11 @@ impl Controller {
             probes.attached(),
             probes.mode().as_str()
         );
-        let running = binary.iter().flat_map(Binary::processes);
+        let running = if shared.is_empty() {
+            Vec::new()
+        } else {
+            Binary::processes(&shared)
+        };
         let live: BTreeMap<u32, Process> = processes
             .into_iter()
             .chain(running)
@@ -142,7 +165,11 @@ impl Controller {
             keyed: 0,
             live,
             binary,
+            pids: config.pids.clone(),
             names: config.names.clone(),
+            execed: Vec::new(),
+            discovered: Vec::new(),
+            ticks: 0,
             windows: Windows::new(config.max_overhead),
             collector: Collector::new(started),
             started,
@@ -171,34 +198,59 @@ impl Controller {
     /// One tick's reading.
     pub fn collect(&mut self) -> Result<Snapshot, ProbeError> {
         let probed = self.windows.probed_share();
+        self.ticks += 1;
         self.collector.read_kernel(&mut self.probes)?;
-        self.discover();
-        Ok(self
+        self.discovered = self.discover();
+        let snapshot = self
             .collector
-            .snapshot(&self.probes, &self.catalog, &self.live, probed))
+            .snapshot(&self.probes, &self.catalog, &self.live, probed);
+        self.execed = snapshot
+            .processes
+            .iter()
+            .filter(|f| f.alive && f.exe != FileId::default())
+            .filter(|f| self.live.get(&f.pid).is_some_and(|p| p.exe_id != f.exe))
+            .map(|f| f.pid)
+            .collect();
+        Ok(snapshot)
     }
 
-    /// With `--binary`, processes that started running the file since the
-    /// last tick show up as counters of unknown pids.
-    fn discover(&mut self) {
-        let Some(binary) = &self.binary else {
-            // Only --pid (and --name, attached by name): counts of other
-            // processes (possible when the kernel's pid filter cannot be
-            // used) are ignored.
-            return;
-        };
-        let new: Vec<u32> = self
+    /// With `--binary`, processes that started running or mapping the file
+    /// since the last tick show up as counters of unknown pids: the
+    /// all-process link traps in every process that maps the file, and
+    /// each one is watched (and its hits weigh on the governor).
+    fn discover(&mut self) -> Vec<Record> {
+        let mut records = Vec::new();
+        if self.binary.is_none() {
+            // Only --pid and --name, whose links are scoped to their pids.
+            return records;
+        }
+        let shared = self.probes.shared_files();
+        let new: Vec<(u32, u64)> = self
             .collector
-            .counted_pids()
-            .filter(|pid| !self.live.contains_key(pid))
+            .counted()
+            .filter(|(pid, _)| !self.live.contains_key(pid))
             .collect();
-        for pid in new {
-            if binary.runs(pid)
-                && let Ok(process) = Process::from_pid(pid)
-            {
-                self.live.insert(pid, process);
+        for (pid, calls) in new {
+            match Process::from_pid(pid) {
+                Ok(process) if Binary::used_by(pid, &shared) => {
+                    self.live.insert(pid, process);
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    // Started and exited between two ticks: nothing left in
+                    // /proc to say what it was. Said, and its counters freed.
+                    records.push(warning(
+                        Some(pid),
+                        "short_lived",
+                        format!(
+                            "pid {pid} ran the --binary file and exited before it could be identified; its {calls} call(s) are not in the samples"
+                        ),
+                    ));
+                    self.probes.forget_process(pid);
+                }
             }
         }
+        records
     }
 
     /// After a tick was judged: lets `exited` processes go, plans the next
@@ -218,14 +270,175 @@ impl Controller {
             self.collector.forget(pid);
             self.probes.forget_process(pid);
         }
-        let mut records = Vec::new();
+        let mut records = std::mem::take(&mut self.discovered);
+        for pid in std::mem::take(&mut self.execed) {
+            records.extend(self.replan_exec(pid));
+        }
         if !last {
-            records.extend(self.windows.plan(&mut self.probes, hit_rate, interval)?);
+            let (plan, failed) = self.windows.plan(&mut self.probes, hit_rate, interval);
+            records.extend(plan);
+            for (request, err) in failed {
+                records.push(self.unwatch(&request, &err.into()));
+            }
+        }
+        if follow && self.binary.is_some() {
+            records.extend(self.follow_binary(!exited.is_empty()));
         }
         if follow && !self.names.is_empty() {
             records.extend(self.attach_new_named());
         }
         Ok(records)
+    }
+
+    /// A request the kernel refused on re-attach: that process (or file)
+    /// is no longer watched; the rest of the run goes on.
+    fn unwatch(&mut self, request: &AttachRequest, err: &anyhow::Error) -> Record {
+        if let Some(pid) = request.pid {
+            self.probes.forget_process(pid);
+            self.collector.forget(pid);
+            self.live.remove(&pid);
+        }
+        warning(
+            request.pid,
+            "attach_failed",
+            format!(
+                "cannot put the probes back in {}{}: {err:#}; it is no longer watched",
+                request.shown.display(),
+                request
+                    .pid
+                    .map(|p| format!(" (pid {p})"))
+                    .unwrap_or_default()
+            ),
+        )
+    }
+
+    /// A watched process ran exec: same pid, another program. Its probes
+    /// sat on the old image; they come out, and a `--pid` or `--name`
+    /// target is planned again from the new one. A `--binary` process is
+    /// found again by its counts if the new program maps the file too.
+    fn replan_exec(&mut self, pid: u32) -> Vec<Record> {
+        self.probes.forget_process(pid);
+        self.collector.forget(pid);
+        let Some(old) = self.live.remove(&pid) else {
+            return Vec::new();
+        };
+        let Ok(process) = Process::from_pid(pid) else {
+            return Vec::new();
+        };
+        let mut records = vec![warning(
+            Some(pid),
+            "target_exec",
+            format!(
+                "pid {pid} ran exec: {} -> {}; its probes on the old program were taken out",
+                old.exe_name.display(),
+                process.exe_name.display()
+            ),
+        )];
+        let named = target::processes_named(&self.names)
+            .iter()
+            .any(|p| p.pid == pid);
+        if !(self.pids.contains(&pid) || named) {
+            return records;
+        }
+        records.extend(self.attach_process(process));
+        records
+    }
+
+    /// `--binary PATH` follows the path: when a deploy renames a new build
+    /// into place, the new file is planned and attached for every process
+    /// (the old build's links stay while processes still run it). With
+    /// `check_old`, old builds no process runs any more are let go.
+    fn follow_binary(&mut self, check_old: bool) -> Vec<Record> {
+        let mut records = Vec::new();
+        let Some(binary) = &mut self.binary else {
+            return records;
+        };
+        let shown = binary.path.display().to_string();
+        if let Some(new) = binary.replaced() {
+            binary.id = new;
+            if !self.probes.shared_files().contains(&new) {
+                let file = binary_file(binary);
+                let started = Instant::now();
+                match self.planner.requests(&[file], false, "") {
+                    Ok(requests) if requests.is_empty() => records.push(warning(
+                        None,
+                        "binary_replaced",
+                        format!(
+                            "--binary {shown} was replaced by a build where no --func pattern matches; its new processes are not watched"
+                        ),
+                    )),
+                    Ok(requests) => {
+                        // The file read, should the path have moved on again.
+                        if let Some(b) = &mut self.binary {
+                            b.id = requests[0].file.id;
+                        }
+                        records.push(warning(
+                            None,
+                            "binary_replaced",
+                            format!(
+                                "--binary {shown} was replaced (a deploy); probing the new build, read from the new file"
+                            ),
+                        ));
+                        records.extend(self.attach_requests(&requests, started));
+                    }
+                    Err(e) => records.push(warning(
+                        None,
+                        "attach_failed",
+                        format!("--binary {shown} was replaced and the new build cannot be read: {e:#}"),
+                    )),
+                }
+            }
+        }
+        // Every 30 ticks, or when a process exited: a scan of /proc per
+        // old build.
+        if check_old || self.ticks.is_multiple_of(30) {
+            let current = self.binary.as_ref().map(|b| b.id);
+            for old in self.probes.shared_files() {
+                if Some(old) != current && Binary::processes(&[old]).is_empty() {
+                    self.probes.forget_file(old);
+                    let closed = self.planner.release_unused();
+                    log::info!(
+                        "no process runs an old build of {shown} any more; {closed} file(s) closed"
+                    );
+                }
+            }
+        }
+        records
+    }
+
+    /// Attaches requests planned after the start; returns the `attached`
+    /// records, or `attach_failed` warnings for those the kernel refused.
+    fn attach_requests(&mut self, requests: &[AttachRequest], started: Instant) -> Vec<Record> {
+        let mut records = Vec::new();
+        let mut attached = Vec::new();
+        for request in requests {
+            match self.probes.attach(request) {
+                Ok(()) => attached.push(request),
+                Err(e) => records.push(warning(
+                    request.pid,
+                    "attach_failed",
+                    format!("{:#}", anyhow::Error::from(e)),
+                )),
+            }
+        }
+        self.catalog = self.planner.catalog();
+        if let Err(e) = self.apply_keys() {
+            records.push(warning(
+                None,
+                "keys_unavailable",
+                format!(
+                    "keys of newly probed functions will not be read: {:#}",
+                    anyhow::Error::from(e)
+                ),
+            ));
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        records.extend(
+            attached
+                .into_iter()
+                .map(|r| self.attached_record(r, seconds)),
+        );
+        records
     }
 
     /// No watched process is left, and none can come (no `--binary`, no
@@ -259,7 +472,6 @@ impl Controller {
     /// `--name`: probes processes of those names that started since the
     /// last tick (a restart, a new worker).
     fn attach_new_named(&mut self) -> Vec<Record> {
-        let started = Instant::now();
         let mut records = Vec::new();
         self.failed.retain(|&(pid, _)| target::is_running(pid));
         for process in target::processes_named(&self.names) {
@@ -267,49 +479,64 @@ impl Controller {
             if self.live.contains_key(&process.pid) || self.failed.contains(&id) {
                 continue;
             }
-            let pid = process.pid;
-            let failed = |e: anyhow::Error| Record::Warning {
-                ts: unix_now(),
-                pid: Some(pid),
-                kind: "attach_failed".to_owned(),
-                message: format!("cannot probe new pid {pid}: {e:#}"),
-                count: None,
-            };
-            let requests = match self
-                .planner
-                .requests(&FileTarget::of_process(&process), false, "")
-            {
-                Ok(requests) => requests,
-                Err(e) => {
-                    records.push(failed(e));
-                    self.failed.insert(id);
-                    continue;
-                }
-            };
-            let attached = requests.iter().try_for_each(|r| self.probes.attach(r));
-            if let Err(e) = attached {
-                records.push(failed(e.into()));
-                self.failed.insert(id);
-                self.probes.forget_process(pid);
-                continue;
-            }
-            self.catalog = self.planner.catalog();
-            if let Err(e) = self.apply_keys() {
-                records.push(Record::Warning {
-                    ts: unix_now(),
-                    pid: Some(pid),
-                    kind: "keys_unavailable".to_owned(),
-                    message: format!(
-                        "keys of new pid {pid} will not be read: {:#}",
-                        anyhow::Error::from(e)
-                    ),
-                    count: None,
-                });
-            }
-            self.live.insert(pid, process);
-            let seconds = started.elapsed().as_secs_f64();
-            records.extend(requests.iter().map(|r| self.attached_record(r, seconds)));
+            records.extend(self.attach_process(process));
         }
+        records
+    }
+
+    /// Plans and attaches one process found after the start (a new
+    /// `--name` process, or a target that ran exec) and watches it. A
+    /// process that cannot be probed is said once and not tried again.
+    fn attach_process(&mut self, process: Process) -> Vec<Record> {
+        let started = Instant::now();
+        let pid = process.pid;
+        let failed = |e: anyhow::Error| {
+            warning(
+                Some(pid),
+                "attach_failed",
+                format!(
+                    "cannot probe pid {pid} ({}): {e:#}",
+                    process.exe_name.display()
+                ),
+            )
+        };
+        let requests = match self
+            .planner
+            .requests(&FileTarget::of_process(&process), false, "")
+        {
+            Ok(requests) if requests.is_empty() => {
+                let none = anyhow::anyhow!("no --func pattern matches its functions");
+                self.failed.insert((pid, process.start_time));
+                return vec![failed(none)];
+            }
+            Ok(requests) => requests,
+            Err(e) => {
+                self.failed.insert((pid, process.start_time));
+                return vec![failed(e)];
+            }
+        };
+        // All of a process's files or none: half a process would be
+        // judged on half its calls.
+        if let Err(e) = requests.iter().try_for_each(|r| self.probes.attach(r)) {
+            self.failed.insert((pid, process.start_time));
+            self.probes.forget_process(pid);
+            return vec![failed(e.into())];
+        }
+        self.live.insert(pid, process);
+        let mut records = Vec::new();
+        self.catalog = self.planner.catalog();
+        if let Err(e) = self.apply_keys() {
+            records.push(warning(
+                Some(pid),
+                "keys_unavailable",
+                format!(
+                    "keys of pid {pid} will not be read: {:#}",
+                    anyhow::Error::from(e)
+                ),
+            ));
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        records.extend(requests.iter().map(|r| self.attached_record(r, seconds)));
         records
     }
 
@@ -350,6 +577,26 @@ impl Controller {
             mode: self.probes.mode().as_str().to_owned(),
             attach_seconds,
         }
+    }
+}
+
+fn warning(pid: Option<u32>, kind: &str, message: String) -> Record {
+    Record::Warning {
+        ts: unix_now(),
+        pid,
+        kind: kind.to_owned(),
+        message,
+        count: None,
+    }
+}
+
+/// The `--binary` file as the planner opens it: by its path, now.
+fn binary_file(binary: &Binary) -> FileTarget {
+    FileTarget {
+        open: binary.path.clone(),
+        shown: binary.path.clone(),
+        root: PathBuf::from("/"),
+        pid: None,
     }
 }
 
@@ -434,15 +681,20 @@ impl Windows {
         probes: &mut Probes,
         hit_rate: f64,
         interval: Duration,
-    ) -> anyhow::Result<Vec<Record>> {
+    ) -> (Vec<Record>, Vec<(AttachRequest, ProbeError)>) {
+        let mut failed = Vec::new();
         if self.budget >= 1.0 {
-            return Ok(Vec::new());
+            return (Vec::new(), failed);
         }
         let mut records = Vec::new();
         if self.governor.is_none() && hit_rate * WORST_HIT_COST > self.budget {
+            let calibrating = Instant::now();
             match probes.calibrate() {
                 Ok(cost) => {
-                    log::info!("one probe hit costs {cost:?} here");
+                    log::info!(
+                        "one probe hit costs {cost:?} here (measured in {:?})",
+                        calibrating.elapsed()
+                    );
                     self.governor = Some(Governor::new(self.budget, cost.as_secs_f64()));
                 }
                 Err(e) => {
@@ -461,12 +713,12 @@ impl Windows {
             }
         }
         let Some(governor) = &mut self.governor else {
-            return Ok(records);
+            return (records, failed);
         };
         let plan = governor.observe(hit_rate);
         let exposure = governor.exposure();
         if self.since.is_none() {
-            probes.resume().context("cannot put the probes back in")?;
+            failed = probes.resume();
             self.since = Some(Instant::now());
         }
         self.end = (exposure < 1.0).then(|| Instant::now() + interval.mul_f64(exposure));
@@ -477,6 +729,6 @@ impl Windows {
             max_overhead_percent: self.budget * 100.0,
             probe_cost_us: report::round1(governor.cost() * 1e6),
         }));
-        Ok(records)
+        (records, failed)
     }
 }

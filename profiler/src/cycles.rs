@@ -19,6 +19,9 @@ pub struct Mapping {
     pub start: u64,
     pub end: u64,
     pub offset: u64,
+    /// The file's inode: a path may name another build since it was mapped.
+    pub inode: u64,
+    /// The path, without the " (deleted)" of a file replaced since.
     pub path: PathBuf,
 }
 
@@ -28,7 +31,9 @@ pub fn parse_maps(text: &str) -> Vec<Mapping> {
         .filter_map(|line| {
             let mut fields = line.splitn(6, ' ');
             let (range, _perms, offset) = (fields.next()?, fields.next()?, fields.next()?);
-            let path = fields.nth(2)?.trim_start();
+            let _device = fields.next()?;
+            let inode = fields.next()?.parse().ok()?;
+            let path = fields.next()?.trim_start();
             if !path.starts_with('/') {
                 return None;
             }
@@ -37,7 +42,8 @@ pub fn parse_maps(text: &str) -> Vec<Mapping> {
                 start: u64::from_str_radix(start, 16).ok()?,
                 end: u64::from_str_radix(end, 16).ok()?,
                 offset: u64::from_str_radix(offset, 16).ok()?,
-                path: PathBuf::from(path),
+                inode,
+                path: PathBuf::from(path.strip_suffix(" (deleted)").unwrap_or(path)),
             })
         })
         .collect()
@@ -117,11 +123,15 @@ mod tests {
         let maps = parse_maps(
             "55d0a0000000-55d0a0001000 r--p 00000000 08:01 42 /srv/cache\n\
              55d0a0001000-55d0a0005000 r-xp 00001000 08:01 42 /srv/cache\n\
-             7f0000000000-7f0000001000 rw-p 00000000 00:00 0 \n",
+             7f0000000000-7f0000001000 rw-p 00000000 00:00 0 \n\
+             7f0000001000-7f0000002000 r-xp 00001000 08:01 43 /srv/lib cache.so (deleted)\n",
         );
-        assert_eq!(maps.len(), 2);
+        assert_eq!(maps.len(), 3);
         assert_eq!(maps[1].start, 0x55d0_a000_1000);
         assert_eq!(maps[1].offset, 0x1000);
         assert_eq!(maps[1].path, PathBuf::from("/srv/cache"));
+        assert_eq!(maps[1].inode, 42);
+        assert_eq!(maps[2].path, PathBuf::from("/srv/lib cache.so"));
+        assert_eq!(maps[2].inode, 43);
     }
 }

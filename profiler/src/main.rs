@@ -59,8 +59,17 @@ fn main() -> ExitCode {
     }
 }
 
-/// Bad input is 2; anything that went wrong while running is 1.
+/// Bad input is 2; anything that went wrong while running is 1. A refused
+/// permission is the environment's doing (not root, a locked-down /proc),
+/// whatever it was reading.
 fn exit_code(err: &anyhow::Error) -> u8 {
+    let denied = err.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+    });
+    if denied {
+        return EXIT_RUNTIME;
+    }
     let usage = err.chain().any(|e| {
         e.is::<ConfigError>()
             || e.is::<SymbolError>()

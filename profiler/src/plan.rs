@@ -7,7 +7,6 @@
 
 use std::{
     collections::{HashMap, hash_map::Entry},
-    os::unix::fs::MetadataExt as _,
     path::PathBuf,
     sync::Arc,
 };
@@ -19,7 +18,7 @@ use crate::{
     presets,
     probes::AttachRequest,
     symbols::{Pattern, Symbol, SymbolError, SymbolTable, check_matches},
-    target::Process,
+    target::{OpenFile, Process},
 };
 
 /// A file to read and attach to, and the process scope of its link.
@@ -52,7 +51,9 @@ pub struct Planner {
     request_patterns: Vec<Pattern>,
     key_arg: Option<KeyArg>,
     preset_keys: Vec<(&'static str, presets::KeySpec)>,
-    tables: HashMap<FileId, SymbolTable>,
+    /// Each file read, held open while anything is attached to it (the
+    /// requests share the `Arc`), with its symbols.
+    tables: HashMap<FileId, (Arc<OpenFile>, SymbolTable)>,
     functions: Vec<Function>,
     ids: HashMap<(FileId, String), u32>,
     published: Arc<Catalog>,
@@ -104,7 +105,7 @@ impl Planner {
             return Ok(Vec::new());
         };
         let exe_id = self.load(exe)?;
-        let table = &self.tables[&exe_id];
+        let table = &self.tables[&exe_id].1;
         let (in_exe, elsewhere): (Vec<Pattern>, Vec<Pattern>) = self
             .patterns
             .iter()
@@ -118,7 +119,7 @@ impl Planner {
                 .collect();
             let searched: Vec<&SymbolTable> = std::iter::once(exe_id)
                 .chain(found.iter().map(|(id, _)| *id))
-                .map(|id| &self.tables[&id])
+                .map(|id| &self.tables[&id].1)
                 .collect();
             if strict {
                 check_matches(&searched, &elsewhere, hint)?;
@@ -144,7 +145,7 @@ impl Planner {
                 points.push((symbol.file_offset, id));
             }
             requests.push(AttachRequest {
-                path: file.open.clone(),
+                file: self.tables[&file_id].0.clone(),
                 shown: file.shown.clone(),
                 pid: file.pid,
                 points,
@@ -215,20 +216,33 @@ impl Planner {
         })
     }
 
-    /// Reads a file's symbols once; returns its identity.
+    /// Opens a file and reads its symbols, once per file identity: the
+    /// symbols are read through the descriptor the probes will be attached
+    /// through, so both are the same bytes whatever happens to the path.
+    /// Returns its identity.
     fn load(&mut self, file: &FileTarget) -> Result<FileId, SymbolError> {
-        let meta = std::fs::metadata(&file.open).map_err(|source| SymbolError::Read {
+        let open = OpenFile::open(&file.open).map_err(|source| SymbolError::Read {
             path: file.shown.clone(),
             source,
         })?;
-        let id = FileId {
-            dev: meta.dev(),
-            ino: meta.ino(),
-        };
+        let id = open.id;
         if let Entry::Vacant(slot) = self.tables.entry(id) {
-            slot.insert(SymbolTable::read(&file.open, &file.shown, &file.root)?);
+            let table = SymbolTable::read(&open.fd_path(), &file.shown, &file.root)?;
+            slot.insert((Arc::new(open), table));
         }
         Ok(id)
+    }
+
+    /// Closes the files nothing is attached to any more (their processes
+    /// exited, a deploy replaced them) and drops their symbols: a service
+    /// redeployed daily would otherwise pile up descriptors and tables.
+    /// Catalog entries stay: ids keep their meaning. Returns how many
+    /// files were closed.
+    pub fn release_unused(&mut self) -> usize {
+        let before = self.tables.len();
+        self.tables
+            .retain(|_, (file, _)| Arc::strong_count(file) > 1);
+        before - self.tables.len()
     }
 }
 

@@ -13,9 +13,11 @@ use std::{
     collections::HashMap,
     num::NonZeroU32,
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
+use crate::{catalog::FileId, target::OpenFile};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
@@ -89,8 +91,11 @@ impl AttachMode {
 /// (function index) the kernel will count it under, for one process or all.
 #[derive(Clone, Debug)]
 pub struct AttachRequest {
-    /// The path the kernel opens (through /proc for a process's files).
-    pub path: PathBuf,
+    /// The file the offsets were read from, held open: the kernel is given
+    /// its descriptor, so every attach (and every re-attach of a probe
+    /// window, days later) lands on these very bytes, whatever a deploy did
+    /// to the path since.
+    pub file: Arc<OpenFile>,
     /// The same file as the user knows it, for messages and records.
     pub shown: PathBuf,
     /// `None` probes every process that runs the file.
@@ -115,10 +120,13 @@ pub struct Probes {
     ebpf: Ebpf,
     program: &'static str,
     mode: AttachMode,
-    /// Whether a pid-scoped multi link filters the whole process (all its
-    /// threads). Early uprobe_multi kernels filtered one thread only; then we
-    /// attach for all processes and keep only the watched pids' counts.
-    pid_filter_ok: bool,
+    /// Early uprobe_multi kernels (6.6 until the fix) filter a pid-scoped
+    /// multi link by one thread only. There, pid-scoped requests go through
+    /// this program instead, the plain uprobe, one perf link per function:
+    /// a perf uprobe's pid filter compares the task's `mm`, so it covers
+    /// every thread of the process. Probing all processes instead would
+    /// trap in every other process mapping the file.
+    per_process: Option<&'static str>,
     /// Every request attached, with its link while it is in place: a process's
     /// are dropped when it exits, and all can be paused and resumed (the
     /// overhead governor's probe windows).
@@ -128,6 +136,8 @@ pub struct Probes {
 
 struct Entry {
     request: AttachRequest,
+    /// The program the link belongs to.
+    program: &'static str,
     link: Option<UProbeLinkId>,
 }
 
@@ -155,6 +165,7 @@ impl Probes {
         } else {
             (PROG_SINGLE, AttachMode::PerFunction)
         };
+        let per_process = (!pid_filter_ok).then_some(PROG_SINGLE);
 
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(COUNTS_MAP, max_entries.max(1))
@@ -165,15 +176,11 @@ impl Probes {
         let logger = aya_log::EbpfLogger::init(&mut ebpf)
             .inspect_err(|e| log::debug!("eBPF logs unavailable: {e}"))
             .ok();
-        let prog: &mut UProbe = ebpf
-            .program_mut(program)
-            .ok_or(ProbeError::Missing {
-                what: "program",
-                name: program,
-            })?
-            .try_into()
-            .map_err(ProbeError::Program)?;
-        prog.load().map_err(ProbeError::Program)?;
+        for name in std::iter::once(program).chain(per_process) {
+            uprobe(&mut ebpf, name)?
+                .load()
+                .map_err(ProbeError::Program)?;
+        }
 
         let counts = take_map(&mut ebpf, COUNTS_MAP)?;
         let callers = take_map(&mut ebpf, CALLERS_MAP)?;
@@ -196,7 +203,7 @@ impl Probes {
             ebpf,
             program,
             mode,
-            pid_filter_ok,
+            per_process,
             entries: Vec::new(),
             capacity: max_entries.max(1),
         })
@@ -213,18 +220,31 @@ impl Probes {
 
     /// Attaches one request.
     pub fn attach(&mut self, request: &AttachRequest) -> Result<(), ProbeError> {
-        let link = self.link(request)?;
+        let program = self.program_for(request);
+        let link = self.link(program, request)?;
         self.entries.push(Entry {
             request: request.clone(),
+            program,
             link: Some(link),
         });
         Ok(())
     }
 
-    fn link(&mut self, request: &AttachRequest) -> Result<UProbeLinkId, ProbeError> {
+    fn program_for(&self, request: &AttachRequest) -> &'static str {
+        match (request.pid, self.per_process) {
+            (Some(_), Some(program)) => program,
+            _ => self.program,
+        }
+    }
+
+    fn link(
+        &mut self,
+        program: &'static str,
+        request: &AttachRequest,
+    ) -> Result<UProbeLinkId, ProbeError> {
         let scope = match request.pid.and_then(NonZeroU32::new) {
-            Some(pid) if self.pid_filter_ok => UProbeScope::OneProcess(pid),
-            _ => UProbeScope::AllProcesses,
+            Some(pid) => UProbeScope::OneProcess(pid),
+            None => UProbeScope::AllProcesses,
         };
         let points = request
             .points
@@ -233,8 +253,8 @@ impl Probes {
                 location: UProbeAttachLocation::AbsoluteOffset(offset),
                 cookie: Some(u64::from(cookie)),
             });
-        self.program_mut()?
-            .attach(points, &request.path, scope)
+        uprobe(&mut self.ebpf, program)?
+            .attach(points, request.file.fd_path(), scope)
             .map_err(|source| ProbeError::Attach {
                 path: request.shown.clone(),
                 pid: request.pid,
@@ -243,8 +263,8 @@ impl Probes {
             })
     }
 
-    fn unlink(&mut self, link: UProbeLinkId) {
-        if let Ok(prog) = self.program_mut()
+    fn unlink(&mut self, program: &'static str, link: UProbeLinkId) {
+        if let Ok(prog) = uprobe(&mut self.ebpf, program)
             && let Err(e) = prog.detach(link)
         {
             log::debug!("detaching a probe link: {e}");
@@ -254,29 +274,67 @@ impl Probes {
     /// Takes every probe out of the targets, keeping the program, maps and
     /// counters: until [`Probes::resume`], the targets run unprobed.
     pub fn pause(&mut self) {
-        let links: Vec<UProbeLinkId> = self
+        let links: Vec<(&'static str, UProbeLinkId)> = self
             .entries
             .iter_mut()
-            .filter_map(|e| e.link.take())
+            .filter_map(|e| Some((e.program, e.link.take()?)))
             .collect();
-        for link in links {
-            self.unlink(link);
+        for (program, link) in links {
+            self.unlink(program, link);
         }
     }
 
     /// Puts back what [`Probes::pause`] took out. With uprobe_multi this
-    /// is one link per file and process, milliseconds in all.
-    pub fn resume(&mut self) -> Result<(), ProbeError> {
+    /// is one link per file and process, milliseconds in all. A request the
+    /// kernel refuses now (its process exited while the probes were out)
+    /// is dropped and returned with the reason; the others go back in.
+    pub fn resume(&mut self) -> Vec<(AttachRequest, ProbeError)> {
         let mut entries = std::mem::take(&mut self.entries);
-        let linked = entries
-            .iter_mut()
-            .filter(|e| e.link.is_none())
-            .try_for_each(|e| {
-                e.link = Some(self.link(&e.request)?);
-                Ok(())
-            });
+        let mut failed = Vec::new();
+        entries.retain_mut(|e| {
+            if e.link.is_some() {
+                return true;
+            }
+            match self.link(e.program, &e.request) {
+                Ok(link) => {
+                    e.link = Some(link);
+                    true
+                }
+                Err(err) => {
+                    failed.push((e.request.clone(), err));
+                    false
+                }
+            }
+        });
         self.entries = entries;
-        linked
+        failed
+    }
+
+    /// Detaches every link on file `id` for all processes (a `--binary`
+    /// build no process runs any more) and closes it.
+    pub fn forget_file(&mut self, id: FileId) {
+        let (gone, kept): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut self.entries)
+            .into_iter()
+            .partition(|e| e.request.file.id == id && e.request.pid.is_none());
+        self.entries = kept;
+        for entry in gone {
+            if let Some(link) = entry.link {
+                self.unlink(entry.program, link);
+            }
+        }
+    }
+
+    /// The files all-process links are attached to.
+    pub fn shared_files(&self) -> Vec<FileId> {
+        let mut ids: Vec<FileId> = self
+            .entries
+            .iter()
+            .filter(|e| e.request.pid.is_none())
+            .map(|e| e.request.file.id)
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
     }
 
     /// Detaches the links made for one process (it exited) and removes its
@@ -289,7 +347,7 @@ impl Probes {
         self.entries = kept;
         for entry in gone {
             if let Some(link) = entry.link {
-                self.unlink(link);
+                self.unlink(entry.program, link);
             }
         }
         let stale: Vec<CallKey> = self
@@ -320,9 +378,10 @@ impl Probes {
         // Warm, then the unprobed run.
         time_calls();
         let bare = time_calls();
-        let link = self.link(&request)?;
+        let program = self.program_for(&request);
+        let link = self.link(program, &request)?;
         let probed = time_calls();
-        self.unlink(link);
+        self.unlink(program, link);
         let key = CallKey {
             func: CALIBRATION_COOKIE,
             tgid: std::process::id(),
@@ -399,23 +458,23 @@ impl Probes {
     /// kernel took. After this the targets run exactly as before attach.
     pub fn detach(mut self) -> std::time::Duration {
         let started = Instant::now();
-        if let Ok(prog) = self.program_mut() {
-            let _ = prog.unload();
+        for name in std::iter::once(self.program).chain(self.per_process) {
+            if let Ok(prog) = uprobe(&mut self.ebpf, name) {
+                let _ = prog.unload();
+            }
         }
         started.elapsed()
     }
+}
 
-    fn program_mut(&mut self) -> Result<&mut UProbe, ProbeError> {
-        let name = self.program;
-        self.ebpf
-            .program_mut(name)
-            .ok_or(ProbeError::Missing {
-                what: "program",
-                name,
-            })?
-            .try_into()
-            .map_err(ProbeError::Program)
-    }
+fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, ProbeError> {
+    ebpf.program_mut(name)
+        .ok_or(ProbeError::Missing {
+            what: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(ProbeError::Program)
 }
 
 /// Counted under this cookie while calibrating (no watched function has it).
@@ -442,9 +501,13 @@ fn self_probe_request() -> Result<AttachRequest, ProbeError> {
             name: "cacheloop_calibration_probe",
         })?;
     let path = PathBuf::from("/proc/self/exe");
+    let file = OpenFile::open(&path).map_err(|_| ProbeError::Missing {
+        what: "file",
+        name: "/proc/self/exe",
+    })?;
     Ok(AttachRequest {
-        shown: path.clone(),
-        path,
+        file: Arc::new(file),
+        shown: path,
         pid: Some(std::process::id()),
         points: vec![(address - map.start + map.offset, CALIBRATION_COOKIE)],
     })

@@ -101,7 +101,11 @@ impl Symbolizer {
         let offset = address - map.start + map.offset;
         let file = file_label(&map.path);
         let root = PathBuf::from(format!("/proc/{pid}/root"));
-        let open = root.join(map.path.strip_prefix("/").unwrap_or(&map.path));
+        // The very file mapped, even if a deploy replaced the path since.
+        let open = PathBuf::from(format!(
+            "/proc/{pid}/map_files/{:x}-{:x}",
+            map.start, map.end
+        ));
         if self.files.len() >= PROCESSES * 8 {
             self.files.clear();
         }

@@ -32,7 +32,7 @@ use object::{
 #[derive(Debug, thiserror::Error)]
 pub enum SymbolError {
     /// The file could not be read.
-    #[error("cannot read {}: {source}", path.display())]
+    #[error("cannot read {}", path.display())]
     Read {
         path: PathBuf,
         #[source]

@@ -4,10 +4,12 @@
 //! Reads `/proc` only; it neither loads nor attaches anything.
 
 use std::{
-    fs,
-    os::unix::fs::MetadataExt as _,
+    fs::{self, File},
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
 };
+
+use crate::catalog::FileId;
 
 /// Errors from resolving targets: all about what the user typed.
 #[derive(Debug, thiserror::Error)]
@@ -16,14 +18,14 @@ pub enum TargetError {
     #[error("no process with pid {pid}; check the pid with 'ps -p {pid}'")]
     NoSuchProcess { pid: u32 },
     /// The process's executable cannot be read through /proc.
-    #[error("cannot read the executable of pid {pid} ({source}); is it a kernel thread?")]
+    #[error("cannot read the executable of pid {pid} (is it a kernel thread?)")]
     NoExecutable {
         pid: u32,
         #[source]
         source: std::io::Error,
     },
     /// `--binary` names a file that does not exist or cannot be read.
-    #[error("cannot open --binary {}: {source}", path.display())]
+    #[error("cannot open --binary {}", path.display())]
     MissingBinary {
         path: PathBuf,
         #[source]
@@ -43,6 +45,9 @@ pub struct Process {
     /// A path that opens the very file the process runs, even if it was
     /// replaced or deleted on disk since: `/proc/PID/exe`.
     pub exe: PathBuf,
+    /// The file `exe` named when the process was found: an exec changes
+    /// it under the same pid.
+    pub exe_id: FileId,
     /// Start time in clock ticks since boot (field 22 of `/proc/PID/stat`),
     /// to tell the process apart from a later one that reuses its pid.
     pub start_time: u64,
@@ -59,8 +64,49 @@ pub struct Process {
 pub struct MappedFile {
     /// The path as the process sees it.
     pub name: PathBuf,
-    /// A path that opens it from here.
+    /// A path that opens the very file mapped (`/proc/PID/map_files/..`),
+    /// even if a deploy replaced or deleted it on disk since.
     pub open: PathBuf,
+}
+
+/// A file held open from the moment its symbols are read until nothing is
+/// attached to it any more. Probes are attached through the descriptor
+/// (`/proc/self/fd/N`), never through a path: a path may name another
+/// build after a deploy, and the old build's offsets in the new build's
+/// code would land int3 in the middle of instructions. The descriptor pins
+/// the inode the offsets were read from.
+#[derive(Debug)]
+pub struct OpenFile {
+    file: File,
+    pub id: FileId,
+}
+
+impl OpenFile {
+    pub fn open(path: &Path) -> std::io::Result<Self> {
+        let file = File::open(path)?;
+        let meta = file.metadata()?;
+        Ok(Self {
+            id: FileId {
+                dev: meta.dev(),
+                ino: meta.ino(),
+            },
+            file,
+        })
+    }
+
+    /// A path the kernel resolves to this very file while it is open.
+    pub fn fd_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+    }
+}
+
+/// The identity of the file at `path` now, if any.
+pub fn file_id(path: &Path) -> Option<FileId> {
+    let meta = fs::metadata(path).ok()?;
+    Some(FileId {
+        dev: meta.dev(),
+        ino: meta.ino(),
+    })
 }
 
 impl Process {
@@ -73,10 +119,17 @@ impl Process {
         let exe = PathBuf::from(format!("/proc/{pid}/exe"));
         let exe_name =
             fs::read_link(&exe).map_err(|source| TargetError::NoExecutable { pid, source })?;
+        let exe_id = fs::metadata(&exe)
+            .map(|m| FileId {
+                dev: m.dev(),
+                ino: m.ino(),
+            })
+            .map_err(|source| TargetError::NoExecutable { pid, source })?;
         Ok(Self {
             pid,
             exe_name,
             exe,
+            exe_id,
             start_time: stat.start_time,
             ns_pid: read_ns_pid(pid).filter(|&inner| inner != pid),
             root: PathBuf::from(format!("/proc/{pid}/root")),
@@ -84,22 +137,40 @@ impl Process {
     }
 
     /// The executable and the libraries the process has mapped executable,
-    /// the executable first. Files deleted since they were mapped are left
-    /// out, except the executable (`/proc/PID/exe` still opens it).
+    /// the executable first. Each opens as the very file mapped: a library
+    /// upgraded on disk since (mapped "(deleted)") is read through
+    /// `/proc/PID/map_files`, not through its path, which now names the new
+    /// build.
     pub fn mapped_files(&self) -> Vec<MappedFile> {
         let mut files = vec![MappedFile {
             name: self.exe_name.clone(),
             open: self.exe.clone(),
         }];
         let maps = fs::read_to_string(format!("/proc/{}/maps", self.pid)).unwrap_or_default();
-        for name in executable_mappings(&maps) {
-            if name == self.exe_name || files.iter().any(|f| f.name == name) {
+        for mapping in executable_mappings(&maps) {
+            if mapping.id(self.pid) == Some(self.exe_id)
+                || files.iter().any(|f| f.name == mapping.name)
+            {
                 continue;
             }
-            let open = self.root.join(name.strip_prefix("/").unwrap_or(&name));
-            files.push(MappedFile { name, open });
+            files.push(MappedFile {
+                open: PathBuf::from(format!(
+                    "/proc/{}/map_files/{:x}-{:x}",
+                    self.pid, mapping.start, mapping.end
+                )),
+                name: mapping.name,
+            });
         }
         files
+    }
+
+    /// The files the process maps executable now, by identity.
+    pub fn mapped_ids(pid: u32) -> Vec<FileId> {
+        let maps = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+        executable_mappings(&maps)
+            .iter()
+            .filter_map(|m| m.id(pid))
+            .collect()
     }
 
     /// Whether this very process (not a successor with its pid) still runs.
@@ -109,12 +180,12 @@ impl Process {
     }
 }
 
-/// A binary file named with `--binary`.
+/// A binary file named with `--binary`: an executable, or a library.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Binary {
     pub path: PathBuf,
-    dev: u64,
-    ino: u64,
+    /// The file the path named when last looked at.
+    pub id: FileId,
 }
 
 impl Binary {
@@ -130,25 +201,37 @@ impl Binary {
         }
         Ok(Self {
             path: path.to_owned(),
-            dev: meta.dev(),
-            ino: meta.ino(),
+            id: FileId {
+                dev: meta.dev(),
+                ino: meta.ino(),
+            },
         })
     }
 
-    /// Whether process `pid` runs this file.
-    pub fn runs(&self, pid: u32) -> bool {
-        fs::metadata(format!("/proc/{pid}/exe"))
-            .is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino)
+    /// The file the path names now, when a deploy replaced it (a package
+    /// upgrade renames a new build into place): a new inode. `None` while
+    /// it is the same file, or while the path is missing mid-deploy.
+    pub fn replaced(&self) -> Option<FileId> {
+        file_id(&self.path).filter(|&id| id != self.id)
     }
 
-    /// The processes running this file now.
-    pub fn processes(&self) -> Vec<Process> {
+    /// Whether process `pid` runs or maps one of `files` (executable or
+    /// library).
+    pub fn used_by(pid: u32, files: &[FileId]) -> bool {
+        if file_id(Path::new(&format!("/proc/{pid}/exe"))).is_some_and(|id| files.contains(&id)) {
+            return true;
+        }
+        Process::mapped_ids(pid).iter().any(|id| files.contains(id))
+    }
+
+    /// The processes running or mapping one of `files` now.
+    pub fn processes(files: &[FileId]) -> Vec<Process> {
         let Ok(dir) = fs::read_dir("/proc") else {
             return Vec::new();
         };
         let mut found: Vec<Process> = dir
             .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
-            .filter(|&pid| self.runs(pid))
+            .filter(|&pid| Self::used_by(pid, files))
             .filter_map(|pid| Process::from_pid(pid).ok())
             .collect();
         found.sort_by_key(|p| p.pid);
@@ -205,23 +288,77 @@ fn parse_ns_pid(status: &str) -> Option<u32> {
         .ok()
 }
 
-/// The files of the executable mappings in `/proc/PID/maps` text, in order,
-/// each once; anonymous and special mappings and deleted files left out.
-fn executable_mappings(maps: &str) -> Vec<PathBuf> {
-    let mut out: Vec<PathBuf> = Vec::new();
-    for line in maps.lines() {
-        let mut fields = line.splitn(6, ' ');
-        let perms = fields.nth(1).unwrap_or("");
-        let path = fields.nth(3).unwrap_or("").trim_start();
-        if !perms.contains('x') || !path.starts_with('/') || path.ends_with(" (deleted)") {
-            continue;
+/// An executable mapping of a file, from `/proc/PID/maps`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Mapping {
+    start: u64,
+    end: u64,
+    /// `MAJOR:MINOR` of the file's device, as maps prints it.
+    major: u32,
+    minor: u32,
+    inode: u64,
+    /// The path, without the " (deleted)" the kernel appends to a file
+    /// removed or replaced since it was mapped.
+    name: PathBuf,
+}
+
+impl Mapping {
+    /// The file's identity as `stat` tells it. Maps prints the device the
+    /// way the file's superblock numbers it; for overlay and btrfs that can
+    /// differ from what `stat` says, so it is checked against the mapped
+    /// file itself when it does not match plainly.
+    fn id(&self, pid: u32) -> Option<FileId> {
+        let dev = libc::makedev(self.major, self.minor);
+        let plain = FileId {
+            dev,
+            ino: self.inode,
+        };
+        let open = format!("/proc/{pid}/map_files/{:x}-{:x}", self.start, self.end);
+        match file_id(Path::new(&open)) {
+            Some(id) if id.ino == self.inode => Some(id),
+            Some(_) => None,
+            None => Some(plain),
         }
-        let path = PathBuf::from(path);
-        if !out.contains(&path) {
-            out.push(path);
+    }
+}
+
+/// The file-backed executable mappings in `/proc/PID/maps` text, in order,
+/// each file once; anonymous and special mappings left out.
+fn executable_mappings(maps: &str) -> Vec<Mapping> {
+    let mut out: Vec<Mapping> = Vec::new();
+    for line in maps.lines() {
+        let Some(mapping) = parse_mapping(line) else {
+            continue;
+        };
+        if !out
+            .iter()
+            .any(|m| m.inode == mapping.inode && m.name == mapping.name)
+        {
+            out.push(mapping);
         }
     }
     out
+}
+
+fn parse_mapping(line: &str) -> Option<Mapping> {
+    let mut fields = line.splitn(6, ' ');
+    let (start, end) = fields.next()?.split_once('-')?;
+    let perms = fields.next()?;
+    let _offset = fields.next()?;
+    let (major, minor) = fields.next()?.split_once(':')?;
+    let inode: u64 = fields.next()?.parse().ok()?;
+    let path = fields.next().unwrap_or("").trim_start();
+    if !perms.contains('x') || !path.starts_with('/') || inode == 0 {
+        return None;
+    }
+    Some(Mapping {
+        start: u64::from_str_radix(start, 16).ok()?,
+        end: u64::from_str_radix(end, 16).ok()?,
+        major: u32::from_str_radix(major, 16).ok()?,
+        minor: u32::from_str_radix(minor, 16).ok()?,
+        inode,
+        name: PathBuf::from(path.strip_suffix(" (deleted)").unwrap_or(path)),
+    })
 }
 
 struct Stat {
@@ -301,6 +438,20 @@ pub fn kernel_release() -> String {
         .unwrap_or_default()
 }
 
+/// Whether cacheloop itself runs in a pid namespace below the host's. The
+/// eBPF side keys counts by `bpf_get_current_pid_tgid()`, which is always
+/// the initial namespace's tgid, while every pid cacheloop reads from
+/// `/proc` would be its own namespace's.
+///
+/// The initial pid namespace has a fixed inode, `PROC_PID_INIT_INO`
+/// (0xEFFFFFFC); `/proc/self/ns/pid` names it whichever `/proc` is mounted.
+/// (`NSpid:` in `/proc/self/status` does not tell: a container mounts its
+/// own `/proc`, which lists only the container's pids.)
+pub fn in_child_pid_namespace() -> bool {
+    const PROC_PID_INIT_INO: u64 = 0xEFFF_FFFC;
+    fs::metadata("/proc/self/ns/pid").is_ok_and(|m| m.ino() != PROC_PID_INIT_INO)
+}
+
 /// Whether this process may load BPF programs and attach uprobes: root, or
 /// CAP_SYS_ADMIN, or CAP_BPF together with CAP_PERFMON.
 pub fn has_bpf_privileges() -> bool {
@@ -347,13 +498,19 @@ mod tests {
 7f03-7f04 r-xp 00000000 08:01 300 /opt/lib/libold.so (deleted)
 7f04-7f05 r-xp 00000000 08:01 400 /opt/my lib/libspace.so
 7ffd-7ffe r-xp 00000000 00:00 0 [vdso]";
-        let got = executable_mappings(maps);
+        let got: Vec<(PathBuf, u64, u64)> = executable_mappings(maps)
+            .into_iter()
+            .map(|m| (m.name, m.inode, m.start))
+            .collect();
         let want = [
-            "/usr/bin/cache",
-            "/usr/lib/x86_64-linux-gnu/libc.so.6",
-            "/opt/my lib/libspace.so",
+            ("/usr/bin/cache", 100, 0x5601),
+            ("/usr/lib/x86_64-linux-gnu/libc.so.6", 200, 0x7f00),
+            // Replaced on disk since it was mapped: still probed, read
+            // through map_files.
+            ("/opt/lib/libold.so", 300, 0x7f03),
+            ("/opt/my lib/libspace.so", 400, 0x7f04),
         ];
-        assert_eq!(got, want.map(PathBuf::from));
+        assert_eq!(got, want.map(|(p, i, s)| (PathBuf::from(p), i, s)).to_vec());
     }
 
     #[test]
@@ -361,6 +518,11 @@ mod tests {
         assert_eq!(parse_ns_pid("Name:\tx\nNSpid:\t4242\t17\n"), Some(17));
         assert_eq!(parse_ns_pid("NSpid:\t4242\n"), Some(4242));
         assert_eq!(parse_ns_pid("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn tests_run_in_the_initial_pid_namespace() {
+        assert!(!in_child_pid_namespace());
     }
 
     #[test]
@@ -426,7 +588,7 @@ mod tests {
     #[test]
     fn binary_finds_the_processes_running_it() {
         let me = std::env::current_exe().unwrap();
-        let procs = Binary::open(&me).unwrap().processes();
+        let procs = Binary::processes(&[Binary::open(&me).unwrap().id]);
         assert!(
             procs.iter().any(|p| p.pid == std::process::id()),
             "{procs:?}"

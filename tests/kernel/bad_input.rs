@@ -196,3 +196,92 @@ fn watch_stripped_binary_without_debug_file_exits_2_and_says_so() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn watch_duration_beyond_ten_years_exits_2_without_panic() {
+    // Regression: parsed, then overflowed `Instant + duration` and panicked.
+    refused(
+        &[
+            "watch",
+            "--pid",
+            "1",
+            "--func",
+            "f",
+            "--duration",
+            "300000000000y",
+        ],
+        2,
+        "--duration",
+    );
+}
+
+#[test]
+fn watch_nanosecond_interval_exits_2() {
+    // Regression: read every map in a busy loop.
+    refused(
+        &["watch", "--pid", "1", "--func", "f", "--interval", "1ns"],
+        2,
+        "--interval 1ns is out of range",
+    );
+}
+
+#[test]
+fn missing_binary_names_its_cause_once() {
+    require_root();
+    // Regression: "...: No such file or directory (os error 2): No such
+    // file or directory (os error 2)".
+    let run = refused(
+        &["symbols", "--binary", "/nonexistent/cache-server"],
+        2,
+        "No such file or directory",
+    );
+    assert_eq!(
+        run.stderr.matches("No such file or directory").count(),
+        1,
+        "{run:?}"
+    );
+}
+
+#[test]
+fn unreadable_file_is_the_environment_and_exits_1() {
+    require_root();
+    if !cacheloop_tests::have_programs(&[("setpriv", "util-linux")]) {
+        return;
+    }
+    // A file nobody may read: EACCES is no fault of what was typed.
+    use std::os::unix::fs::PermissionsExt as _;
+    let file = std::env::temp_dir().join(format!("cacheloop-unreadable-{}", std::process::id()));
+    std::fs::copy(cacheloop_tests::fixture_bin(), &file).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = cacheloop_tests::as_nobody()
+        .arg(cacheloop_bin())
+        .args(["symbols", "--binary"])
+        .arg(&file)
+        .output()
+        .expect("setpriv (util-linux) runs");
+    let _ = std::fs::remove_file(&file);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("Permission denied"), "{stderr}");
+}
+
+#[test]
+fn watch_inside_a_pid_namespace_refuses_and_exits_1() {
+    require_root();
+    if !cacheloop_tests::have_programs(&[("unshare", "util-linux")]) {
+        return;
+    }
+    // Counts are keyed by host pids: inside a container's pid namespace
+    // every count would silently be 0.
+    let out = std::process::Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc"])
+        .arg(cacheloop_bin())
+        .args(["watch", "--pid", "1", "--func", "f", "--duration", "1s"])
+        .output()
+        .expect("unshare (util-linux) runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("pid namespace"), "{stderr}");
+}

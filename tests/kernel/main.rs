@@ -9,6 +9,7 @@
 mod bad_input;
 mod caches;
 mod counting;
+mod deploys;
 mod detection;
 mod kernels;
 mod lifecycle;

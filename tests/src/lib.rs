@@ -155,8 +155,18 @@ impl Target {
 
     /// Where the fixture says `cache_invalidate` is mapped.
     pub fn invalidate_addr(&self) -> u64 {
-        let hex = self.ready_extra.get(1).expect("fixture prints its address");
+        self.ready_hex(1)
+    }
+
+    /// Word `n` after the ready marker, a hex number (`0x..`).
+    pub fn ready_hex(&self, n: usize) -> u64 {
+        let hex = self.ready_extra.get(n).expect("the target prints it");
         u64::from_str_radix(hex.trim_start_matches("0x"), 16).expect("hex address")
+    }
+
+    /// Whether the byte at `addr` is a breakpoint now.
+    pub fn trapped_at(&self, addr: u64) -> bool {
+        self.code_at(addr, 1)[0] == 0xCC
     }
 }
 
@@ -177,6 +187,10 @@ pub struct Native {
     pub cpp_cache: PathBuf,
     /// C program calling `lib_cache_invalidate` in `libcachehelper.so`.
     pub uses_lib: PathBuf,
+    /// One C program in two builds, `cache_invalidate` at other offsets
+    /// (`fixtures/deploy_cache.c`).
+    pub deploy_v1: PathBuf,
+    pub deploy_v2: PathBuf,
 }
 
 /// The native fixtures: prebuilt in `CACHELOOP_NATIVE` (the VM runner ships
@@ -204,6 +218,8 @@ pub fn native() -> &'static Native {
             c_cache: dir.join("c_cache"),
             cpp_cache: dir.join("cpp_cache"),
             uses_lib: dir.join("uses_lib"),
+            deploy_v1: dir.join("deploy_v1"),
+            deploy_v2: dir.join("deploy_v2"),
         }
     })
 }

@@ -97,7 +97,7 @@ pub fn build(vm_dir: &Path, inputs: &Inputs) -> Result<PathBuf, String> {
         .arg(inputs.root.join("tests/fixtures/build.sh"))
         .arg(&native);
     run(script)?;
-    let mut dynamic: Vec<PathBuf> = ["cpp_cache", "uses_lib"]
+    let mut dynamic: Vec<PathBuf> = ["cpp_cache", "uses_lib", "deploy_v1", "deploy_v2"]
         .iter()
         .map(|n| native.join(n))
         .collect();

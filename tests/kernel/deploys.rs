@@ -1,0 +1,287 @@
+//! Safety across deploys, exec and kills: probes land on the bytes their
+//! offsets were read from, or nowhere; a new build is followed, not guessed;
+//! one target that cannot be probed leaves the others watched.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use cacheloop_tests::{Cacheloop, Run, Target, cacheloop, native, require_root, total_calls};
+use serde_json::Value;
+
+/// A directory of our own under the system's temporary directory.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("cacheloop-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Installs `build` at `path` the way a package upgrade does: written
+/// beside it, then renamed over it (a new inode; processes running the old
+/// file keep it).
+fn deploy(build: &Path, path: &Path) {
+    let staged = path.with_extension("dpkg-new");
+    fs::copy(build, &staged).unwrap();
+    fs::rename(&staged, path).unwrap();
+}
+
+/// Polls the target's code at `addr` for `how_long`: whether a breakpoint
+/// was ever seen there.
+fn ever_trapped(target: &Target, addr: u64, how_long: Duration) -> bool {
+    let until = Instant::now() + how_long;
+    while Instant::now() < until {
+        if target.trapped_at(addr) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    false
+}
+
+fn warnings(run: &Run, kind: &str) -> Vec<Value> {
+    run.of_type("warning")
+        .into_iter()
+        .filter(|w| w["kind"] == kind)
+        .collect()
+}
+
+#[test]
+fn binary_deploy_while_windowing_probes_the_new_build_at_its_own_offsets() {
+    require_root();
+    let dir = Scratch::new("deploy");
+    let server = dir.path("cache-server");
+    fs::copy(&native().deploy_v1, &server).unwrap();
+    // A hot process of the old build: the governor takes the probes out and
+    // puts them back in every interval, the re-attach a deploy can hurt.
+    let old = Target::spawn(&server, &["0", "60"], "ready");
+    let old_offset = old.ready_hex(1) - old.ready_hex(2);
+    let watcher = Cacheloop::start(&[
+        "watch",
+        "--binary",
+        server.to_str().unwrap(),
+        "--func",
+        "cache_invalidate",
+        "--max-overhead",
+        "5",
+        "--duration",
+        "20s",
+        "--json",
+    ]);
+    std::thread::sleep(Duration::from_secs(4));
+
+    deploy(&native().deploy_v2, &server);
+    std::thread::sleep(Duration::from_millis(1500));
+    // Long enough to be seen alive at a tick even on a loaded machine.
+    let mut new = Target::spawn(&server, &["300", "12"], "ready");
+    let (addr, base) = (new.ready_hex(1), new.ready_hex(2));
+    assert_ne!(addr - base, old_offset, "the builds differ in layout");
+    // The old build's offset in the new build is the start of another
+    // function: a probe left there would count it, or worse.
+    assert!(
+        !ever_trapped(&new, base + old_offset, Duration::from_secs(2)),
+        "a breakpoint at the old build's offset in the new build"
+    );
+    assert!(
+        ever_trapped(&new, addr, Duration::from_secs(3)),
+        "the new build's cache_invalidate is probed"
+    );
+    let done = new.wait_line("done", Duration::from_secs(20)).unwrap();
+    assert!(done.ends_with(" ok"), "{done}");
+    assert_eq!(new.wait_exit(Duration::from_secs(5)), Some(0));
+
+    let run = watcher.finish(Duration::from_secs(40));
+    assert_eq!(run.code, 0, "{run:?}");
+    let replaced = warnings(&run, "binary_replaced");
+    assert_eq!(replaced.len(), 1, "{}", run.stdout);
+    let attached = run.of_type("attached");
+    assert_eq!(attached.len(), 2, "old build, then new: {}", run.stdout);
+    assert!(
+        total_calls(&run, Some(new.pid), "cache_invalidate") > 0,
+        "{}",
+        run.stdout
+    );
+    assert!(total_calls(&run, Some(old.pid), "cache_invalidate") > 0);
+}
+
+/// Starts the old build at `dir/cache-server`, which execs the new build
+/// (at `dir/next/cache-server`, so its command name is the same) after
+/// 3 s, watched with `how`; returns the run and the process.
+fn watch_through_exec(dir: &Scratch, how: &[&str]) -> (Run, Target) {
+    let server = dir.path("cache-server");
+    fs::copy(&native().deploy_v1, &server).unwrap();
+    fs::create_dir_all(dir.path("next")).unwrap();
+    let next = dir.path("next/cache-server");
+    fs::copy(&native().deploy_v2, &next).unwrap();
+    let next = next.to_str().unwrap();
+    let mut target = Target::spawn(&server, &["200", "3", next, "300", "60"], "ready");
+    let pid = target.pid.to_string();
+    let mut args = vec!["watch", "--func", "cache_invalidate", "--json"];
+    args.extend(
+        how.iter()
+            .map(|a| if *a == "PID" { pid.as_str() } else { a }),
+    );
+    args.extend(["--duration", "8s"]);
+    let watcher = Cacheloop::start(&args);
+    let done = target.wait_line("done", Duration::from_secs(20)).unwrap();
+    assert!(done.ends_with(" ok"), "{done}");
+    // The new program says ready again, under the same pid.
+    target.wait_line("ready", Duration::from_secs(20)).unwrap();
+    let run = watcher.finish(Duration::from_secs(40));
+    (run, target)
+}
+
+#[test]
+fn exec_under_name_and_pid_is_planned_again_from_the_new_program() {
+    require_root();
+    for how in [&["--name", "cache-server"][..], &["--pid", "PID"]] {
+        let dir = Scratch::new("exec");
+        let (run, target) = watch_through_exec(&dir, how);
+        assert_eq!(run.code, 0, "{how:?}: {run:?}");
+        let exec = warnings(&run, "target_exec");
+        assert_eq!(exec.len(), 1, "{how:?}: {}", run.stdout);
+        assert_eq!(exec[0]["pid"], target.pid);
+        let attached = run.of_type("attached");
+        let paths: Vec<&str> = attached
+            .iter()
+            .filter(|a| a["pid"] == target.pid)
+            .map(|a| a["path"].as_str().unwrap())
+            .collect();
+        assert_eq!(paths.len(), 2, "{how:?}: {}", run.stdout);
+        assert!(paths[1].ends_with("next/cache-server"), "{paths:?}");
+        // Counted after the exec, at the new program's rate.
+        let exec_ts = exec[0]["ts"].as_f64().unwrap();
+        let after: Vec<f64> = run
+            .of_type("sample")
+            .iter()
+            .filter(|s| s["pid"] == target.pid && s["ts"].as_f64().unwrap() > exec_ts + 1.0)
+            .map(|s| s["rate"].as_f64().unwrap())
+            .collect();
+        assert!(
+            after.iter().any(|&r| (250.0..350.0).contains(&r)),
+            "{how:?}: {after:?}\n{}",
+            run.stdout
+        );
+    }
+}
+
+#[test]
+fn target_that_execs_into_an_unwatchable_program_leaves_the_others_watched() {
+    require_root();
+    let uses_lib = native().uses_lib.to_str().unwrap().to_owned();
+    // Execs into a program without cache_invalidate after 2 s.
+    let leaving = Target::spawn(
+        &native().deploy_v1,
+        &["200", "2", &uses_lib, "10", "60"],
+        "ready",
+    );
+    let staying = Target::fixture(&["200:60"]);
+    let (a, b) = (leaving.pid.to_string(), staying.pid.to_string());
+    let run = cacheloop(
+        &[
+            "watch",
+            "--pid",
+            &a,
+            "--pid",
+            &b,
+            "--func",
+            "cache_invalidate",
+            "--duration",
+            "7s",
+            "--json",
+        ],
+        Duration::from_secs(40),
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    let failed = warnings(&run, "attach_failed");
+    assert_eq!(failed.len(), 1, "{}", run.stdout);
+    assert_eq!(failed[0]["pid"], leaving.pid);
+    let failed_ts = failed[0]["ts"].as_f64().unwrap();
+    let later = run
+        .of_type("sample")
+        .iter()
+        .filter(|s| s["pid"] == staying.pid && s["ts"].as_f64().unwrap() > failed_ts + 1.0)
+        .count();
+    assert!(later >= 2, "{}", run.stdout);
+}
+
+#[test]
+fn binary_library_counts_only_processes_that_map_that_file() {
+    require_root();
+    let dir = Scratch::new("library");
+    // The same bytes under another inode: a second copy of the program
+    // and its library.
+    for name in ["uses_lib", "libcachehelper.so"] {
+        fs::copy(native().uses_lib.with_file_name(name), dir.path(name)).unwrap();
+    }
+    let library = native().uses_lib.with_file_name("libcachehelper.so");
+    let user = Target::spawn(&native().uses_lib, &["200", "60"], "ready");
+    let other = Target::spawn(&dir.path("uses_lib"), &["200", "60"], "ready");
+    let watcher = Cacheloop::start(&[
+        "watch",
+        "--binary",
+        library.to_str().unwrap(),
+        "--func",
+        "lib_cache_invalidate",
+        "--duration",
+        "5s",
+        "--json",
+    ]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        ever_trapped(&user, user.ready_hex(1), Duration::from_secs(2)),
+        "the process mapping the library is probed"
+    );
+    assert!(
+        !ever_trapped(&other, other.ready_hex(1), Duration::from_secs(1)),
+        "a process mapping another copy is not"
+    );
+    let run = watcher.finish(Duration::from_secs(40));
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(
+        total_calls(&run, Some(user.pid), "lib_cache_invalidate") > 0,
+        "{}",
+        run.stdout
+    );
+    assert_eq!(
+        total_calls(&run, Some(other.pid), "lib_cache_invalidate"),
+        0
+    );
+}
+
+#[test]
+fn sigkill_mid_window_leaves_no_breakpoint() {
+    require_root();
+    let target = Target::fixture(&["max:60"]);
+    let addr = target.invalidate_addr();
+    for wait_ms in [2600, 3100, 3450] {
+        let watcher = Cacheloop::start(&cacheloop_tests::watch_fixture_args(
+            target.pid,
+            &["--max-overhead", "5"],
+        ));
+        std::thread::sleep(Duration::from_millis(wait_ms));
+        watcher.signal(libc::SIGKILL);
+        let run = watcher.finish(Duration::from_secs(10));
+        assert_eq!(run.code, 128 + libc::SIGKILL, "{run:?}");
+        assert!(
+            !ever_trapped(&target, addr, Duration::from_millis(300)),
+            "a breakpoint left after SIGKILL at {wait_ms} ms"
+        );
+    }
+}
