@@ -9,7 +9,7 @@
 //! them (call cycles, repeating keys, the hottest stack). Names, key texts
 //! and symbols are the enricher's business: events carry ids.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::{
     catalog::{Catalog, FileId},
@@ -279,6 +279,8 @@ pub struct Analyzer {
     /// Every process seen: (pid, start time).
     seen: BTreeSet<(u32, u64)>,
     totals: HashMap<SeriesKey, Totals>,
+    /// Series that fired since their process (or its program) began.
+    fired: HashSet<SeriesKey>,
     loops: Vec<(u32, Vec<u32>)>,
     functions: usize,
     dropped: u64,
@@ -311,6 +313,7 @@ impl Analyzer {
             live: BTreeMap::new(),
             seen: BTreeSet::new(),
             totals: HashMap::new(),
+            fired: HashSet::new(),
             loops: Vec::new(),
             functions: 0,
             dropped: 0,
@@ -409,7 +412,12 @@ impl Analyzer {
                 let totals = self.totals.entry(series).or_default();
                 totals.calls += reported;
                 totals.peak_rate = totals.peak_rate.max(rate);
-                let fired = totals.calls > 0;
+                if calls > 0 || reported > 0 {
+                    self.fired.insert(series);
+                }
+                // In this process's present program: the totals (for the
+                // summary) outlive an exec or a reused pid, this does not.
+                let fired = self.fired.contains(&series);
 
                 // Requests are counted, not judged.
                 if !self.is_request[func as usize] {
@@ -597,6 +605,7 @@ impl Analyzer {
         self.counts.forget(|&(_, p)| p != pid);
         self.keys.retain(|&(_, p, _), _| p != pid);
         self.call_sites.retain(|&(_, p, _), _| p != pid);
+        self.fired.retain(|s| s.pid != pid);
         self.cpu.remove(&pid);
         self.requests.baseline.remove(&pid);
     }

@@ -17,7 +17,7 @@ use std::{
 use anyhow::Context as _;
 
 use crate::{
-    catalog::{Catalog, FileId},
+    catalog::Catalog,
     collect::Collector,
     config::WatchConfig,
     governor::Governor,
@@ -199,19 +199,25 @@ impl Controller {
     pub fn collect(&mut self) -> Result<Snapshot, ProbeError> {
         let probed = self.windows.probed_share();
         self.ticks += 1;
+        // A process that ran exec: its probes (on the old program) and its
+        // counters go before the maps are read, so the old program's counts
+        // can neither be read as the new one's nor linger as a series of
+        // zeros. It is planned again after the tick.
+        self.execed = self
+            .live
+            .values()
+            .filter(|p| target::file_id(&p.exe).is_some_and(|id| id != p.exe_id))
+            .map(|p| p.pid)
+            .collect();
+        for &pid in &self.execed {
+            self.probes.forget_process(pid);
+            self.collector.forget(pid);
+        }
         self.collector.read_kernel(&mut self.probes)?;
         self.discovered = self.discover();
-        let snapshot = self
+        Ok(self
             .collector
-            .snapshot(&self.probes, &self.catalog, &self.live, probed);
-        self.execed = snapshot
-            .processes
-            .iter()
-            .filter(|f| f.alive && f.exe != FileId::default())
-            .filter(|f| self.live.get(&f.pid).is_some_and(|p| p.exe_id != f.exe))
-            .map(|f| f.pid)
-            .collect();
-        Ok(snapshot)
+            .snapshot(&self.probes, &self.catalog, &self.live, probed))
     }
 
     /// With `--binary`, processes that started running or mapping the file
@@ -271,8 +277,17 @@ impl Controller {
             self.probes.forget_process(pid);
         }
         let mut records = std::mem::take(&mut self.discovered);
-        for pid in std::mem::take(&mut self.execed) {
+        let execed = std::mem::take(&mut self.execed);
+        for &pid in &execed {
             records.extend(self.replan_exec(pid));
+        }
+        if !(exited.is_empty() && execed.is_empty()) {
+            // Files only those processes ran (an old build of a --name
+            // program) are closed, with their symbol tables.
+            let closed = self.planner.release_unused();
+            if closed > 0 {
+                log::debug!("{closed} file(s) no process is probed in any more closed");
+            }
         }
         if !last {
             let (plan, failed) = self.windows.plan(&mut self.probes, hit_rate, interval);
@@ -317,8 +332,6 @@ impl Controller {
     /// target is planned again from the new one. A `--binary` process is
     /// found again by its counts if the new program maps the file too.
     fn replan_exec(&mut self, pid: u32) -> Vec<Record> {
-        self.probes.forget_process(pid);
-        self.collector.forget(pid);
         let Some(old) = self.live.remove(&pid) else {
             return Vec::new();
         };

@@ -350,15 +350,14 @@ impl Probes {
                 self.unlink(entry.program, link);
             }
         }
-        let stale: Vec<CallKey> = self
-            .counts
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.tgid == tgid)
-            .collect();
-        for key in stale {
-            let _ = self.counts.remove(&key);
-        }
+        remove_where(&mut self.counts, |k| k.tgid == tgid);
+        // The LRU maps would age them out in time; a process that ran exec
+        // must not see its old program's keys and call sites come back as
+        // new ones, and a service restarting all day should not crowd out
+        // live entries.
+        remove_where(&mut self.callers, |k| k.tgid == tgid);
+        remove_where(&mut self.keys, |k| k.tgid == tgid);
+        remove_where(&mut self.stack_counts, |k| k.tgid == tgid);
     }
 
     /// Measures what one probe hit costs on this machine: calls a function
@@ -526,6 +525,18 @@ fn sum_per_cpu<K: aya::Pod + Eq + std::hash::Hash>(
         out.insert(key, per_cpu.iter().sum());
     }
     Ok(())
+}
+
+/// Removes the entries whose key matches `stale`.
+fn remove_where<K: aya::Pod>(map: &mut PerCpuHashMap<MapData, K, u64>, stale: impl Fn(&K) -> bool) {
+    let keys: Vec<K> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| stale(k))
+        .collect();
+    for key in keys {
+        let _ = map.remove(&key);
+    }
 }
 
 fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, ProbeError>
