@@ -483,13 +483,29 @@ impl Analyzer {
     /// afresh. Forget the old one. (An executable that could not be read
     /// this tick changes nothing.)
     fn notice_processes(&mut self, processes: &[ProcessFacts]) {
+        // A process the controller stopped watching (it could not be
+        // probed again) is forgotten: its entries leaving the kernel's maps
+        // are not evictions.
+        let gone: Vec<u32> = self
+            .live
+            .keys()
+            .filter(|pid| !processes.iter().any(|p| p.pid == **pid))
+            .copied()
+            .collect();
+        for pid in gone {
+            self.forget(pid);
+        }
         for p in processes {
+            let unknown = FileId::default();
             let before = self.live.get(&p.pid).copied();
             let exe = match before {
-                Some((_, exe)) if p.exe == FileId::default() => exe,
+                Some((_, exe)) if p.exe == unknown => exe,
                 _ => p.exe,
             };
-            if before.is_some_and(|b| b != (p.start_time, exe)) {
+            let changed = before.is_some_and(|(start, was)| {
+                start != p.start_time || (was != unknown && exe != was)
+            });
+            if changed {
                 self.forget_state(p.pid);
             }
             self.live.insert(p.pid, (p.start_time, exe));

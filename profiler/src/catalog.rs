@@ -128,11 +128,13 @@ impl Catalog {
 
     /// The function whose code holds `offset` in the file mapped as `path`
     /// with inode `inode`: after a deploy two builds share a path, and only
-    /// the inode tells whose code an address is in.
+    /// the inode tells whose code an address is in. Where a file was planned
+    /// again (rewritten in place, or its inode number reused), the newest
+    /// plan wins.
     pub fn function_at(&self, path: &std::path::Path, inode: u64, offset: u64) -> Option<u32> {
         self.functions
             .iter()
-            .position(|f| {
+            .rposition(|f| {
                 f.file_id.ino == inode
                     && f.paths.iter().any(|p| p == path)
                     && f.ranges.iter().any(|r| (r.start..r.end).contains(&offset))

@@ -221,7 +221,9 @@ pub struct KeyArg {
     pub string: bool,
 }
 
-fn parse_key_arg(text: &str) -> Result<KeyArg, String> {
+/// Parses a `--key-arg` value, `N:u64` or `N:str` with N from 0 to 5; the
+/// error names the value and the expected form. Public for the fuzz targets.
+pub fn parse_key_arg(text: &str) -> Result<KeyArg, String> {
     let bad =
         || format!("'{text}' is not N:u64 or N:str (N: the argument number, from 0, up to 5)");
     let (n, kind) = text.split_once(':').ok_or_else(bad)?;
@@ -242,7 +244,9 @@ fn parse_key_arg(text: &str) -> Result<KeyArg, String> {
     }
 }
 
-fn parse_pid(text: &str) -> Result<u32, String> {
+/// Parses a `--pid` value: a process id, never 0. Public for the fuzz
+/// targets.
+pub fn parse_pid(text: &str) -> Result<u32, String> {
     match text.parse::<u32>() {
         Ok(0) => Err("pid 0 is not a process".to_owned()),
         Ok(pid) => Ok(pid),
@@ -252,8 +256,9 @@ fn parse_pid(text: &str) -> Result<u32, String> {
     }
 }
 
-/// `500ms`, `2s`, `1m`, `1h 30m`.
-fn parse_duration(text: &str) -> Result<Duration, String> {
+/// Parses a duration flag's value: `500ms`, `2s`, `1m`, `1h 30m`. Whether
+/// it is in range is `config.rs`'s to check. Public for the fuzz targets.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text)
         .map_err(|_| format!("'{text}' is not a duration (use a number and a unit: 500ms, 2s, 1m)"))
 }

@@ -9,7 +9,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    os::unix::fs::MetadataExt as _,
     time::Instant,
 };
 
@@ -76,13 +75,14 @@ impl Collector {
     }
 
     /// The snapshot of what [`Collector::read_kernel`] read, for the
-    /// processes in `live`. `probed` is the share of the interval the
-    /// probes were in.
+    /// processes in `live`, whose executables were `exes` just before.
+    /// `probed` is the share of the interval the probes were in.
     pub fn snapshot(
         &mut self,
         probes: &Probes,
         catalog: &Catalog,
         live: &BTreeMap<u32, Process>,
+        exes: &HashMap<u32, FileId>,
         probed: f64,
     ) -> Snapshot {
         let now = Instant::now();
@@ -166,7 +166,10 @@ impl Collector {
             }
         }
 
-        snap.processes = live.values().map(facts).collect();
+        snap.processes = live
+            .values()
+            .map(|p| facts(p, exes.get(&p.pid).copied().unwrap_or_default()))
+            .collect();
         snap
     }
 
@@ -218,14 +221,11 @@ impl Collector {
 }
 
 /// What `/proc` says of a process now.
-fn facts(p: &Process) -> ProcessFacts {
+/// `exe` is the executable the controller found before the maps were read:
+/// the one reading exec decisions rest on, in the controller (counters out)
+/// and in the analyzer (history forgotten) alike.
+fn facts(p: &Process, exe: FileId) -> ProcessFacts {
     let usage = p.usage();
-    let exe = std::fs::metadata(&p.exe)
-        .map(|m| FileId {
-            dev: m.dev(),
-            ino: m.ino(),
-        })
-        .unwrap_or_default();
     ProcessFacts {
         pid: p.pid,
         ns_pid: p.ns_pid,

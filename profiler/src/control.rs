@@ -8,7 +8,7 @@
 //! records for the sinks; the catalog it publishes is immutable.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
@@ -17,7 +17,7 @@ use std::{
 use anyhow::Context as _;
 
 use crate::{
-    catalog::Catalog,
+    catalog::{Catalog, FileId},
     collect::Collector,
     config::WatchConfig,
     governor::Governor,
@@ -64,7 +64,14 @@ pub struct Controller {
     /// What the collector's reading said of unknown processes, for after
     /// the tick.
     discovered: Vec<Record>,
-    ticks: u64,
+    /// Files written in place, said after the tick; and the processes that
+    /// are planned again for that (not an exec).
+    rewritten: Vec<Record>,
+    rewritten_pids: Vec<u32>,
+    /// The new `--binary` build last tried (its problems are said once).
+    binary_warned: Option<FileId>,
+    /// When old `--binary` builds were last looked for in /proc.
+    pruned: Instant,
     windows: Windows,
     collector: Collector,
     started: Instant,
@@ -115,14 +122,10 @@ impl Controller {
             }
         }
         let shared: Vec<_> = requests.iter().map(|r| r.file.id).collect();
-        // A pid running or mapping the --binary file is already covered by
-        // the all-processes link on that file.
-        for p in processes
-            .iter()
-            .filter(|p| !Binary::used_by(p.pid, &shared))
-        {
+        for p in &processes {
             let hint = format!("--pid {}", p.pid);
-            requests.extend(planner.requests(&FileTarget::of_process(p), true, &hint)?);
+            let planned = planner.requests(&FileTarget::of_process(p), true, &hint)?;
+            requests.extend(uncovered(planned, &shared));
         }
         let catalog = planner.catalog();
 
@@ -169,7 +172,10 @@ impl Controller {
             names: config.names.clone(),
             execed: Vec::new(),
             discovered: Vec::new(),
-            ticks: 0,
+            rewritten: Vec::new(),
+            rewritten_pids: Vec::new(),
+            binary_warned: None,
+            pruned: Instant::now(),
             windows: Windows::new(config.max_overhead),
             collector: Collector::new(started),
             started,
@@ -198,26 +204,75 @@ impl Controller {
     /// One tick's reading.
     pub fn collect(&mut self) -> Result<Snapshot, ProbeError> {
         let probed = self.windows.probed_share();
-        self.ticks += 1;
         // A process that ran exec: its probes (on the old program) and its
         // counters go before the maps are read, so the old program's counts
         // can neither be read as the new one's nor linger as a series of
         // zeros. It is planned again after the tick.
+        // The snapshot reports these identities, so the analyzer forgets
+        // a program's history on exactly the tick its counters went.
+        let exes: HashMap<u32, FileId> = self
+            .live
+            .values()
+            .filter_map(|p| Some((p.pid, target::file_id(&p.exe)?)))
+            .collect();
         self.execed = self
             .live
             .values()
-            .filter(|p| target::file_id(&p.exe).is_some_and(|id| id != p.exe_id))
+            .filter(|p| exes.get(&p.pid).is_some_and(|&id| id != p.exe_id))
             .map(|p| p.pid)
             .collect();
         for &pid in &self.execed {
             self.probes.forget_process(pid);
             self.collector.forget(pid);
         }
+        self.rewritten = self.take_out_rewritten();
         self.collector.read_kernel(&mut self.probes)?;
         self.discovered = self.discover();
+        let mut exes = exes;
+        for p in self.live.values() {
+            // Found in this reading: as found.
+            exes.entry(p.pid).or_insert(p.exe_id);
+        }
         Ok(self
             .collector
-            .snapshot(&self.probes, &self.catalog, &self.live, probed))
+            .snapshot(&self.probes, &self.catalog, &self.live, &exes, probed))
+    }
+
+    /// Files written in place since their symbols were read (same inode,
+    /// other bytes): every probe on them comes out now, before another hit
+    /// can land on an offset that no longer starts an instruction. Their
+    /// processes are planned again after the tick (as after an exec), the
+    /// `--binary` file at the next tick. Returns the warnings.
+    fn take_out_rewritten(&mut self) -> Vec<Record> {
+        let mut records = Vec::new();
+        for id in self.probes.changed_files() {
+            let pids = self.probes.forget_file_everywhere(id);
+            self.planner.forget_file(id);
+            let mut shown = String::from("a probed file");
+            if let Some(b) = &mut self.binary
+                && b.id == id
+            {
+                shown = format!("--binary {}", b.path.display());
+                b.id = FileId::default();
+            }
+            for &pid in &pids {
+                self.probes.forget_process(pid);
+                self.collector.forget(pid);
+                if !self.execed.contains(&pid) && self.live.contains_key(&pid) {
+                    self.execed.push(pid);
+                    self.rewritten_pids.push(pid);
+                }
+            }
+            records.push(warning(
+                None,
+                "file_rewritten",
+                format!(
+                    "{shown} (inode {}) was written in place: its probes were taken out and it is read again",
+                    id.ino
+                ),
+            ));
+        }
+        records
     }
 
     /// With `--binary`, processes that started running or mapping the file
@@ -241,7 +296,12 @@ impl Controller {
                 Ok(process) if Binary::used_by(pid, &shared) => {
                     self.live.insert(pid, process);
                 }
-                Ok(_) => {}
+                Ok(_) => {
+                    // Counted, but maps none of the files now (it unmapped a
+                    // library): nothing to watch; its counters go.
+                    log::debug!("pid {pid} was counted but maps no --binary file; ignored");
+                    self.probes.forget_process(pid);
+                }
                 Err(_) => {
                     // Started and exited between two ticks: nothing left in
                     // /proc to say what it was. Said, and its counters freed.
@@ -277,6 +337,7 @@ impl Controller {
             self.probes.forget_process(pid);
         }
         let mut records = std::mem::take(&mut self.discovered);
+        records.append(&mut self.rewritten);
         let execed = std::mem::take(&mut self.execed);
         for &pid in &execed {
             records.extend(self.replan_exec(pid));
@@ -312,6 +373,21 @@ impl Controller {
             self.probes.forget_process(pid);
             self.collector.forget(pid);
             self.live.remove(&pid);
+        } else if let Some(b) = &mut self.binary
+            && b.id == request.file.id
+        {
+            // The --binary build itself: planned and attached again at the
+            // next tick, as a deploy would be (one refusal, an EMFILE, must
+            // not end the run's coverage for days).
+            b.id = FileId::default();
+            return warning(
+                None,
+                "attach_failed",
+                format!(
+                    "cannot put the probes back in {}: {err:#}; trying again at the next interval",
+                    request.shown.display()
+                ),
+            );
         }
         warning(
             request.pid,
@@ -338,15 +414,20 @@ impl Controller {
         let Ok(process) = Process::from_pid(pid) else {
             return Vec::new();
         };
-        let mut records = vec![warning(
-            Some(pid),
-            "target_exec",
-            format!(
-                "pid {pid} ran exec: {} -> {}; its probes on the old program were taken out",
-                old.exe_name.display(),
-                process.exe_name.display()
-            ),
-        )];
+        let mut records = Vec::new();
+        if let Some(i) = self.rewritten_pids.iter().position(|&p| p == pid) {
+            self.rewritten_pids.swap_remove(i);
+        } else {
+            records.push(warning(
+                Some(pid),
+                "target_exec",
+                format!(
+                    "pid {pid} ran exec: {} -> {}; its probes on the old program were taken out",
+                    old.exe_name.display(),
+                    process.exe_name.display()
+                ),
+            ));
+        }
         let named = target::processes_named(&self.names)
             .iter()
             .any(|p| p.pid == pid);
@@ -368,43 +449,16 @@ impl Controller {
         };
         let shown = binary.path.display().to_string();
         if let Some(new) = binary.replaced() {
-            binary.id = new;
-            if !self.probes.shared_files().contains(&new) {
-                let file = binary_file(binary);
-                let started = Instant::now();
-                match self.planner.requests(&[file], false, "") {
-                    Ok(requests) if requests.is_empty() => records.push(warning(
-                        None,
-                        "binary_replaced",
-                        format!(
-                            "--binary {shown} was replaced by a build where no --func pattern matches; its new processes are not watched"
-                        ),
-                    )),
-                    Ok(requests) => {
-                        // The file read, should the path have moved on again.
-                        if let Some(b) = &mut self.binary {
-                            b.id = requests[0].file.id;
-                        }
-                        records.push(warning(
-                            None,
-                            "binary_replaced",
-                            format!(
-                                "--binary {shown} was replaced (a deploy); probing the new build, read from the new file"
-                            ),
-                        ));
-                        records.extend(self.attach_requests(&requests, started));
-                    }
-                    Err(e) => records.push(warning(
-                        None,
-                        "attach_failed",
-                        format!("--binary {shown} was replaced and the new build cannot be read: {e:#}"),
-                    )),
-                }
+            if self.probes.shared_files().contains(&new) {
+                binary.id = new;
+            } else {
+                records.extend(self.attach_new_build(new, &shown));
             }
         }
-        // Every 30 ticks, or when a process exited: a scan of /proc per
-        // old build.
-        if check_old || self.ticks.is_multiple_of(30) {
+        // Every 30 s, or when a process exited: a scan of /proc per old
+        // build.
+        if check_old || self.pruned.elapsed() >= Duration::from_secs(30) {
+            self.pruned = Instant::now();
             let current = self.binary.as_ref().map(|b| b.id);
             for old in self.probes.shared_files() {
                 if Some(old) != current && Binary::processes(&[old]).is_empty() {
@@ -419,9 +473,87 @@ impl Controller {
         records
     }
 
+    /// The `--binary` path names file `new` now: read it, plan it, attach
+    /// it for every process. The path moves on to `new` only once that
+    /// worked, or once the new build is known to hold no watched function:
+    /// a file still being written (`cp`, `install`) or a refused attach is
+    /// tried again at the next tick, said once.
+    fn attach_new_build(&mut self, new: FileId, shown: &str) -> Vec<Record> {
+        let started = Instant::now();
+        let Some(binary) = &self.binary else {
+            return Vec::new();
+        };
+        let file = binary_file(binary);
+        let first_word = self.binary_warned != Some(new);
+        self.binary_warned = Some(new);
+        let say = |kind: &str, message: String| {
+            if first_word {
+                vec![warning(None, kind, message)]
+            } else {
+                Vec::new()
+            }
+        };
+        match self.planner.requests(&[file], false, "") {
+            Ok(requests) if requests.is_empty() => {
+                self.set_binary(new);
+                say(
+                    "binary_replaced",
+                    format!(
+                        "--binary {shown} was replaced by a build where no --func pattern matches; its new processes are not watched"
+                    ),
+                )
+            }
+            Ok(requests) => {
+                let (attached, failed) = self.attach_requests(&requests, started);
+                if failed > 0 {
+                    // The one all-process request was refused: nothing is
+                    // half attached.
+                    let mut records = say(
+                        "attach_failed",
+                        format!(
+                            "--binary {shown} was replaced and the new build cannot be probed yet; trying again each interval"
+                        ),
+                    );
+                    if first_word {
+                        records.extend(attached);
+                    }
+                    return records;
+                }
+                // The file read, should the path have moved on again.
+                self.set_binary(requests[0].file.id);
+                let mut records = vec![warning(
+                    None,
+                    "binary_replaced",
+                    format!(
+                        "--binary {shown} was replaced (a deploy); probing the new build, read from the new file"
+                    ),
+                )];
+                records.extend(attached);
+                records
+            }
+            Err(e) => say(
+                "attach_failed",
+                format!(
+                    "--binary {shown} was replaced and the new build cannot be read yet ({e:#}); trying again each interval"
+                ),
+            ),
+        }
+    }
+
+    fn set_binary(&mut self, id: FileId) {
+        if let Some(b) = &mut self.binary {
+            b.id = id;
+        }
+    }
+
     /// Attaches requests planned after the start; returns the `attached`
-    /// records, or `attach_failed` warnings for those the kernel refused.
-    fn attach_requests(&mut self, requests: &[AttachRequest], started: Instant) -> Vec<Record> {
+    /// records (and `attach_failed` warnings for those the kernel refused)
+    /// and how many were refused.
+    fn attach_requests(
+        &mut self,
+        requests: &[AttachRequest],
+        started: Instant,
+    ) -> (Vec<Record>, usize) {
         let mut records = Vec::new();
         let mut attached = Vec::new();
         for request in requests {
@@ -445,13 +577,14 @@ impl Controller {
                 ),
             ));
         }
+        let failed = requests.len() - attached.len();
         let seconds = started.elapsed().as_secs_f64();
         records.extend(
             attached
                 .into_iter()
                 .map(|r| self.attached_record(r, seconds)),
         );
-        records
+        (records, failed)
     }
 
     /// No watched process is left, and none can come (no `--binary`, no
@@ -522,7 +655,7 @@ impl Controller {
                 self.failed.insert((pid, process.start_time));
                 return vec![failed(none)];
             }
-            Ok(requests) => requests,
+            Ok(requests) => uncovered(requests, &self.probes.shared_files()),
             Err(e) => {
                 self.failed.insert((pid, process.start_time));
                 return vec![failed(e)];
@@ -601,6 +734,16 @@ fn warning(pid: Option<u32>, kind: &str, message: String) -> Record {
         message,
         count: None,
     }
+}
+
+/// The requests not already covered by an all-process link on their file
+/// (`--binary`): a second link there would run the program twice a hit and
+/// count every call twice.
+fn uncovered(requests: Vec<AttachRequest>, shared: &[FileId]) -> Vec<AttachRequest> {
+    requests
+        .into_iter()
+        .filter(|r| !shared.contains(&r.file.id))
+        .collect()
 }
 
 /// The `--binary` file as the planner opens it: by its path, now.

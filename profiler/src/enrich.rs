@@ -14,7 +14,7 @@ use siphasher::sip::SipHasher13;
 
 use crate::{
     analyze::{self, Event, KeyRef, LoopEvent, Output, StackRef},
-    catalog::Catalog,
+    catalog::{Catalog, FileId},
     detect::Rules,
     report::{self, KeyCount, Record, Structure, Summary},
     snapshot::Snapshot,
@@ -53,6 +53,8 @@ pub struct Enricher {
     key_texts: HashMap<u64, String>,
     stacks: HashMap<u32, Vec<u64>>,
     named: HashMap<(u32, u64), Frame>,
+    /// Each process's executable at the last snapshot, to notice an exec.
+    exes: HashMap<u32, FileId>,
     frames: Frames,
     /// Facts learned since they were last taken.
     learned: Vec<SymbolFact>,
@@ -100,6 +102,7 @@ impl Enricher {
             key_texts: HashMap::new(),
             stacks: HashMap::new(),
             named: HashMap::new(),
+            exes: HashMap::new(),
             frames,
             learned: Vec::new(),
         }
@@ -155,11 +158,23 @@ impl Enricher {
                 self.name(pid, address);
             }
         }
-        for p in snap.processes.iter().filter(|p| !p.alive) {
+        for p in &snap.processes {
+            // Exited, or ran exec (another program at the same addresses):
+            // what was named for it no longer holds.
+            let was = self.exes.insert(p.pid, p.exe);
+            let execed = was.is_some_and(|was| {
+                was != FileId::default() && p.exe != FileId::default() && was != p.exe
+            });
+            if p.alive && !execed {
+                continue;
+            }
             if let Frames::Live(s) = &mut self.frames {
                 s.forget(p.pid);
             }
             self.named.retain(|&(pid, _), _| pid != p.pid);
+            if !p.alive {
+                self.exes.remove(&p.pid);
+            }
         }
     }
 

@@ -18,7 +18,7 @@ use crate::{
     presets,
     probes::AttachRequest,
     symbols::{Pattern, Symbol, SymbolError, SymbolTable, check_matches},
-    target::{OpenFile, Process},
+    target::{OpenFile, Process, Stamp},
 };
 
 /// A file to read and attach to, and the process scope of its link.
@@ -54,6 +54,8 @@ pub struct Planner {
     /// Each file read, held open while anything is attached to it (the
     /// requests share the `Arc`), with its symbols.
     tables: HashMap<FileId, (Arc<OpenFile>, SymbolTable)>,
+    /// Each file's size and times when last read.
+    stamps: HashMap<FileId, Stamp>,
     functions: Vec<Function>,
     ids: HashMap<(FileId, String), u32>,
     published: Arc<Catalog>,
@@ -68,6 +70,7 @@ impl Planner {
             key_arg: config.key_arg,
             preset_keys: config.preset_keys.clone(),
             tables: HashMap::new(),
+            stamps: HashMap::new(),
             functions: Vec::new(),
             ids: HashMap::new(),
             published: Arc::new(Catalog::default()),
@@ -226,6 +229,20 @@ impl Planner {
             source,
         })?;
         let id = open.id;
+        // The same identity with other contents: rewritten in place, or an
+        // inode number freed and given to a new file. Not the same
+        // functions.
+        if self
+            .stamps
+            .insert(id, open.stamp())
+            .is_some_and(|s| s != open.stamp())
+            && self
+                .tables
+                .get(&id)
+                .is_none_or(|(held, _)| held.stamp() != open.stamp())
+        {
+            self.forget_file(id);
+        }
         if let Entry::Vacant(slot) = self.tables.entry(id) {
             let table = SymbolTable::read(&open.fd_path(), &file.shown, &file.root)?;
             slot.insert((Arc::new(open), table));
@@ -238,11 +255,23 @@ impl Planner {
     /// redeployed daily would otherwise pile up descriptors and tables.
     /// Catalog entries stay: ids keep their meaning. Returns how many
     /// files were closed.
+    /// Function ids stay: the same file read again (a restarted worker)
+    /// keeps its functions' ids.
     pub fn release_unused(&mut self) -> usize {
         let before = self.tables.len();
         self.tables
             .retain(|_, (file, _)| Arc::strong_count(file) > 1);
         before - self.tables.len()
+    }
+
+    /// Drops a file's symbols and retires its function ids: planned again,
+    /// its functions get new ids. A file rewritten in place must not have
+    /// its new offsets filed under the old content's functions. (Newer ids
+    /// win where old and new code share a file identity: see
+    /// [`crate::catalog::Catalog::function_at`].)
+    pub fn forget_file(&mut self, id: FileId) {
+        self.tables.remove(&id);
+        self.ids.retain(|(file, _), _| *file != id);
     }
 }
 

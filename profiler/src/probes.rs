@@ -324,6 +324,41 @@ impl Probes {
         }
     }
 
+    /// The files probed whose bytes changed since they were read (written
+    /// in place): their offsets no longer describe them.
+    pub fn changed_files(&self) -> Vec<FileId> {
+        let mut ids: Vec<FileId> = self
+            .entries
+            .iter()
+            .filter(|e| e.request.file.changed())
+            .map(|e| e.request.file.id)
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
+    /// Detaches every link on file `id`, for all processes and each one;
+    /// returns the pids whose links went.
+    pub fn forget_file_everywhere(&mut self, id: FileId) -> Vec<u32> {
+        let pids: Vec<u32> = self
+            .entries
+            .iter()
+            .filter(|e| e.request.file.id == id)
+            .filter_map(|e| e.request.pid)
+            .collect();
+        let (gone, kept): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut self.entries)
+            .into_iter()
+            .partition(|e| e.request.file.id == id);
+        self.entries = kept;
+        for entry in gone {
+            if let Some(link) = entry.link {
+                self.unlink(entry.program, link);
+            }
+        }
+        pids
+    }
+
     /// The files all-process links are attached to.
     pub fn shared_files(&self) -> Vec<FileId> {
         let mut ids: Vec<FileId> = self

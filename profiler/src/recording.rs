@@ -550,8 +550,13 @@ fn read_item(input: &mut impl Read) -> Option<Item> {
     if len > MAX_ITEM {
         return None;
     }
-    let mut bytes = vec![0u8; len as usize];
-    input.read_exact(&mut bytes).ok()?;
+    // Grow with what the stream holds, not with what the prefix claims: a
+    // damaged length must not cost an allocation of up to MAX_ITEM.
+    let mut bytes = Vec::new();
+    input.take(u64::from(len)).read_to_end(&mut bytes).ok()?;
+    if bytes.len() != len as usize {
+        return None;
+    }
     postcard::from_bytes(&bytes).ok()
 }
 

@@ -75,10 +75,34 @@ pub struct MappedFile {
 /// build after a deploy, and the old build's offsets in the new build's
 /// code would land int3 in the middle of instructions. The descriptor pins
 /// the inode the offsets were read from.
+///
+/// The descriptor pins which file it is, not what it holds: a file
+/// rewritten in place (`cp new old` onto a file no process runs) keeps its
+/// inode. [`OpenFile::changed`] tells, from the size and modification time
+/// read at open.
 #[derive(Debug)]
 pub struct OpenFile {
     file: File,
     pub id: FileId,
+    stamp: Stamp,
+}
+
+/// What changes when a file's bytes do: its size and modification time.
+/// Not the change time: renaming a new build over the path unlinks the old
+/// file, which updates its ctime while its bytes stay as they were.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    size: u64,
+    mtime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(meta: &fs::Metadata) -> Self {
+        Self {
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+        }
+    }
 }
 
 impl OpenFile {
@@ -90,8 +114,22 @@ impl OpenFile {
                 dev: meta.dev(),
                 ino: meta.ino(),
             },
+            stamp: Stamp::of(&meta),
             file,
         })
+    }
+
+    /// The file's size and times when it was opened.
+    pub fn stamp(&self) -> Stamp {
+        self.stamp
+    }
+
+    /// Whether the file's bytes may have changed since it was opened (and
+    /// its symbols read): written in place. One `fstat`.
+    pub fn changed(&self) -> bool {
+        self.file
+            .metadata()
+            .is_ok_and(|meta| Stamp::of(&meta) != self.stamp)
     }
 
     /// A path the kernel resolves to this very file while it is open.
