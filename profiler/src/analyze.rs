@@ -101,7 +101,6 @@ pub enum Event {
     Dropped {
         count: u64,
     },
-    /// The counter map is nearly full.
     /// Every interval: what the kernel could not count, and how full the
     /// counter map is.
     Interval {
@@ -117,6 +116,7 @@ pub enum Event {
     Evicted {
         count: u64,
     },
+    /// The counter map is nearly full.
     MapPressure {
         used: usize,
         capacity: u32,

@@ -720,7 +720,7 @@ impl Controller {
                 .iter()
                 .map(|&(_, id)| self.catalog.name(id))
                 .collect(),
-            mode: self.probes.mode().as_str().to_owned(),
+            mode: self.probes.mode_for(request).as_str().to_owned(),
             attach_seconds,
         }
     }

@@ -259,7 +259,9 @@ impl Enricher {
                     pid: None,
                     kind: "evicted".to_owned(),
                     message: format!(
-                        "the kernel's key and call-site tables are full and let {count} entries go                          in this interval; key counts and call cycles now cover the recent calls                          (each interval's `evicted` says how many)"
+                        "the kernel's key and call-site tables are full and let {count} entries go \
+                         in this interval; key counts and call cycles now cover the recent calls \
+                         (each interval's `evicted` says how many)"
                     ),
                     count: Some(*count),
                 },

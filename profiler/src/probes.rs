@@ -155,6 +155,7 @@ impl Probes {
         // Kernels >= 5.11 charge BPF memory to the cgroup, not RLIMIT_MEMLOCK;
         // raising the limit can fail without CAP_SYS_RESOURCE and that is fine.
         raise_memlock_limit();
+        raise_open_files_limit();
 
         let multi = is_uprobe_multi_supported(UProbeMultiFeature::LinkCreation).unwrap_or(false);
         let pid_filter_ok = !multi
@@ -228,6 +229,15 @@ impl Probes {
             link: Some(link),
         });
         Ok(())
+    }
+
+    /// How `request` is (or would be) attached here.
+    pub fn mode_for(&self, request: &AttachRequest) -> AttachMode {
+        if self.program_for(request) == PROG_SINGLE {
+            AttachMode::PerFunction
+        } else {
+            AttachMode::Multi
+        }
     }
 
     fn program_for(&self, request: &AttachRequest) -> &'static str {
@@ -582,6 +592,30 @@ where
         .take_map(name)
         .ok_or(ProbeError::Missing { what: "map", name })?;
     M::try_from(map).map_err(|source| ProbeError::Map { name, source })
+}
+
+/// Every link is a descriptor (on kernels without uprobe_multi, or where
+/// pid-scoped probes fall back to perf links, one per function and
+/// process), and every probed file one more: take the hard limit, not the
+/// usual soft 1024.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                log::debug!(
+                    "could not raise RLIMIT_NOFILE: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
 }
 
 fn raise_memlock_limit() {
