@@ -97,7 +97,7 @@ fn preset_redis_counts_del_unlink_expiry_and_eviction() {
 
     let extra = ["--preset", "redis", "--duration", "8s"];
     let watcher = Cacheloop::start(&watch_args(redis_server.pid, &[], &extra));
-    std::thread::sleep(Duration::from_millis(1500));
+    watcher.wait_attached(Duration::from_secs(60));
     redis(
         port,
         &(0..100).map(|i| format!("DEL k{i}\n")).collect::<String>(),
@@ -185,7 +185,7 @@ sub vcl_backend_response {{ set beresp.ttl = 1s; set beresp.grace = 0s; set bere
 
     // No target: the preset watches varnishd and its child by name.
     let watcher = Cacheloop::start(&["watch", "--preset", "varnish", "--json", "--duration", "8s"]);
-    std::thread::sleep(Duration::from_millis(1500));
+    watcher.wait_attached(Duration::from_secs(60));
     for i in 0..30 {
         assert_eq!(http(port, "GET", &format!("/p{i}")), Some(200));
     }
@@ -232,7 +232,7 @@ fn preset_redis_reads_keys_and_catches_a_client_rewriting_the_same_keys() {
         "30s",
     ];
     let watcher = Cacheloop::start(&watch_args(redis_server.pid, &[], &extra));
-    std::thread::sleep(Duration::from_millis(1500));
+    watcher.wait_attached(Duration::from_secs(60));
     // A client stuck rewriting the same two keys: each write invalidates
     // them (client-side caching), again and again.
     let mut cli = Command::new("redis-cli")

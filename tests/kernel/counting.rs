@@ -60,7 +60,8 @@ fn watch_by_binary_counts_each_process_apart_including_later_ones() {
         "--json",
     ]);
     // Started after cacheloop attached: counted all the same.
-    std::thread::sleep(Duration::from_millis(1500));
+    watcher.wait_attached(Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(500));
     let fast = Target::spawn(&binary, &["300:60"], "ready");
     let run = watcher.finish(Duration::from_secs(30));
     assert_eq!(run.code, 0, "{run:?}");
@@ -69,9 +70,13 @@ fn watch_by_binary_counts_each_process_apart_including_later_ones() {
         let rates = rates(&run, target.pid, "cache_invalidate");
         assert!(rates.len() >= full + 3, "pid {}: {rates:?}", target.pid);
         for rate in &rates[full..full + 3] {
+            // 15%: a fixture starved of CPU for a moment (a TCG guest
+            // running other tests) catches up on the calls it owes, and
+            // an interval sees them. Counting twice or missing a process
+            // is far outside it.
             let error = (rate - expected).abs() / expected;
             assert!(
-                error <= 0.1,
+                error <= 0.15,
                 "pid {} rate {rate}, expected {expected}",
                 target.pid
             );

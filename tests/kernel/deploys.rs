@@ -86,7 +86,8 @@ fn binary_deploy_while_windowing_probes_the_new_build_at_its_own_offsets() {
         "20s",
         "--json",
     ]);
-    std::thread::sleep(Duration::from_secs(4));
+    watcher.wait_attached(Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(3));
 
     deploy(&native().deploy_v2, &server);
     std::thread::sleep(Duration::from_millis(1500));
@@ -159,7 +160,7 @@ fn binary_rewritten_in_place_is_read_again_before_a_probe_lands() {
         "9s",
         "--json",
     ]);
-    std::thread::sleep(Duration::from_secs(2));
+    watcher.wait_attached(Duration::from_secs(60));
     // No process runs it, so it may be written in place: same inode, the
     // other build's bytes. The probe on the old offset must not stay.
     let old_offset = {
@@ -197,16 +198,17 @@ fn watch_through_exec(dir: &Scratch, how: &[&str]) -> (Run, Target) {
     let next = dir.path("next/exec-cache");
     fs::copy(&native().deploy_v2, &next).unwrap();
     let next = next.to_str().unwrap();
-    // 1000/s for 3 s: read again as the new program's, the old history
-    // would be a spike of 3000 calls in one interval.
-    let mut target = Target::spawn(&server, &["1000", "3", next, "300", "60"], "ready");
+    // 1000/s for 6 s (attaching takes seconds in a loaded TCG guest): read
+    // again as the new program's, the old history would be a spike of
+    // thousands of calls in one interval.
+    let mut target = Target::spawn(&server, &["1000", "6", next, "300", "60"], "ready");
     let pid = target.pid.to_string();
     let mut args = vec!["watch", "--func", "cache_invalidate", "--json"];
     args.extend(
         how.iter()
             .map(|a| if *a == "PID" { pid.as_str() } else { a }),
     );
-    args.extend(["--duration", "8s"]);
+    args.extend(["--duration", "11s"]);
     let watcher = Cacheloop::start(&args);
     let done = target.wait_line("done", Duration::from_secs(20)).unwrap();
     assert!(done.ends_with(" ok"), "{done}");
@@ -330,7 +332,7 @@ fn binary_library_counts_only_processes_that_map_that_file() {
         "5s",
         "--json",
     ]);
-    std::thread::sleep(Duration::from_millis(1500));
+    watcher.wait_attached(Duration::from_secs(60));
     assert!(
         ever_trapped(&user, user.ready_hex(1), Duration::from_secs(2)),
         "the process mapping the library is probed"
@@ -357,11 +359,13 @@ fn sigkill_mid_window_leaves_no_breakpoint() {
     require_root();
     let target = Target::fixture(&["2000:60"]);
     let addr = target.invalidate_addr();
+    // After a tick or two: the governor has taken the probes out by then.
     for wait_ms in [2600, 3100, 3450] {
         let watcher = Cacheloop::start(&cacheloop_tests::watch_fixture_args(
             target.pid,
             &["--max-overhead", "0.2"],
         ));
+        watcher.wait_attached(Duration::from_secs(60));
         std::thread::sleep(Duration::from_millis(wait_ms));
         watcher.signal(libc::SIGKILL);
         let run = watcher.finish(Duration::from_secs(10));

@@ -118,7 +118,8 @@ fn demo_cache_dependency_cycle_is_caught_and_explained() {
     let mut cache = Target::spawn(&demo_bin(), &["--deps", deps.to_str().unwrap()], "ready");
     let extra = ["--fail-on-loop", "--duration", "40s"];
     let watcher = Cacheloop::start(&watch_fixture_args(cache.pid, &extra));
-    std::thread::sleep(Duration::from_secs(5));
+    watcher.wait_attached(Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(4));
     let staged = dir.join("deps.new");
     fs::copy(demo_config("cycle.deps"), &staged).unwrap();
     fs::rename(&staged, &deps).unwrap();

@@ -61,7 +61,8 @@ fn watch_sigint_and_sigterm_detach_and_exit_0() {
         let addr = target.invalidate_addr();
         let original = target.code_at(addr, 8);
         let watcher = Cacheloop::start(&watch_fixture_args(target.pid, &[]));
-        std::thread::sleep(Duration::from_millis(2500));
+        watcher.wait_attached(Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(1500));
         watcher.signal(signal);
         let run = watcher.finish(Duration::from_secs(20));
         assert_eq!(run.code, 0, "signal {signal}: {run:?}");
@@ -79,7 +80,8 @@ fn watch_sigint_and_sigterm_detach_and_exit_0() {
 #[test]
 fn watch_target_exit_mid_run_is_reported_and_ends_the_run() {
     require_root();
-    let target = Target::fixture(&["200:2", "--exit"]);
+    // Long enough to outlive attaching in a loaded TCG guest.
+    let target = Target::fixture(&["200:5", "--exit"]);
     let run = cacheloop(
         &watch_fixture_args(target.pid, &[]),
         Duration::from_secs(30),

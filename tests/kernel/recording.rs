@@ -155,7 +155,8 @@ fn watch_record_killed_mid_run_replays_up_to_its_last_whole_snapshot() {
     let file = TempFile::new("killed.rec");
     let extra = ["--record", file.arg()];
     let watcher = Cacheloop::start(&watch_args(target.pid, &["cache_invalidate"], &extra));
-    std::thread::sleep(Duration::from_secs(6));
+    watcher.wait_attached(Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(5));
     watcher.signal(libc::SIGKILL);
     let killed = watcher.finish(Duration::from_secs(10));
     assert_eq!(killed.code, 128 + libc::SIGKILL, "{killed:?}");

@@ -327,18 +327,53 @@ impl Run {
 /// A `cacheloop` process running in the background.
 pub struct Cacheloop {
     child: Child,
+    /// Its stdout, line by line, as it comes; and the whole of it at the end.
+    lines: Receiver<String>,
+    stdout: Option<std::thread::JoinHandle<String>>,
 }
 
 impl Cacheloop {
     pub fn start<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Self {
-        let child = Command::new(cacheloop_bin())
+        let mut child = Command::new(cacheloop_bin())
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("start cacheloop");
-        Self { child }
+        let out = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        let stdout = std::thread::spawn(move || {
+            let mut all = String::new();
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                all.push_str(&line);
+                all.push('\n');
+                let _ = tx.send(line);
+            }
+            all
+        });
+        Self {
+            child,
+            lines,
+            stdout: Some(stdout),
+        }
+    }
+
+    /// Waits until cacheloop says it attached (its first `attached` JSON
+    /// record): attaching takes seconds in a loaded TCG guest, so a fixed
+    /// sleep is not enough before making the calls a test counts.
+    pub fn wait_attached(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline
+                .checked_duration_since(Instant::now())
+                .unwrap_or_else(|| panic!("cacheloop did not attach within {timeout:?}"));
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains("\"type\":\"attached\"") => return,
+                Ok(_) => {}
+                Err(_) => panic!("cacheloop did not attach within {timeout:?}"),
+            }
+        }
     }
 
     pub fn pid(&self) -> i32 {
@@ -354,13 +389,8 @@ impl Cacheloop {
     /// Waits for it to exit; kills it and panics after `timeout`.
     pub fn finish(mut self, timeout: Duration) -> Run {
         let deadline = Instant::now() + timeout;
-        let mut stdout = self.child.stdout.take().expect("stdout");
+        let out = self.stdout.take().expect("stdout reader");
         let mut stderr = self.child.stderr.take().expect("stderr");
-        let out = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stdout.read_to_string(&mut s);
-            s
-        });
         let err = std::thread::spawn(move || {
             let mut s = String::new();
             let _ = stderr.read_to_string(&mut s);
