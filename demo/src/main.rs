@@ -6,7 +6,11 @@
 //! lists are invalidated too, through a work queue. The configuration is
 //! re-read whenever its file changes. Give it a configuration with a cycle
 //! (`page:catalog -> fragment:nav`, `fragment:nav -> page:catalog`) and the
-//! queue never drains: CPU pegs, the audit log grows, requests stop.
+//! queue never drains: CPU pegs, the audit log grows, requests stop. The
+//! file is watched inside the loop too, so deploying a configuration without
+//! the cycle ends it and traffic resumes: loops can come and go (the soak
+//! benchmark does that for an hour). demo-cache exits once the process that
+//! started it is gone, so a loop never outlives an interrupted demo.
 //!
 //!     demo-cache --deps FILE [--writes N] [--reads N]
 //!
@@ -131,15 +135,69 @@ impl Deps {
     }
 }
 
+/// The dependency rules and the file they come from, with what the service
+/// checks every 200 ms, even inside a loop: the file (re-read when it
+/// changes) and its parent (gone: demo-cache exits).
+struct Rules {
+    path: PathBuf,
+    deps: Deps,
+    modified: Option<SystemTime>,
+    checked: Instant,
+    parent: u32,
+}
+
+impl Rules {
+    fn load(path: PathBuf) -> Result<Self, String> {
+        let (deps, modified) = read_rules(&path)?;
+        Ok(Self {
+            path,
+            deps,
+            modified,
+            checked: Instant::now(),
+            parent: std::os::unix::process::parent_id(),
+        })
+    }
+
+    fn refresh(&mut self) {
+        if self.checked.elapsed() < Duration::from_millis(200) {
+            return;
+        }
+        self.checked = Instant::now();
+        if std::os::unix::process::parent_id() != self.parent {
+            // Whoever started us (a demo, a test, the bench) is gone and
+            // can no longer stop us: do not spin on as an orphan.
+            std::process::exit(0);
+        }
+        let now_modified = std::fs::metadata(&self.path)
+            .and_then(|m| m.modified())
+            .ok();
+        if now_modified != self.modified {
+            match read_rules(&self.path) {
+                Ok((new, m)) => {
+                    self.deps = new;
+                    self.modified = m;
+                    say(&format!(
+                        "reloaded {} dependency rule(s)",
+                        self.deps.rules.len()
+                    ));
+                }
+                Err(e) => eprintln!("demo-cache: keeping the old rules: {e}"),
+            }
+        }
+    }
+}
+
 /// Invalidates `key` and, through the queue, everything that depends on it.
-/// With a cycle in `deps` this never returns: that is the bug on show.
-fn invalidate(deps: &Deps, key: &str) {
+/// With a cycle in the rules this does not return until rules without the
+/// cycle are deployed: that is the bug on show.
+fn invalidate(rules: &mut Rules, key: &str) {
     let mut queue = VecDeque::from([key.to_owned()]);
     while let Some(next) = queue.pop_front() {
         let c_key = CString::new(next.as_str()).expect("keys have no NUL");
         // SAFETY: `c_key` is NUL-terminated and lives past the call.
         unsafe { cache_invalidate(c_key.as_ptr()) };
-        queue.extend(deps.dependents(&next).cloned());
+        queue.extend(rules.deps.dependents(&next).cloned());
+        rules.refresh();
     }
 }
 
@@ -177,7 +235,7 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
-fn load(path: &PathBuf) -> Result<(Deps, Option<SystemTime>), String> {
+fn read_rules(path: &PathBuf) -> Result<(Deps, Option<SystemTime>), String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
@@ -211,8 +269,8 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let (mut deps, mut modified) = match load(&args.deps) {
-        Ok(loaded) => loaded,
+    let mut rules = match Rules::load(args.deps.clone()) {
+        Ok(rules) => rules,
         Err(e) => {
             eprintln!("demo-cache: {e}");
             std::process::exit(2);
@@ -238,14 +296,13 @@ fn main() {
     say(&format!("ready {}", std::process::id()));
     say(&format!(
         "loaded {} dependency rule(s) from {}",
-        deps.rules.len(),
+        rules.deps.rules.len(),
         args.deps.display()
     ));
 
     let mut rng = Lcg(42);
     let start = Instant::now();
     let (mut reads, mut writes) = (0u64, 0u64);
-    let mut last_check = Instant::now();
     loop {
         let elapsed = start.elapsed().as_secs_f64();
         while (reads as f64) < args.reads * elapsed {
@@ -254,25 +311,10 @@ fn main() {
             reads += 1;
         }
         while (writes as f64) < args.writes * elapsed {
-            invalidate(&deps, writable[rng.next(writable.len())]);
+            invalidate(&mut rules, writable[rng.next(writable.len())]);
             writes += 1;
         }
-        if last_check.elapsed() >= Duration::from_millis(200) {
-            last_check = Instant::now();
-            let now_modified = std::fs::metadata(&args.deps)
-                .and_then(|m| m.modified())
-                .ok();
-            if now_modified != modified {
-                match load(&args.deps) {
-                    Ok((new, m)) => {
-                        deps = new;
-                        modified = m;
-                        say(&format!("reloaded {} dependency rule(s)", deps.rules.len()));
-                    }
-                    Err(e) => eprintln!("demo-cache: keeping the old rules: {e}"),
-                }
-            }
-        }
+        rules.refresh();
         std::thread::sleep(Duration::from_millis(1));
     }
 }
@@ -298,18 +340,54 @@ mod tests {
         assert!(Deps::parse("product:1 page:home").is_err());
     }
 
+    fn rules_file(name: &str, text: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!(
+            "demo-cache-test-{}-{name}.deps",
+            std::process::id()
+        ));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
     #[test]
     fn acyclic_invalidation_drops_dependents_and_returns() {
-        let deps = Deps::parse("product:* -> page:catalog\npage:catalog -> fragment:nav").unwrap();
+        let path = rules_file(
+            "acyclic",
+            "product:* -> page:catalog\npage:catalog -> fragment:nav",
+        );
+        let mut rules = Rules::load(path.clone()).unwrap();
         for key in ["product:1", "page:catalog", "fragment:nav"] {
             let c = CString::new(key).unwrap();
             // SAFETY: `c` is NUL-terminated and lives past the call.
             unsafe { cache_put(c.as_ptr()) };
         }
-        invalidate(&deps, "product:1");
+        invalidate(&mut rules, "product:1");
         STORE.with_borrow(|s| {
             assert!(s.entries.is_empty());
             assert_eq!(s.invalidations, 3);
         });
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn loop_ends_when_rules_without_the_cycle_are_deployed() {
+        let path = rules_file(
+            "cycle",
+            "page:catalog -> fragment:nav\nfragment:nav -> page:catalog",
+        );
+        let mut rules = Rules::load(path.clone()).unwrap();
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            invalidate(&mut rules, "page:catalog");
+            let _ = done.send(());
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(finished.try_recv().is_err(), "the cycle is a loop");
+        let staged = path.with_extension("new");
+        std::fs::write(&staged, "page:catalog -> fragment:nav\n").unwrap();
+        std::fs::rename(&staged, &path).unwrap();
+        let ended = finished.recv_timeout(Duration::from_secs(5));
+        let _ = std::fs::remove_file(path);
+        assert!(ended.is_ok(), "the loop went on after the fix");
     }
 }

@@ -2,6 +2,7 @@
 //! BENCHMARKS.md.
 //!
 //!     cargo xtask bench [--runs N]
+//!     cargo xtask bench --soak DURATION    # 10m, 1h: the soak alone
 //!
 //! One run measures, for cacheloop (release build), Debian 12's bpftrace
 //! 0.17 and trixie's bpftrace 0.23 on the same static target file: the
@@ -12,7 +13,14 @@
 //! the demo. Medians of `--runs` runs (3); bpftrace 0.17 with 1000 functions
 //! takes about two minutes a run and runs once. Ratios are cacheloop's over
 //! each bpftrace's. Nothing here is a test: the machine is shared and noisy.
+//!
+//! `--soak DURATION` runs the soak instead (module `soak`): cacheloop
+//! attached to the demo for that long while loops come and go, its RSS, fds
+//! and CPU over time, every loop caught and every recovery reported. It
+//! writes the "Soak" section of BENCHMARKS.md, which a plain run keeps, and
+//! fails on a missed loop or recovery or on growing fds.
 
+mod soak;
 mod target;
 mod tools;
 
@@ -37,6 +45,7 @@ const CPU_RATE: u32 = 10_000;
 
 pub fn run(args: &[String]) -> Result<(), String> {
     let mut runs = 3;
+    let mut soak = None;
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -47,9 +56,13 @@ pub fn run(args: &[String]) -> Result<(), String> {
                     .filter(|&n: &usize| n > 0)
                     .ok_or("--runs takes a number above 0")?;
             }
+            "--soak" => {
+                let d = args.next().ok_or("--soak takes a duration (10m, 1h)")?;
+                soak = Some(soak::parse_duration(d)?);
+            }
             other => {
                 return Err(format!(
-                    "bench: unknown argument '{other}'; usage: cargo xtask bench [--runs N]"
+                    "bench: unknown argument '{other}'; usage: cargo xtask bench [--runs N] [--soak DURATION]"
                 ));
             }
         }
@@ -67,6 +80,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
         .join("target")
         .join(crate::setup::TARGET)
         .join("release");
+    if let Some(duration) = soak {
+        return soak::run(&root, &release, duration);
+    }
 
     let chroot = match Chroot::prepare(&dir) {
         Ok(c) => Some(c),
@@ -174,7 +190,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
     drop(chroot);
     let text = report.markdown(runs);
     let out = root.join("BENCHMARKS.md");
-    fs::write(&out, &text).map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+    // The soak's section comes from its own runs: keep it.
+    let old = fs::read_to_string(&out).unwrap_or_default();
+    fs::write(&out, soak::keep_section(&text, &old))
+        .map_err(|e| format!("cannot write {}: {e}", out.display()))?;
     println!("{text}");
     Ok(())
 }
