@@ -12,12 +12,13 @@ const INT3: u8 = 0xCC;
 #[test]
 fn watch_duration_detaches_and_target_computes_the_same() {
     require_root();
-    let mut target = Target::fixture(&["500:6", "--exit"]);
+    let mut target = Target::fixture(&["500:12", "--exit"]);
     let addr = target.invalidate_addr();
     let original = target.code_at(addr, 8);
     assert_ne!(original[0], INT3);
 
     let watcher = Cacheloop::start(&watch_fixture_args(target.pid, &["--duration", "3s"]));
+    watcher.wait_attached(Duration::from_secs(60));
     // The probe is really in the target while attached: the kernel put a
     // breakpoint on the function's first byte.
     let mut probed = false;
