@@ -3,8 +3,20 @@
 //!
 //! Needs `bpf-linker` on PATH and `-Z build-std=core`; `cargo xtask` sets
 //! both up. aya-build turns on build-std when `RUSTC_BOOTSTRAP=1` is set.
+//!
+//! With `CACHELOOP_NO_EBPF=1` an empty object stands in for it: the fuzz
+//! targets (`cargo xtask fuzz`) build the library but never load a
+//! program, and building one would take them a minute and a half. A binary
+//! built so cannot attach anything (loading fails with an error).
 
 fn main() -> anyhow::Result<()> {
+    println!("cargo::rerun-if-env-changed=CACHELOOP_NO_EBPF");
+    if std::env::var_os("CACHELOOP_NO_EBPF").is_some_and(|v| v == "1") {
+        let out = std::path::Path::new(&std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"))
+            .join("profiler");
+        std::fs::write(out, [])?;
+        return Ok(());
+    }
     let ebpf = aya_build::Package {
         name: "profiler-ebpf",
         root_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/../profiler-ebpf"),

@@ -107,8 +107,17 @@ fn json_string(line: &str, key: &str) -> Option<String> {
     Some(line[start..start + len].to_owned())
 }
 
-/// What CI checks besides tests.
+/// What CI checks besides tests. The fuzz targets (a workspace of their
+/// own) are format-checked here; `cargo xtask fuzz` builds them.
 pub fn check() -> Result<(), String> {
     run(cargo(&["fmt", "--all", "--", "--check"]))?;
+    run(cargo(&[
+        "fmt",
+        "--manifest-path",
+        "fuzz/Cargo.toml",
+        "--all",
+        "--",
+        "--check",
+    ]))?;
     run(cargo(&["clippy", "--all-targets", "--", "-D", "warnings"]))
 }

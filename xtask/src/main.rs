@@ -8,8 +8,12 @@
 //!   Varnish, gcc, g++), then unit tests and kernel tests (root needed).
 //! - `vm-test`: build, then the kernel tests inside VMs booting Debian's
 //!   cloud kernels (6.1 and 6.12 unless `--kernel` says otherwise).
-//! - `bench`: cacheloop against bpftrace, written to BENCHMARKS.md.
+//! - `bench`: cacheloop against bpftrace, or `--soak 1h` on the demo, to BENCHMARKS.md.
 //! - `check`: rustfmt and clippy, as CI runs them.
+//! - `fuzz`: the cargo-fuzz targets in `fuzz/` (ELF and symbol names,
+//!   command-line values, recordings), each for a bounded time (`--time
+//!   SECONDS`, 60 by default); fails on a crash and names the input.
+//!   Installs cargo-fuzz and g++ when missing.
 //!
 //! This crate uses std only and builds on the machine's default toolchain:
 //! it is what installs the toolchain the rest of the workspace needs.
@@ -17,12 +21,13 @@
 mod bench;
 mod cmd;
 mod demo;
+mod fuzz;
 mod setup;
 mod vm;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo xtask <setup|build|demo|test|vm-test|bench|check> [args]";
+const USAGE: &str = "usage: cargo xtask <setup|build|demo|test|vm-test|bench|check|fuzz> [args]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -45,6 +50,11 @@ fn main() -> ExitCode {
             .and_then(|()| setup::ensure_debian_packages(setup::BENCH_PACKAGES))
             .and_then(|()| bench::run(&args[1..])),
         Some("check") => setup::ensure().and_then(|()| cmd::check()),
+        // No bpf-linker: the fuzz targets build without the eBPF object.
+        Some("fuzz") => setup::ensure_toolchain()
+            .and_then(|()| setup::ensure_debian_packages(setup::FUZZ_PACKAGES))
+            .and_then(|()| setup::ensure_cargo_fuzz())
+            .and_then(|()| fuzz::run(&args[1..])),
         _ => Err(USAGE.to_owned()),
     };
     match result {

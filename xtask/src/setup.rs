@@ -35,6 +35,13 @@ pub const BENCH_PACKAGES: &[&str] = &["bpftrace", "debootstrap", "time", "gcc"];
 /// What `vm-test` adds: the emulator, the guest's userland, the packer.
 pub const VM_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio"];
 
+/// What `fuzz` uses: a C++ compiler for libFuzzer, which libfuzzer-sys
+/// builds from source.
+pub const FUZZ_PACKAGES: &[&str] = &["g++"];
+
+/// The cargo-fuzz that `fuzz` drives (installed with the pinned toolchain).
+const CARGO_FUZZ: &str = "0.13.2";
+
 pub fn ensure() -> Result<(), String> {
     ensure_toolchain()?;
     ensure_target()?;
@@ -96,7 +103,8 @@ fn rustup_installed(kind: &str) -> String {
         .unwrap_or_default()
 }
 
-fn ensure_toolchain() -> Result<(), String> {
+/// The pinned toolchain with rust-src, rustfmt and clippy.
+pub fn ensure_toolchain() -> Result<(), String> {
     let installed = rustup_installed("component");
     let has = |c: &str| installed.lines().any(|l| l.starts_with(c));
     if has("rust-src") && has("clippy") && has("rustfmt") {
@@ -186,6 +194,29 @@ fn ensure_bpf_linker() -> Result<(), String> {
             &format!("llvm-{major}"),
         ])
         .env("LLVM_PREFIX", &prefix)
+        .env_remove("RUSTUP_TOOLCHAIN");
+    run(cmd)
+}
+
+/// cargo-fuzz, for `cargo xtask fuzz`; built from crates.io with the pinned
+/// toolchain when missing or of another version (about half a minute).
+pub fn ensure_cargo_fuzz() -> Result<(), String> {
+    let bin = cargo_home().join("bin").join("cargo-fuzz");
+    let version = output(Command::new(&bin).arg("--version")).unwrap_or_default();
+    if version.split_whitespace().nth(1) == Some(CARGO_FUZZ) {
+        return Ok(());
+    }
+    eprintln!("xtask: installing cargo-fuzz {CARGO_FUZZ} (about half a minute)");
+    let mut cmd = Command::new("cargo");
+    cmd.arg(format!("+{TOOLCHAIN}"))
+        .args([
+            "install",
+            "cargo-fuzz",
+            "--version",
+            CARGO_FUZZ,
+            "--locked",
+            "--force",
+        ])
         .env_remove("RUSTUP_TOOLCHAIN");
     run(cmd)
 }
