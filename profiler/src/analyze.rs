@@ -241,6 +241,10 @@ impl<K: std::hash::Hash + Eq + Copy> Deltas<K> {
     }
 }
 
+/// The most (process, function) totals the summary keeps for processes
+/// that are gone.
+const MAX_TOTALS: usize = 4096;
+
 /// Per-series totals for the summary.
 #[derive(Clone, Copy, Debug, Default)]
 struct Totals {
@@ -276,9 +280,12 @@ pub struct Analyzer {
     /// The processes of the last snapshot, by pid, with their start time
     /// and executable.
     live: BTreeMap<u32, (u64, FileId)>,
-    /// Every process seen: (pid, start time).
-    seen: BTreeSet<(u32, u64)>,
+    /// How many processes were seen (an exec is the same process).
+    seen: usize,
     totals: HashMap<SeriesKey, Totals>,
+    /// Functions that fired in processes whose totals were let go (see
+    /// [`Analyzer::forget_state`]): not silent.
+    fired_funcs: HashSet<u32>,
     /// Series that fired since their process (or its program) began.
     fired: HashSet<SeriesKey>,
     loops: Vec<(u32, Vec<u32>)>,
@@ -311,8 +318,9 @@ impl Analyzer {
             keys: HashMap::new(),
             cpu: HashMap::new(),
             live: BTreeMap::new(),
-            seen: BTreeSet::new(),
+            seen: 0,
             totals: HashMap::new(),
+            fired_funcs: HashSet::new(),
             fired: HashSet::new(),
             loops: Vec::new(),
             functions: 0,
@@ -509,7 +517,9 @@ impl Analyzer {
                 self.forget_state(p.pid);
             }
             self.live.insert(p.pid, (p.start_time, exe));
-            self.seen.insert((p.pid, p.start_time));
+            if before.is_none_or(|(start, _)| start != p.start_time) {
+                self.seen += 1;
+            }
         }
     }
 
@@ -622,6 +632,26 @@ impl Analyzer {
         self.keys.retain(|&(_, p, _), _| p != pid);
         self.call_sites.retain(|&(_, p, _), _| p != pid);
         self.fired.retain(|s| s.pid != pid);
+        // A service restarting all day must not grow the summary's table
+        // with every process it ever ran: a gone process's silent series go
+        // now, and past a bound the smallest totals of gone processes do
+        // (their functions are remembered as having fired).
+        self.totals.retain(|k, t| k.pid != pid || t.calls > 0);
+        if self.totals.len() > MAX_TOTALS {
+            let live = &self.live;
+            let mut gone: Vec<(SeriesKey, u64)> = self
+                .totals
+                .iter()
+                .filter(|(k, _)| k.pid == pid || !live.contains_key(&k.pid))
+                .map(|(k, t)| (*k, t.calls))
+                .collect();
+            gone.sort_by_key(|&(_, calls)| calls);
+            let excess = self.totals.len() - MAX_TOTALS;
+            for (key, _) in gone.into_iter().take(excess) {
+                self.totals.remove(&key);
+                self.fired_funcs.insert(key.func);
+            }
+        }
         self.cpu.remove(&pid);
         self.requests.baseline.remove(&pid);
     }
@@ -637,16 +667,17 @@ impl Analyzer {
         busiest.sort_by(|a, b| b.2.cmp(&a.2).then(a.0.cmp(&b.0)).then(a.1.cmp(&b.1)));
         let silent = (0..self.functions as u32)
             .filter(|&func| {
-                !self
-                    .totals
-                    .iter()
-                    .any(|(k, t)| k.func == func && t.calls > 0)
+                !self.fired_funcs.contains(&func)
+                    && !self
+                        .totals
+                        .iter()
+                        .any(|(k, t)| k.func == func && t.calls > 0)
             })
             .collect();
         Summary {
             seconds: self.elapsed,
             functions: self.functions,
-            processes: self.seen.len(),
+            processes: self.seen,
             busiest,
             loops: self.loops.clone(),
             silent,
@@ -973,6 +1004,47 @@ mod tests {
             !out.events
                 .iter()
                 .any(|e| matches!(e, Event::Evicted { .. }))
+        );
+    }
+
+    #[test]
+    fn a_service_restarting_all_day_keeps_the_summary_bounded() {
+        let catalog = catalog(&["cache_invalidate", "cache_purge"]);
+        let mut analyzer = Analyzer::new(Settings::default());
+        for pid in 1..=(MAX_TOTALS as u32 + 500) {
+            let mut facts = process(true);
+            facts.pid = pid;
+            let mut snap = Snapshot {
+                seconds: 1.0,
+                probed: 1.0,
+                processes: vec![facts],
+                counts: vec![Count {
+                    func: 0,
+                    pid,
+                    calls: u64::from(pid),
+                }],
+                ..Snapshot::default()
+            };
+            analyzer.analyze(&catalog, &snap);
+            snap.processes[0].alive = false;
+            analyzer.analyze(&catalog, &snap);
+        }
+        assert!(
+            analyzer.totals.len() <= MAX_TOTALS,
+            "{}",
+            analyzer.totals.len()
+        );
+        let summary = analyzer.summary();
+        assert_eq!(summary.processes, MAX_TOTALS + 500);
+        assert_eq!(
+            summary.silent,
+            [1],
+            "cache_invalidate fired, cache_purge never"
+        );
+        assert_eq!(
+            summary.busiest[0].0,
+            MAX_TOTALS as u32 + 500,
+            "the busiest kept"
         );
     }
 
