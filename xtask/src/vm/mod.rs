@@ -166,13 +166,26 @@ pub fn run(args: &[String]) -> Result<(), String> {
                 }
             );
             let log = vm_dir.join(format!("{}.log", name.replace(' ', "-")));
-            let (report, outcome, took) = guest::boot(&Boot {
+            let boot = Boot {
                 vmlinuz: &kernel.vmlinuz,
                 initramfs: &initramfs,
                 args: &case.args,
                 timeout: case.timeout,
                 log: log.clone(),
-            })?;
+            };
+            let (mut report, mut outcome, mut took) = guest::boot(&boot)?;
+            if report.release.is_none() {
+                // The kernel died or stalled before our init said a word:
+                // no test ran. Under TCG that happens now and then (seen:
+                // an oops in sched_clock_cpu during early initcalls, one
+                // boot in dozens); it says nothing about the tests, so
+                // the guest gets one more boot.
+                eprintln!(
+                    "xtask: {name} died before its init ran ({}); booting it once more",
+                    outcome.describe()
+                );
+                (report, outcome, took) = guest::boot(&boot)?;
+            }
             if !outcome.ok() && case.expected.is_none() {
                 show_failure(&log, &report);
             }
