@@ -323,78 +323,72 @@ impl Probes {
     /// Detaches every link on file `id` for all processes (a `--binary`
     /// build no process runs any more) and closes it.
     pub fn forget_file(&mut self, id: FileId) {
-        let (gone, kept): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut self.entries)
-            .into_iter()
-            .partition(|e| e.request.file.id == id && e.request.pid.is_none());
-        self.entries = kept;
-        for entry in gone {
-            if let Some(link) = entry.link {
-                self.unlink(entry.program, link);
-            }
-        }
+        self.detach_where(|r| r.file.id == id && r.pid.is_none());
     }
 
     /// The files probed whose bytes changed since they were read (written
-    /// in place): their offsets no longer describe them.
+    /// in place): their offsets no longer describe them. One `fstat` per
+    /// file, however many processes it is attached for.
     pub fn changed_files(&self) -> Vec<FileId> {
-        let mut ids: Vec<FileId> = self
-            .entries
-            .iter()
-            .filter(|e| e.request.file.changed())
-            .map(|e| e.request.file.id)
-            .collect();
-        ids.sort();
-        ids.dedup();
-        ids
+        self.files(|_| true)
+            .into_iter()
+            .filter(|f| f.changed())
+            .map(|f| f.id)
+            .collect()
     }
 
     /// Detaches every link on file `id`, for all processes and each one;
     /// returns the pids whose links went.
     pub fn forget_file_everywhere(&mut self, id: FileId) -> Vec<u32> {
-        let pids: Vec<u32> = self
-            .entries
-            .iter()
-            .filter(|e| e.request.file.id == id)
-            .filter_map(|e| e.request.pid)
-            .collect();
-        let (gone, kept): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut self.entries)
+        self.detach_where(|r| r.file.id == id)
             .into_iter()
-            .partition(|e| e.request.file.id == id);
-        self.entries = kept;
-        for entry in gone {
-            if let Some(link) = entry.link {
-                self.unlink(entry.program, link);
-            }
-        }
-        pids
+            .filter_map(|r| r.pid)
+            .collect()
     }
 
     /// The files all-process links are attached to.
     pub fn shared_files(&self) -> Vec<FileId> {
-        let mut ids: Vec<FileId> = self
+        self.files(|r| r.pid.is_none())
+            .into_iter()
+            .map(|f| f.id)
+            .collect()
+    }
+
+    /// The files of the requests `keep` selects, each once.
+    fn files(&self, keep: impl Fn(&AttachRequest) -> bool) -> Vec<&OpenFile> {
+        let mut files: Vec<&OpenFile> = self
             .entries
             .iter()
-            .filter(|e| e.request.pid.is_none())
-            .map(|e| e.request.file.id)
+            .filter(|e| keep(&e.request))
+            .map(|e| &*e.request.file)
             .collect();
-        ids.sort();
-        ids.dedup();
-        ids
+        files.sort_by_key(|f| f.id);
+        files.dedup_by_key(|f| f.id);
+        files
+    }
+
+    /// Takes the requests `gone` selects out of the kernel and the list;
+    /// returns them.
+    fn detach_where(&mut self, gone: impl Fn(&AttachRequest) -> bool) -> Vec<AttachRequest> {
+        let (gone, kept): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut self.entries)
+            .into_iter()
+            .partition(|e| gone(&e.request));
+        self.entries = kept;
+        gone.into_iter()
+            .map(|entry| {
+                if let Some(link) = entry.link {
+                    self.unlink(entry.program, link);
+                }
+                entry.request
+            })
+            .collect()
     }
 
     /// Detaches the links made for one process (it exited) and removes its
     /// counters, so that a service that restarts all day does not pile up
     /// links and map slots.
     pub fn forget_process(&mut self, tgid: u32) {
-        let (gone, kept): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut self.entries)
-            .into_iter()
-            .partition(|e| e.request.pid == Some(tgid));
-        self.entries = kept;
-        for entry in gone {
-            if let Some(link) = entry.link {
-                self.unlink(entry.program, link);
-            }
-        }
+        self.detach_where(|r| r.pid == Some(tgid));
         remove_where(&mut self.counts, |k| k.tgid == tgid);
         // The LRU maps would age them out in time; a process that ran exec
         // must not see its old program's keys and call sites come back as
