@@ -18,6 +18,9 @@ recordings, out = sys.argv[1:]
 for rec in sorted(glob.glob(os.path.join(recordings, "*.rec"))):
     data = open(rec, "rb").read()
     items = zlib.decompressobj(-15).decompress(data[10:])
+    # Small seeds fuzz faster; the big recordings add nothing new in kind.
+    if len(items) > 40 * 1024:
+        continue
     items = re.sub(
         rb"(/[A-Za-z0-9_.-]+)+/tmp\.[A-Za-z0-9]{10}",
         lambda m: (b"/opt/cacheloop-demo" + b"-" * 4096)[: len(m.group())],

@@ -122,6 +122,36 @@ unsafe impl aya::Pod for KeyId {}
 // SAFETY: `#[repr(C)]`, two `u32`s then bytes, 56 bytes, no padding.
 unsafe impl aya::Pod for KeyText {}
 
+/// Name of the LRU map of thread id -> the last key that thread passed to
+/// a watched function (any function with a key).
+pub const LAST_KEY_MAP: &str = "LAST_KEY";
+/// Threads remembered in `LAST_KEY`; the least recently active make room.
+pub const LAST_KEY_ENTRIES: u32 = 8_192;
+/// Name of the LRU per-CPU map of key transitions: on one thread, key
+/// `from` was followed by key `to`. A loop through a cyclic dependency
+/// shows up as the same few transitions again and again.
+pub const KEY_EDGES_MAP: &str = "KEY_EDGES";
+/// Capacity of `KEY_EDGES`.
+pub const KEY_EDGES_ENTRIES: u32 = 4_096;
+
+/// Key of `KEY_EDGES`: in process `tgid`, a call of watched function `func`
+/// with key `to` came right after a call (of any keyed function) with key
+/// `from` on the same thread. A key following itself is not recorded.
+/// `u32`, `u32`, `u64`, `u64`: 24 bytes, no padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyEdge {
+    pub tgid: u32,
+    pub func: u32,
+    pub from: u64,
+    pub to: u64,
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `#[repr(C)]`, two `u32`s then two `u64`s, no padding; any bits
+// are valid.
+unsafe impl aya::Pod for KeyEdge {}
+
 /// FNV-1a, the hash both sides use for string keys.
 pub const fn fnv1a(bytes: &[u8], len: usize) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;

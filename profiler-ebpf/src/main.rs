@@ -11,7 +11,9 @@
 //! it, so userspace can see watched functions calling each other in a cycle.
 //! The function is the attach cookie the loader gave that address. No
 //! decision is made here: rates, baselines, cycles and verdicts are all
-//! computed in userspace.
+//! computed in userspace. With a key configured, the key is counted too, and
+//! which key followed which on the same thread (the order a dependency
+//! cycle is walked in).
 #![no_std]
 #![no_main]
 // For `atomic_xadd`, see `add_one`. The crate is built with -Z build-std
@@ -24,7 +26,8 @@ use aya_ebpf::{
     bindings::BPF_F_USER_STACK,
     bindings::BPF_NOEXIST,
     helpers::{
-        bpf_probe_read_user, bpf_probe_read_user_str_bytes, generated::bpf_get_attach_cookie,
+        bpf_get_current_pid_tgid, bpf_probe_read_user, bpf_probe_read_user_str_bytes,
+        generated::bpf_get_attach_cookie,
     },
     macros::{map, uprobe},
     maps::{Array, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, StackTrace},
@@ -32,9 +35,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use profiler_common::{
-    CALLERS_ENTRIES, CallKey, CallerKey, DEFAULT_COUNTS_ENTRIES, KEY_STR, KEY_STR_AT, KEY_TEXT_LEN,
-    KEY_U64, KEYS_ENTRIES, KeyConfig, KeyId, KeyText, STACK_ENTRIES, STACK_SAMPLE_EVERY, StackKey,
-    fnv1a,
+    CALLERS_ENTRIES, CallKey, CallerKey, DEFAULT_COUNTS_ENTRIES, KEY_EDGES_ENTRIES, KEY_STR,
+    KEY_STR_AT, KEY_TEXT_LEN, KEY_U64, KEYS_ENTRIES, KeyConfig, KeyEdge, KeyId, KeyText,
+    LAST_KEY_ENTRIES, STACK_ENTRIES, STACK_SAMPLE_EVERY, StackKey, fnv1a,
 };
 
 /// Calls per (function, process), one slot per CPU so the hot path needs no
@@ -61,6 +64,16 @@ static KEYS: LruPerCpuHashMap<KeyId, u64> = LruPerCpuHashMap::with_max_entries(K
 /// The text of string keys, written when a key is first seen.
 #[map]
 static KEY_TEXT: LruHashMap<u64, KeyText> = LruHashMap::with_max_entries(KEYS_ENTRIES, 0);
+
+/// The last key each thread passed to a keyed function, by thread id.
+#[map]
+static LAST_KEY: LruHashMap<u32, u64> = LruHashMap::with_max_entries(LAST_KEY_ENTRIES, 0);
+
+/// Which key followed which on one thread, counted: the order a loop
+/// walks its dependency cycle in. LRU: bounded, the busy transitions stay.
+#[map]
+static KEY_EDGES: LruPerCpuHashMap<KeyEdge, u64> =
+    LruPerCpuHashMap::with_max_entries(KEY_EDGES_ENTRIES, 0);
 
 /// Sampled user stacks, and how often each was seen per (function,
 /// process): at a verdict, userspace shows the hottest one.
@@ -237,6 +250,36 @@ fn count_key(ctx: &ProbeContext, key: &CallKey) {
     if add_lru(&KEYS, &id) && config.kind != KEY_U64 {
         let _ = KEY_TEXT.insert(&hash, &text, 0);
     }
+    count_transition(key, hash);
+}
+
+/// Counts the transition from this thread's previous key to `hash`. Keys
+/// are followed per thread, not per process: two threads serving
+/// unrelated requests must not make up a sequence.
+#[inline(always)]
+fn count_transition(key: &CallKey, hash: u64) {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let Some(last) = LAST_KEY.get_ptr_mut(&tid) else {
+        let _ = LAST_KEY.insert(&tid, &hash, 0);
+        return;
+    };
+    // SAFETY: a live entry of the map; only this thread's hits touch it,
+    // and a thread runs on one CPU at a time.
+    let from = unsafe { core::ptr::read_volatile(last) };
+    if from == hash {
+        // A key repeated back to back is a counter or a queue being
+        // written, not a walk through dependencies.
+        return;
+    }
+    // SAFETY: as above.
+    unsafe { core::ptr::write_volatile(last, hash) };
+    let edge = KeyEdge {
+        tgid: key.tgid,
+        func: key.func,
+        from,
+        to: hash,
+    };
+    add_lru(&KEY_EDGES, &edge);
 }
 
 #[inline(always)]

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use crate::{
     catalog::{Catalog, FileId},
     cycles,
-    detect::{self, Detector, LoopVerdict, Recovery, Rules, SeriesKey, Signals},
+    detect::{self, Detector, Learned, LoopVerdict, Recovery, Rules, SeriesKey, Signals},
     report::{Health, round1},
     snapshot::{ProcessFacts, Snapshot},
 };
@@ -28,20 +28,10 @@ pub struct Settings {
 
 /// Keys shown in a loop record.
 const TOP_KEYS: usize = 5;
-/// "A few keys": at most this many carry...
+/// "A few keys": the busiest this many.
 const FEW_KEYS: usize = 8;
-/// ...at least this share of the interval's calls.
-const FEW_KEYS_SHARE: f64 = 0.9;
 /// Warn once the counter map is this full.
 const MAP_PRESSURE: f64 = 0.9;
-
-/// Whether a handful of keys carry (nearly) all of a function's `calls` in
-/// an interval: the same keys invalidated again and again. `keys` is sorted
-/// busiest first.
-fn few_keys_carry<K>(keys: &[(K, u64)], calls: u64) -> bool {
-    let top: u64 = keys.iter().take(FEW_KEYS).map(|&(_, n)| n).sum();
-    calls > 0 && top as f64 >= FEW_KEYS_SHARE * calls as f64
-}
 
 /// A key counted in a loop: text keys are told from integer keys, since a
 /// text key's hash is not its value.
@@ -69,6 +59,9 @@ pub struct LoopEvent {
     pub target: Option<Health>,
     /// Function ids in call order.
     pub cycle: Option<Vec<u32>>,
+    /// Keys in the order one thread walked them, from where traffic
+    /// enters the cycle.
+    pub key_cycle: Option<Vec<KeyRef>>,
     /// Busiest first, counts scaled to the interval like the calls.
     pub top_keys: Vec<(KeyRef, u64)>,
     /// A few keys carry the calls.
@@ -154,6 +147,8 @@ struct PerRequest {
     ratio: Option<f64>,
     /// The ratio did not rise: requests explain the invalidations.
     explained: bool,
+    /// The ratio rose `factor` times over its learned value.
+    risen: bool,
 }
 
 impl Requests {
@@ -182,29 +177,32 @@ impl Requests {
                 requests_rate,
                 ratio: None,
                 explained: true,
+                risen: false,
             });
         }
         let ratio = invalidations as f64 / requests.max(1) as f64;
-        let explained = match self.baseline.get(&pid) {
-            // The same capped learning as the rate baseline: calm intervals
-            // only, rising by at most a fifth at a time.
+        let (explained, risen) = match self.baseline.get(&pid) {
+            // The same capped learning as the rate baseline: calm readings
+            // only, rising by at most a fifth of itself a second.
             Some(&base) => {
                 let risen = ratio >= self.factor * base.max(0.01);
                 if !risen {
+                    let w = 1.0 - 0.8f64.powf(seconds);
                     let step = (ratio - base).min(base.max(0.01));
-                    self.baseline.insert(pid, base + 0.2 * step);
+                    self.baseline.insert(pid, base + w * step);
                 }
-                !risen
+                (!risen, risen)
             }
             None => {
                 self.baseline.insert(pid, ratio);
-                false
+                (false, false)
             }
         };
         Some(PerRequest {
             requests_rate,
             ratio: Some(ratio),
             explained,
+            risen,
         })
     }
 }
@@ -271,15 +269,32 @@ pub struct Analyzer {
     detector: Detector,
     requests: Requests,
     counts: Deltas<(u32, u32)>,
-    /// Call sites and keys: the last cumulative counts of the entries the
-    /// kernel holds (its LRU maps bound them).
+    /// Call sites, keys, key transitions and stacks: the last cumulative
+    /// counts of the entries the kernel holds (its LRU maps bound them).
     call_sites: HashMap<(u32, u32, u64), u64>,
     keys: HashMap<(u32, u32, u64), u64>,
+    key_edges: HashMap<(u32, u32, u64, u64), u64>,
+    stacks: HashMap<(u32, u32, u32), u64>,
+    /// Stack samples and call-site calls of the last seconds, decaying.
+    recent_stacks: HashMap<(u32, u32, u32), f64>,
+    recent_sites: HashMap<(u32, u32, u64), f64>,
     /// CPU time of each live process at its last reading, nanoseconds.
     cpu: HashMap<u32, u64>,
-    /// The processes of the last snapshot, by pid, with their start time
-    /// and executable.
+    /// Learned CPU of each process, in cores, from readings with nothing
+    /// suspect.
+    cpu_baseline: HashMap<u32, f64>,
+    /// The processes of the last snapshot, by pid, with their start time,
+    /// executable and name.
     live: BTreeMap<u32, (u64, FileId)>,
+    comms: HashMap<u32, String>,
+    /// What series of exited processes learned, by (process name, function
+    /// name): a restart starts from it. Bounded.
+    inherited: HashMap<(String, String), Learned>,
+    /// Series whose loop was reported (their recovery will be too).
+    announced: HashSet<SeriesKey>,
+    /// The reporting period being summed up (samples go out when a
+    /// snapshot closes it).
+    period: Period,
     /// How many processes were seen (an exec is the same process).
     seen: usize,
     totals: HashMap<SeriesKey, Totals>,
@@ -298,10 +313,64 @@ pub struct Analyzer {
     evictions_warned: bool,
     elapsed: f64,
     /// Scratch: this snapshot's counters by (func, pid), and this
-    /// interval's calls per function of one process.
+    /// reading's calls per function of one process.
     by_key: HashMap<(u32, u32), u64>,
     calls: Vec<u64>,
     is_request: Vec<bool>,
+}
+
+/// What a reporting period summed so far.
+#[derive(Debug, Default)]
+struct Period {
+    /// Calls (scaled to the period like the samples), probed seconds,
+    /// peak reading rate, per series.
+    series: HashMap<SeriesKey, (u64, f64)>,
+    seconds: f64,
+    estimated: bool,
+    /// CPU nanoseconds used and the seconds they were measured over, per
+    /// pid.
+    cpu: HashMap<u32, (u64, f64)>,
+    /// Requests and invalidations (with `--request-func`) per pid.
+    requests: HashMap<u32, (u64, u64, f64)>,
+    dropped: u64,
+    evicted: u64,
+}
+
+/// Most (process name, function) baselines kept for restarts.
+const MAX_INHERITED: usize = 4096;
+/// A call-graph edge must carry this share of the callee's calls in a
+/// reading to make a cycle: bounded recursion now and then does not.
+const CALL_EDGE_SHARE: f64 = 0.1;
+/// Keyed calls in a reading below which key shares say nothing.
+const MIN_KEYED: u64 = 20;
+
+/// What the keys of one series said in a reading.
+#[derive(Clone, Debug, Default)]
+struct KeyStats {
+    /// Busiest first.
+    keys: Vec<(KeyRef, u64)>,
+    keyed: u64,
+}
+
+impl KeyStats {
+    fn top_share(&self, calls: u64) -> Option<f64> {
+        (self.keyed >= MIN_KEYED).then(|| {
+            let top: u64 = self.keys.iter().take(FEW_KEYS).map(|&(_, n)| n).sum();
+            top as f64 / calls.max(self.keyed) as f64
+        })
+    }
+
+    fn reinvalidation(&self) -> Option<f64> {
+        (self.keyed >= MIN_KEYED).then(|| 1.0 - self.keys.len() as f64 / self.keyed as f64)
+    }
+}
+
+/// A process's key cycle in a reading.
+#[derive(Clone, Debug)]
+struct KeyCycleSeen {
+    keys: Vec<KeyRef>,
+    /// Transitions along the cycle per function.
+    per_func: HashMap<u32, u64>,
 }
 
 impl Analyzer {
@@ -316,8 +385,17 @@ impl Analyzer {
             counts: Deltas::default(),
             call_sites: HashMap::new(),
             keys: HashMap::new(),
+            key_edges: HashMap::new(),
+            stacks: HashMap::new(),
+            recent_stacks: HashMap::new(),
+            recent_sites: HashMap::new(),
             cpu: HashMap::new(),
+            cpu_baseline: HashMap::new(),
             live: BTreeMap::new(),
+            comms: HashMap::new(),
+            inherited: HashMap::new(),
+            announced: HashSet::new(),
+            period: Period::default(),
             seen: 0,
             totals: HashMap::new(),
             fired_funcs: HashSet::new(),
@@ -349,27 +427,20 @@ impl Analyzer {
         self.is_request.clear();
         self.is_request
             .extend((0..catalog.len() as u32).map(|f| catalog.is_request(f)));
-        self.notice_processes(&snap.processes);
+        self.notice_processes(catalog, &snap.processes);
         self.kernel_warnings(snap, &mut out);
         let evicted_before = self.evicted;
 
         self.by_key.clear();
         self.by_key
             .extend(snap.counts.iter().map(|c| ((c.func, c.pid), c.calls)));
-        let cycles = self.cycles(snap);
+        let (cycles, callee_edges) = self.cycles(snap);
         let keys = self.keys(catalog, snap);
-        let evicted = self.evicted - evicted_before;
-        if let Some(Event::Interval { evicted: e, .. }) = out
-            .events
-            .iter_mut()
-            .find(|e| matches!(e, Event::Interval { .. }))
-        {
-            *e = evicted;
-        }
-        if evicted > 0 && !self.evictions_warned {
-            self.evictions_warned = true;
-            out.events.push(Event::Evicted { count: evicted });
-        }
+        let key_cycles = self.key_cycles(catalog, snap);
+        let stacks = self.stack_deltas(snap);
+        self.period.evicted += self.evicted - evicted_before;
+        self.period.seconds += seconds;
+        self.period.estimated |= estimated;
 
         let mut verdicts: BTreeMap<u32, Vec<LoopVerdict>> = BTreeMap::new();
         let mut health: HashMap<u32, Health> = HashMap::new();
@@ -377,7 +448,7 @@ impl Analyzer {
         processes.sort_by_key(|p| p.pid);
         for process in &processes {
             let pid = process.pid;
-            // This interval's calls of every function, before judging any:
+            // This reading's calls of every function, before judging any:
             // the invalidations-per-request signal needs them all.
             self.calls.clear();
             for func in 0..catalog.len() as u32 {
@@ -390,23 +461,47 @@ impl Analyzer {
             let per_request = self
                 .requests
                 .observe(pid, &self.calls, &self.is_request, window);
+            if per_request.is_some() {
+                let (mut req, mut inv) = (0u64, 0u64);
+                for (func, &n) in self.calls.iter().enumerate() {
+                    if self.is_request[func] {
+                        req += n;
+                    } else {
+                        inv += n;
+                    }
+                }
+                let sums = self.period.requests.entry(pid).or_default();
+                sums.0 += req;
+                sums.1 += inv;
+                sums.2 += window;
+            }
 
+            let mut cores = None;
             if let Some(cpu_nanos) = process.cpu_nanos {
                 let before = self.cpu.insert(pid, cpu_nanos);
                 // The first reading of a process has nothing to diff against.
                 if let Some(before) = before {
-                    let h = Health {
-                        cpu_percent: round1(
-                            cpu_nanos.saturating_sub(before) as f64 / (seconds * 1e7),
-                        ),
-                        rss_bytes: process.rss_bytes,
-                        requests_rate: per_request.map(|r| round1(r.requests_rate)),
-                        invalidations_per_request: per_request.and_then(|r| r.ratio).map(round1),
-                    };
-                    health.insert(pid, h);
-                    out.events.push(Event::Health { pid, health: h });
+                    let used = cpu_nanos.saturating_sub(before);
+                    let sums = self.period.cpu.entry(pid).or_default();
+                    sums.0 += used;
+                    sums.1 += seconds;
+                    let c = used as f64 / (seconds * 1e9);
+                    cores = Some(c);
+                    health.insert(
+                        pid,
+                        Health {
+                            cpu_percent: round1(c * 100.0),
+                            rss_bytes: process.rss_bytes,
+                            requests_rate: per_request.map(|r| round1(r.requests_rate)),
+                            invalidations_per_request: per_request
+                                .and_then(|r| r.ratio)
+                                .map(round1),
+                        },
+                    );
                 }
             }
+            let process_looping = self.detector.process_in_loop(pid);
+            let mut any_suspect = false;
             for func in 0..catalog.len() as u32 {
                 let calls = self.calls[func as usize];
                 let series = SeriesKey { pid, func };
@@ -423,74 +518,156 @@ impl Analyzer {
                 if calls > 0 || reported > 0 {
                     self.fired.insert(series);
                 }
-                // In this process's present program: the totals (for the
-                // summary) outlive an exec or a reused pid, this does not.
-                let fired = self.fired.contains(&series);
+                let sums = self.period.series.entry(series).or_default();
+                sums.0 += reported;
+                sums.1 += window;
 
                 // Requests are counted, not judged.
-                if !self.is_request[func as usize] {
-                    let in_cycle = cycles.get(&pid).is_some_and(|c| c.contains(&func));
-                    let repeating = keys.get(&series).is_some_and(|k| few_keys_carry(k, calls));
-                    let signals = Signals {
-                        structural: in_cycle || repeating,
-                        explained_by_requests: per_request.is_some_and(|r| r.explained),
-                    };
-                    match self.detector.observe_with(series, rate, seconds, signals) {
-                        Some(detect::Event::Loop(v)) => verdicts.entry(pid).or_default().push(v),
-                        Some(detect::Event::Recovered(r)) => {
-                            out.events.push(Event::Recovered(r));
-                        }
-                        None => {}
+                if self.is_request[func as usize] {
+                    continue;
+                }
+                let stats = keys.get(&series);
+                let key_cycle = key_cycles
+                    .get(&pid)
+                    .and_then(|c| c.per_func.get(&func))
+                    .map_or(0.0, |&n| n as f64 / calls.max(1) as f64);
+                let in_cycle = cycles.get(&pid).is_some_and(|c| c.contains(&func))
+                    && callee_edges.contains(&(pid, func));
+                let signals = Signals {
+                    call_cycle: in_cycle,
+                    key_cycle: key_cycle.min(1.0),
+                    top_share: stats.and_then(|s| s.top_share(calls)),
+                    reinvalidation: stats.and_then(KeyStats::reinvalidation),
+                    cpu: cores,
+                    cpu_baseline: self.cpu_baseline.get(&pid).copied(),
+                    explained_by_requests: per_request.is_some_and(|r| r.explained),
+                    per_request_risen: per_request.is_some_and(|r| r.risen),
+                    process_looping,
+                };
+                match self.detector.observe_with(series, rate, seconds, signals) {
+                    Some(detect::Event::Loop(v)) => verdicts.entry(pid).or_default().push(v),
+                    Some(detect::Event::Recovered(r)) if self.announced.remove(&r.key) => {
+                        out.events.push(Event::Recovered(r));
                     }
+                    Some(detect::Event::Recovered(_)) | None => {}
                 }
-                // A function that never fired has nothing to say; once it has,
-                // it reports every interval, zeros included.
-                if fired {
-                    out.events.push(Event::Sample {
-                        pid,
-                        ns_pid: process.ns_pid,
-                        func,
-                        calls: reported,
-                        rate: round1(rate),
-                        baseline: self.detector.baseline(series).map(round1),
-                        estimated,
-                    });
-                }
+                any_suspect |= self.detector.suspect(series);
+            }
+            // The process's usual CPU, learned while nothing is suspect.
+            if let Some(c) = cores
+                && !any_suspect
+                && !process_looping
+            {
+                let w = 1.0 - (1.0 - self.detector.rules().alpha).powf(seconds);
+                let b = self.cpu_baseline.entry(pid).or_insert(c);
+                *b += w * (c - *b);
             }
         }
 
         for (pid, group) in verdicts {
+            // One record per loop of a process: a function joining a loop
+            // already reported is in that loop.
+            let already = self
+                .announced
+                .iter()
+                .any(|k| k.pid == pid && self.detector.in_loop(*k));
+            if already {
+                continue;
+            }
+            self.announced.extend(group.iter().map(|v| v.key));
             let top_keys = top_keys(&group, &keys, seconds / window);
-            let repeating = group.iter().any(|v| {
-                let calls = (v.rate * window) as u64;
-                keys.get(&v.key).is_some_and(|k| few_keys_carry(k, calls))
-            });
+            let repeating = group.iter().any(|v| v.agreed.repeating_keys);
             let funcs: Vec<u32> = group.iter().map(|v| v.key.func).collect();
             self.loops.push((pid, funcs.clone()));
             out.events.push(Event::Loop(LoopEvent {
                 pid,
                 target: health.get(&pid).copied(),
                 cycle: cycles.get(&pid).cloned(),
+                key_cycle: key_cycles.get(&pid).map(|c| c.keys.clone()),
                 top_keys,
                 repeating,
-                stack: hottest_stack(snap, pid, &funcs),
+                stack: hottest_stack(&stacks, &self.recent_sites, pid, &funcs),
                 verdicts: group,
             }));
             out.loop_found = true;
         }
 
+        if snap.report {
+            self.report(catalog, snap, &mut out);
+        }
         for process in processes.iter().filter(|p| !p.alive) {
             out.events.push(Event::TargetExit { pid: process.pid });
-            self.forget(process.pid);
+            self.forget(catalog, process.pid);
         }
         out
+    }
+
+    /// Closes a reporting period: a sample per series that has fired, the
+    /// health of each process, and what the kernel lost, over the period.
+    fn report(&mut self, catalog: &Catalog, snap: &Snapshot, out: &mut Output) {
+        let period = std::mem::take(&mut self.period);
+        let seconds = period.seconds.max(1e-3);
+        let mut processes: Vec<&ProcessFacts> = snap.processes.iter().collect();
+        processes.sort_by_key(|p| p.pid);
+        for process in processes {
+            let pid = process.pid;
+            if let Some(&(used, cpu_seconds)) = period.cpu.get(&pid) {
+                let per_request = period.requests.get(&pid).map(|&(req, inv, window)| {
+                    let ratio = (req > 0 || inv > 0).then(|| inv as f64 / req.max(1) as f64);
+                    (req as f64 / window.max(1e-3), ratio)
+                });
+                out.events.push(Event::Health {
+                    pid,
+                    health: Health {
+                        cpu_percent: round1(used as f64 / (cpu_seconds.max(1e-3) * 1e7)),
+                        rss_bytes: process.rss_bytes,
+                        requests_rate: per_request.map(|(r, _)| round1(r)),
+                        invalidations_per_request: per_request.and_then(|(_, r)| r).map(round1),
+                    },
+                });
+            }
+            for func in 0..catalog.len() as u32 {
+                let series = SeriesKey { pid, func };
+                // A function that never fired has nothing to say; once it
+                // has, it reports every period, zeros included.
+                if !self.fired.contains(&series) {
+                    continue;
+                }
+                let (calls, window) = period.series.get(&series).copied().unwrap_or_default();
+                out.events.push(Event::Sample {
+                    pid,
+                    ns_pid: process.ns_pid,
+                    func,
+                    calls,
+                    rate: round1(calls as f64 / seconds),
+                    baseline: self.detector.baseline(series).map(round1),
+                    estimated: period.estimated && window > 0.0,
+                });
+            }
+        }
+        if let Some(Event::Interval {
+            dropped, evicted, ..
+        }) = out
+            .events
+            .iter_mut()
+            .find(|e| matches!(e, Event::Interval { .. }))
+        {
+            *dropped = period.dropped;
+            *evicted = period.evicted;
+        }
+        if period.evicted > 0 && !self.evictions_warned {
+            self.evictions_warned = true;
+            out.events.push(Event::Evicted {
+                count: period.evicted,
+            });
+        }
     }
 
     /// A pid whose start time changed is a new process, and one whose
     /// executable changed ran exec: a new program, whose history starts
     /// afresh. Forget the old one. (An executable that could not be read
     /// this tick changes nothing.)
-    fn notice_processes(&mut self, processes: &[ProcessFacts]) {
+    fn notice_processes(&mut self, catalog: &Catalog, processes: &[ProcessFacts]) {
         // A process the controller stopped watching (it could not be
         // probed again) is forgotten: its entries leaving the kernel's maps
         // are not evictions.
@@ -501,7 +678,7 @@ impl Analyzer {
             .copied()
             .collect();
         for pid in gone {
-            self.forget(pid);
+            self.forget(catalog, pid);
         }
         for p in processes {
             let unknown = FileId::default();
@@ -514,23 +691,41 @@ impl Analyzer {
                 start != p.start_time || (was != unknown && exe != was)
             });
             if changed {
-                self.forget_state(p.pid);
+                self.forget_state(catalog, p.pid);
             }
             self.live.insert(p.pid, (p.start_time, exe));
             if before.is_none_or(|(start, _)| start != p.start_time) {
                 self.seen += 1;
+            }
+            if before.is_none_or(|(start, _)| start != p.start_time) {
+                // A new process starts from what the last process of its
+                // name learned (a restart). A process that ran exec runs
+                // another program: it starts from nothing.
+                self.comms.insert(p.pid, p.comm.clone());
+                for func in 0..catalog.len() as u32 {
+                    if let Some(&learned) =
+                        self.inherited.get(&(p.comm.clone(), catalog.name(func)))
+                    {
+                        self.detector
+                            .inherit(SeriesKey { pid: p.pid, func }, learned);
+                    }
+                }
             }
         }
     }
 
     fn kernel_warnings(&mut self, snap: &Snapshot, out: &mut Output) {
         let dropped = since(self.dropped, snap.dropped);
-        out.events.push(Event::Interval {
-            dropped,
-            evicted: 0,
-            counters: snap.counts_entries,
-            capacity: snap.counts_capacity,
-        });
+        self.period.dropped += dropped;
+        if snap.report {
+            // Filled in with the period's sums in `report`.
+            out.events.push(Event::Interval {
+                dropped: 0,
+                evicted: 0,
+                counters: snap.counts_entries,
+                capacity: snap.counts_capacity,
+            });
+        }
         if snap.dropped > self.dropped {
             out.events.push(Event::Dropped { count: dropped });
             self.dropped = snap.dropped;
@@ -549,39 +744,55 @@ impl Analyzer {
     }
 
     /// Per process, the cycle of watched functions calling each other in
-    /// this interval, if any (function ids, in call order).
-    fn cycles(&mut self, snap: &Snapshot) -> HashMap<u32, Vec<u32>> {
-        let mut edges: HashMap<u32, BTreeSet<(u32, u32)>> = HashMap::new();
+    /// this reading, if any (function ids, in call order); and the (pid,
+    /// callee) pairs whose edges in it carry a real share of their calls.
+    /// A function calling itself is recursion, not a cycle.
+    #[allow(clippy::type_complexity)]
+    fn cycles(&mut self, snap: &Snapshot) -> (HashMap<u32, Vec<u32>>, HashSet<(u32, u32)>) {
+        let mut edges: HashMap<(u32, u32, u32), u64> = HashMap::new();
         let last = std::mem::take(&mut self.call_sites);
+        let decay = recent_decay(snap.seconds);
+        for value in self.recent_sites.values_mut() {
+            *value *= decay;
+        }
         for site in &snap.call_sites {
             let key = (site.func, site.pid, site.return_address);
             self.call_sites.insert(key, site.calls);
-            let before = last.get(&key).copied().unwrap_or(0);
-            if site.calls <= before || !self.live.contains_key(&site.pid) {
+            let calls = since(last.get(&key).copied().unwrap_or(0), site.calls);
+            if calls == 0 || !self.live.contains_key(&site.pid) {
                 continue;
             }
-            if let Some(caller) = site.caller {
-                edges
-                    .entry(site.pid)
-                    .or_default()
-                    .insert((caller, site.func));
+            *self.recent_sites.entry(key).or_default() += calls as f64;
+            if let Some(caller) = site.caller
+                && caller != site.func
+            {
+                *edges.entry((site.pid, caller, site.func)).or_default() += calls;
             }
         }
+        self.recent_sites.retain(|_, v| *v >= 0.5);
         self.evicted += self.vanished(&last, |s, k| s.call_sites.contains_key(k));
-        edges
+        let mut graphs: HashMap<u32, BTreeSet<(u32, u32)>> = HashMap::new();
+        let mut strong = HashSet::new();
+        for ((pid, caller, callee), n) in edges {
+            let calls = self.by_key.get(&(callee, pid)).copied().unwrap_or(0);
+            let before = self.counts.last.get(&(callee, pid)).copied().unwrap_or(0);
+            let callee_calls = since(before, calls).max(1);
+            if n as f64 >= CALL_EDGE_SHARE * callee_calls as f64 {
+                graphs.entry(pid).or_default().insert((caller, callee));
+                strong.insert((pid, callee));
+            }
+        }
+        let cycles = graphs
             .into_iter()
             .filter_map(|(pid, e)| Some((pid, cycles::find_cycle(&e)?)))
-            .collect()
+            .collect();
+        (cycles, strong)
     }
 
-    /// Per process and function, the keys invalidated in this interval,
+    /// Per process and function, the keys invalidated in this reading,
     /// busiest first.
-    fn keys(
-        &mut self,
-        catalog: &Catalog,
-        snap: &Snapshot,
-    ) -> HashMap<SeriesKey, Vec<(KeyRef, u64)>> {
-        let mut per_series: HashMap<SeriesKey, Vec<(KeyRef, u64)>> = HashMap::new();
+    fn keys(&mut self, catalog: &Catalog, snap: &Snapshot) -> HashMap<SeriesKey, KeyStats> {
+        let mut per_series: HashMap<SeriesKey, KeyStats> = HashMap::new();
         // Only keys the kernel still counts are kept; one evicted and seen
         // again counts from zero.
         let last = std::mem::take(&mut self.keys);
@@ -598,14 +809,88 @@ impl Analyzer {
                     text: catalog.has_text_keys(k.func),
                     hash: k.hash,
                 };
-                per_series.entry(series).or_default().push((key, calls));
+                let stats = per_series.entry(series).or_default();
+                stats.keys.push((key, calls));
+                stats.keyed += calls;
             }
         }
         self.evicted += self.vanished(&last, |s, k| s.keys.contains_key(k));
-        for keys in per_series.values_mut() {
-            keys.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        for stats in per_series.values_mut() {
+            stats.keys.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         }
         per_series
+    }
+
+    /// Per process, the key cycle its threads walked in this reading.
+    fn key_cycles(&mut self, catalog: &Catalog, snap: &Snapshot) -> HashMap<u32, KeyCycleSeen> {
+        let mut per_pid: HashMap<u32, Vec<(u32, u64, u64, u64)>> = HashMap::new();
+        let mut history: HashMap<u32, Vec<(u64, u64, u64)>> = HashMap::new();
+        let last = std::mem::take(&mut self.key_edges);
+        for e in &snap.key_edges {
+            let id = (e.func, e.pid, e.from, e.to);
+            self.key_edges.insert(id, e.calls);
+            if !self.live.contains_key(&e.pid) {
+                continue;
+            }
+            history
+                .entry(e.pid)
+                .or_default()
+                .push((e.from, e.to, e.calls));
+            let calls = since(last.get(&id).copied().unwrap_or(0), e.calls);
+            if calls > 0 {
+                per_pid
+                    .entry(e.pid)
+                    .or_default()
+                    .push((e.func, e.from, e.to, calls));
+            }
+        }
+        let mut found = HashMap::new();
+        for (pid, edges) in per_pid {
+            let transitions: Vec<(u64, u64, u64)> =
+                edges.iter().map(|&(_, f, t, n)| (f, t, n)).collect();
+            let Some((mut cycle, _)) = cycles::key_cycle(&transitions) else {
+                continue;
+            };
+            cycles::entry_first(&mut cycle, history.get(&pid).map_or(&[], Vec::as_slice));
+            let along = |from: u64, to: u64| {
+                cycle
+                    .iter()
+                    .zip(cycle.iter().cycle().skip(1))
+                    .any(|(&a, &b)| a == from && b == to)
+            };
+            let mut per_func: HashMap<u32, u64> = HashMap::new();
+            let mut text = false;
+            for &(func, from, to, n) in &edges {
+                if along(from, to) {
+                    *per_func.entry(func).or_default() += n;
+                    text |= catalog.has_text_keys(func);
+                }
+            }
+            let keys = cycle.iter().map(|&hash| KeyRef { text, hash }).collect();
+            found.insert(pid, KeyCycleSeen { keys, per_func });
+        }
+        found
+    }
+
+    /// Stack samples of this reading added to the recent ones (halving
+    /// every second): a verdict shows the loop's stack, not the stack of
+    /// an hour of healthy traffic before it.
+    fn stack_deltas(&mut self, snap: &Snapshot) -> HashMap<(u32, u32, u32), f64> {
+        let decay = recent_decay(snap.seconds);
+        for value in self.recent_stacks.values_mut() {
+            *value *= decay;
+        }
+        let last = std::mem::take(&mut self.stacks);
+        for s in &snap.stacks {
+            let id = (s.func, s.pid, s.stack_id);
+            self.stacks.insert(id, s.samples);
+            let n = since(last.get(&id).copied().unwrap_or(0), s.samples);
+            if n > 0 && self.live.contains_key(&s.pid) {
+                *self.recent_stacks.entry(id).or_default() += n as f64;
+            }
+        }
+        self.recent_stacks.retain(|_, v| *v >= 0.5);
+        self.recent_stacks.clone()
     }
 
     /// Entries of `last` (func, pid, ..) whose process is still live but
@@ -621,16 +906,33 @@ impl Analyzer {
             .count() as u64
     }
 
-    fn forget(&mut self, pid: u32) {
+    fn forget(&mut self, catalog: &Catalog, pid: u32) {
         self.live.remove(&pid);
-        self.forget_state(pid);
+        self.forget_state(catalog, pid);
+        self.comms.remove(&pid);
     }
 
-    fn forget_state(&mut self, pid: u32) {
-        self.detector.forget_process(pid);
+    fn forget_state(&mut self, catalog: &Catalog, pid: u32) {
+        // What the process learned is its successor's start (a restart).
+        if let Some(comm) = self.comms.get(&pid) {
+            for (func, learned) in self.detector.forget_process(pid) {
+                if self.inherited.len() >= MAX_INHERITED {
+                    self.inherited.clear();
+                }
+                self.inherited
+                    .insert((comm.clone(), catalog.name(func)), learned);
+            }
+        } else {
+            self.detector.forget_process(pid);
+        }
+        self.announced.retain(|k| k.pid != pid);
         self.counts.forget(|&(_, p)| p != pid);
         self.keys.retain(|&(_, p, _), _| p != pid);
+        self.key_edges.retain(|&(_, p, _, _), _| p != pid);
+        self.stacks.retain(|&(_, p, _), _| p != pid);
+        self.recent_stacks.retain(|&(_, p, _), _| p != pid);
         self.call_sites.retain(|&(_, p, _), _| p != pid);
+        self.recent_sites.retain(|&(_, p, _), _| p != pid);
         self.fired.retain(|s| s.pid != pid);
         // A service restarting all day must not grow the summary's table
         // with every process it ever ran: a gone process's silent series go
@@ -653,6 +955,9 @@ impl Analyzer {
             }
         }
         self.cpu.remove(&pid);
+        self.cpu_baseline.remove(&pid);
+        self.period.cpu.remove(&pid);
+        self.period.requests.remove(&pid);
         self.requests.baseline.remove(&pid);
     }
 
@@ -691,12 +996,12 @@ impl Analyzer {
 /// scaled like the calls.
 fn top_keys(
     group: &[LoopVerdict],
-    keys: &HashMap<SeriesKey, Vec<(KeyRef, u64)>>,
+    keys: &HashMap<SeriesKey, KeyStats>,
     scale: f64,
 ) -> Vec<(KeyRef, u64)> {
     let mut by_key: BTreeMap<KeyRef, u64> = BTreeMap::new();
     for v in group {
-        for &(key, n) in keys.get(&v.key).into_iter().flatten() {
+        for &(key, n) in keys.get(&v.key).map(|s| &s.keys).into_iter().flatten() {
             *by_key.entry(key).or_default() += n;
         }
     }
@@ -709,27 +1014,32 @@ fn top_keys(
     top
 }
 
-/// The most often sampled stack of any of `funcs` in `pid`, with the
-/// busiest call site of those functions.
-fn hottest_stack(snap: &Snapshot, pid: u32, funcs: &[u32]) -> Option<StackRef> {
-    let stack = snap
-        .stacks
+/// How much of the recent stacks and call sites a reading of `seconds`
+/// keeps: they halve every second.
+fn recent_decay(seconds: f64) -> f64 {
+    0.5f64.powf(seconds.max(0.0))
+}
+
+/// The most often sampled recent stack of any of `funcs` in `pid`, with
+/// their busiest recent call site.
+fn hottest_stack(
+    stacks: &HashMap<(u32, u32, u32), f64>,
+    sites: &HashMap<(u32, u32, u64), f64>,
+    pid: u32,
+    funcs: &[u32],
+) -> Option<StackRef> {
+    let (&(_, _, stack_id), _) = stacks
         .iter()
-        .filter(|s| s.pid == pid && funcs.contains(&s.func))
-        .max_by(|a, b| a.samples.cmp(&b.samples).then(b.stack_id.cmp(&a.stack_id)))?;
-    let caller = snap
-        .call_sites
+        .filter(|((f, p, _), _)| *p == pid && funcs.contains(f))
+        .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.2.cmp(&a.0.2)))?;
+    let caller = sites
         .iter()
-        .filter(|c| c.pid == pid && funcs.contains(&c.func))
-        .max_by(|a, b| {
-            a.calls
-                .cmp(&b.calls)
-                .then(b.return_address.cmp(&a.return_address))
-        })
-        .map(|c| c.return_address);
+        .filter(|((f, p, _), _)| *p == pid && funcs.contains(f))
+        .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.2.cmp(&a.0.2)))
+        .map(|((_, _, address), _)| *address);
     Some(StackRef {
         pid,
-        stack_id: stack.stack_id,
+        stack_id,
         caller,
     })
 }
@@ -739,7 +1049,7 @@ mod tests {
     use super::*;
     use crate::{
         catalog::{FileId, Function, KeySpec, Range},
-        snapshot::{CallSite, Count, KeyCount},
+        snapshot::{CallSite, Count, KeyCount, KeyEdgeCount},
     };
 
     const PID: u32 = 42;
@@ -775,6 +1085,7 @@ mod tests {
             cpu_nanos: None,
             rss_bytes: 0,
             alive,
+            comm: "cache".into(),
         }
     }
 
@@ -785,7 +1096,11 @@ mod tests {
         totals: HashMap<u32, u64>,
         key_totals: HashMap<(u32, u64), u64>,
         site_totals: HashMap<(u32, u64), u64>,
+        edge_totals: HashMap<(u32, u64, u64), u64>,
         tick: u32,
+        /// CPU the process burns in the next ticks, in cores.
+        cores: f64,
+        cpu_nanos: u64,
     }
 
     impl Stream {
@@ -796,7 +1111,17 @@ mod tests {
                 totals: HashMap::new(),
                 key_totals: HashMap::new(),
                 site_totals: HashMap::new(),
+                edge_totals: HashMap::new(),
                 tick: 0,
+                cores: 0.1,
+                cpu_nanos: 0,
+            }
+        }
+
+        /// Key transitions in the next tick: (func, from, to, count).
+        fn walk(&mut self, edges: &[(u32, u64, u64, u64)]) {
+            for &(func, from, to, n) in edges {
+                *self.edge_totals.entry((func, from, to)).or_default() += n;
             }
         }
 
@@ -809,15 +1134,30 @@ mod tests {
             sites: &[(u32, u32, u64)],
         ) -> Output {
             self.tick += 1;
+            self.cpu_nanos += (self.cores * 1e9) as u64;
+            let mut facts = process(true);
+            facts.cpu_nanos = Some(self.cpu_nanos);
             let mut snap = Snapshot {
                 catalog: 1,
                 ts: 1_000.0 + f64::from(self.tick),
                 seconds: 1.0,
                 elapsed: f64::from(self.tick),
                 probed: 1.0,
-                processes: vec![process(true)],
+                processes: vec![facts],
+                report: true,
                 ..Snapshot::default()
             };
+            snap.key_edges = self
+                .edge_totals
+                .iter()
+                .map(|(&(func, from, to), &calls)| KeyEdgeCount {
+                    func,
+                    pid: PID,
+                    from,
+                    to,
+                    calls,
+                })
+                .collect();
             for (func, &n) in calls.iter().enumerate() {
                 let total = self.totals.entry(func as u32).or_default();
                 *total += n;
@@ -874,29 +1214,42 @@ mod tests {
     }
 
     #[test]
-    fn runaway_after_healthy_traffic_is_a_loop_in_the_third_elevated_interval() {
+    fn runaway_on_a_burning_core_after_healthy_traffic_is_a_loop_in_two_seconds() {
         let mut s = Stream::new(&["cache_invalidate"]);
         for _ in 0..5 {
             assert!(!s.tick(&[200], &[], &[]).loop_found);
         }
-        let outs: Vec<Output> = (0..3).map(|_| s.tick(&[40_000], &[], &[])).collect();
-        assert!(!outs[0].loop_found && !outs[1].loop_found);
-        let found = loops(&outs[2]);
+        s.cores = 1.0;
+        let outs: Vec<Output> = (0..2).map(|_| s.tick(&[40_000], &[], &[])).collect();
+        assert!(!outs[0].loop_found);
+        let found = loops(&outs[1]);
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].verdicts[0].baseline, 200.0);
         assert_eq!(found[0].cycle, None);
         // Samples carry rates and the learned baseline.
-        assert!(outs[2].events.iter().any(|e| matches!(
+        assert!(outs[1].events.iter().any(|e| matches!(
             e,
             Event::Sample { func: 0, calls: 40_000, rate, baseline: Some(b), .. }
                 if *rate == 40_000.0 && *b == 200.0
         )));
-        assert_eq!(outs[2].hit_rate, 40_000.0);
+        assert_eq!(outs[1].hit_rate, 40_000.0);
+    }
+
+    #[test]
+    fn the_same_runaway_on_an_idle_core_is_traffic() {
+        let mut s = Stream::new(&["cache_invalidate"]);
+        for _ in 0..5 {
+            s.tick(&[200], &[], &[]);
+        }
+        for _ in 0..10 {
+            assert!(!s.tick(&[40_000], &[], &[]).loop_found);
+        }
     }
 
     #[test]
     fn call_cycle_from_the_first_interval_is_a_loop_with_its_order() {
         let mut s = Stream::new(&["inv_a", "inv_b"]);
+        s.cores = 1.0;
         let mut found = Vec::new();
         for _ in 0..3 {
             let out = s.tick(&[20_000, 20_000], &[], &[(0, 1, 20_000), (1, 0, 20_000)]);
@@ -908,10 +1261,31 @@ mod tests {
     }
 
     #[test]
-    fn few_repeating_keys_are_a_loop_and_many_distinct_keys_are_not() {
+    fn recursion_now_and_then_on_a_busy_function_is_no_cycle() {
+        let mut s = Stream::new(&["inv_a", "inv_b"]);
+        s.cores = 1.0;
+        for _ in 0..6 {
+            // a calls b 20,000 times from outside; b calls a once, and a
+            // calls itself: neither edge makes a cycle.
+            let out = s.tick(
+                &[20_000, 20_000],
+                &[],
+                &[(1, 0, 20_000), (0, 1, 5), (0, 0, 900)],
+            );
+            assert!(!out.loop_found, "{out:?}");
+        }
+    }
+
+    #[test]
+    fn keys_repeating_beyond_their_share_are_a_loop_and_distinct_keys_are_not() {
         let mut s = Stream::new(&["cache_invalidate"]);
+        for i in 0..5u64 {
+            let keys: Vec<(u32, u64, u64)> = (0..200).map(|k| (0, i * 200 + k, 1)).collect();
+            s.tick(&[200], &keys, &[]);
+        }
+        s.cores = 1.0;
         let mut found = Vec::new();
-        for _ in 0..4 {
+        for _ in 0..3 {
             let out = s.tick(&[30_000], &[(0, 7, 15_000), (0, 9, 15_000)], &[]);
             found.extend(loops(&out).into_iter().cloned());
         }
@@ -926,10 +1300,48 @@ mod tests {
                 .all(|(k, n)| k.text && *n == 15_000)
         );
 
+        // Flat out from attach on a busy core, each call a new key.
         let mut busy = Stream::new(&["cache_invalidate"]);
+        busy.cores = 1.0;
         for i in 0..6u64 {
             let keys: Vec<(u32, u64, u64)> = (0..3000).map(|k| (0, i * 3000 + k, 10)).collect();
             assert!(!busy.tick(&[30_000], &keys, &[]).loop_found);
+        }
+    }
+
+    #[test]
+    fn a_key_cycle_running_at_attach_is_a_loop_naming_the_keys_in_order() {
+        let mut s = Stream::new(&["cache_invalidate"]);
+        s.cores = 1.0;
+        // Product 5 led into the page (1), which walks to the fragment (2)
+        // and back, again and again.
+        s.walk(&[(0, 5, 1, 1)]);
+        let mut found = Vec::new();
+        for _ in 0..3 {
+            s.walk(&[(0, 1, 2, 10_000), (0, 2, 1, 10_000)]);
+            let out = s.tick(&[20_000], &[(0, 1, 10_000), (0, 2, 10_000)], &[]);
+            found.extend(loops(&out).into_iter().cloned());
+        }
+        assert_eq!(found.len(), 1, "{found:?}");
+        let cycle: Vec<u64> = found[0]
+            .key_cycle
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|k| k.hash)
+            .collect();
+        assert_eq!(cycle, [1, 2]);
+        assert_eq!(found[0].verdicts[0].cause, detect::Cause::KeyCycle);
+    }
+
+    #[test]
+    fn a_queue_brokers_hot_keys_learned_calm_are_not_a_loop() {
+        // Two lists take every write and alternate, all day, on a calm core.
+        let mut s = Stream::new(&["cache_invalidate"]);
+        for _ in 0..30 {
+            s.walk(&[(0, 1, 2, 1_500), (0, 2, 1, 1_500)]);
+            let out = s.tick(&[3_000], &[(0, 1, 1_500), (0, 2, 1_500)], &[]);
+            assert!(!out.loop_found, "{out:?}");
         }
     }
 
@@ -958,6 +1370,7 @@ mod tests {
             seconds: 1.0,
             probed: 1.0,
             processes: vec![process(false)],
+            report: true,
             ..Snapshot::default()
         };
         let out = s.analyzer.analyze(&s.catalog, &snap);
@@ -1069,6 +1482,7 @@ mod tests {
         let snap = Snapshot {
             seconds: 1.0,
             probed: 1.0,
+            report: true,
             processes: vec![exec],
             counts: vec![Count {
                 func: 0,
@@ -1090,6 +1504,7 @@ mod tests {
             catalog: 1,
             seconds: 1.0,
             probed: 0.1,
+            report: true,
             counts: vec![Count {
                 func: 0,
                 pid: PID,
@@ -1136,15 +1551,6 @@ mod tests {
                 .iter()
                 .any(|e| matches!(e, Event::Dropped { .. } | Event::MapPressure { .. }))
         );
-    }
-
-    #[test]
-    fn few_repeating_keys_are_told_from_many_distinct_ones() {
-        assert!(few_keys_carry(&[(1, 500), (2, 500)], 1000));
-        let many: Vec<(u64, u64)> = (0..1000).map(|k| (k, 1)).collect();
-        assert!(!few_keys_carry(&many, 1000));
-        assert!(!few_keys_carry(&[(1, 100)], 1000));
-        assert!(!few_keys_carry::<u64>(&[], 0));
     }
 
     #[test]

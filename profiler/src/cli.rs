@@ -56,15 +56,25 @@ pub struct ReplayArgs {
     #[arg(long, value_name = "X", allow_negative_numbers = true)]
     pub factor: Option<f64>,
 
-    /// Suspect intervals in a row that confirm a loop, and calm ones that
-    /// confirm a recovery (default: the recording's).
-    #[arg(long, value_name = "N")]
-    pub sustain: Option<u32>,
+    /// Seconds of a runaway rate that confirm a loop, and calm seconds
+    /// that confirm a recovery (default: the recording's).
+    #[arg(long, value_name = "DURATION", value_parser = parse_seconds)]
+    pub sustain: Option<Duration>,
 
-    /// Intervals averaged into the first baseline (default: the
+    /// Seconds of structural evidence that confirm a loop (default: the
     /// recording's).
-    #[arg(long, value_name = "N")]
-    pub warmup: Option<u32>,
+    #[arg(long, value_name = "DURATION", value_parser = parse_seconds)]
+    pub sustain_structural: Option<Duration>,
+
+    /// Seconds of history averaged into the first baseline (default: the
+    /// recording's).
+    #[arg(long, value_name = "DURATION", value_parser = parse_seconds)]
+    pub warmup: Option<Duration>,
+
+    /// CPU, in cores, a process must burn for a loop to be "burning a
+    /// core" (default: the recording's).
+    #[arg(long, value_name = "CORES", allow_negative_numbers = true)]
+    pub cpu_cores: Option<f64>,
 
     /// Show keys as they are; by default they are hashed as in the live run.
     #[arg(long)]
@@ -144,14 +154,32 @@ pub struct WatchArgs {
     )]
     pub factor: f64,
 
-    /// Suspect intervals in a row that confirm a loop (and calm ones that
-    /// confirm a recovery).
-    #[arg(long, value_name = "N", default_value_t = 3)]
-    pub sustain: u32,
+    /// Seconds of a runaway rate (k of n: within 1.5 times as long) that
+    /// confirm a loop, and calm seconds that confirm a recovery. A bare
+    /// number is seconds.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_seconds)]
+    pub sustain: Duration,
 
-    /// Intervals averaged into the first baseline.
-    #[arg(long, value_name = "N", default_value_t = 2)]
-    pub warmup: u32,
+    /// Seconds of structural evidence (a call cycle, a key cycle, keys
+    /// repeating beyond their learned share), within twice as long, that
+    /// confirm a loop.
+    #[arg(long, value_name = "DURATION", default_value = "500ms", value_parser = parse_seconds)]
+    pub sustain_structural: Duration,
+
+    /// Seconds of history averaged into the first baseline.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_seconds)]
+    pub warmup: Duration,
+
+    /// CPU, in cores, a process must burn (and a core more than it
+    /// learned) to corroborate a runaway rate or a cycle seen without
+    /// history.
+    #[arg(
+        long,
+        value_name = "CORES",
+        default_value_t = 0.85,
+        allow_negative_numbers = true
+    )]
+    pub cpu_cores: f64,
 
     /// The most of a target's time the probes may take, in percent. A hot
     /// function (a loop calls it flat out) is then probed in a window of
@@ -263,6 +291,16 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .map_err(|_| format!("'{text}' is not a duration (use a number and a unit: 500ms, 2s, 1m)"))
 }
 
+/// Parses a number of seconds: a duration (`500ms`, `2s`) or a bare number
+/// (`3`, `1.5`: seconds).
+pub fn parse_seconds(text: &str) -> Result<Duration, String> {
+    if let Ok(seconds) = text.parse::<f64>() {
+        return Duration::try_from_secs_f64(seconds)
+            .map_err(|_| format!("'{text}' is not a number of seconds 0 or more"));
+    }
+    parse_duration(text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,7 +331,8 @@ mod tests {
         assert_eq!(w.duration, None);
         assert_eq!(w.threshold, 1000.0);
         assert_eq!(w.factor, 10.0);
-        assert_eq!(w.sustain, 3);
+        assert_eq!(w.sustain, Duration::from_secs(2));
+        assert_eq!(w.sustain_structural, Duration::from_millis(500));
         assert!(!w.json && !w.fail_on_loop);
     }
 
@@ -352,7 +391,7 @@ mod tests {
         assert_eq!(w.duration, Some(Duration::from_secs(60)));
         assert_eq!(
             (w.threshold, w.factor, w.sustain, w.warmup),
-            (50.0, 4.0, 2, 5)
+            (50.0, 4.0, Duration::from_secs(2), Duration::from_secs(5))
         );
         assert!(w.json && w.fail_on_loop);
     }
@@ -475,7 +514,12 @@ mod tests {
         };
         assert_eq!(
             (r.threshold, r.factor, r.sustain, r.warmup),
-            (Some(5000.0), Some(4.0), Some(5), Some(3))
+            (
+                Some(5000.0),
+                Some(4.0),
+                Some(Duration::from_secs(5)),
+                Some(Duration::from_secs(3))
+            )
         );
         assert!(r.json && r.show_keys && r.fail_on_loop);
         assert!(parse(&["replay"]).is_err());

@@ -12,14 +12,17 @@ use std::{
     time::Instant,
 };
 
-use profiler_common::{CallKey, CallerKey, KeyId, StackKey};
+use profiler_common::{CallKey, CallerKey, KeyEdge, KeyId, StackKey};
 
 use crate::{
     catalog::{Catalog, FileId},
     cycles,
     probes::{ProbeError, Probes},
     report::unix_now,
-    snapshot::{CallSite, Count, KeyCount, KeyText, NewStack, ProcessFacts, Snapshot, StackCount},
+    snapshot::{
+        CallSite, Count, KeyCount, KeyEdgeCount, KeyText, NewStack, ProcessFacts, Snapshot,
+        StackCount,
+    },
     target::Process,
 };
 
@@ -27,6 +30,7 @@ pub struct Collector {
     counts: HashMap<CallKey, u64>,
     callers: HashMap<CallerKey, u64>,
     keys: HashMap<KeyId, u64>,
+    key_edges: HashMap<KeyEdge, u64>,
     stacks: HashMap<StackKey, u64>,
     /// Return address -> watched function holding it (or none), per pid,
     /// under catalog version `resolved_for`.
@@ -45,6 +49,7 @@ impl Collector {
             counts: HashMap::new(),
             callers: HashMap::new(),
             keys: HashMap::new(),
+            key_edges: HashMap::new(),
             stacks: HashMap::new(),
             resolved: HashMap::new(),
             resolved_for: 0,
@@ -60,6 +65,7 @@ impl Collector {
         probes.read_counts(&mut self.counts)?;
         probes.read_callers(&mut self.callers)?;
         probes.read_keys(&mut self.keys)?;
+        probes.read_key_edges(&mut self.key_edges)?;
         probes.read_stacks(&mut self.stacks)?;
         Ok(())
     }
@@ -122,6 +128,18 @@ impl Collector {
                 func: k.func,
                 pid: k.tgid,
                 hash: k.hash,
+                calls,
+            })
+            .collect();
+        snap.key_edges = self
+            .key_edges
+            .iter()
+            .filter(|(k, _)| watched(&k.tgid))
+            .map(|(k, &calls)| KeyEdgeCount {
+                func: k.func,
+                pid: k.tgid,
+                from: k.from,
+                to: k.to,
                 calls,
             })
             .collect();
@@ -234,5 +252,6 @@ fn facts(p: &Process, exe: FileId) -> ProcessFacts {
         cpu_nanos: usage.map(|u| u.cpu_nanos),
         rss_bytes: usage.map_or(0, |u| u.rss_bytes),
         alive: p.is_alive(),
+        comm: p.comm.clone(),
     }
 }

@@ -75,8 +75,10 @@ pub struct WatchConfig {
 pub struct RuleOverrides {
     pub factor: Option<f64>,
     pub min_rate: Option<f64>,
-    pub sustain: Option<u32>,
-    pub warmup: Option<u32>,
+    pub sustain: Option<f64>,
+    pub structural_sustain: Option<f64>,
+    pub warmup: Option<f64>,
+    pub cpu_cores: Option<f64>,
 }
 
 impl RuleOverrides {
@@ -86,7 +88,11 @@ impl RuleOverrides {
             factor: self.factor.unwrap_or(recorded.factor),
             min_rate: self.min_rate.unwrap_or(recorded.min_rate),
             sustain: self.sustain.unwrap_or(recorded.sustain),
+            structural_sustain: self
+                .structural_sustain
+                .unwrap_or(recorded.structural_sustain),
             warmup: self.warmup.unwrap_or(recorded.warmup),
+            cpu_cores: self.cpu_cores.unwrap_or(recorded.cpu_cores),
             ..recorded
         }
     }
@@ -112,19 +118,30 @@ impl TryFrom<ReplayArgs> for ReplayConfig {
         if let Some(factor) = args.factor {
             check_factor(factor)?;
         }
-        if let Some(sustain) = args.sustain {
-            check_intervals("--sustain", sustain)?;
-        }
-        if let Some(warmup) = args.warmup {
-            check_intervals("--warmup", warmup)?;
+        let sustain = args
+            .sustain
+            .map(|d| check_seconds("--sustain", d))
+            .transpose()?;
+        let structural_sustain = args
+            .sustain_structural
+            .map(|d| check_seconds("--sustain-structural", d))
+            .transpose()?;
+        let warmup = args
+            .warmup
+            .map(|d| check_seconds("--warmup", d))
+            .transpose()?;
+        if let Some(cores) = args.cpu_cores {
+            check_cores(cores)?;
         }
         Ok(Self {
             path: args.file,
             rules: RuleOverrides {
                 factor: args.factor,
                 min_rate: args.threshold,
-                sustain: args.sustain,
-                warmup: args.warmup,
+                sustain,
+                structural_sustain,
+                warmup,
+                cpu_cores: args.cpu_cores,
             },
             output: if args.json {
                 Output::Json
@@ -167,14 +184,26 @@ const MAX_INTERVAL: Duration = Duration::from_secs(3600);
 /// overflow.
 const MAX_DURATION: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
 
-fn check_intervals(flag: &'static str, n: u32) -> Result<(), ConfigError> {
-    if n > 0 {
-        return Ok(());
+/// Sustain and warm-up times: above zero, at most an hour.
+fn check_seconds(flag: &'static str, d: Duration) -> Result<f64, ConfigError> {
+    if !d.is_zero() && d <= MAX_INTERVAL {
+        return Ok(d.as_secs_f64());
     }
     Err(ConfigError::OutOfRange {
         flag,
-        value: "0".to_owned(),
-        expected: "at least 1 interval",
+        value: humantime::format_duration(d).to_string(),
+        expected: "from 1ms to 1h (a duration such as 2s or 500ms)",
+    })
+}
+
+fn check_cores(cores: f64) -> Result<(), ConfigError> {
+    if cores.is_finite() && cores > 0.0 && cores <= 1024.0 {
+        return Ok(());
+    }
+    Err(ConfigError::OutOfRange {
+        flag: "--cpu-cores",
+        value: cores.to_string(),
+        expected: "CPU cores above 0 (0.85 is most of one core)",
     })
 }
 
@@ -212,8 +241,10 @@ impl TryFrom<WatchArgs> for WatchConfig {
                 expected: "a percentage above 0 and at most 100",
             });
         }
-        check_intervals("--sustain", args.sustain)?;
-        check_intervals("--warmup", args.warmup)?;
+        let sustain = check_seconds("--sustain", args.sustain)?;
+        let structural_sustain = check_seconds("--sustain-structural", args.sustain_structural)?;
+        let warmup = check_seconds("--warmup", args.warmup)?;
+        check_cores(args.cpu_cores)?;
         let preset = match args.preset.as_deref() {
             Some(name) => Some(
                 presets::find(name).ok_or_else(|| ConfigError::UnknownPreset {
@@ -263,8 +294,10 @@ impl TryFrom<WatchArgs> for WatchConfig {
             rules: Rules {
                 factor: args.factor,
                 min_rate: args.threshold,
-                sustain: args.sustain,
-                warmup: args.warmup,
+                sustain,
+                structural_sustain,
+                warmup,
+                cpu_cores: args.cpu_cores,
                 ..Rules::default()
             },
             output: if args.json {
@@ -329,7 +362,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             (c.rules.min_rate, c.rules.factor, c.rules.sustain),
-            (50.0, 4.0, 2)
+            (50.0, 4.0, 2.0)
         );
         assert_eq!(c.output, Output::Json);
         assert_eq!(c.max_overhead, 0.1, "10% unless told");

@@ -201,8 +201,17 @@ impl Controller {
         self.catalog.clone()
     }
 
-    /// One tick's reading.
-    pub fn collect(&mut self) -> Result<Snapshot, ProbeError> {
+    /// The probes are in for a window of each interval only (the overhead
+    /// governor): read once an interval.
+    pub fn windowed(&self) -> bool {
+        self.windows
+            .governor
+            .as_ref()
+            .is_some_and(|g| g.exposure() < 1.0)
+    }
+
+    /// One reading; `report` when it closes a reporting interval.
+    pub fn collect(&mut self, report: bool) -> Result<Snapshot, ProbeError> {
         let probed = self.windows.probed_share();
         // A process that ran exec: its probes (on the old program) and its
         // counters go before the maps are read, so the old program's counts
@@ -233,9 +242,11 @@ impl Controller {
             // Found in this reading: as found.
             exes.entry(p.pid).or_insert(p.exe_id);
         }
-        Ok(self
-            .collector
-            .snapshot(&self.probes, &self.catalog, &self.live, &exes, probed))
+        let mut snap =
+            self.collector
+                .snapshot(&self.probes, &self.catalog, &self.live, &exes, probed);
+        snap.report = report;
+        Ok(snap)
     }
 
     /// Files written in place since their symbols were read (same inode,
@@ -319,10 +330,11 @@ impl Controller {
         records
     }
 
-    /// After a tick was judged: lets `exited` processes go, plans the next
-    /// probe window (unless this was the `last` tick) and, with `follow`,
-    /// attaches processes that started under a watched `--name`. Returns
-    /// the records of what it did.
+    /// After a reading was judged: lets `exited` processes go, replans
+    /// those that ran exec and, at the end of an interval (`report`), plans
+    /// the next probe window (unless this was the `last` reading) and, with
+    /// `follow`, attaches processes that started under a watched `--name`
+    /// or the `--binary`. Returns the records of what it did.
     pub fn after_tick(
         &mut self,
         exited: &[u32],
@@ -330,7 +342,9 @@ impl Controller {
         interval: Duration,
         last: bool,
         follow: bool,
+        report: bool,
     ) -> anyhow::Result<Vec<Record>> {
+        let follow = follow && report;
         for &pid in exited {
             self.live.remove(&pid);
             self.collector.forget(pid);
@@ -350,7 +364,7 @@ impl Controller {
                 log::debug!("{closed} file(s) no process is probed in any more closed");
             }
         }
-        if !last {
+        if report && !last {
             let (plan, failed) = self.windows.plan(&mut self.probes, hit_rate, interval);
             records.extend(plan);
             for (request, err) in failed {

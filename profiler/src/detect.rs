@@ -1,53 +1,83 @@
-//! Turns call rates into verdicts: is this function in a runaway loop?
+//! Turns call rates and the signals beside them into verdicts: is this a
+//! runaway invalidation loop, or traffic?
 //!
-//! Pure logic, no system calls: the sampler feeds one rate per
-//! (process, function) per interval and gets back the events worth reporting.
+//! Pure logic, no system calls: the analyzer feeds one reading per
+//! (process, function) series — a rate over a few hundred milliseconds,
+//! and what else it saw in that reading — and gets back the events worth
+//! reporting. Time is measured in seconds of readings, never in readings,
+//! so the rules hold whatever the reading period.
 //!
-//! The rules, per (process, function) series:
+//! What a loop does that traffic does not, and how each is measured:
 //!
-//! - **Baseline.** The first `warmup` intervals are averaged into a baseline;
-//!   after that, every interval that is not elevated moves it by an
-//!   exponentially weighted average (`alpha`), rising by at most `alpha` of
-//!   itself per interval. Elevated intervals never feed it, so a burst or a
-//!   loop cannot teach the detector that it is normal.
-//! - **Elevated.** An interval is elevated when its rate is at least `factor`
-//!   times the baseline (a baseline under 1 call/s counts as 1 call/s) *and*
-//!   at least `min_rate` calls/s, so that a function going from 2 to 30
-//!   calls/s is not a loop.
-//! - **Loop.** `sustain` elevated intervals in a row confirm a loop. A
-//!   healthy burst (x4-x5, or shorter than `sustain` intervals) never does.
-//! - **Recovery.** Once in a loop, `sustain` intervals in a row that are not
-//!   elevated report a recovery, and learning resumes.
+//! - **Runaway rate.** The rate is `factor` times its learned baseline and
+//!   at least `min_rate` calls/s. On its own that is also a warm-up, a mass
+//!   expiry or a ban storm, so it must be **corroborated**: the process
+//!   burns a core it did not burn before (a loop pins its thread; an
+//!   expiry cycle or a warm-up waits on I/O and on clients), or each
+//!   request makes far more invalidations than it used to
+//!   (`--request-func`), or there is structure (below). When keys are
+//!   captured and nearly every call drops a key not dropped before in that
+//!   reading (re-invalidation ratio under one half: a mass expiry, a
+//!   purge, a warm-up), the rate alone is never a loop.
+//! - **Expensive calls.** A loop of slow calls may stay under `min_rate`
+//!   (200 calls/s at 5 ms each pins a core): a rate `factor` times its
+//!   baseline, at least [`EXPENSIVE_MIN_RATE`], with the process burning a
+//!   core more than it learned, is suspect too.
+//! - **Structure**, judged against what the series learned:
+//!   - a *call cycle*: watched functions calling each other (each edge a
+//!     real share of the calls; a function calling itself is recursion,
+//!     not a cycle);
+//!   - a *key cycle*: on one thread, the same keys following each other in
+//!     the same order (A, B, A, B, ...) over most of the calls;
+//!   - *repeating keys*: a few keys carry nearly every call, far beyond the
+//!     share those keys carried in healthy history (a queue broker's lists
+//!     and counters repeat all day: that share is learned, not alarming).
 //!
-//! - **Structural evidence.** A function the sampler saw in a call cycle
-//!   with other watched functions, or invalidating the same few keys again
-//!   and again, needs no baseline: an interval at or above `min_rate` with
-//!   that evidence counts as elevated, warm-up or not.
-//!   That is how a loop already running at attach is caught.
-//!
-//! - **Requests.** With `--request-func`, an interval whose invalidations
-//!   per request did not rise is traffic, not a loop: the rate rule does
-//!   not apply to it (structural evidence still does).
+//!   Structure the series showed in its calm history is not evidence.
+//!   With history, new structure needs the rate to rise too (twice the
+//!   baseline) or a core to burn. With no history (a loop already running
+//!   at attach), only a call or key cycle counts, and only while the
+//!   process burns a core.
+//! - **Sustain, k of n.** A series is confirmed once its suspect readings
+//!   cover `structural_sustain` seconds of the last twice that (structure),
+//!   or `sustain` seconds of the last one and a half times that (rate): a
+//!   loop that dips now and then is still caught, a burst shorter than
+//!   `sustain` never is.
+//! - **Learning.** The first `warmup` seconds become the baseline; after
+//!   that every reading that is neither suspect nor inside a loop of its
+//!   process moves it, by `alpha` per second, rising by at most that share
+//!   of itself per second. Suspect readings never feed it, so a burst or a
+//!   loop cannot teach the detector that it is normal, and while a process
+//!   loops, its starved functions do not learn to be idle.
+//! - **Recovery.** Once in a loop, `sustain` seconds without a suspect
+//!   reading report a recovery.
 //!
 //! What this module does not do: find the cycles (`cycles.rs`), or read the
 //! kernel.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
-/// The thresholds of the rules above. Every field has a command-line flag.
-#[derive(Clone, Debug, PartialEq)]
+/// The thresholds of the rules above. Every field has a command-line flag
+/// but `alpha` and `cpu_cores`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Rules {
-    /// How many times the baseline an interval must reach to be elevated.
+    /// How many times the baseline a rate must reach to be a runaway.
     pub factor: f64,
-    /// The least rate, in calls/s, that can be elevated at all.
+    /// The least rate, in calls/s, that can be a runaway without a
+    /// burning core (`--threshold`).
     pub min_rate: f64,
-    /// Elevated intervals in a row that confirm a loop; calm intervals in a
-    /// row that confirm a recovery.
-    pub sustain: u32,
-    /// Intervals averaged into the first baseline.
-    pub warmup: u32,
-    /// Weight of the newest calm interval in the baseline, in (0, 1].
+    /// Seconds of runaway readings that confirm a loop on the rate
+    /// (`--sustain`); seconds without any that confirm a recovery.
+    pub sustain: f64,
+    /// Seconds of structural readings that confirm a loop
+    /// (`--sustain-structural`).
+    pub structural_sustain: f64,
+    /// Seconds of history averaged into the first baseline (`--warmup`).
+    pub warmup: f64,
+    /// Weight per second of calm history in the baseline, in (0, 1].
     pub alpha: f64,
+    /// CPU, in cores, that counts as a loop burning the process's thread.
+    pub cpu_cores: f64,
 }
 
 impl Default for Rules {
@@ -55,9 +85,11 @@ impl Default for Rules {
         Self {
             factor: 10.0,
             min_rate: 1000.0,
-            sustain: 3,
-            warmup: 2,
+            sustain: 2.0,
+            structural_sustain: 0.5,
+            warmup: 2.0,
             alpha: 0.2,
+            cpu_cores: 0.85,
         }
     }
 }
@@ -65,30 +97,151 @@ impl Default for Rules {
 /// Baselines under this many calls/s are treated as this, so that an idle
 /// function (baseline 0) is compared against something.
 pub const BASELINE_FLOOR: f64 = 1.0;
+/// The least rate an expensive loop can be called at, calls/s.
+pub const EXPENSIVE_MIN_RATE: f64 = 20.0;
+/// A core more than learned: what a loop burning a thread adds.
+const CPU_RISE: f64 = 0.5;
+/// New structure with history needs the rate at least this many times the
+/// baseline (or a burning core).
+const STRUCTURE_RISE: f64 = 2.0;
+/// A share of calls (repeating keys, a key cycle) counts as new when it is
+/// this much above the learned share.
+const SHARE_MARGIN: f64 = 0.3;
+/// Few keys carry "nearly every call" from this share up.
+pub const REPEAT_SHARE: f64 = 0.9;
+/// A key cycle must carry this share of a function's keyed calls.
+pub const KEY_CYCLE_SHARE: f64 = 0.5;
+/// Under this re-invalidation ratio, a reading's keys are mostly new ones.
+const DISTINCT_STORM: f64 = 0.5;
 
-/// Identifies one series: a function (its index in the loader's table) in one
-/// process.
+/// Identifies one series: a function (its index in the catalog) in one
+/// process. [`ALL_FUNCTIONS`] is the process's functions together.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SeriesKey {
     pub pid: u32,
     pub func: u32,
 }
 
-/// What the sampler knows about an interval besides the rate.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// The function id of a process's sum over its judged functions: a loop
+/// spread over several functions adds up there.
+pub const ALL_FUNCTIONS: u32 = u32::MAX;
+
+/// What the analyzer saw in a reading besides the rate.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Signals {
-    /// A call cycle with other watched functions, or the same few keys
-    /// invalidated again and again.
-    pub structural: bool,
-    /// Requests (`--request-func`) rose with the invalidations: the rate
-    /// rule does not apply, this is traffic, not a loop.
+    /// In a call cycle with other watched functions.
+    pub call_cycle: bool,
+    /// Share of the calls that walked a key cycle (0 without one).
+    pub key_cycle: f64,
+    /// With keys captured: share of the calls the few busiest keys carry.
+    pub top_share: Option<f64>,
+    /// With keys captured: 1 - distinct keys / keyed calls.
+    pub reinvalidation: Option<f64>,
+    /// The process's CPU in the reading, in cores, and its learned CPU.
+    pub cpu: Option<f64>,
+    pub cpu_baseline: Option<f64>,
+    /// Requests (`--request-func`) rose with the invalidations: traffic.
     pub explained_by_requests: bool,
+    /// Invalidations per request rose `factor / 2` times over learned.
+    pub per_request_risen: bool,
+    /// Another series of the process is in a loop: learn nothing.
+    pub process_looping: bool,
+}
+
+/// Why a loop was called: the strongest signal that confirmed it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Cause {
+    CallCycle,
+    KeyCycle,
+    RepeatingKeys,
+    PerRequest,
+    ExpensiveCalls,
+    RunawayRate,
+}
+
+impl Cause {
+    /// The name in `evidence.cause` (and `evidence.rule.name`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::CallCycle => "call_cycle",
+            Self::KeyCycle => "key_cycle",
+            Self::RepeatingKeys => "repeating_keys",
+            Self::PerRequest => "invalidations_per_request",
+            Self::ExpensiveCalls => "expensive_calls",
+            Self::RunawayRate => "sustained_rate_over_baseline",
+        }
+    }
+
+    pub fn structural(self) -> bool {
+        matches!(self, Self::CallCycle | Self::KeyCycle | Self::RepeatingKeys)
+    }
+}
+
+/// The signals that agreed in a verdict, each named in `evidence.signals`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Agreed {
+    pub rate: bool,
+    pub cpu: bool,
+    pub call_cycle: bool,
+    pub key_cycle: bool,
+    pub repeating_keys: bool,
+    pub per_request: bool,
+    /// There was no history to compare with.
+    pub no_history: bool,
+}
+
+impl Agreed {
+    fn union(self, o: Self) -> Self {
+        Self {
+            rate: self.rate || o.rate,
+            cpu: self.cpu || o.cpu,
+            call_cycle: self.call_cycle || o.call_cycle,
+            key_cycle: self.key_cycle || o.key_cycle,
+            repeating_keys: self.repeating_keys || o.repeating_keys,
+            per_request: self.per_request || o.per_request,
+            no_history: self.no_history || o.no_history,
+        }
+    }
+
+    /// The names of the signals that agreed, strongest first.
+    pub fn names(self) -> Vec<&'static str> {
+        [
+            (self.call_cycle, "call_cycle"),
+            (self.key_cycle, "key_cycle"),
+            (self.repeating_keys, "repeating_keys"),
+            (self.rate, "rate_over_baseline"),
+            (self.per_request, "invalidations_per_request"),
+            (self.cpu, "cpu"),
+            (self.no_history, "no_history"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect()
+    }
+
+    fn cause(self, rate: f64, min_rate: f64) -> Option<Cause> {
+        Some(if self.call_cycle {
+            Cause::CallCycle
+        } else if self.key_cycle {
+            Cause::KeyCycle
+        } else if self.repeating_keys {
+            Cause::RepeatingKeys
+        } else if self.per_request {
+            Cause::PerRequest
+        } else if self.rate && rate < min_rate {
+            Cause::ExpensiveCalls
+        } else if self.rate {
+            Cause::RunawayRate
+        } else {
+            return None;
+        })
+    }
 }
 
 /// Something the detector wants reported.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
-    /// A loop was confirmed in this interval.
+    /// A loop was confirmed in this reading.
     Loop(LoopVerdict),
     /// A loop that was confirmed earlier has calmed down.
     Recovered(Recovery),
@@ -98,23 +251,31 @@ pub enum Event {
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoopVerdict {
     pub key: SeriesKey,
-    /// Rate of the interval that confirmed the loop, calls/s.
+    /// Rate of the suspect readings, calls/s.
     pub rate: f64,
-    /// The learned baseline the rates were compared with, calls/s.
+    /// The learned baseline the rates were compared with, calls/s (0
+    /// without history).
     pub baseline: f64,
-    /// The elevated rates that confirmed it, oldest first.
+    /// The suspect readings' rates, oldest first.
     pub elevated_rates: Vec<f64>,
-    /// Seconds covered by those intervals.
+    /// Seconds those readings cover.
     pub elevated_seconds: f64,
-    /// Confirmed by structural evidence (a call cycle, repeating keys), not
-    /// (only) by the rate over baseline.
-    pub structural: bool,
+    pub cause: Cause,
+    pub agreed: Agreed,
+    /// The baseline came from an earlier process of the same name.
+    pub inherited: bool,
 }
 
 impl LoopVerdict {
     /// How many times the baseline the confirming rate is.
     pub fn ratio(&self) -> f64 {
         self.rate / self.baseline.max(BASELINE_FLOOR)
+    }
+
+    /// Confirmed on structure (a cycle, repeating keys), whatever the
+    /// history.
+    pub fn structural(&self) -> bool {
+        self.cause.structural()
     }
 }
 
@@ -130,24 +291,48 @@ pub struct Recovery {
     pub peak_rate: f64,
 }
 
+/// What a series learned from its calm readings; carried to the next
+/// process of the same name.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Learned {
+    pub baseline: f64,
+    /// Shares of the calls the busiest keys, a key cycle, and a call cycle
+    /// (0 or 1) took in calm readings.
+    pub top_share: f64,
+    pub key_cycle: f64,
+    pub call_cycle: f64,
+}
+
 #[derive(Debug, Default)]
 struct Series {
-    /// Sum and count of the warm-up intervals, then the learned baseline.
-    warm_sum: f64,
-    warm_count: u32,
-    baseline: Option<f64>,
-    /// Elevated intervals in a row (rate, seconds, in a cycle), while not
-    /// yet in a loop.
-    elevated: Vec<(f64, f64, bool)>,
-    /// `Some` while in a loop.
+    /// Calls and seconds of the warm-up, then what was learned.
+    warm_calls: f64,
+    warm_seconds: f64,
+    learned: Option<Learned>,
+    inherited: bool,
+    /// The last readings (seconds, rate, suspect signals), newest last,
+    /// covering the longest sustain window.
+    recent: VecDeque<Reading>,
     looping: Option<Looping>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Reading {
+    seconds: f64,
+    rate: f64,
+    structural: Option<Agreed>,
+    /// A runaway rate, corroborated or not yet.
+    runaway: Option<Agreed>,
+    /// A core burning (or the per-request ratio risen, or no CPU reading
+    /// to go by) in this reading.
+    corroborated: bool,
 }
 
 #[derive(Debug)]
 struct Looping {
     seconds: f64,
     peak: f64,
-    calm_run: u32,
+    calm_seconds: f64,
 }
 
 /// The per-series state machines.
@@ -155,6 +340,14 @@ struct Looping {
 pub struct Detector {
     rules: Rules,
     series: HashMap<SeriesKey, Series>,
+}
+
+/// Moves `value` toward `target` by weight `w`, rising by at most `w` of
+/// itself (floored at `floor`): one partial reading at a loop's start must
+/// not lift the bar for the rest of the loop.
+fn learn(value: f64, target: f64, w: f64, floor: f64) -> f64 {
+    let step = (target - value).min(value.max(floor));
+    value + w * step
 }
 
 impl Detector {
@@ -169,13 +362,27 @@ impl Detector {
         &self.rules
     }
 
-    /// Feeds the rate (calls/s) of one series over an interval of `seconds`.
-    /// Returns an event when this interval confirms a loop or a recovery.
+    /// Feeds a reading of `seconds` with only a rate.
     pub fn observe(&mut self, key: SeriesKey, rate: f64, seconds: f64) -> Option<Event> {
         self.observe_with(key, rate, seconds, Signals::default())
     }
 
-    /// Feeds one interval with the sampler's other signals.
+    /// Starts a series from what an earlier process of the same name
+    /// learned (a restart), unless it has history of its own.
+    pub fn inherit(&mut self, key: SeriesKey, learned: Learned) {
+        let series = self.series.entry(key).or_default();
+        if series.learned.is_none() && series.warm_seconds == 0.0 {
+            series.learned = Some(learned);
+            series.inherited = true;
+        }
+    }
+
+    /// What a series learned, once its warm-up is over.
+    pub fn learned(&self, key: SeriesKey) -> Option<Learned> {
+        self.series.get(&key).and_then(|s| s.learned)
+    }
+
+    /// Feeds one reading with the analyzer's other signals.
     pub fn observe_with(
         &mut self,
         key: SeriesKey,
@@ -183,94 +390,126 @@ impl Detector {
         seconds: f64,
         signals: Signals,
     ) -> Option<Event> {
-        let Signals {
-            structural,
-            explained_by_requests,
-        } = signals;
         let rules = &self.rules;
         let series = self.series.entry(key).or_default();
-        let cyclic = structural && rate >= rules.min_rate;
+        let learned = series.learned;
+        let (structural, runaway, corroborated) = judge(rules, learned, rate, &signals);
+        let suspect = structural.is_some() || runaway.is_some();
 
-        let baseline = match series.baseline {
-            Some(baseline) => baseline,
-            // Still warming up, and no structure to go by: learn.
-            None if !cyclic => {
-                series.warm_sum += rate;
-                series.warm_count += 1;
-                if series.warm_count >= rules.warmup.max(1) {
-                    series.baseline = Some(series.warm_sum / f64::from(series.warm_count));
-                }
-                return None;
-            }
-            // A cycle during warm-up: never learn it as normal.
-            None => 0.0,
-        };
-
-        let elevated = cyclic
-            || (series.baseline.is_some()
-                && !explained_by_requests
-                && rate >= rules.factor * baseline.max(BASELINE_FLOOR)
-                && rate >= rules.min_rate);
+        series.recent.push_back(Reading {
+            seconds,
+            rate,
+            structural,
+            runaway,
+            corroborated,
+        });
+        let keep = rules.sustain * 1.5 + seconds;
+        let mut covered: f64 = series.recent.iter().map(|r| r.seconds).sum();
+        while covered > keep && series.recent.len() > 1 {
+            covered -= series.recent.pop_front().map_or(0.0, |r| r.seconds);
+        }
 
         if let Some(looping) = &mut series.looping {
             looping.seconds += seconds;
-            if elevated {
-                looping.calm_run = 0;
+            if suspect {
+                looping.calm_seconds = 0.0;
                 looping.peak = looping.peak.max(rate);
                 return None;
             }
-            looping.calm_run += 1;
-            if looping.calm_run < rules.sustain {
+            looping.calm_seconds += seconds;
+            if looping.calm_seconds + 1e-9 < rules.sustain {
                 return None;
             }
             let recovery = Recovery {
                 key,
                 rate,
-                baseline,
+                baseline: learned.map_or(0.0, |l| l.baseline),
                 loop_seconds: looping.seconds,
                 peak_rate: looping.peak,
             };
             series.looping = None;
+            series.recent.clear();
             return Some(Event::Recovered(recovery));
         }
 
-        if !elevated {
-            series.elevated.clear();
-            // One interval may raise the baseline by at most `alpha` of
-            // itself: the partial interval a loop starts in (under the bar,
-            // but far above normal) must not lift the bar for the rest of
-            // the loop. A real step in traffic is still learned in a few
-            // intervals; falls are learned at the full weight.
-            let step = (rate - baseline).min(baseline.max(BASELINE_FLOOR));
-            series.baseline = Some(baseline + rules.alpha * step);
-            return None;
+        // A rise nothing corroborates is learned, at the capped pace: a
+        // lasting step in traffic becomes the new normal in seconds.
+        if structural.is_none() && (runaway.is_none() || !corroborated) {
+            if !signals.process_looping {
+                learn_from(rules, series, rate, seconds, &signals);
+            }
+            runaway?;
         }
 
-        series.elevated.push((rate, seconds, cyclic));
-        if series.elevated.len() < rules.sustain as usize {
+        // k of n, in seconds: structure over the last 2 x its sustain, the
+        // rate over the last 1.5 x its sustain, corroborated over at least
+        // half of that (a loop that dips shows a burning core in most of
+        // its readings, not in each).
+        let window = |span: f64, pick: &dyn Fn(&Reading) -> Option<Agreed>| {
+            let mut seen = 0.0;
+            let mut suspect = 0.0;
+            let mut corroborated = 0.0;
+            let mut agreed = Agreed::default();
+            let mut rates = Vec::new();
+            for r in series.recent.iter().rev() {
+                if seen + 1e-9 >= span {
+                    break;
+                }
+                seen += r.seconds;
+                if let Some(a) = pick(r) {
+                    suspect += r.seconds;
+                    if r.corroborated || r.structural.is_some() {
+                        corroborated += r.seconds;
+                        agreed = agreed.union(a);
+                    }
+                    rates.push((r.rate, r.seconds));
+                }
+            }
+            rates.reverse();
+            (suspect, corroborated, agreed, rates)
+        };
+        let s = rules.structural_sustain;
+        let (struct_seconds, _, struct_agreed, struct_rates) =
+            window(2.0 * s, &|r: &Reading| r.structural);
+        let (rate_seconds, rate_corroborated, rate_agreed, rate_rates) =
+            window(1.5 * rules.sustain, &|r: &Reading| {
+                r.runaway.or(r.structural)
+            });
+        let (agreed, rates) = if struct_seconds + 1e-9 >= s {
+            (struct_agreed, struct_rates)
+        } else if rate_seconds + 1e-9 >= rules.sustain
+            && rate_corroborated + 1e-9 >= rules.sustain / 2.0
+        {
+            (rate_agreed, rate_rates)
+        } else {
             return None;
-        }
+        };
+        let elevated_seconds: f64 = rates.iter().map(|&(_, s)| s).sum();
+        let calls: f64 = rates.iter().map(|&(r, s)| r * s).sum();
+        let mean = calls / elevated_seconds.max(1e-9);
+        let cause = agreed.cause(mean, rules.min_rate)?;
         let verdict = LoopVerdict {
             key,
-            rate,
-            baseline,
-            elevated_rates: series.elevated.iter().map(|&(r, _, _)| r).collect(),
-            elevated_seconds: series.elevated.iter().map(|&(_, s, _)| s).sum(),
-            structural: series.elevated.iter().any(|&(_, _, c)| c),
+            rate: mean,
+            baseline: learned.map_or(0.0, |l| l.baseline),
+            elevated_rates: rates.iter().map(|&(r, _)| r).collect(),
+            elevated_seconds,
+            cause,
+            agreed,
+            inherited: series.inherited,
         };
         let peak = verdict.elevated_rates.iter().copied().fold(0.0, f64::max);
         series.looping = Some(Looping {
             seconds: 0.0,
             peak,
-            calm_run: 0,
+            calm_seconds: 0.0,
         });
-        series.elevated.clear();
         Some(Event::Loop(verdict))
     }
 
     /// The learned baseline of a series, once warm-up is over.
     pub fn baseline(&self, key: SeriesKey) -> Option<f64> {
-        self.series.get(&key).and_then(|s| s.baseline)
+        self.learned(key).map(|l| l.baseline)
     }
 
     /// Whether a series is in a confirmed loop now.
@@ -278,10 +517,128 @@ impl Detector {
         self.series.get(&key).is_some_and(|s| s.looping.is_some())
     }
 
+    /// Whether the last reading of a series was suspect (a rise nothing
+    /// corroborated is not).
+    pub fn suspect(&self, key: SeriesKey) -> bool {
+        self.series
+            .get(&key)
+            .and_then(|s| s.recent.back())
+            .is_some_and(|r| r.structural.is_some() || (r.runaway.is_some() && r.corroborated))
+    }
+
+    /// Whether any series of a process is in a confirmed loop now.
+    pub fn process_in_loop(&self, pid: u32) -> bool {
+        self.series
+            .iter()
+            .any(|(k, s)| k.pid == pid && s.looping.is_some())
+    }
+
     /// Drops every series of a process that is gone, so that a new process
-    /// that reuses its pid starts from scratch.
-    pub fn forget_process(&mut self, pid: u32) {
-        self.series.retain(|key, _| key.pid != pid);
+    /// that reuses its pid starts from scratch. Returns what each learned.
+    pub fn forget_process(&mut self, pid: u32) -> Vec<(u32, Learned)> {
+        let mut learned = Vec::new();
+        self.series.retain(|key, s| {
+            if key.pid != pid {
+                return true;
+            }
+            if let Some(l) = s.learned {
+                learned.push((key.func, l));
+            }
+            false
+        });
+        learned
+    }
+}
+
+/// Whether a reading is suspect on structure, on the rate, or not at all,
+/// with the signals that agreed; and whether something corroborates a
+/// runaway rate in it.
+fn judge(
+    rules: &Rules,
+    learned: Option<Learned>,
+    rate: f64,
+    signals: &Signals,
+) -> (Option<Agreed>, Option<Agreed>, bool) {
+    let history = learned.is_some();
+    let baseline = learned.map_or(0.0, |l| l.baseline).max(BASELINE_FLOOR);
+    let cpu_hot = signals.cpu.is_some_and(|cpu| {
+        cpu >= rules.cpu_cores && signals.cpu_baseline.is_none_or(|b| cpu >= b + CPU_RISE)
+    });
+    let rate_up = history && rate >= rules.factor * baseline;
+
+    // Structure, against what the series learned.
+    let was = learned.unwrap_or_default();
+    let call_cycle = signals.call_cycle && was.call_cycle < 0.5;
+    let key_cycle =
+        signals.key_cycle >= KEY_CYCLE_SHARE && signals.key_cycle >= was.key_cycle + SHARE_MARGIN;
+    let repeating = history
+        && signals.top_share.is_some_and(|share| {
+            share >= REPEAT_SHARE
+                && share >= was.top_share + SHARE_MARGIN
+                && signals.reinvalidation.is_some_and(|r| r >= REPEAT_SHARE)
+        });
+    let agreed = Agreed {
+        rate: rate_up,
+        cpu: cpu_hot,
+        call_cycle,
+        key_cycle,
+        repeating_keys: repeating,
+        per_request: signals.per_request_risen,
+        no_history: !history,
+    };
+    let busy = rate >= rules.min_rate || cpu_hot;
+    let structural = (call_cycle || key_cycle || repeating)
+        && busy
+        && if history {
+            rate_up || cpu_hot || rate >= STRUCTURE_RISE * baseline
+        } else {
+            cpu_hot
+        };
+
+    // The rate; corroborated over the window (see `observe_with`).
+    let distinct_storm = signals.reinvalidation.is_some_and(|r| r < DISTINCT_STORM);
+    let fast = rate >= rules.min_rate;
+    let expensive = cpu_hot && rate >= EXPENSIVE_MIN_RATE;
+    let corroborated = cpu_hot || signals.per_request_risen || signals.cpu.is_none();
+    let runaway =
+        rate_up && (fast || expensive) && !signals.explained_by_requests && !distinct_storm;
+    (
+        structural.then_some(agreed),
+        (runaway || structural).then_some(agreed),
+        corroborated,
+    )
+}
+
+/// A calm reading: the warm-up, then the learned baseline and shares.
+fn learn_from(rules: &Rules, series: &mut Series, rate: f64, seconds: f64, signals: &Signals) {
+    let w = 1.0 - (1.0 - rules.alpha.clamp(0.0, 1.0)).powf(seconds);
+    let top = signals.top_share.unwrap_or(0.0);
+    let cycle = if signals.call_cycle { 1.0 } else { 0.0 };
+    match &mut series.learned {
+        Some(l) => {
+            l.baseline = learn(l.baseline, rate, w, BASELINE_FLOOR);
+            // Shares are learned at the full weight both ways: a share is
+            // bounded, and a pattern seen in calm traffic is normal.
+            l.top_share += w * (top - l.top_share);
+            l.key_cycle += w * (signals.key_cycle - l.key_cycle);
+            l.call_cycle += w * (cycle - l.call_cycle);
+        }
+        None => {
+            series.warm_calls += rate * seconds;
+            series.warm_seconds += seconds;
+            let shares = Learned {
+                baseline: 0.0,
+                top_share: top,
+                key_cycle: signals.key_cycle,
+                call_cycle: cycle,
+            };
+            if series.warm_seconds + 1e-9 >= rules.warmup {
+                series.learned = Some(Learned {
+                    baseline: series.warm_calls / series.warm_seconds,
+                    ..shares
+                });
+            }
+        }
     }
 }
 
@@ -290,100 +647,154 @@ mod tests {
     use super::*;
 
     const KEY: SeriesKey = SeriesKey { pid: 42, func: 0 };
+    /// The default reading period.
+    const READ: f64 = 0.25;
 
-    /// Feeds one-second intervals; returns (interval index, event) pairs.
-    const CYCLE: Signals = Signals {
-        structural: true,
-        explained_by_requests: false,
-    };
-
-    fn run(detector: &mut Detector, rates: &[f64]) -> Vec<(usize, Event)> {
-        rates
-            .iter()
-            .enumerate()
-            .filter_map(|(i, &rate)| detector.observe(KEY, rate, 1.0).map(|e| (i, e)))
-            .collect()
+    /// A process burning a core more than it learned.
+    fn hot() -> Signals {
+        Signals {
+            cpu: Some(1.0),
+            cpu_baseline: Some(0.1),
+            ..Signals::default()
+        }
     }
 
-    fn series(parts: &[(f64, usize)]) -> Vec<f64> {
-        parts
-            .iter()
-            .flat_map(|&(rate, n)| std::iter::repeat_n(rate, n))
-            .collect()
+    fn calm_cpu() -> Signals {
+        Signals {
+            cpu: Some(0.1),
+            cpu_baseline: Some(0.1),
+            ..Signals::default()
+        }
     }
 
-    fn loops(events: &[(usize, Event)]) -> Vec<usize> {
+    /// Feeds readings of `READ` seconds, each `(rate, signals)`, `n` times
+    /// per part; returns (seconds at the end of the reading, event).
+    fn run(d: &mut Detector, parts: &[(f64, f64, Signals)]) -> Vec<(f64, Event)> {
+        let mut t = 0.0;
+        let mut events = Vec::new();
+        for &(rate, seconds, signals) in parts {
+            let n = (seconds / READ).round() as usize;
+            for _ in 0..n {
+                t += READ;
+                if let Some(e) = d.observe_with(KEY, rate, READ, signals) {
+                    events.push((t, e));
+                }
+            }
+        }
+        events
+    }
+
+    fn loops(events: &[(f64, Event)]) -> Vec<(f64, LoopVerdict)> {
         events
             .iter()
-            .filter(|(_, e)| matches!(e, Event::Loop(_)))
-            .map(|(i, _)| *i)
+            .filter_map(|(t, e)| match e {
+                Event::Loop(v) => Some((*t, v.clone())),
+                _ => None,
+            })
             .collect()
     }
 
     #[test]
-    fn loop_after_healthy_phase_is_confirmed_after_sustain_intervals() {
+    fn runaway_burning_a_core_is_confirmed_after_sustain_seconds() {
         let mut d = Detector::new(Rules::default());
-        let rates = series(&[(100.0, 10), (50_000.0, 5)]);
-        let events = run(&mut d, &rates);
-        // Elevated from interval 10; the third elevated interval confirms.
-        assert_eq!(loops(&events), vec![12]);
-        let Event::Loop(v) = &events[0].1 else {
-            panic!("{events:?}")
-        };
+        let events = run(&mut d, &[(100.0, 10.0, calm_cpu()), (50_000.0, 5.0, hot())]);
+        let found = loops(&events);
+        assert_eq!(found.len(), 1, "{events:?}");
+        let (at, v) = &found[0];
+        // Started at t = 10 s; two seconds of it confirm.
+        assert!((*at - 12.0).abs() < 1e-6, "confirmed at {at}");
         assert_eq!(v.baseline, 100.0);
-        assert_eq!(v.elevated_rates, vec![50_000.0; 3]);
+        assert_eq!(v.cause, Cause::RunawayRate);
+        assert!(v.agreed.rate && v.agreed.cpu);
         assert_eq!(v.ratio(), 500.0);
     }
 
     #[test]
-    fn loop_starting_mid_interval_is_confirmed_within_five_seconds() {
+    fn rate_alone_without_a_burning_core_is_traffic() {
+        // A mass expiry or a ban storm: x50, but the process idles on I/O.
         let mut d = Detector::new(Rules::default());
-        // The loop starts 0.9 s into interval 10: that interval sees 10% of it.
-        let mut rates = series(&[(100.0, 10)]);
-        rates.push(0.9 * 100.0 + 0.1 * 40_000.0);
-        rates.extend(series(&[(40_000.0, 5)]));
-        let events = run(&mut d, &rates);
-        let first = loops(&events)[0];
-        // The loop began at t = 10.9 s; interval i ends at t = i + 1.
-        assert!((first + 1) as f64 - 10.9 <= 5.0, "confirmed at {first}");
+        let events = run(
+            &mut d,
+            &[(100.0, 10.0, calm_cpu()), (5_000.0, 10.0, calm_cpu())],
+        );
+        assert_eq!(loops(&events), vec![]);
+    }
+
+    #[test]
+    fn a_storm_of_distinct_keys_is_not_a_loop_even_on_a_busy_core() {
+        let mut d = Detector::new(Rules::default());
+        let expiry = Signals {
+            top_share: Some(0.01),
+            reinvalidation: Some(0.02),
+            ..hot()
+        };
+        let events = run(
+            &mut d,
+            &[(100.0, 10.0, calm_cpu()), (20_000.0, 10.0, expiry)],
+        );
+        assert_eq!(loops(&events), vec![]);
     }
 
     #[test]
     fn healthy_bursts_do_not_alarm() {
         let mut d = Detector::new(Rules::default());
-        let rates = series(&[
-            (200.0, 10),
-            (1000.0, 3), // x5 for three seconds
-            (200.0, 5),
-            (900.0, 4), // x4.5 for four seconds
-            (200.0, 5),
-            (5_000.0, 2), // x25, but only two intervals
-            (200.0, 5),
-        ]);
-        assert_eq!(run(&mut d, &rates), vec![]);
+        let events = run(
+            &mut d,
+            &[
+                (200.0, 10.0, calm_cpu()),
+                (1000.0, 3.0, hot()), // x5 for three seconds
+                (200.0, 5.0, calm_cpu()),
+                (900.0, 4.0, hot()), // x4.5 for four seconds
+                (200.0, 5.0, calm_cpu()),
+                (5_000.0, 1.5, hot()), // x25, but for 1.5 s
+                (200.0, 5.0, calm_cpu()),
+            ],
+        );
+        assert_eq!(loops(&events), vec![]);
+    }
+
+    #[test]
+    fn a_loop_that_dips_now_and_then_is_still_caught() {
+        let mut d = Detector::new(Rules::default());
+        let mut parts = vec![(100.0, 10.0, calm_cpu())];
+        for _ in 0..4 {
+            parts.push((30_000.0, 0.75, hot()));
+            parts.push((100.0, 0.25, calm_cpu()));
+        }
+        assert_eq!(loops(&run(&mut d, &parts)).len(), 1);
+    }
+
+    #[test]
+    fn an_expensive_loop_under_the_threshold_is_caught_on_its_core() {
+        // 200 calls/s at 5 ms each after 10/s: under --threshold, but a core.
+        let mut d = Detector::new(Rules::default());
+        let events = run(&mut d, &[(10.0, 10.0, calm_cpu()), (200.0, 4.0, hot())]);
+        let found = loops(&events);
+        assert_eq!(found.len(), 1, "{events:?}");
+        assert_eq!(found[0].1.cause, Cause::ExpensiveCalls);
+        // The same rise with the core idle is nothing.
+        let mut d = Detector::new(Rules::default());
+        let events = run(
+            &mut d,
+            &[(10.0, 10.0, calm_cpu()), (200.0, 4.0, calm_cpu())],
+        );
+        assert_eq!(loops(&events), vec![]);
     }
 
     #[test]
     fn bursts_do_not_inflate_the_baseline() {
         let mut d = Detector::new(Rules::default());
-        run(&mut d, &series(&[(100.0, 5), (5_000.0, 2)]));
+        run(&mut d, &[(100.0, 5.0, calm_cpu()), (5_000.0, 1.0, hot())]);
         assert_eq!(d.baseline(KEY), Some(100.0));
-    }
-
-    #[test]
-    fn partial_interval_at_a_loop_start_barely_moves_the_baseline() {
-        let mut d = Detector::new(Rules::default());
-        // 345/s, then an interval the loop filled for its last 2%.
-        run(&mut d, &series(&[(345.0, 6), (1_526.0, 1)]));
-        let baseline = d.baseline(KEY).unwrap();
-        assert!(baseline <= 345.0 * 1.2 + 1e-9, "baseline {baseline}");
     }
 
     #[test]
     fn lasting_step_in_traffic_is_learned() {
         let mut d = Detector::new(Rules::default());
-        // Traffic doubles for good: no alarm, and the baseline follows.
-        let events = run(&mut d, &series(&[(300.0, 5), (600.0, 30)]));
+        let events = run(
+            &mut d,
+            &[(300.0, 5.0, calm_cpu()), (600.0, 30.0, calm_cpu())],
+        );
         assert_eq!(events, vec![]);
         assert!(d.baseline(KEY).unwrap() > 590.0);
     }
@@ -391,136 +802,137 @@ mod tests {
     #[test]
     fn slow_ramp_is_learned_not_flagged() {
         let mut d = Detector::new(Rules::default());
-        // Organic growth: +5% a second for two minutes, 100/s to ~35,000/s.
-        let rates: Vec<f64> = (0..120).map(|i| 100.0 * 1.05f64.powi(i)).collect();
-        assert_eq!(run(&mut d, &rates), vec![]);
-    }
-
-    #[test]
-    fn runaway_ramp_is_flagged() {
-        let mut d = Detector::new(Rules::default());
-        // A loop that feeds itself: the rate triples every second.
-        let mut rates = series(&[(100.0, 10)]);
-        rates.extend((1..10).map(|i| 100.0 * 3f64.powi(i)));
-        assert_eq!(loops(&run(&mut d, &rates)).len(), 1);
-    }
-
-    #[test]
-    fn loop_from_low_baseline_is_flagged() {
-        let mut d = Detector::new(Rules::default());
-        let rates = series(&[(2.0, 10), (20_000.0, 4)]);
-        assert_eq!(loops(&run(&mut d, &rates)), vec![12]);
+        // Organic growth: +5% a second for two minutes, on a busy core.
+        let parts: Vec<(f64, f64, Signals)> = (0..120)
+            .map(|i| (100.0 * 1.05f64.powi(i), 1.0, hot()))
+            .collect();
+        assert_eq!(loops(&run(&mut d, &parts)), vec![]);
     }
 
     #[test]
     fn loop_in_idle_function_is_flagged() {
         let mut d = Detector::new(Rules::default());
-        let rates = series(&[(0.0, 5), (3_000.0, 4)]);
-        assert_eq!(loops(&run(&mut d, &rates)), vec![7]);
+        let events = run(&mut d, &[(0.0, 5.0, calm_cpu()), (3_000.0, 4.0, hot())]);
+        assert_eq!(loops(&events).len(), 1);
     }
 
     #[test]
-    fn high_ratio_below_min_rate_is_not_a_loop() {
+    fn recovery_is_reported_after_sustain_calm_seconds() {
         let mut d = Detector::new(Rules::default());
-        let rates = series(&[(2.0, 10), (500.0, 10)]);
-        assert_eq!(run(&mut d, &rates), vec![]);
-    }
-
-    #[test]
-    fn recovery_is_reported_once_the_rate_falls_back() {
-        let mut d = Detector::new(Rules::default());
-        let rates = series(&[(100.0, 5), (30_000.0, 6), (110.0, 4)]);
-        let events = run(&mut d, &rates);
-        assert_eq!(events.len(), 2, "{events:?}");
-        let (at, Event::Recovered(r)) = &events[1] else {
-            panic!("{events:?}")
-        };
-        assert_eq!(*at, 13);
-        assert_eq!(r.peak_rate, 30_000.0);
+        let events = run(
+            &mut d,
+            &[
+                (100.0, 5.0, calm_cpu()),
+                (30_000.0, 6.0, hot()),
+                (110.0, 4.0, calm_cpu()),
+            ],
+        );
+        let recovered: Vec<_> = events
+            .iter()
+            .filter_map(|(t, e)| match e {
+                Event::Recovered(r) => Some((*t, r.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(recovered.len(), 1, "{events:?}");
+        assert!((recovered[0].0 - 13.0).abs() < 1e-6, "{recovered:?}");
+        assert_eq!(recovered[0].1.peak_rate, 30_000.0);
         assert!(!d.in_loop(KEY));
-        // Learning resumed from the pre-loop baseline.
         assert!(d.baseline(KEY).is_some_and(|b| b < 200.0));
     }
 
     #[test]
-    fn a_calm_interval_inside_a_loop_does_not_end_it() {
+    fn loop_running_at_attach_is_caught_from_its_cycle_in_half_a_second() {
         let mut d = Detector::new(Rules::default());
-        let rates = series(&[(100.0, 5), (30_000.0, 4), (100.0, 1), (30_000.0, 4)]);
-        let events = run(&mut d, &rates);
-        assert_eq!(events.len(), 1, "{events:?}");
-        assert!(d.in_loop(KEY));
-    }
-
-    #[test]
-    fn counter_gap_keeps_rates_honest() {
-        let mut d = Detector::new(Rules::default());
-        // The sampler missed two ticks: one interval of 3 s at the same rate.
-        for _ in 0..5 {
-            assert_eq!(d.observe(KEY, 200.0, 1.0), None);
-        }
-        assert_eq!(d.observe(KEY, 200.0, 3.0), None);
-        // A loop across a late tick is still caught, and its duration counts.
-        let mut got = None;
-        for seconds in [1.0, 2.5, 1.0] {
-            got = d.observe(KEY, 40_000.0, seconds);
-        }
-        let Some(Event::Loop(v)) = got else {
-            panic!("{got:?}")
+        let cycle = Signals {
+            call_cycle: true,
+            ..hot()
         };
-        assert_eq!(v.elevated_seconds, 4.5);
-    }
-
-    #[test]
-    fn exited_process_is_forgotten_and_its_pid_starts_fresh() {
-        let mut d = Detector::new(Rules::default());
-        run(&mut d, &series(&[(100.0, 5), (30_000.0, 3)]));
-        assert!(d.in_loop(KEY));
-        d.forget_process(KEY.pid);
-        assert!(!d.in_loop(KEY));
-        assert_eq!(d.baseline(KEY), None);
-        // Another function of another process is untouched by the forget.
-        let other = SeriesKey { pid: 7, func: 0 };
-        d.observe(other, 1.0, 1.0);
-        d.observe(other, 1.0, 1.0);
-        d.forget_process(KEY.pid);
-        assert_eq!(d.baseline(other), Some(1.0));
-    }
-
-    #[test]
-    fn loop_running_at_attach_is_caught_from_its_cycle_without_history() {
-        let mut d = Detector::new(Rules::default());
-        // The very first intervals are already the loop: no baseline.
-        let mut events = Vec::new();
-        for i in 0..4 {
-            if let Some(e) = d.observe_with(KEY, 40_000.0, 1.0, CYCLE) {
-                events.push((i, e));
-            }
-        }
-        assert_eq!(loops(&events), vec![2]);
-        let Event::Loop(v) = &events[0].1 else {
-            panic!()
-        };
-        assert!(v.structural);
+        let events = run(&mut d, &[(40_000.0, 2.0, cycle)]);
+        let found = loops(&events);
+        assert_eq!(found.len(), 1);
+        assert!((found[0].0 - 0.5).abs() < 1e-6, "{found:?}");
+        assert_eq!(found[0].1.cause, Cause::CallCycle);
+        assert!(found[0].1.agreed.no_history);
         // The loop was never learned as the baseline.
         assert_eq!(d.baseline(KEY), None);
     }
 
     #[test]
-    fn busy_function_without_a_cycle_is_learned_not_flagged() {
+    fn a_cycle_at_attach_on_an_idle_core_is_not_a_loop() {
+        // Bounded recursion in normal operation: a cycle, but the process
+        // is not burning a core.
         let mut d = Detector::new(Rules::default());
-        for _ in 0..10 {
-            assert_eq!(d.observe(KEY, 40_000.0, 1.0), None);
-        }
-        assert_eq!(d.baseline(KEY), Some(40_000.0));
+        let cycle = Signals {
+            call_cycle: true,
+            key_cycle: 0.9,
+            ..calm_cpu()
+        };
+        assert_eq!(run(&mut d, &[(40_000.0, 10.0, cycle)]), vec![]);
     }
 
     #[test]
-    fn slow_cycle_below_min_rate_is_not_a_loop() {
-        // Bounded recursion in normal operation: a cycle, but a calm one.
+    fn hot_keys_learned_in_healthy_traffic_are_not_a_loop() {
+        // A queue broker: two lists take every write, all day.
         let mut d = Detector::new(Rules::default());
-        for _ in 0..10 {
-            assert_eq!(d.observe_with(KEY, 300.0, 1.0, CYCLE), None);
-        }
+        let broker = Signals {
+            top_share: Some(1.0),
+            reinvalidation: Some(0.99),
+            key_cycle: 0.6,
+            ..calm_cpu()
+        };
+        let busy = Signals { ..broker };
+        let events = run(&mut d, &[(3_000.0, 10.0, broker), (9_000.0, 10.0, busy)]);
+        assert_eq!(loops(&events), vec![]);
+    }
+
+    #[test]
+    fn keys_repeating_beyond_their_learned_share_are_a_loop_within_a_second() {
+        let mut d = Detector::new(Rules::default());
+        let healthy = Signals {
+            top_share: Some(0.2),
+            reinvalidation: Some(0.6),
+            ..calm_cpu()
+        };
+        let looping = Signals {
+            top_share: Some(1.0),
+            reinvalidation: Some(0.999),
+            ..hot()
+        };
+        let events = run(&mut d, &[(200.0, 10.0, healthy), (30_000.0, 3.0, looping)]);
+        let found = loops(&events);
+        assert_eq!(found.len(), 1, "{events:?}");
+        assert!(found[0].0 <= 10.0 + 1.0, "{found:?}");
+        assert_eq!(found[0].1.cause, Cause::RepeatingKeys);
+    }
+
+    #[test]
+    fn starved_functions_learn_nothing_while_their_process_loops() {
+        let mut d = Detector::new(Rules::default());
+        run(&mut d, &[(500.0, 10.0, calm_cpu())]);
+        let starved = Signals {
+            process_looping: true,
+            ..hot()
+        };
+        run(&mut d, &[(0.0, 60.0, starved)]);
+        assert_eq!(d.baseline(KEY), Some(500.0));
+    }
+
+    #[test]
+    fn a_restart_inherits_its_predecessors_baseline() {
+        let mut d = Detector::new(Rules::default());
+        d.inherit(
+            KEY,
+            Learned {
+                baseline: 100.0,
+                ..Learned::default()
+            },
+        );
+        let events = run(&mut d, &[(30_000.0, 3.0, hot())]);
+        let found = loops(&events);
+        assert_eq!(found.len(), 1, "{events:?}");
+        assert!(found[0].1.inherited);
+        assert_eq!(found[0].1.baseline, 100.0);
     }
 
     #[test]
@@ -528,22 +940,15 @@ mod tests {
         let mut d = Detector::new(Rules::default());
         let surge = Signals {
             explained_by_requests: true,
-            ..Signals::default()
+            ..hot()
         };
-        for _ in 0..5 {
-            d.observe(KEY, 200.0, 1.0);
-        }
-        for _ in 0..5 {
-            assert_eq!(d.observe_with(KEY, 20_000.0, 1.0, surge), None);
-        }
+        run(&mut d, &[(200.0, 5.0, calm_cpu())]);
+        assert_eq!(run(&mut d, &[(20_000.0, 5.0, surge)]), vec![]);
         let cycle = Signals {
-            structural: true,
-            explained_by_requests: true,
+            call_cycle: true,
+            ..surge
         };
-        let events: Vec<_> = (0..3)
-            .filter_map(|_| d.observe_with(KEY, 20_000.0, 1.0, cycle))
-            .collect();
-        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(loops(&run(&mut d, &[(20_000.0, 1.0, cycle)])).len(), 1);
     }
 
     #[test]
@@ -551,11 +956,21 @@ mod tests {
         let rules = Rules {
             factor: 3.0,
             min_rate: 10.0,
-            sustain: 1,
+            sustain: 0.25,
             ..Rules::default()
         };
         let mut d = Detector::new(rules);
-        let rates = series(&[(10.0, 5), (40.0, 1)]);
-        assert_eq!(loops(&run(&mut d, &rates)), vec![5]);
+        let events = run(&mut d, &[(10.0, 5.0, calm_cpu()), (40.0, 0.25, hot())]);
+        assert_eq!(loops(&events).len(), 1);
+    }
+
+    #[test]
+    fn exited_process_is_forgotten_and_hands_over_what_it_learned() {
+        let mut d = Detector::new(Rules::default());
+        run(&mut d, &[(100.0, 5.0, calm_cpu())]);
+        let learned = d.forget_process(KEY.pid);
+        assert_eq!(learned.len(), 1);
+        assert_eq!(learned[0].1.baseline, 100.0);
+        assert_eq!(d.baseline(KEY), None);
     }
 }

@@ -295,6 +295,10 @@ impl Enricher {
                 .cycle
                 .as_ref()
                 .map(|c| c.iter().map(|&f| self.catalog.name(f)).collect()),
+            key_cycle: l
+                .key_cycle
+                .as_ref()
+                .map(|keys| keys.iter().map(|&k| self.key_label(k)).collect()),
             top_keys: (!top.is_empty()).then_some(top),
             repeating: l.repeating,
             stack: l.stack.map(|s| self.stack(s)),

@@ -56,19 +56,21 @@ pub const PRESETS: &[Preset] = &[
             ),
             (
                 "removeExpire",
-                "keys evicted under maxmemory (their TTL entry goes first)",
+                "keys evicted under maxmemory (their TTL entry goes first); also every SET",
             ),
         ],
-        // trackingInvalidateKey(client *c, robj *keyobj, int bcast);
         // dictUnlink(dict *d, const void *key); freeObjAsync(robj *key, ...);
-        // propagateDeletion(redisDb *db, robj *key, int lazy);
-        // removeExpire(redisDb *db, robj *key). Redis 7.0 source.
+        // propagateDeletion(redisDb *db, robj *key, int lazy). Redis 7.0
+        // source. trackingInvalidateKey(client *c, robj *keyobj, int bcast)
+        // fires on every write and removeExpire(redisDb *db, robj *key) on
+        // every SET (setKey drops the old TTL), so their keys are a queue
+        // broker's or a counter's hot keys all day: not captured (they are
+        // counted, and judged on their rates). The deleting functions carry
+        // the keys.
         keys: &[
-            ("trackingInvalidateKey", KeySpec::RedisObject(1)),
             ("dictUnlink", KeySpec::Str(1)),
             ("freeObjAsync", KeySpec::RedisObject(0)),
             ("propagateDeletion", KeySpec::RedisObject(1)),
-            ("removeExpire", KeySpec::RedisObject(1)),
         ],
     },
     Preset {

@@ -31,8 +31,9 @@ use aya::{
     sys::{UProbeMultiFeature, is_uprobe_multi_supported},
 };
 use profiler_common::{
-    CALLERS_MAP, COUNTS_MAP, CallKey, CallerKey, DROPS_MAP, KEY_CONFIG_MAP, KEY_TEXT_MAP, KEYS_MAP,
-    KeyConfig, KeyId, KeyText, PROG_MULTI, PROG_SINGLE, STACK_COUNTS_MAP, STACKS_MAP, StackKey,
+    CALLERS_MAP, COUNTS_MAP, CallKey, CallerKey, DROPS_MAP, KEY_CONFIG_MAP, KEY_EDGES_MAP,
+    KEY_TEXT_MAP, KEYS_MAP, KeyConfig, KeyEdge, KeyId, KeyText, PROG_MULTI, PROG_SINGLE,
+    STACK_COUNTS_MAP, STACKS_MAP, StackKey,
 };
 
 /// Errors from loading, attaching and reading probes. All of them are about
@@ -113,6 +114,7 @@ pub struct Probes {
     key_config: Array<MapData, KeyConfig>,
     keys: PerCpuHashMap<MapData, KeyId, u64>,
     key_text: BpfHashMap<MapData, u64, KeyText>,
+    key_edges: PerCpuHashMap<MapData, KeyEdge, u64>,
     stacks: StackTraceMap<MapData>,
     stack_counts: PerCpuHashMap<MapData, StackKey, u64>,
     drops: PerCpuArray<MapData, u64>,
@@ -188,6 +190,7 @@ impl Probes {
         let key_config = take_map(&mut ebpf, KEY_CONFIG_MAP)?;
         let keys = take_map(&mut ebpf, KEYS_MAP)?;
         let key_text = take_map(&mut ebpf, KEY_TEXT_MAP)?;
+        let key_edges = take_map(&mut ebpf, KEY_EDGES_MAP)?;
         let stacks = take_map(&mut ebpf, STACKS_MAP)?;
         let stack_counts = take_map(&mut ebpf, STACK_COUNTS_MAP)?;
         let drops = take_map(&mut ebpf, DROPS_MAP)?;
@@ -197,6 +200,7 @@ impl Probes {
             key_config,
             keys,
             key_text,
+            key_edges,
             stacks,
             stack_counts,
             drops,
@@ -396,6 +400,7 @@ impl Probes {
         // live entries.
         remove_where(&mut self.callers, |k| k.tgid == tgid);
         remove_where(&mut self.keys, |k| k.tgid == tgid);
+        remove_where(&mut self.key_edges, |k| k.tgid == tgid);
         remove_where(&mut self.stack_counts, |k| k.tgid == tgid);
     }
 
@@ -455,6 +460,11 @@ impl Probes {
     /// Reads the per-key counters, summed over CPUs, into `out`.
     pub fn read_keys(&mut self, out: &mut HashMap<KeyId, u64>) -> Result<(), ProbeError> {
         sum_per_cpu(&self.keys, KEYS_MAP, out)
+    }
+
+    /// Reads the key-transition counters, summed over CPUs, into `out`.
+    pub fn read_key_edges(&mut self, out: &mut HashMap<KeyEdge, u64>) -> Result<(), ProbeError> {
+        sum_per_cpu(&self.key_edges, KEY_EDGES_MAP, out)
     }
 
     /// The text of a string key, if the kernel still holds it.

@@ -38,12 +38,15 @@ use crate::{
     catalog::Catalog,
     enrich::SymbolFact,
     report::Record,
-    snapshot::{CallSite, Count, KeyCount, KeyText, NewStack, ProcessFacts, Snapshot, StackCount},
+    snapshot::{
+        CallSite, Count, KeyCount, KeyEdgeCount, KeyText, NewStack, ProcessFacts, Snapshot,
+        StackCount,
+    },
 };
 
 pub const MAGIC: &[u8; 8] = b"CLOOPREC";
 /// The format this build writes and reads.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// A crash loses at most this much of a recording.
 pub const DURABLE_EVERY: Duration = Duration::from_secs(2);
 /// No item is larger than this; a larger length means a damaged file.
@@ -81,14 +84,7 @@ pub enum RecordingError {
 }
 
 /// The detector rules a recording was made with.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RecordedRules {
-    pub factor: f64,
-    pub min_rate: f64,
-    pub sustain: u32,
-    pub warmup: u32,
-    pub alpha: f64,
-}
+pub type RecordedRules = crate::detect::Rules;
 
 /// What a recording starts with.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -100,6 +96,8 @@ pub struct Header {
     /// Unix time the run began.
     pub started: f64,
     pub interval_seconds: f64,
+    /// How often the counters were read (a fraction of the interval).
+    pub read_seconds: f64,
     pub max_overhead_percent: f64,
     pub rules: RecordedRules,
     /// The run's key-hash seed, so replayed key labels match the live ones.
@@ -128,6 +126,7 @@ pub struct StoredSnapshot {
     pub counts: Table<(u32, u32), u64>,
     pub call_sites: Table<(u32, u32, u64), (Option<u32>, u64)>,
     pub keys: Table<(u32, u32, u64), u64>,
+    pub key_edges: Table<(u32, u32, u64, u64), u64>,
     pub stacks: Table<(u32, u32, u32), u64>,
     pub new_stacks: Vec<NewStack>,
     pub key_texts: Vec<KeyText>,
@@ -135,6 +134,7 @@ pub struct StoredSnapshot {
     pub counts_capacity: u32,
     pub counts_entries: u32,
     pub processes: Vec<ProcessFacts>,
+    pub report: bool,
 }
 
 /// One item of a recording.
@@ -209,6 +209,7 @@ pub struct Codec {
     counts: Delta<(u32, u32), u64>,
     call_sites: Delta<(u32, u32, u64), (Option<u32>, u64)>,
     keys: Delta<(u32, u32, u64), u64>,
+    key_edges: Delta<(u32, u32, u64, u64), u64>,
     stacks: Delta<(u32, u32, u32), u64>,
 }
 
@@ -231,6 +232,11 @@ impl Codec {
             keys: self
                 .keys
                 .encode(s.keys.iter().map(|k| ((k.func, k.pid, k.hash), k.calls))),
+            key_edges: self.key_edges.encode(
+                s.key_edges
+                    .iter()
+                    .map(|e| ((e.func, e.pid, e.from, e.to), e.calls)),
+            ),
             stacks: self.stacks.encode(
                 s.stacks
                     .iter()
@@ -242,6 +248,7 @@ impl Codec {
             counts_capacity: s.counts_capacity,
             counts_entries: s.counts_entries,
             processes: s.processes.clone(),
+            report: s.report,
         }
     }
 
@@ -280,6 +287,17 @@ impl Codec {
                     calls,
                 })
                 .collect(),
+            key_edges: self
+                .key_edges
+                .decode(&s.key_edges)
+                .map(|(&(func, pid, from, to), &calls)| KeyEdgeCount {
+                    func,
+                    pid,
+                    from,
+                    to,
+                    calls,
+                })
+                .collect(),
             stacks: self
                 .stacks
                 .decode(&s.stacks)
@@ -296,6 +314,7 @@ impl Codec {
             counts_capacity: s.counts_capacity,
             counts_entries: s.counts_entries,
             processes: s.processes,
+            report: s.report,
         }
     }
 }
@@ -572,14 +591,9 @@ mod tests {
             mode: "uprobe_multi".into(),
             started: 1.0,
             interval_seconds: 1.0,
+            read_seconds: 1.0,
             max_overhead_percent: 10.0,
-            rules: RecordedRules {
-                factor: 10.0,
-                min_rate: 1000.0,
-                sustain: 3,
-                warmup: 2,
-                alpha: 0.2,
-            },
+            rules: RecordedRules::default(),
             seed: (1, 2),
             show_keys: false,
             command: vec!["cacheloop".into()],
@@ -617,6 +631,7 @@ mod tests {
                 cpu_nanos: Some(tick * 10_000_000),
                 rss_bytes: 1 << 24,
                 alive: true,
+                comm: "cache".into(),
             }],
             counts_capacity: 1024,
             ..Snapshot::default()

@@ -40,6 +40,17 @@ pub struct KeyCount {
     pub calls: u64,
 }
 
+/// On one thread of a process, a call of `func` with key `to` came right
+/// after a call with key `from`, `calls` times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct KeyEdgeCount {
+    pub func: u32,
+    pub pid: u32,
+    pub from: u64,
+    pub to: u64,
+    pub calls: u64,
+}
+
 /// Sampled stacks of a function in a process, by stack id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct StackCount {
@@ -65,7 +76,7 @@ pub struct KeyText {
 }
 
 /// What `/proc` says of a watched process at this tick.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcessFacts {
     pub pid: u32,
     /// The pid inside its own pid namespace, where it differs.
@@ -81,6 +92,9 @@ pub struct ProcessFacts {
     pub rss_bytes: u64,
     /// Still running at the end of this tick; `false` is its last snapshot.
     pub alive: bool,
+    /// The command name: a restart of the service has the same one, and
+    /// starts from what its predecessor learned.
+    pub comm: String,
 }
 
 /// One tick's reading.
@@ -100,6 +114,10 @@ pub struct Snapshot {
     pub counts: Vec<Count>,
     pub call_sites: Vec<CallSite>,
     pub keys: Vec<KeyCount>,
+    /// Key transitions (absent from recordings made before they were
+    /// counted).
+    #[serde(default)]
+    pub key_edges: Vec<KeyEdgeCount>,
     pub stacks: Vec<StackCount>,
     pub new_stacks: Vec<NewStack>,
     pub key_texts: Vec<KeyText>,
@@ -111,4 +129,8 @@ pub struct Snapshot {
     pub counts_entries: u32,
     /// Every watched process, by pid.
     pub processes: Vec<ProcessFacts>,
+    /// This reading closes a reporting interval (`--interval`): samples
+    /// and health go out. Readings are taken more often than that, so
+    /// that a loop is judged within a fraction of a second.
+    pub report: bool,
 }

@@ -57,6 +57,9 @@ pub struct Process {
     /// The process's root directory as seen from here: `/proc/PID/root`.
     /// Paths the process sees resolve through it (mount namespaces).
     pub root: PathBuf,
+    /// The command name (`/proc/PID/comm`) when it was found: what a
+    /// restart of the same service shares with it.
+    pub comm: String,
 }
 
 /// A file mapped executable by a process.
@@ -171,6 +174,7 @@ impl Process {
             start_time: stat.start_time,
             ns_pid: read_ns_pid(pid).filter(|&inner| inner != pid),
             root: PathBuf::from(format!("/proc/{pid}/root")),
+            comm: read_comm(pid).unwrap_or_default(),
         })
     }
 

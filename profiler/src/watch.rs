@@ -24,7 +24,7 @@ use crate::{
     control::Controller,
     enrich::{Enricher, random_seed},
     pipeline::{Pipeline, RecordTo, flush_stdout},
-    recording::{Header, RecordedRules, Writer},
+    recording::{Header, Writer},
     report::{Record, Sink, StartSettings, json::JsonSink, text::TextSink, unix_now},
     target,
 };
@@ -85,9 +85,11 @@ async fn watch(
     let seed = random_seed();
     let kernel = target::kernel_release();
     let mode = controller.mode().as_str();
+    let read_every = read_period(config.interval);
     let settings = StartSettings::new(
         &config.rules,
         config.interval.as_secs_f64(),
+        read_every.as_secs_f64(),
         config.max_overhead * 100.0,
     );
     let start = Record::Start {
@@ -108,14 +110,9 @@ async fn watch(
                 mode: mode.to_owned(),
                 started: unix_now() - controller.started().elapsed().as_secs_f64(),
                 interval_seconds: config.interval.as_secs_f64(),
+                read_seconds: read_every.as_secs_f64(),
                 max_overhead_percent: config.max_overhead * 100.0,
-                rules: RecordedRules {
-                    factor: config.rules.factor,
-                    min_rate: config.rules.min_rate,
-                    sustain: config.rules.sustain,
-                    warmup: config.rules.warmup,
-                    alpha: config.rules.alpha,
-                },
+                rules: config.rules.clone(),
                 seed,
                 show_keys: config.show_keys,
                 command: std::env::args().collect(),
@@ -140,10 +137,10 @@ async fn watch(
         rules: config.rules.clone(),
     });
     let deadline = config.duration.map(|d| tokio::time::Instant::now() + d);
-    let mut ticks = interval_at(
-        tokio::time::Instant::now() + config.interval,
-        config.interval,
-    );
+    // Read every `read_every`, report every interval: a loop is judged
+    // within a fraction of a second, the output keeps its cadence.
+    let mut ticks = interval_at(tokio::time::Instant::now() + read_every, read_every);
+    let mut next_report = tokio::time::Instant::now() + config.interval;
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut recording_warned = false;
     let mut stop = Stop::Done;
@@ -173,7 +170,18 @@ async fn watch(
                 continue;
             }
         };
-        let snapshot = match controller.collect() {
+        let now = tokio::time::Instant::now();
+        let report = last || now + read_every / 2 >= next_report;
+        if report {
+            while next_report <= now + read_every / 2 {
+                next_report += config.interval;
+            }
+        } else if controller.windowed() {
+            // The governor keeps the probes in for a window of each
+            // interval: the interval's reading is the one to judge.
+            continue;
+        }
+        let snapshot = match controller.collect(report) {
             Ok(s) => s,
             Err(e) => {
                 failure = Some(e.into());
@@ -192,7 +200,8 @@ async fn watch(
             .collect();
         // Output first: following new processes may take a moment.
         pipeline.tick(snapshot, out);
-        let records = controller.after_tick(&exited, hit_rate, config.interval, last, follow);
+        let records =
+            controller.after_tick(&exited, hit_rate, config.interval, last, follow, report);
         match records {
             Ok(records) => pipeline.lifecycle(records),
             Err(e) => {
@@ -250,6 +259,14 @@ async fn watch(
         Stop::Loop => Outcome::LoopFound,
         Stop::Done | Stop::BrokenPipe => Outcome::Finished,
     })
+}
+
+/// How often the counters are read: four times a second, or every
+/// interval when that is shorter. The structural rules confirm within
+/// half a second of evidence; reading once a second would add up to a
+/// second before that.
+pub fn read_period(interval: std::time::Duration) -> std::time::Duration {
+    interval.min(std::time::Duration::from_millis(250))
 }
 
 fn take(slot: &std::sync::Mutex<Option<String>>) -> Option<String> {

@@ -12,7 +12,7 @@ use std::{
 
 use cacheloop_tests::{
     Cacheloop, Run, Target, free_port, have_programs, http, presets, require_root, total_calls,
-    watch_args,
+    watch_args, workload_bin,
 };
 
 /// What the Redis tests run (absent in a VM guest built without them).
@@ -209,7 +209,7 @@ sub vcl_backend_response {{ set beresp.ttl = 1s; set beresp.grace = 0s; set bere
 }
 
 #[test]
-fn preset_redis_reads_keys_and_catches_a_client_rewriting_the_same_keys() {
+fn preset_redis_names_the_key_cycle_of_an_application_looping_through_it() {
     require_root();
     if !have_programs(REDIS) {
         return;
@@ -217,59 +217,80 @@ fn preset_redis_reads_keys_and_catches_a_client_rewriting_the_same_keys() {
     let dir = scratch("redis-keys");
     let port = free_port();
     let redis_server = start_redis(&dir, port, &[]);
-    // The client rewrites as fast as the machine lets it: tens of
-    // thousands of writes a second on the host, but 650-1000 a second in a
-    // TCG guest on 6.1, where each probe hit costs ~45 us and the probes
-    // are windowed. The verdict is about the keys, not the speed.
     let extra = [
         "--preset",
         "redis",
         "--show-keys",
-        "--threshold",
-        "200",
         "--fail-on-loop",
         "--duration",
-        "30s",
+        "40s",
     ];
     let watcher = Cacheloop::start(&watch_args(redis_server.pid, &[], &extra));
     watcher.wait_attached(Duration::from_secs(60));
-    // A client stuck rewriting the same two keys: each write invalidates
-    // them (client-side caching), again and again.
-    let mut cli = Command::new("redis-cli")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        .stdin(Stdio::piped())
+    // Healthy writes and deletes of many keys, then an application stuck
+    // deleting the catalog page, which deletes the navigation fragment,
+    // which deletes the page: each delete a real DEL in Redis.
+    let mut load = Command::new(workload_bin())
+        .args(["redis-loop", &port.to_string(), "6", "30"])
         .stdout(Stdio::null())
         .spawn()
-        .expect("redis-cli runs");
-    let mut stdin = cli.stdin.take().unwrap();
-    let writer = std::thread::spawn(move || {
-        let batch = "SET hot:a 1\nSET hot:b 1\n".repeat(1000);
-        for _ in 0..300 {
-            if stdin.write_all(batch.as_bytes()).is_err() {
-                break;
-            }
-        }
-    });
-    let run = watcher.finish(Duration::from_secs(60));
-    let _ = cli.kill();
-    let _ = cli.wait();
-    let _ = writer.join();
+        .expect("workload runs");
+    let run = watcher.finish(Duration::from_secs(90));
+    let _ = load.kill();
+    let _ = load.wait();
     assert_eq!(run.code, 3, "{run:?}");
     let record = &run.of_type("loop")[0];
-    assert_eq!(
-        record["evidence"]["rule"]["name"], "repeating_keys",
-        "{record}"
-    );
-    let keys: Vec<&str> = record["evidence"]["top_keys"]
+    assert_eq!(record["evidence"]["cause"], "key_cycle", "{record}");
+    // Read through the deleting functions' key arguments: the real key
+    // names, in the order the application deletes them.
+    let mut cycle: Vec<&str> = record["evidence"]["key_cycle"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|k| k["key"].as_str().unwrap())
+        .map(|k| k.as_str().unwrap())
         .collect();
-    // Read through robj->ptr: the real key names, each once.
-    let mut sorted = keys.clone();
-    sorted.sort_unstable();
-    assert_eq!(sorted, ["hot:a", "hot:b"], "{record}");
+    cycle.sort_unstable();
+    assert_eq!(cycle, ["fragment:nav", "page:catalog"], "{record}");
+    drop(redis_server);
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn preset_redis_as_a_queue_broker_raises_no_alarm() {
+    require_root();
+    if !have_programs(REDIS) {
+        return;
+    }
+    let dir = scratch("redis-broker");
+    let port = free_port();
+    let redis_server = start_redis(&dir, port, &[]);
+    // Jobs pushed and popped on three queues in turn (the same three keys
+    // deleted all day, in the same order), counters, rate limits; then
+    // three times the traffic.
+    let mut load = Command::new(workload_bin())
+        .args(["redis-broker", &port.to_string(), "8", "1500"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("workload runs");
+    let extra = ["--preset", "redis", "--fail-on-loop", "--duration", "14s"];
+    let watcher = Cacheloop::start(&watch_args(redis_server.pid, &[], &extra));
+    watcher.wait_attached(Duration::from_secs(60));
+    let _ = load.wait();
+    let mut busier = Command::new(workload_bin())
+        .args(["redis-broker", &port.to_string(), "6", "4500"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("workload runs");
+    let run = watcher.finish(Duration::from_secs(60));
+    let _ = busier.kill();
+    let _ = busier.wait();
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.of_type("loop").is_empty(), "{}", run.stdout);
+    assert!(
+        total_calls(&run, None, "dictUnlink") > 1000,
+        "the queues were emptied again and again:\n{}",
+        run.stdout
+    );
     drop(redis_server);
     let _ = fs::remove_dir_all(&dir);
 }

@@ -31,6 +31,12 @@ pub fn demo_bin() -> PathBuf {
     built_binary("CACHELOOP_DEMO", "demo-cache")
 }
 
+/// The traffic generator for real caches: `CACHELOOP_WORKLOAD`, or the one
+/// next to this test.
+pub fn workload_bin() -> PathBuf {
+    built_binary("CACHELOOP_WORKLOAD", "workload")
+}
+
 fn built_binary(var: &str, name: &str) -> PathBuf {
     if let Some(bin) = std::env::var_os(var) {
         return bin.into();

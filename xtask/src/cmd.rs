@@ -66,6 +66,24 @@ pub fn test(extra: &[String]) -> Result<(), String> {
     run(cmd)
 }
 
+/// Replays the verdict corpus and writes its table into VERDICTS.md (the
+/// unit test that checks the table, told to write it).
+pub fn verdicts() -> Result<(), String> {
+    let mut cmd = cargo(&[
+        "test",
+        "--target",
+        TARGET,
+        "-p",
+        "profiler",
+        "--lib",
+        "the_verdict_corpus",
+    ]);
+    cmd.env("CACHELOOP_WRITE_VERDICTS", "1");
+    run(cmd)?;
+    println!("VERDICTS.md written");
+    Ok(())
+}
+
 /// The kernel-test executable of the last build (cargo names it with a
 /// hash; it says which in its JSON messages).
 pub fn kernel_test_binary() -> Result<PathBuf, String> {

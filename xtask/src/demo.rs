@@ -78,7 +78,9 @@ fn watch_and_break(
     quiet: bool,
 ) -> Result<f64, String> {
     if !quiet {
-        println!("$ cacheloop watch --pid {pid} --func 'cache_*' --fail-on-loop\n");
+        println!(
+            "$ cacheloop watch --pid {pid} --func 'cache_*' --key-arg 0:str --show-keys --fail-on-loop\n"
+        );
     }
     let mut watcher = Command::new(bin.join("cacheloop"));
     if quiet {
@@ -91,6 +93,12 @@ fn watch_and_break(
             pid,
             "--func",
             "cache_*",
+            // Argument 0 of each cache_* function is the key (a C string):
+            // with it, cacheloop names the dependency cycle itself. The
+            // demo's keys are not personal data, so they are shown.
+            "--key-arg",
+            "0:str",
+            "--show-keys",
             "--fail-on-loop",
             "--duration",
             "45s",

@@ -14,6 +14,8 @@
 //!   command-line values, recordings), each for a bounded time (`--time
 //!   SECONDS`, 60 by default); fails on a crash and names the input.
 //!   Installs cargo-fuzz and g++ when missing.
+//! - `verdicts`: replays the verdict corpus (tests/recordings) and writes
+//!   its table into VERDICTS.md.
 //!
 //! This crate uses std only and builds on the machine's default toolchain:
 //! it is what installs the toolchain the rest of the workspace needs.
@@ -27,7 +29,8 @@ mod vm;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo xtask <setup|build|demo|test|vm-test|bench|check|fuzz> [args]";
+const USAGE: &str =
+    "usage: cargo xtask <setup|build|demo|test|vm-test|bench|check|fuzz|verdicts> [args]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -55,6 +58,9 @@ fn main() -> ExitCode {
             .and_then(|()| setup::ensure_debian_packages(setup::FUZZ_PACKAGES))
             .and_then(|()| setup::ensure_cargo_fuzz())
             .and_then(|()| fuzz::run(&args[1..])),
+        Some("verdicts") => setup::ensure()
+            .and_then(|()| cmd::build())
+            .and_then(|()| cmd::verdicts()),
         _ => Err(USAGE.to_owned()),
     };
     match result {

@@ -13,7 +13,7 @@ use std::{io, time::SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::detect::{LoopVerdict, Recovery, Rules};
+use crate::detect::{Agreed, LoopVerdict, Recovery, Rules};
 
 /// Unix time in seconds, as a float: the `ts` of every record.
 pub fn unix_now() -> f64 {
@@ -176,10 +176,18 @@ pub struct StartSettings {
     pub threshold: f64,
     /// `--factor`: times the baseline that make an interval suspect.
     pub factor: f64,
-    /// `--sustain`: suspect intervals in a row that confirm a loop.
-    pub sustain: u32,
-    /// `--warmup`: intervals averaged into the first baseline.
-    pub warmup: u32,
+    /// `--sustain`: seconds of a runaway rate that confirm a loop.
+    pub sustain: f64,
+    /// `--sustain-structural`: seconds of structural evidence that do.
+    pub sustain_structural: f64,
+    /// `--warmup`: seconds averaged into the first baseline.
+    pub warmup: f64,
+    /// `--cpu-cores`: CPU that counts as a burning core.
+    pub cpu_cores: f64,
+    /// The counters are read this often (a fraction of the interval), so a
+    /// loop is judged within a fraction of a second; samples still come
+    /// once an interval.
+    pub read_seconds: f64,
     /// Weight of a calm interval in the baseline.
     pub alpha: f64,
     /// Times its learned value the invalidations per request must reach
@@ -190,13 +198,21 @@ pub struct StartSettings {
 }
 
 impl StartSettings {
-    pub fn new(rules: &Rules, interval_seconds: f64, max_overhead_percent: f64) -> Self {
+    pub fn new(
+        rules: &Rules,
+        interval_seconds: f64,
+        read_seconds: f64,
+        max_overhead_percent: f64,
+    ) -> Self {
         Self {
             interval_seconds,
             threshold: rules.min_rate,
             factor: rules.factor,
             sustain: rules.sustain,
+            sustain_structural: rules.structural_sustain,
             warmup: rules.warmup,
+            cpu_cores: rules.cpu_cores,
+            read_seconds,
             alpha: rules.alpha,
             request_factor: rules.factor / 2.0,
             max_overhead_percent,
@@ -214,12 +230,29 @@ pub struct Evidence {
     pub elevated_seconds: f64,
     /// The rule that fired, with its thresholds.
     pub rule: RuleEvidence,
+    /// Why, in one word: `call_cycle`, `key_cycle`, `repeating_keys`,
+    /// `invalidations_per_request`, `expensive_calls` or
+    /// `sustained_rate_over_baseline`.
+    pub cause: String,
+    /// Every signal that agreed: `call_cycle`, `key_cycle`,
+    /// `repeating_keys`, `rate_over_baseline`, `invalidations_per_request`,
+    /// `cpu`, and `no_history` when there was none to compare with.
+    pub signals: Vec<String>,
+    /// The baseline came from an earlier process of the same name (a
+    /// restart).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inherited_baseline: bool,
     /// The process's CPU and memory in the confirming interval.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<Health>,
     /// Watched functions calling each other in a cycle, in call order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cycle: Option<Vec<String>>,
+    /// Keys one thread invalidated in a cycle, in the order they follow
+    /// each other, from where traffic enters it (hashed unless
+    /// `--show-keys`): the dependency that loops.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_cycle: Option<Vec<String>>,
     /// The keys invalidated most in the confirming interval, busiest first
     /// (hashed unless `--show-keys`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -242,6 +275,8 @@ pub struct KeyCount {
 pub struct Structure {
     /// Watched functions calling each other, in call order.
     pub cycle: Option<Vec<String>>,
+    /// Keys walked in a cycle, in order.
+    pub key_cycle: Option<Vec<String>>,
     /// The busiest keys; `repeating` when a few keys carry the calls.
     pub top_keys: Option<Vec<KeyCount>>,
     pub repeating: bool,
@@ -254,7 +289,8 @@ pub struct RuleEvidence {
     pub name: String,
     pub factor: f64,
     pub min_rate: f64,
-    pub sustain: u32,
+    /// Seconds of suspect readings that confirmed it.
+    pub sustain: f64,
 }
 
 /// One loop record for the functions of one process confirmed in the same
@@ -269,6 +305,7 @@ pub fn loop_record(
 ) -> Option<Record> {
     let Structure {
         cycle,
+        key_cycle,
         top_keys,
         repeating,
         stack,
@@ -284,61 +321,113 @@ pub fn loop_record(
     }
     let functions: Vec<String> = verdicts.iter().map(|v| name(v.key.func)).collect();
     let ratio = rate / baseline.max(crate::detect::BASELINE_FLOOR);
-    let health = target.map_or_else(String::new, |h| {
-        let per_request = match (h.invalidations_per_request, h.requests_rate) {
-            (Some(ratio), Some(requests)) => format!(
-                ", and makes {} invalidations per request while serving {} requests/s",
-                thousands(ratio),
-                thousands(requests)
-            ),
-            _ => String::new(),
+    // The strongest cause among the functions, and every signal that
+    // agreed in any of them.
+    let cause = verdicts.iter().map(|v| v.cause).min()?;
+    let mut agreed = first.agreed;
+    for v in verdicts {
+        agreed = Agreed {
+            rate: agreed.rate || v.agreed.rate,
+            cpu: agreed.cpu || v.agreed.cpu,
+            call_cycle: agreed.call_cycle || v.agreed.call_cycle,
+            key_cycle: agreed.key_cycle || v.agreed.key_cycle,
+            repeating_keys: agreed.repeating_keys || v.agreed.repeating_keys,
+            per_request: agreed.per_request || v.agreed.per_request,
+            no_history: agreed.no_history && v.agreed.no_history,
         };
-        format!(
-            "; the process is using {:.0}% CPU and {}{per_request}",
-            h.cpu_percent,
-            bytes(h.rss_bytes)
-        )
-    });
-    let structural = verdicts.iter().any(|v| v.structural);
+    }
+    let inherited = verdicts.iter().any(|v| v.inherited);
+    let seconds = verdicts
+        .iter()
+        .map(|v| v.elevated_seconds)
+        .fold(0.0, f64::max);
     let keys_text = |keys: &[KeyCount]| {
         keys.iter()
             .map(|k| format!("{} ({}x)", k.key, thousands(k.count as f64)))
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let reason = match (&cycle, &top_keys, structural) {
-        (Some(cycle), _, true) => format!(
-            "{} call each other in a cycle ({} -> {}) and ran at {}/s for {:.0} s straight: \
-             an invalidation loop feeding itself, whatever the history{health}",
+    let mut said = Vec::new();
+    if agreed.call_cycle
+        && let Some(cycle) = &cycle
+    {
+        said.push(format!(
+            "{} call each other in a cycle ({} -> {})",
             cycle.join(" and "),
             cycle.join(" -> "),
-            cycle[0],
-            thousands(rate),
-            first.elevated_seconds,
-        ),
-        (None, Some(keys), true) if repeating => format!(
-            "{} invalidated the same {} key(s) again and again, {}/s for {:.0} s straight \
-             ({}): an invalidation loop, whatever the history{health}",
-            functions.join(" + "),
+            cycle[0]
+        ));
+    }
+    if agreed.key_cycle
+        && let Some(keys) = &key_cycle
+    {
+        said.push(format!(
+            "one thread invalidates the same keys over and over in the same order ({} -> {}): \
+             a cyclic dependency",
+            keys.join(" -> "),
+            keys[0]
+        ));
+    }
+    if agreed.repeating_keys
+        && repeating
+        && let Some(keys) = &top_keys
+    {
+        said.push(format!(
+            "the same {} key(s) take nearly every call, far beyond their usual share ({})",
             keys.len(),
-            thousands(rate),
-            first.elevated_seconds,
-            keys_text(keys),
-        ),
-        _ => format!(
-            "{} ran at {}/s for {:.0} s straight, {} its usual {}/s; a burst calms down, \
-             this kept going ({} intervals in a row at >= {}x baseline and >= {}/s): \
-             an invalidation loop{health}",
-            functions.join(" + "),
-            thousands(rate),
-            first.elevated_seconds,
+            keys_text(keys)
+        ));
+    }
+    if agreed.per_request
+        && let Some(h) = target
+        && let (Some(ratio), Some(requests)) = (h.invalidations_per_request, h.requests_rate)
+    {
+        said.push(format!(
+            "it makes {} invalidations per request while serving {} requests/s",
+            thousands(ratio),
+            thousands(requests)
+        ));
+    }
+    if agreed.cpu
+        && let Some(h) = target
+    {
+        said.push(format!(
+            "the process burns {:.0}% CPU ({} resident)",
+            h.cpu_percent,
+            bytes(h.rss_bytes)
+        ));
+    }
+    let against = if agreed.no_history {
+        "with no healthy history to compare (it was running when cacheloop attached)".to_owned()
+    } else {
+        format!(
+            "{} its usual {}/s{}",
             times(ratio),
             thousands(baseline),
-            rules.sustain,
-            rules.factor,
-            thousands(rules.min_rate),
-        ),
+            if inherited {
+                " (learned before the process restarted)"
+            } else {
+                ""
+            }
+        )
     };
+    let reason = format!(
+        "{} ran at {}/s, {against}, for {:.1} s of the last {:.1} s; {}: an invalidation loop, \
+         not traffic",
+        functions.join(" + "),
+        thousands(rate),
+        seconds,
+        if cause.structural() {
+            2.0 * rules.structural_sustain
+        } else {
+            1.5 * rules.sustain
+        },
+        if said.is_empty() {
+            "nothing explains the rise".to_owned()
+        } else {
+            said.join("; ")
+        },
+    );
     Some(Record::Loop {
         ts,
         pid: first.key.pid,
@@ -349,20 +438,23 @@ pub fn loop_record(
         evidence: Evidence {
             ratio: round1(ratio),
             elevated_rates: elevated_rates.into_iter().map(round1).collect(),
-            elevated_seconds: round1(first.elevated_seconds),
+            elevated_seconds: round1(seconds),
             rule: RuleEvidence {
-                name: match (&cycle, structural) {
-                    (Some(_), true) => "call_cycle",
-                    (None, true) => "repeating_keys",
-                    _ => "sustained_rate_over_baseline",
-                }
-                .to_owned(),
+                name: cause.as_str().to_owned(),
                 factor: rules.factor,
                 min_rate: rules.min_rate,
-                sustain: rules.sustain,
+                sustain: if cause.structural() {
+                    rules.structural_sustain
+                } else {
+                    rules.sustain
+                },
             },
+            cause: cause.as_str().to_owned(),
+            signals: agreed.names().into_iter().map(str::to_owned).collect(),
+            inherited_baseline: inherited,
             target,
             cycle,
+            key_cycle,
             top_keys,
             stack,
         },
@@ -455,7 +547,7 @@ pub(crate) fn times(ratio: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::detect::SeriesKey;
+    use crate::detect::{Cause, SeriesKey};
 
     fn verdict(func: u32, rate: f64, baseline: f64) -> LoopVerdict {
         LoopVerdict {
@@ -464,7 +556,13 @@ mod tests {
             baseline,
             elevated_rates: vec![rate; 3],
             elevated_seconds: 3.0,
-            structural: false,
+            cause: Cause::RunawayRate,
+            agreed: Agreed {
+                rate: true,
+                cpu: true,
+                ..Agreed::default()
+            },
+            inherited: false,
         }
     }
 
@@ -481,7 +579,9 @@ mod tests {
     #[test]
     fn loop_record_names_the_function_and_explains_itself() {
         let names = ["cache_invalidate".to_owned()];
-        let v = verdict(0, 48_000.0, 200.0);
+        let mut v = verdict(0, 48_000.0, 200.0);
+        v.cause = Cause::PerRequest;
+        v.agreed.per_request = true;
         let health = Health {
             cpu_percent: 99.0,
             rss_bytes: 25 << 20,
@@ -510,10 +610,18 @@ mod tests {
             "{reason}"
         );
         assert!(reason.contains("240x its usual 200/s"), "{reason}");
-        assert!(reason.contains("using 99% CPU and 25.0 MiB"), "{reason}");
+        assert!(
+            reason.contains("burns 99% CPU (25.0 MiB resident)"),
+            "{reason}"
+        );
         assert!(
             reason.contains("240 invalidations per request while serving 200 requests/s"),
             "{reason}"
+        );
+        assert_eq!(json["evidence"]["cause"], "invalidations_per_request");
+        assert_eq!(
+            json["evidence"]["signals"],
+            serde_json::json!(["rate_over_baseline", "invalidations_per_request", "cpu"])
         );
         assert_eq!(json["evidence"]["target"]["rss_bytes"], 25 << 20);
     }
@@ -549,7 +657,13 @@ mod tests {
     fn loop_confirmed_by_a_cycle_says_so_and_carries_it() {
         let names = vec!["invalidate_a".to_owned(), "invalidate_b".to_owned()];
         let mut a = verdict(0, 30_000.0, 0.0);
-        a.structural = true;
+        a.cause = Cause::CallCycle;
+        a.agreed = Agreed {
+            call_cycle: true,
+            cpu: true,
+            no_history: true,
+            ..Agreed::default()
+        };
         let structure = Structure {
             cycle: Some(names.clone()),
             ..Structure::default()
@@ -572,8 +686,9 @@ mod tests {
     #[test]
     fn loop_confirmed_by_repeating_keys_names_them() {
         let names = ["cache_invalidate".to_owned()];
-        let mut v = verdict(0, 80_000.0, 0.0);
-        v.structural = true;
+        let mut v = verdict(0, 80_000.0, 10.0);
+        v.cause = Cause::RepeatingKeys;
+        v.agreed.repeating_keys = true;
         let keys = vec![
             KeyCount {
                 key: "page:catalog".into(),
@@ -597,10 +712,51 @@ mod tests {
         assert_eq!(json["evidence"]["top_keys"][0]["count"], 40_000);
         let reason = json["reason"].as_str().unwrap();
         assert!(
-            reason.contains("the same 2 key(s) again and again"),
+            reason.contains("the same 2 key(s) take nearly every call"),
             "{reason}"
         );
         assert!(reason.contains("page:catalog (40,000x)"), "{reason}");
+    }
+
+    #[test]
+    fn loop_confirmed_by_a_key_cycle_names_the_keys_in_order() {
+        let names = ["cache_invalidate".to_owned()];
+        let mut v = verdict(0, 80_000.0, 0.0);
+        v.cause = Cause::KeyCycle;
+        v.agreed = Agreed {
+            key_cycle: true,
+            cpu: true,
+            no_history: true,
+            ..Agreed::default()
+        };
+        let structure = Structure {
+            key_cycle: Some(vec!["page:catalog".into(), "fragment:nav".into()]),
+            ..Structure::default()
+        };
+        let name = |f: u32| names[f as usize].clone();
+        let health = Health {
+            cpu_percent: 100.0,
+            rss_bytes: 1 << 20,
+            requests_rate: None,
+            invalidations_per_request: None,
+        };
+        let rec = loop_record(0.0, &[v], name, &Rules::default(), Some(health), structure).unwrap();
+        let json = serde_json::to_value(&rec).unwrap();
+        assert_eq!(json["evidence"]["cause"], "key_cycle");
+        assert_eq!(
+            json["evidence"]["key_cycle"],
+            serde_json::json!(["page:catalog", "fragment:nav"])
+        );
+        assert_eq!(
+            json["evidence"]["signals"],
+            serde_json::json!(["key_cycle", "cpu", "no_history"])
+        );
+        let reason = json["reason"].as_str().unwrap();
+        assert!(
+            reason.contains("(page:catalog -> fragment:nav -> page:catalog)"),
+            "{reason}"
+        );
+        assert!(reason.contains("no healthy history"), "{reason}");
     }
 
     #[test]

@@ -86,11 +86,14 @@ impl<W: Write> Sink for TextSink<W> {
                     .map_or_else(String::new, |r| format!(", replaying {r}"));
                 writeln!(
                     self.out,
-                    "cacheloop {version} on Linux {kernel} via {mode}{source}: a loop is >= {}x baseline \
-                     and >= {}/s for {} intervals of {} s",
+                    "cacheloop {version} on Linux {kernel} via {mode}{source}: a loop is a cycle of \
+                     calls or keys for {} s, or >= {}x baseline and >= {}/s on a busy core for {} s \
+                     (read every {} s, shown every {} s)",
+                    settings.sustain_structural,
                     settings.factor,
                     thousands(settings.threshold),
                     settings.sustain,
+                    settings.read_seconds,
                     settings.interval_seconds
                 )
             }
@@ -150,9 +153,10 @@ impl<W: Write> Sink for TextSink<W> {
                 for f in functions {
                     self.looping.insert((*pid, f.clone()));
                 }
-                let why = match (&evidence.cycle, evidence.rule.name.as_str()) {
-                    (Some(_), _) => "in a call cycle".to_owned(),
-                    (None, "repeating_keys") => "on the same few keys".to_owned(),
+                let why = match evidence.cause.as_str() {
+                    "call_cycle" => "in a call cycle".to_owned(),
+                    "key_cycle" => "walking a key cycle".to_owned(),
+                    "repeating_keys" => "on the same few keys".to_owned(),
                     _ => format!(
                         "= {} its baseline of {}/s",
                         times(evidence.ratio),
@@ -167,6 +171,14 @@ impl<W: Write> Sink for TextSink<W> {
                 )?;
                 if let Some(cycle) = &evidence.cycle {
                     writeln!(self.out, "   cycle: {} -> {}", cycle.join(" -> "), cycle[0])?;
+                }
+                if let Some(keys) = &evidence.key_cycle {
+                    writeln!(
+                        self.out,
+                        "   key cycle: {} -> {}",
+                        keys.join(" -> "),
+                        keys[0]
+                    )?;
                 }
                 if let Some(keys) = &evidence.top_keys {
                     let keys: Vec<String> = keys
@@ -375,10 +387,14 @@ mod tests {
                         name: "x".into(),
                         factor: 10.0,
                         min_rate: 1000.0,
-                        sustain: 3,
+                        sustain: 2.0,
                     },
+                    cause: "key_cycle".into(),
+                    signals: vec!["key_cycle".into()],
+                    inherited_baseline: false,
                     target: None,
                     cycle: None,
+                    key_cycle: Some(vec!["page:catalog".into(), "fragment:nav".into()]),
                     top_keys: None,
                     stack: Some(vec![
                         "cache_invalidate (cache)".into(),
@@ -405,8 +421,9 @@ mod tests {
         };
         let text = render(&records, &summary);
         assert!(text.contains("!! LOOP"), "{text}");
+        assert!(text.contains("48,000/s walking a key cycle"), "{text}");
         assert!(
-            text.contains("48,000/s = 240x its baseline of 200/s"),
+            text.contains("key cycle: page:catalog -> fragment:nav -> page:catalog"),
             "{text}"
         );
         assert!(text.contains("why: because"), "{text}");

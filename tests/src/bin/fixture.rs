@@ -7,7 +7,10 @@
 //! invalidating each other, nine calls per top-level call. A
 //! `keys:RATE:SECONDS` phase invalidates keys 0, 1 and 2 over and over. A
 //! `req:RATE:SECONDS:PER` phase serves RATE requests/s (`handle_request`),
-//! each making PER `cache_invalidate` calls.
+//! each making PER `cache_invalidate` calls. A `slow:RATE:SECONDS:MICROS`
+//! phase does MICROS of work after each call (an expensive invalidation);
+//! a `spread:RATE:SECONDS:KEYS` phase invalidates KEYS keys in a scrambled
+//! order.
 //!
 //! Prints `ready PID ADDR` at start (ADDR: where `cache_invalidate` is mapped), `phase N start TS` as each phase begins (Unix
 //! seconds), and at the end `done CALLS CHECKSUM`; then idles until killed,
@@ -90,6 +93,12 @@ enum Kind {
     /// `handle_request` at the phase's rate, each making this many
     /// `cache_invalidate` calls.
     Requests(u64),
+    /// `cache_invalidate`, each call followed by this many microseconds of
+    /// work: an expensive invalidation.
+    Slow(u64),
+    /// `cache_invalidate` on this many keys in a scrambled order: a loop
+    /// spread over many keys, no key following another the same way.
+    Spread(u64),
 }
 
 fn main() {
@@ -104,6 +113,12 @@ fn main() {
             (Kind::Cycle, spec)
         } else if let Some(spec) = arg.strip_prefix("keys:") {
             (Kind::FewKeys, spec)
+        } else if let Some(spec) = arg.strip_prefix("slow:") {
+            let (spec, micros) = spec.rsplit_once(':').expect("slow:RATE:SECONDS:MICROS");
+            (Kind::Slow(micros.parse().expect("microseconds")), spec)
+        } else if let Some(spec) = arg.strip_prefix("spread:") {
+            let (spec, keys) = spec.rsplit_once(':').expect("spread:RATE:SECONDS:KEYS");
+            (Kind::Spread(keys.parse().expect("keys")), spec)
         } else if let Some(spec) = arg.strip_prefix("req:") {
             let (spec, per) = spec.rsplit_once(':').expect("req:RATE:SECONDS:PER");
             (
@@ -146,6 +161,21 @@ fn main() {
             }
             while done < owed && kind == Kind::FewKeys {
                 black_box(cache_invalidate(done % 3));
+                done += 1;
+            }
+            while let (true, Kind::Slow(micros)) = (done < owed, kind) {
+                black_box(cache_invalidate(done % 7));
+                let until = Instant::now() + Duration::from_micros(micros);
+                while Instant::now() < until {
+                    std::hint::spin_loop();
+                }
+                done += 1;
+            }
+            while let (true, Kind::Spread(keys)) = (done < owed, kind) {
+                // A multiplicative scramble: every key in turn, never in
+                // the same order twice running.
+                let key = done.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
+                black_box(cache_invalidate(key % keys));
                 done += 1;
             }
             while let (true, Kind::Requests(per)) = (done < owed, kind) {
