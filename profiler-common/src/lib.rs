@@ -68,9 +68,19 @@ pub const KEY_TEXT_MAP: &str = "KEY_TEXT";
 /// Capacity of `KEYS` and `KEY_TEXT`: LRU maps, so hot keys stay and cold
 /// ones make room — a bounded in-kernel top-K.
 pub const KEYS_ENTRIES: u32 = 4_096;
-/// Bytes of a string key kept; longer keys are truncated (and hashed over
-/// what was kept).
+/// Bytes of a string key kept (its text, 47 bytes and a NUL); longer keys
+/// are hashed in full up to [`KEY_HASHED_LEN`] bytes.
 pub const KEY_TEXT_LEN: usize = 48;
+/// Chunks of `KEY_TEXT_LEN - 1` bytes read after the first to hash a long
+/// key in full: keys up to 235 bytes are told apart however alike their
+/// first 47 bytes are.
+pub const KEY_MORE_CHUNKS: usize = 4;
+/// Bytes of a string key hashed at most.
+pub const KEY_HASHED_LEN: usize = (KEY_TEXT_LEN - 1) * (KEY_MORE_CHUNKS + 1);
+/// Set in the hash of a string key longer than `KEY_HASHED_LEN`: keys that
+/// share their first 235 bytes may share a hash, so such keys are shown,
+/// but kept out of the key rules. Clear in every other string key's hash.
+pub const KEY_TRUNCATED: u64 = 1 << 63;
 
 /// No key captured for this function.
 pub const KEY_NONE: u32 = 0;
@@ -154,7 +164,12 @@ unsafe impl aya::Pod for KeyEdge {}
 
 /// FNV-1a, the hash both sides use for string keys.
 pub const fn fnv1a(bytes: &[u8], len: usize) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    fnv1a_more(0xcbf2_9ce4_8422_2325, bytes, len)
+}
+
+/// FNV-1a of more bytes after those that made `hash`.
+pub const fn fnv1a_more(hash: u64, bytes: &[u8], len: usize) -> u64 {
+    let mut hash = hash;
     let mut i = 0;
     while i < bytes.len() && i < len {
         hash ^= bytes[i] as u64;

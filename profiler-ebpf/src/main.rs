@@ -35,9 +35,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use profiler_common::{
-    CALLERS_ENTRIES, CallKey, CallerKey, DEFAULT_COUNTS_ENTRIES, KEY_EDGES_ENTRIES, KEY_STR,
-    KEY_STR_AT, KEY_TEXT_LEN, KEY_U64, KEYS_ENTRIES, KeyConfig, KeyEdge, KeyId, KeyText,
-    LAST_KEY_ENTRIES, STACK_ENTRIES, STACK_SAMPLE_EVERY, StackKey, fnv1a,
+    CALLERS_ENTRIES, CallKey, CallerKey, DEFAULT_COUNTS_ENTRIES, KEY_EDGES_ENTRIES,
+    KEY_MORE_CHUNKS, KEY_STR, KEY_STR_AT, KEY_TEXT_LEN, KEY_TRUNCATED, KEY_U64, KEYS_ENTRIES,
+    KeyConfig, KeyEdge, KeyId, KeyText, LAST_KEY_ENTRIES, STACK_ENTRIES, STACK_SAMPLE_EVERY,
+    StackKey, fnv1a, fnv1a_more,
 };
 
 /// Calls per (function, process), one slot per CPU so the hot path needs no
@@ -238,7 +239,8 @@ fn count_key(ctx: &ProbeContext, key: &CallKey) {
                 return;
             };
             text.len = read.len() as u32;
-            fnv1a(&text.bytes, text.len as usize)
+            let hash = fnv1a(&text.bytes, text.len as usize);
+            string_hash(ptr, text.len as usize, hash)
         }
         _ => return,
     };
@@ -280,6 +282,36 @@ fn count_transition(key: &CallKey, hash: u64) {
         to: hash,
     };
     add_lru(&KEY_EDGES, &edge);
+}
+
+/// Hashes the rest of a string key that filled the text buffer (`len`
+/// bytes read, `hash` over them), in bounded chunks: two long keys alike in
+/// their first 47 bytes must not be counted as one. A key longer than
+/// `KEY_HASHED_LEN` is marked `KEY_TRUNCATED`.
+#[inline(always)]
+fn string_hash(ptr: u64, len: usize, hash: u64) -> u64 {
+    let mut hash = hash;
+    let mut offset = len as u64;
+    let mut full = len == KEY_TEXT_LEN - 1;
+    let mut chunk = [0u8; KEY_TEXT_LEN];
+    let mut i = 0;
+    while full && i < KEY_MORE_CHUNKS {
+        // SAFETY: a checked, bounded read of a user string.
+        let Ok(more) =
+            (unsafe { bpf_probe_read_user_str_bytes((ptr + offset) as *const u8, &mut chunk) })
+        else {
+            break;
+        };
+        hash = fnv1a_more(hash, more, more.len());
+        offset += more.len() as u64;
+        full = more.len() == KEY_TEXT_LEN - 1;
+        i += 1;
+    }
+    if full {
+        hash | KEY_TRUNCATED
+    } else {
+        hash & !KEY_TRUNCATED
+    }
 }
 
 #[inline(always)]

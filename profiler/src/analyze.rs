@@ -41,6 +41,13 @@ pub struct KeyRef {
     pub hash: u64,
 }
 
+impl KeyRef {
+    /// A text key longer than the kernel hashes in full.
+    pub fn truncated(self) -> bool {
+        self.text && self.hash & profiler_common::KEY_TRUNCATED != 0
+    }
+}
+
 /// The hottest stack of a loop's functions, to be symbolized.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StackRef {
@@ -349,19 +356,28 @@ const MIN_KEYED: u64 = 20;
 struct KeyStats {
     /// Busiest first.
     keys: Vec<(KeyRef, u64)>,
+    /// Calls and distinct keys, leaving out keys too long to hash in full
+    /// (they may stand for several keys).
     keyed: u64,
+    distinct: u64,
 }
 
 impl KeyStats {
     fn top_share(&self, calls: u64) -> Option<f64> {
         (self.keyed >= MIN_KEYED).then(|| {
-            let top: u64 = self.keys.iter().take(FEW_KEYS).map(|&(_, n)| n).sum();
+            let top: u64 = self
+                .keys
+                .iter()
+                .filter(|(k, _)| !k.truncated())
+                .take(FEW_KEYS)
+                .map(|&(_, n)| n)
+                .sum();
             top as f64 / calls.max(self.keyed) as f64
         })
     }
 
     fn reinvalidation(&self) -> Option<f64> {
-        (self.keyed >= MIN_KEYED).then(|| 1.0 - self.keys.len() as f64 / self.keyed as f64)
+        (self.keyed >= MIN_KEYED).then(|| 1.0 - self.distinct as f64 / self.keyed as f64)
     }
 }
 
@@ -811,7 +827,10 @@ impl Analyzer {
                 };
                 let stats = per_series.entry(series).or_default();
                 stats.keys.push((key, calls));
-                stats.keyed += calls;
+                if !key.truncated() {
+                    stats.keyed += calls;
+                    stats.distinct += 1;
+                }
             }
         }
         self.evicted += self.vanished(&last, |s, k| s.keys.contains_key(k));
@@ -837,7 +856,11 @@ impl Analyzer {
                 .or_default()
                 .push((e.from, e.to, e.calls));
             let calls = since(last.get(&id).copied().unwrap_or(0), e.calls);
-            if calls > 0 {
+            // A key too long to hash in full may stand for several: no
+            // cycle through it.
+            let truncated = |hash: u64| KeyRef { text: true, hash }.truncated();
+            let text = catalog.has_text_keys(e.func);
+            if calls > 0 && !(text && (truncated(e.from) || truncated(e.to))) {
                 per_pid
                     .entry(e.pid)
                     .or_default()
@@ -1332,6 +1355,23 @@ mod tests {
             .collect();
         assert_eq!(cycle, [1, 2]);
         assert_eq!(found[0].verdicts[0].cause, detect::Cause::KeyCycle);
+    }
+
+    #[test]
+    fn keys_too_long_to_hash_in_full_are_kept_out_of_the_key_rules() {
+        let long = |k: u64| k | profiler_common::KEY_TRUNCATED;
+        let mut s = Stream::new(&["cache_invalidate"]);
+        for i in 0..5u64 {
+            let keys: Vec<(u32, u64, u64)> = (0..200).map(|k| (0, i * 200 + k, 1)).collect();
+            s.tick(&[200], &keys, &[]);
+        }
+        s.cores = 1.0;
+        // Two "keys" that may each stand for many, and a walk between them.
+        for _ in 0..3 {
+            s.walk(&[(0, long(1), long(2), 10_000), (0, long(2), long(1), 10_000)]);
+            let out = s.tick(&[200], &[(0, long(1), 10_000), (0, long(2), 10_000)], &[]);
+            assert!(!out.loop_found, "{out:?}");
+        }
     }
 
     #[test]

@@ -197,8 +197,10 @@ pub struct WatchArgs {
 
     /// Capture argument N (from 0) of the watched functions as the key
     /// being invalidated: `N:u64` for an integer, `N:str` for a C string
-    /// (read safely, truncated to 48 bytes). Repeating keys are evidence of
-    /// a loop.
+    /// (read safely, truncated to 48 bytes), `N:str@OFF` for a pointer to a
+    /// struct holding, at byte OFF, a pointer to a C string, `N:string` for
+    /// a C++ `std::string` (libstdc++, by value or by reference). Key cycles
+    /// and repeating keys are evidence of a loop.
     #[arg(long, value_name = "N:TYPE", value_parser = parse_key_arg)]
     pub key_arg: Option<KeyArg>,
 
@@ -242,34 +244,59 @@ pub struct SymbolsArgs {
     pub json: bool,
 }
 
-/// `--key-arg N:u64` or `N:str`.
+/// `--key-arg N:u64`, `N:str`, `N:str@OFF` or `N:string`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KeyArg {
     pub index: u32,
-    pub string: bool,
+    pub kind: KeyKind,
 }
 
-/// Parses a `--key-arg` value, `N:u64` or `N:str` with N from 0 to 5; the
-/// error names the value and the expected form. Public for the fuzz targets.
+/// How a key argument is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyKind {
+    /// The argument is the key, an integer.
+    U64,
+    /// The argument points to a NUL-terminated string.
+    Str,
+    /// The argument points to a struct holding, at this byte offset, a
+    /// pointer to a NUL-terminated string. A libstdc++ `std::string` is
+    /// offset 0: its first member points to its (NUL-terminated) bytes,
+    /// inline for short strings or on the heap.
+    StrAt(u32),
+}
+
+/// The largest `@OFF` taken: a field within a few pages of the struct.
+const MAX_KEY_OFFSET: u32 = 1 << 16;
+
+/// Parses a `--key-arg` value, `N:u64`, `N:str`, `N:str@OFF` or
+/// `N:string` with N from 0 to 5; the error names the value and the
+/// expected form. Public for the fuzz targets.
 pub fn parse_key_arg(text: &str) -> Result<KeyArg, String> {
-    let bad =
-        || format!("'{text}' is not N:u64 or N:str (N: the argument number, from 0, up to 5)");
+    let bad = || {
+        format!(
+            "'{text}' is not N:u64, N:str, N:str@OFFSET or N:string \
+             (N: the argument number, from 0, up to 5; OFFSET: bytes, up to {MAX_KEY_OFFSET})"
+        )
+    };
     let (n, kind) = text.split_once(':').ok_or_else(bad)?;
     let index: u32 = n.parse().map_err(|_| bad())?;
     if index > 5 {
         return Err(bad());
     }
-    match kind {
-        "u64" => Ok(KeyArg {
-            index,
-            string: false,
-        }),
-        "str" => Ok(KeyArg {
-            index,
-            string: true,
-        }),
-        _ => Err(bad()),
-    }
+    let kind = match kind {
+        "u64" => KeyKind::U64,
+        "str" => KeyKind::Str,
+        "string" => KeyKind::StrAt(0),
+        other => {
+            let offset = other.strip_prefix("str@").ok_or_else(bad)?;
+            let offset: u32 = offset.parse().map_err(|_| bad())?;
+            if offset > MAX_KEY_OFFSET {
+                return Err(bad());
+            }
+            KeyKind::StrAt(offset)
+        }
+    };
+    Ok(KeyArg { index, kind })
 }
 
 /// Parses a `--pid` value: a process id, never 0. Public for the fuzz
@@ -428,7 +455,7 @@ mod tests {
             w.key_arg,
             Some(KeyArg {
                 index: 1,
-                string: true
+                kind: KeyKind::Str
             })
         );
         assert!(w.show_keys);
@@ -437,10 +464,20 @@ mod tests {
             w.key_arg,
             Some(KeyArg {
                 index: 0,
-                string: false
+                kind: KeyKind::U64
             })
         );
-        for bad in ["1", "x:str", "1:float", "9:u64"] {
+        assert_eq!(parse_key_arg("2:str@8").unwrap().kind, KeyKind::StrAt(8));
+        assert_eq!(parse_key_arg("1:string").unwrap().kind, KeyKind::StrAt(0));
+        for bad in [
+            "1",
+            "x:str",
+            "1:float",
+            "9:u64",
+            "1:str@",
+            "1:str@-8",
+            "1:str@99999999",
+        ] {
             assert!(
                 parse(&["watch", "--pid", "1", "--func", "f", "--key-arg", bad]).is_err(),
                 "{bad}"

@@ -113,6 +113,9 @@ pub const REPEAT_SHARE: f64 = 0.9;
 pub const KEY_CYCLE_SHARE: f64 = 0.5;
 /// Under this re-invalidation ratio, a reading's keys are mostly new ones.
 const DISTINCT_STORM: f64 = 0.5;
+/// Seconds a cycle seen before any history must run without a burning core
+/// before it is learned as normal.
+const UNSETTLED_SECONDS: f64 = 20.0;
 
 /// Identifies one series: a function (its index in the catalog) in one
 /// process. [`ALL_FUNCTIONS`] is the process's functions together.
@@ -310,6 +313,8 @@ struct Series {
     warm_seconds: f64,
     learned: Option<Learned>,
     inherited: bool,
+    /// Seconds of structure seen before any history, never corroborated.
+    unsettled: f64,
     /// The last readings (seconds, rate, suspect signals), newest last,
     /// covering the longest sustain window.
     recent: VecDeque<Reading>,
@@ -326,6 +331,9 @@ struct Reading {
     /// A core burning (or the per-request ratio risen, or no CPU reading
     /// to go by) in this reading.
     corroborated: bool,
+    /// Structure was seen with no history to judge it by: a loop already
+    /// running at attach, not corroborated yet. Never learned as normal.
+    unlearnable: bool,
 }
 
 #[derive(Debug)]
@@ -393,8 +401,15 @@ impl Detector {
         let rules = &self.rules;
         let series = self.series.entry(key).or_default();
         let learned = series.learned;
-        let (structural, runaway, corroborated) = judge(rules, learned, rate, &signals);
+        let (structural, runaway, corroborated, structure) = judge(rules, learned, rate, &signals);
         let suspect = structural.is_some() || runaway.is_some();
+        // Structure with no history is not learned as normal, until it has
+        // run calm for longer than any loop would (a queue broker emptying
+        // its queues in turn since before attach).
+        if structure && learned.is_none() && structural.is_none() {
+            series.unsettled += seconds;
+        }
+        let unlearnable = structure && learned.is_none() && series.unsettled < UNSETTLED_SECONDS;
 
         series.recent.push_back(Reading {
             seconds,
@@ -402,6 +417,7 @@ impl Detector {
             structural,
             runaway,
             corroborated,
+            unlearnable,
         });
         let keep = rules.sustain * 1.5 + seconds;
         let mut covered: f64 = series.recent.iter().map(|r| r.seconds).sum();
@@ -433,9 +449,12 @@ impl Detector {
         }
 
         // A rise nothing corroborates is learned, at the capped pace: a
-        // lasting step in traffic becomes the new normal in seconds.
+        // lasting step in traffic becomes the new normal in seconds. A
+        // cycle seen before any history is not: on a contended machine a
+        // loop already running at attach may get less than a core for a
+        // while, and must not become the baseline meanwhile.
         if structural.is_none() && (runaway.is_none() || !corroborated) {
-            if !signals.process_looping {
+            if !signals.process_looping && !unlearnable {
                 learn_from(rules, series, rate, seconds, &signals);
             }
             runaway?;
@@ -518,12 +537,15 @@ impl Detector {
     }
 
     /// Whether the last reading of a series was suspect (a rise nothing
-    /// corroborated is not).
+    /// corroborated is not), or showed a cycle before any history: what the
+    /// process burns then is not its normal.
     pub fn suspect(&self, key: SeriesKey) -> bool {
         self.series
             .get(&key)
             .and_then(|s| s.recent.back())
-            .is_some_and(|r| r.structural.is_some() || (r.runaway.is_some() && r.corroborated))
+            .is_some_and(|r| {
+                r.structural.is_some() || (r.runaway.is_some() && r.corroborated) || r.unlearnable
+            })
     }
 
     /// Whether any series of a process is in a confirmed loop now.
@@ -551,14 +573,14 @@ impl Detector {
 }
 
 /// Whether a reading is suspect on structure, on the rate, or not at all,
-/// with the signals that agreed; and whether something corroborates a
-/// runaway rate in it.
+/// with the signals that agreed; whether something corroborates a runaway
+/// rate in it; and whether it shows structure the series did not learn.
 fn judge(
     rules: &Rules,
     learned: Option<Learned>,
     rate: f64,
     signals: &Signals,
-) -> (Option<Agreed>, Option<Agreed>, bool) {
+) -> (Option<Agreed>, Option<Agreed>, bool, bool) {
     let history = learned.is_some();
     let baseline = learned.map_or(0.0, |l| l.baseline).max(BASELINE_FLOOR);
     let cpu_hot = signals.cpu.is_some_and(|cpu| {
@@ -602,10 +624,12 @@ fn judge(
     let corroborated = cpu_hot || signals.per_request_risen || signals.cpu.is_none();
     let runaway =
         rate_up && (fast || expensive) && !signals.explained_by_requests && !distinct_storm;
+    let structure = call_cycle || key_cycle || repeating;
     (
         structural.then_some(agreed),
         (runaway || structural).then_some(agreed),
         corroborated,
+        structure,
     )
 }
 
@@ -856,6 +880,36 @@ mod tests {
         assert!(found[0].1.agreed.no_history);
         // The loop was never learned as the baseline.
         assert_eq!(d.baseline(KEY), None);
+    }
+
+    #[test]
+    fn a_cycle_at_attach_on_a_contended_core_is_caught_once_it_gets_one() {
+        // The machine is busy: the looping thread gets 70% of a core for a
+        // while. Neither the rate nor that CPU may become the normal.
+        let mut d = Detector::new(Rules::default());
+        let starved = Signals {
+            key_cycle: 1.0,
+            cpu: Some(0.7),
+            ..Signals::default()
+        };
+        run(&mut d, &[(40_000.0, 3.0, starved)]);
+        assert_eq!(d.baseline(KEY), None);
+        // (A queue broker emptying its queues in turn since before attach
+        // is learned once it has run calm for longer than a loop would.)
+        let mut broker = Detector::new(Rules::default());
+        let calm = Signals {
+            key_cycle: 1.0,
+            ..calm_cpu()
+        };
+        for _ in 0..(30.0 / READ) as usize {
+            broker.observe_with(KEY, 3_000.0, READ, calm);
+        }
+        assert!(broker.baseline(KEY).is_some());
+        let full = Signals {
+            key_cycle: 1.0,
+            ..hot()
+        };
+        assert_eq!(loops(&run(&mut d, &[(40_000.0, 1.0, full)])).len(), 1);
     }
 
     #[test]

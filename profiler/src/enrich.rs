@@ -334,10 +334,16 @@ impl Enricher {
     /// How a key is shown: as it is with `--show-keys`, hashed otherwise.
     fn key_label(&self, key: KeyRef) -> String {
         let text = if key.text {
-            self.key_texts
+            let mut text = self
+                .key_texts
                 .get(&key.hash)
                 .cloned()
-                .unwrap_or_else(|| format!("{:016x}", key.hash))
+                .unwrap_or_else(|| format!("{:016x}", key.hash));
+            if key.truncated() && !text.ends_with('…') {
+                // Longer than the kernel hashes in full: its first bytes.
+                text.push('…');
+            }
+            text
         } else {
             key.hash.to_string()
         };

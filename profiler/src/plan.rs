@@ -14,6 +14,7 @@ use std::{
 use crate::{
     catalog::{Catalog, FileId, Function, KeySpec, Range},
     cli::KeyArg,
+    cli::KeyKind,
     config::WatchConfig,
     presets,
     probes::AttachRequest,
@@ -213,9 +214,13 @@ impl Planner {
                 presets::KeySpec::RedisObject(arg) => KeySpec::StrAt { arg, offset: 8 },
             });
         }
-        self.key_arg.map(|k| match k.string {
-            true => KeySpec::Str { arg: k.index },
-            false => KeySpec::U64 { arg: k.index },
+        self.key_arg.map(|k| match k.kind {
+            KeyKind::Str => KeySpec::Str { arg: k.index },
+            KeyKind::StrAt(offset) => KeySpec::StrAt {
+                arg: k.index,
+                offset,
+            },
+            KeyKind::U64 => KeySpec::U64 { arg: k.index },
         })
     }
 

@@ -32,8 +32,8 @@ use aya::{
 };
 use profiler_common::{
     CALLERS_MAP, COUNTS_MAP, CallKey, CallerKey, DROPS_MAP, KEY_CONFIG_MAP, KEY_EDGES_MAP,
-    KEY_TEXT_MAP, KEYS_MAP, KeyConfig, KeyEdge, KeyId, KeyText, PROG_MULTI, PROG_SINGLE,
-    STACK_COUNTS_MAP, STACKS_MAP, StackKey,
+    KEY_TEXT_LEN, KEY_TEXT_MAP, KEYS_MAP, KeyConfig, KeyEdge, KeyId, KeyText, PROG_MULTI,
+    PROG_SINGLE, STACK_COUNTS_MAP, STACKS_MAP, StackKey,
 };
 
 /// Errors from loading, attaching and reading probes. All of them are about
@@ -471,10 +471,14 @@ impl Probes {
     pub fn key_text(&self, hash: u64) -> Option<String> {
         let text = self.key_text.get(&hash, 0).ok()?;
         let len = (text.len as usize).min(text.bytes.len());
-        // The kernel counts the NUL it copied.
         let bytes = &text.bytes[..len];
         let bytes = bytes.strip_suffix(&[0]).unwrap_or(bytes);
-        Some(String::from_utf8_lossy(bytes).into_owned())
+        let mut text = String::from_utf8_lossy(bytes).into_owned();
+        if len + 1 >= KEY_TEXT_LEN {
+            // The text kept is full: the key is (most likely) longer.
+            text.push('…');
+        }
+        Some(text)
     }
 
     /// Reads the sampled-stack counters, summed over CPUs, into `out`.

@@ -57,6 +57,48 @@ fn watch_cpp_method_by_its_demangled_name() {
 }
 
 #[test]
+fn watch_cpp_method_reads_its_std_string_key_and_names_the_key_cycle() {
+    require_root();
+    // Flat out from before attach, walking two long keys in turn (their
+    // bytes on the heap, not in the string's inline buffer), alike in more
+    // than the 47 bytes of text kept: hashed in full, they stay two keys.
+    let target = Target::spawn(&native().cpp_cache, &["0", "60", "2"], "ready");
+    std::thread::sleep(Duration::from_millis(500));
+    let run = cacheloop(
+        &watch_args(
+            target.pid,
+            &["cache::Store::invalidate"],
+            // Argument 0 is `this`; 1 the `const std::string&`.
+            &[
+                "--key-arg",
+                "1:string",
+                "--show-keys",
+                "--fail-on-loop",
+                "--duration",
+                "30s",
+            ],
+        ),
+        Duration::from_secs(60),
+    );
+    assert_eq!(run.code, 3, "{run:?}");
+    let record = &run.of_type("loop")[0];
+    let cycle: Vec<&str> = record["evidence"]["key_cycle"]
+        .as_array()
+        .expect("a key cycle")
+        .iter()
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    // Two keys; their text is the first 47 bytes, marked as cut.
+    assert_eq!(cycle.len(), 2, "{record}");
+    for key in cycle {
+        assert_eq!(
+            key, "catalog-page-for-category-with-a-long-descripti…",
+            "{record}"
+        );
+    }
+}
+
+#[test]
 fn watch_rust_function_by_its_demangled_path() {
     require_root();
     let target = Target::fixture(&["100:60"]);
