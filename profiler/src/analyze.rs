@@ -14,7 +14,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use crate::{
     catalog::{Catalog, FileId},
     cycles,
-    detect::{self, Detector, Learned, LoopVerdict, Recovery, Rules, SeriesKey, Signals},
+    detect::{
+        self, ALL_FUNCTIONS, Detector, Learned, LoopVerdict, Recovery, Rules, SeriesKey, Signals,
+    },
     report::{Health, round1},
     snapshot::{ProcessFacts, Snapshot},
 };
@@ -64,6 +66,10 @@ pub struct LoopEvent {
     pub pid: u32,
     pub verdicts: Vec<LoopVerdict>,
     pub target: Option<Health>,
+    /// The functions in the loop.
+    pub functions: Vec<u32>,
+    /// With a loop spread over the processes of one name: all of them.
+    pub processes: Vec<u32>,
     /// Function ids in call order.
     pub cycle: Option<Vec<u32>>,
     /// Keys in the order one thread walked them, from where traffic
@@ -297,8 +303,12 @@ pub struct Analyzer {
     /// What series of exited processes learned, by (process name, function
     /// name): a restart starts from it. Bounded.
     inherited: HashMap<(String, String), Learned>,
-    /// Series whose loop was reported (their recovery will be too).
-    announced: HashSet<SeriesKey>,
+    /// Series whose loop was reported (their recovery will be too), with
+    /// the pid their records name (a group's: its busiest process).
+    announced: HashMap<SeriesKey, u32>,
+    /// Ids of process-name groups, as the pid of their series (above any
+    /// pid the kernel gives out).
+    groups: HashMap<String, u32>,
     /// The reporting period being summed up (samples go out when a
     /// snapshot closes it).
     period: Period,
@@ -342,6 +352,26 @@ struct Period {
     dropped: u64,
     evicted: u64,
 }
+
+/// What the processes of one name did together in a reading.
+#[derive(Debug, Default)]
+struct GroupSum {
+    calls: u64,
+    window: f64,
+    /// (pid, calls), in pid order.
+    pids: Vec<(u32, u64)>,
+    /// Cores summed over the processes, and their learned CPU summed; None
+    /// when any is unknown.
+    cpu: Option<f64>,
+    cpu_baseline: Option<f64>,
+    looping: bool,
+    explained: bool,
+    risen: bool,
+}
+
+/// Process-name groups are series with a pid from here up: the kernel's
+/// pids stay under 2^22.
+const GROUP_IDS: u32 = 0x8000_0000;
 
 /// Most (process name, function) baselines kept for restarts.
 const MAX_INHERITED: usize = 4096;
@@ -410,7 +440,8 @@ impl Analyzer {
             live: BTreeMap::new(),
             comms: HashMap::new(),
             inherited: HashMap::new(),
-            announced: HashSet::new(),
+            announced: HashMap::new(),
+            groups: HashMap::new(),
             period: Period::default(),
             seen: 0,
             totals: HashMap::new(),
@@ -459,6 +490,7 @@ impl Analyzer {
         self.period.estimated |= estimated;
 
         let mut verdicts: BTreeMap<u32, Vec<LoopVerdict>> = BTreeMap::new();
+        let mut groups: BTreeMap<String, GroupSum> = BTreeMap::new();
         let mut health: HashMap<u32, Health> = HashMap::new();
         let mut processes: Vec<&ProcessFacts> = snap.processes.iter().collect();
         processes.sort_by_key(|p| p.pid);
@@ -516,7 +548,13 @@ impl Analyzer {
                     );
                 }
             }
-            let process_looping = self.detector.process_in_loop(pid);
+            // In a loop of its own, or of its pool: starved functions learn
+            // nothing meanwhile.
+            let process_looping = self.detector.process_in_loop(pid)
+                || self
+                    .groups
+                    .get(&process.comm)
+                    .is_some_and(|&id| self.detector.process_in_loop(id));
             let mut any_suspect = false;
             for func in 0..catalog.len() as u32 {
                 let calls = self.calls[func as usize];
@@ -562,13 +600,66 @@ impl Analyzer {
                 };
                 match self.detector.observe_with(series, rate, seconds, signals) {
                     Some(detect::Event::Loop(v)) => verdicts.entry(pid).or_default().push(v),
-                    Some(detect::Event::Recovered(r)) if self.announced.remove(&r.key) => {
-                        out.events.push(Event::Recovered(r));
-                    }
-                    Some(detect::Event::Recovered(_)) | None => {}
+                    Some(detect::Event::Recovered(r)) => self.recovered(r, &mut out),
+                    None => {}
                 }
                 any_suspect |= self.detector.suspect(series);
             }
+            // All its judged functions together: a loop spread over several
+            // functions adds up here.
+            let judged: Vec<u32> = (0..catalog.len() as u32)
+                .filter(|&f| !self.is_request[f as usize])
+                .collect();
+            let calls: u64 = judged.iter().map(|&f| self.calls[f as usize]).sum();
+            let base = Signals {
+                cpu: cores,
+                cpu_baseline: self.cpu_baseline.get(&pid).copied(),
+                explained_by_requests: per_request.is_some_and(|r| r.explained),
+                per_request_risen: per_request.is_some_and(|r| r.risen),
+                process_looping,
+                ..Signals::default()
+            };
+            if judged.len() > 1 {
+                let series = SeriesKey {
+                    pid,
+                    func: ALL_FUNCTIONS,
+                };
+                let along: u64 = key_cycles
+                    .get(&pid)
+                    .map_or(0, |c| c.per_func.values().sum());
+                let signals = Signals {
+                    call_cycle: cycles.contains_key(&pid),
+                    key_cycle: (along as f64 / calls.max(1) as f64).min(1.0),
+                    ..base
+                };
+                match self
+                    .detector
+                    .observe_with(series, calls as f64 / window, seconds, signals)
+                {
+                    Some(detect::Event::Loop(v)) => verdicts.entry(pid).or_default().push(v),
+                    Some(detect::Event::Recovered(r)) => self.recovered(r, &mut out),
+                    None => {}
+                }
+                any_suspect |= self.detector.suspect(series);
+            }
+            let group = groups.entry(process.comm.clone()).or_default();
+            group.calls += calls;
+            group.window = group.window.max(window);
+            group.pids.push((pid, calls));
+            group.cpu = match (group.cpu, cores, group.pids.len()) {
+                (_, Some(c), 1) => Some(c),
+                (Some(sum), Some(c), _) => Some(sum + c),
+                _ => None,
+            };
+            group.cpu_baseline = match (group.cpu_baseline, base.cpu_baseline, group.pids.len()) {
+                (_, Some(b), 1) => Some(b),
+                (Some(sum), Some(b), _) => Some(sum + b),
+                _ => None,
+            };
+            group.looping |= process_looping;
+            group.explained |= base.explained_by_requests;
+            group.risen |= base.per_request_risen;
+
             // The process's usual CPU, learned while nothing is suspect.
             if let Some(c) = cores
                 && !any_suspect
@@ -580,30 +671,101 @@ impl Analyzer {
             }
         }
 
-        for (pid, group) in verdicts {
-            // One record per loop of a process: a function joining a loop
-            // already reported is in that loop.
-            let already = self
-                .announced
-                .iter()
-                .any(|k| k.pid == pid && self.detector.in_loop(*k));
-            if already {
+        // Processes of one name together: a loop spread over a pool of
+        // workers adds up here, its CPU summed over them.
+        let mut group_verdicts: Vec<(LoopVerdict, Vec<u32>)> = Vec::new();
+        for (comm, group) in groups {
+            if group.pids.len() < 2 {
                 continue;
             }
-            self.announced.extend(group.iter().map(|v| v.key));
-            let top_keys = top_keys(&group, &keys, seconds / window);
-            let repeating = group.iter().any(|v| v.agreed.repeating_keys);
-            let funcs: Vec<u32> = group.iter().map(|v| v.key.func).collect();
-            self.loops.push((pid, funcs.clone()));
+            let next = GROUP_IDS + self.groups.len() as u32;
+            let id = *self.groups.entry(comm).or_insert(next);
+            let series = SeriesKey {
+                pid: id,
+                func: ALL_FUNCTIONS,
+            };
+            let signals = Signals {
+                cpu: group.cpu,
+                cpu_baseline: group.cpu_baseline,
+                explained_by_requests: group.explained,
+                per_request_risen: group.risen,
+                process_looping: group.looping,
+                ..Signals::default()
+            };
+            let rate = group.calls as f64 / group.window.max(1e-3);
+            match self.detector.observe_with(series, rate, seconds, signals) {
+                Some(detect::Event::Loop(v)) => {
+                    let pids = group.pids.iter().map(|&(p, _)| p).collect();
+                    group_verdicts.push((v, pids));
+                }
+                Some(detect::Event::Recovered(r)) => self.recovered(r, &mut out),
+                None => {}
+            }
+        }
+
+        for (pid, mut group) in verdicts {
+            // One record per loop of a process: a function joining a loop
+            // already reported is in that loop; the sum of its functions
+            // speaks only when none of them does.
+            if self.announced_for(&[pid]) {
+                continue;
+            }
+            if group.iter().any(|v| v.key.func != ALL_FUNCTIONS) {
+                group.retain(|v| v.key.func != ALL_FUNCTIONS);
+            }
+            let funcs = self.loop_functions(&group, &[pid], catalog);
+            self.announce(&group, pid, &funcs);
             out.events.push(Event::Loop(LoopEvent {
                 pid,
+                processes: Vec::new(),
                 target: health.get(&pid).copied(),
                 cycle: cycles.get(&pid).cloned(),
                 key_cycle: key_cycles.get(&pid).map(|c| c.keys.clone()),
-                top_keys,
-                repeating,
+                top_keys: top_keys(&group, &keys, seconds / window),
+                repeating: group.iter().any(|v| v.agreed.repeating_keys),
                 stack: hottest_stack(&stacks, &self.recent_sites, pid, &funcs),
+                functions: funcs,
                 verdicts: group,
+            }));
+            out.loop_found = true;
+        }
+        for (verdict, pids) in group_verdicts {
+            if self.announced_for(&pids) {
+                continue;
+            }
+            // Named after its busiest process, with every process listed.
+            let pid = pids
+                .iter()
+                .copied()
+                .max_by_key(|p| self.calls_of(*p))
+                .unwrap_or_default();
+            let funcs = self.loop_functions(std::slice::from_ref(&verdict), &pids, catalog);
+            self.announce(std::slice::from_ref(&verdict), pid, &funcs);
+            // The pool's CPU and memory, summed.
+            let target =
+                pids.iter()
+                    .filter_map(|p| health.get(p))
+                    .fold(None, |sum: Option<Health>, h| {
+                        Some(match sum {
+                            None => *h,
+                            Some(s) => Health {
+                                cpu_percent: round1(s.cpu_percent + h.cpu_percent),
+                                rss_bytes: s.rss_bytes + h.rss_bytes,
+                                ..s
+                            },
+                        })
+                    });
+            out.events.push(Event::Loop(LoopEvent {
+                pid,
+                target,
+                cycle: None,
+                key_cycle: None,
+                top_keys: Vec::new(),
+                repeating: false,
+                stack: hottest_stack(&stacks, &self.recent_sites, pid, &funcs),
+                functions: funcs,
+                processes: pids,
+                verdicts: vec![verdict],
             }));
             out.loop_found = true;
         }
@@ -616,6 +778,67 @@ impl Analyzer {
             self.forget(catalog, process.pid);
         }
         out
+    }
+
+    /// A recovery, reported for a loop that was: under the pid and as the
+    /// functions its loop record named.
+    fn recovered(&mut self, mut r: Recovery, out: &mut Output) {
+        if let Some(pid) = self.announced.remove(&r.key) {
+            r.key.pid = pid;
+            out.events.push(Event::Recovered(r));
+        }
+    }
+
+    /// Whether any of `pids` is in a loop already reported.
+    fn announced_for(&self, pids: &[u32]) -> bool {
+        self.announced
+            .iter()
+            .any(|(k, p)| pids.contains(p) && self.detector.in_loop(*k))
+    }
+
+    fn announce(&mut self, verdicts: &[LoopVerdict], pid: u32, funcs: &[u32]) {
+        for v in verdicts {
+            self.announced.insert(v.key, pid);
+        }
+        self.loops.push((pid, funcs.to_vec()));
+    }
+
+    /// The functions a loop record names: its verdicts' own, or for a sum
+    /// (of a process or a group), the judged functions that were called.
+    fn loop_functions(
+        &self,
+        verdicts: &[LoopVerdict],
+        pids: &[u32],
+        catalog: &Catalog,
+    ) -> Vec<u32> {
+        let mut funcs: Vec<u32> = verdicts
+            .iter()
+            .map(|v| v.key.func)
+            .filter(|&f| f != ALL_FUNCTIONS)
+            .collect();
+        if funcs.is_empty() {
+            funcs = (0..catalog.len() as u32)
+                .filter(|&f| !catalog.is_request(f))
+                .filter(|&f| pids.iter().any(|&pid| self.calls_in_period(pid, f) > 0))
+                .collect();
+        }
+        funcs
+    }
+
+    fn calls_in_period(&self, pid: u32, func: u32) -> u64 {
+        self.period
+            .series
+            .get(&SeriesKey { pid, func })
+            .map_or(0, |&(calls, _)| calls)
+    }
+
+    fn calls_of(&self, pid: u32) -> u64 {
+        self.period
+            .series
+            .iter()
+            .filter(|(k, _)| k.pid == pid)
+            .map(|(_, &(calls, _))| calls)
+            .sum()
     }
 
     /// Closes a reporting period: a sample per series that has fired, the
@@ -948,7 +1171,7 @@ impl Analyzer {
         } else {
             self.detector.forget_process(pid);
         }
-        self.announced.retain(|k| k.pid != pid);
+        self.announced.retain(|k, _| k.pid != pid);
         self.counts.forget(|&(_, p)| p != pid);
         self.keys.retain(|&(_, p, _), _| p != pid);
         self.key_edges.retain(|&(_, p, _, _), _| p != pid);
@@ -1355,6 +1578,49 @@ mod tests {
             .collect();
         assert_eq!(cycle, [1, 2]);
         assert_eq!(found[0].verdicts[0].cause, detect::Cause::KeyCycle);
+    }
+
+    #[test]
+    fn a_loop_spread_over_a_pool_of_workers_adds_up_to_one_record() {
+        // Four workers of one name; each goes from 30 to 400 calls/s and
+        // from a tenth to a third of a core: none is a loop alone (under
+        // --threshold, no core burnt), together they burn 1.4 cores more.
+        let catalog = catalog(&["cache_invalidate"]);
+        let mut analyzer = Analyzer::new(Settings::default());
+        let pids = [11, 12, 13, 14];
+        let mut totals = [0u64; 4];
+        let mut cpu = [0u64; 4];
+        let mut found = Vec::new();
+        for tick in 1..=12 {
+            let (rate, cores) = if tick <= 6 { (30, 0.1) } else { (400, 0.45) };
+            let mut snap = Snapshot {
+                seconds: 1.0,
+                elapsed: f64::from(tick),
+                probed: 1.0,
+                report: true,
+                ..Snapshot::default()
+            };
+            for (i, &pid) in pids.iter().enumerate() {
+                totals[i] += rate;
+                cpu[i] += (cores * 1e9) as u64;
+                let mut facts = process(true);
+                facts.pid = pid;
+                facts.comm = "worker".into();
+                facts.cpu_nanos = Some(cpu[i]);
+                snap.processes.push(facts);
+                snap.counts.push(Count {
+                    func: 0,
+                    pid,
+                    calls: totals[i],
+                });
+            }
+            let out = analyzer.analyze(&catalog, &snap);
+            found.extend(loops(&out).into_iter().cloned());
+        }
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].processes, pids);
+        assert_eq!(found[0].functions, [0]);
+        assert_eq!(found[0].verdicts[0].rate, 1600.0);
     }
 
     #[test]

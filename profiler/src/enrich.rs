@@ -229,7 +229,11 @@ impl Enricher {
                     None => continue,
                 },
                 Event::Recovered(r) => {
-                    report::recovered_record(ts, r, &self.catalog.name(r.key.func))
+                    let name = match r.key.func {
+                        crate::detect::ALL_FUNCTIONS => "the watched functions together".to_owned(),
+                        f => self.catalog.name(f),
+                    };
+                    report::recovered_record(ts, r, &name)
                 }
                 Event::TargetExit { pid } => Record::TargetExit { ts, pid: *pid },
                 Event::Dropped { count } => Record::Warning {
@@ -299,19 +303,26 @@ impl Enricher {
                 .key_cycle
                 .as_ref()
                 .map(|keys| keys.iter().map(|&k| self.key_label(k)).collect()),
+            functions: l.functions.iter().map(|&f| self.catalog.name(f)).collect(),
+            processes: l.processes.clone(),
             top_keys: (!top.is_empty()).then_some(top),
             repeating: l.repeating,
             stack: l.stack.map(|s| self.stack(s)),
         };
         let catalog = &self.catalog;
-        report::loop_record(
+        let mut record = report::loop_record(
             ts,
             &l.verdicts,
             |f| catalog.name(f),
             &self.rules,
             l.target,
             structure,
-        )
+        )?;
+        // A pool's loop is named after its busiest process.
+        if let Record::Loop { pid, .. } = &mut record {
+            *pid = l.pid;
+        }
+        Some(record)
     }
 
     /// A stack's frames, innermost first, named. At a function's first

@@ -143,14 +143,10 @@ fn backend() -> u16 {
     port
 }
 
-#[test]
-fn preset_varnish_counts_purge_ban_and_expiry() {
-    require_root();
-    // varnishd compiles its VCL with the C compiler.
-    if !have_programs(&[("varnishd", "varnish"), ("cc", "gcc")]) {
-        return;
-    }
-    let dir = scratch("varnish");
+/// varnishd (manager and child) on 127.0.0.1 in front of `backend()`, with
+/// PURGE and BAN in its VCL and `ttl` on objects; serving when returned.
+/// Returns the manager and the port.
+fn start_varnish(dir: &Path, response: &str) -> (Target, u16) {
     let backend = backend();
     let vcl = dir.join("test.vcl");
     fs::write(
@@ -162,7 +158,7 @@ sub vcl_recv {{
   if (req.method == "PURGE") {{ return (purge); }}
   if (req.method == "BAN") {{ ban("req.url ~ " + req.url); return (synth(200, "Banned")); }}
 }}
-sub vcl_backend_response {{ set beresp.ttl = 1s; set beresp.grace = 0s; set beresp.keep = 0s; }}
+sub vcl_backend_response {{ {response} }}
 "#
         ),
     )
@@ -176,12 +172,38 @@ sub vcl_backend_response {{ set beresp.ttl = 1s; set beresp.grace = 0s; set bere
         vcl.display(),
         workdir.display()
     );
-    let mut varnishd = Target::spawn(Path::new("sh"), &["-c", &command], "Child launched OK");
+    let varnishd = Target::spawn(Path::new("sh"), &["-c", &command], "Child launched OK");
     let deadline = Instant::now() + Duration::from_secs(20);
     while http(port, "GET", "/warm").is_none_or(|s| s != 200) {
         assert!(Instant::now() < deadline, "varnish never served");
         std::thread::sleep(Duration::from_millis(100));
     }
+    (varnishd, port)
+}
+
+/// The manager stops its child on SIGTERM.
+fn stop_varnish(mut varnishd: Target) {
+    varnishd.signal(libc::SIGTERM);
+    assert!(
+        varnishd.wait_exit(Duration::from_secs(20)).is_some(),
+        "varnishd stopped"
+    );
+}
+
+/// Varnish: the compiler for its VCL too.
+const VARNISH: &[(&str, &str)] = &[("varnishd", "varnish"), ("cc", "gcc")];
+
+#[test]
+fn preset_varnish_counts_purge_ban_and_expiry() {
+    require_root();
+    if !have_programs(VARNISH) {
+        return;
+    }
+    let dir = scratch("varnish");
+    let (varnishd, port) = start_varnish(
+        &dir,
+        "set beresp.ttl = 1s; set beresp.grace = 0s; set beresp.keep = 0s;",
+    );
 
     // No target: the preset watches varnishd and its child by name.
     let watcher = Cacheloop::start(&["watch", "--preset", "varnish", "--json", "--duration", "8s"]);
@@ -198,13 +220,63 @@ sub vcl_backend_response {{ set beresp.ttl = 1s; set beresp.grace = 0s; set bere
     // The rest expire (TTL 1 s).
     let run = watcher.finish(Duration::from_secs(40));
     assert_every_preset_function_fired(&run, "varnish");
+    stop_varnish(varnishd);
+    let _ = fs::remove_dir_all(&dir);
+}
 
-    // The manager stops its child on SIGTERM.
-    varnishd.signal(libc::SIGTERM);
+#[test]
+fn preset_varnish_under_purges_and_a_ban_storm_raises_no_alarm() {
+    require_root();
+    if !have_programs(VARNISH) {
+        return;
+    }
+    let dir = scratch("varnish-storm");
+    let (varnishd, port) = start_varnish(&dir, "set beresp.ttl = 30s;");
+    // The child holds the objects; by pid, so that another test's varnishd
+    // is not watched too.
+    let child = fs::read_to_string(format!("/proc/{0}/task/{0}/children", varnishd.pid))
+        .unwrap_or_default()
+        .split_whitespace()
+        .next()
+        .expect("varnishd has its child")
+        .to_owned();
+    let watcher = Cacheloop::start(&[
+        "watch",
+        "--preset",
+        "varnish",
+        "--pid",
+        &child,
+        "--fail-on-loop",
+        "--json",
+        "--duration",
+        "14s",
+    ]);
+    watcher.wait_attached(Duration::from_secs(60));
+    let port = port.to_string();
+    // Traffic with purges and a few bans, then a cron job banning object
+    // after object, then traffic again.
+    for phase in [
+        ["5", "300", "30", "5"],
+        ["4", "100", "0", "300"],
+        ["3", "300", "30", "5"],
+    ] {
+        let status = Command::new(workload_bin())
+            .args(["http", &port])
+            .args(phase)
+            .stdout(Stdio::null())
+            .status()
+            .expect("workload runs");
+        assert!(status.success());
+    }
+    let run = watcher.finish(Duration::from_secs(60));
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.of_type("loop").is_empty(), "{}", run.stdout);
     assert!(
-        varnishd.wait_exit(Duration::from_secs(20)).is_some(),
-        "varnishd stopped"
+        total_calls(&run, None, "BAN_Commit") > 300,
+        "the ban storm was seen:\n{}",
+        run.stdout
     );
+    stop_varnish(varnishd);
     let _ = fs::remove_dir_all(&dir);
 }
 

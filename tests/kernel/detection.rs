@@ -295,8 +295,9 @@ fn watch_traffic_surge_explained_by_requests_raises_no_alarm() {
     );
     assert_eq!(run.code, 0, "{run:?}");
     assert!(run.of_type("loop").is_empty(), "{}", run.stdout);
+    // 3,000/s asked; a loaded TCG guest runs the fixture a little slower.
     let peak = peak_rate(&run, Some("cache_invalidate"));
-    assert!(peak > 2_500.0, "the surge was seen: {peak}");
+    assert!(peak > 2_000.0, "the surge was seen: {peak}");
     let health = run.of_type("health");
     // The last interval may be cut to a few milliseconds by --duration,
     // where one request and half its invalidations are a fair ratio too.

@@ -28,7 +28,7 @@ trap cleanup EXIT
 for b in cacheloop fixture demo-cache workload; do cp "$bin/$b" "$work/"; done
 PATH="$work:$PATH"
 cd "$work"
-cases="${*:-burst call-cycle demo-loop demo-at-attach dips expensive spread restart-loop redis-broker redis-expiry redis-warmup redis-loop varnish}"
+cases="${*:-burst call-cycle demo-loop demo-at-attach dips expensive spread pool restart-loop redis-broker redis-expiry redis-warmup redis-loop varnish}"
 corpus="$here/corpus.tsv"
 [ $# -eq 0 ] && : > "$corpus"
 
@@ -152,6 +152,19 @@ for case in $cases; do
         stop "$f"
         entry spread.rec loop "$(phase_ts fixture 1)" 1 \
             "a runaway over 500 keys in a scrambled order: no key cycle, no few hot keys"
+        ;;
+    pool)
+        # Four workers of one name, each from 30 calls/s to 400 at 0.9 ms a
+        # call: a third of a core each, none a loop alone.
+        w=""
+        for i in 1 2 3 4; do
+            start "worker$i" ready fixture slow:30:6:900 slow:400:10:900 30:30
+            w="$w $started"
+        done
+        record pool.rec --name fixture --func cache_invalidate --duration 14s
+        for p in $w; do stop "$p"; done
+        entry pool.rec loop "$(phase_ts worker1 1)" 1 \
+            "a loop spread over a pool of four workers, each at a third of a core"
         ;;
     restart-loop)
         cp "$here/../../demo/config/healthy.deps" "$work/deps"

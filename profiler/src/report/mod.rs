@@ -242,6 +242,10 @@ pub struct Evidence {
     /// restart).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub inherited_baseline: bool,
+    /// A loop spread over the processes of one name, summed: their pids
+    /// (the record's `pid` is the busiest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processes: Option<Vec<u32>>,
     /// The process's CPU and memory in the confirming interval.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<Health>,
@@ -277,6 +281,11 @@ pub struct Structure {
     pub cycle: Option<Vec<String>>,
     /// Keys walked in a cycle, in order.
     pub key_cycle: Option<Vec<String>>,
+    /// The functions in the loop, when not its verdicts' own (a loop of a
+    /// process's functions together, or of a group of processes).
+    pub functions: Vec<String>,
+    /// A loop over the processes of one name: all of them.
+    pub processes: Vec<u32>,
     /// The busiest keys; `repeating` when a few keys carry the calls.
     pub top_keys: Option<Vec<KeyCount>>,
     pub repeating: bool,
@@ -306,6 +315,8 @@ pub fn loop_record(
     let Structure {
         cycle,
         key_cycle,
+        functions,
+        processes,
         top_keys,
         repeating,
         stack,
@@ -319,7 +330,11 @@ pub fn loop_record(
             *sum += r;
         }
     }
-    let functions: Vec<String> = verdicts.iter().map(|v| name(v.key.func)).collect();
+    let functions: Vec<String> = if functions.is_empty() {
+        verdicts.iter().map(|v| name(v.key.func)).collect()
+    } else {
+        functions
+    };
     let ratio = rate / baseline.max(crate::detect::BASELINE_FLOOR);
     // The strongest cause among the functions, and every signal that
     // agreed in any of them.
@@ -392,7 +407,12 @@ pub fn loop_record(
         && let Some(h) = target
     {
         said.push(format!(
-            "the process burns {:.0}% CPU ({} resident)",
+            "{} {:.0}% CPU ({} resident)",
+            if processes.len() > 1 {
+                "together they burn"
+            } else {
+                "the process burns"
+            },
             h.cpu_percent,
             bytes(h.rss_bytes)
         ));
@@ -411,9 +431,13 @@ pub fn loop_record(
             }
         )
     };
+    let spread = match processes.len() {
+        0 | 1 => String::new(),
+        n => format!(" together in {n} processes of one name"),
+    };
     let reason = format!(
-        "{} ran at {}/s, {against}, for {:.1} s of the last {:.1} s; {}: an invalidation loop, \
-         not traffic",
+        "{}{spread} ran at {}/s, {against}, for {:.1} s of the last {:.1} s; {}: an invalidation \
+         loop, not traffic",
         functions.join(" + "),
         thousands(rate),
         seconds,
@@ -452,6 +476,7 @@ pub fn loop_record(
             cause: cause.as_str().to_owned(),
             signals: agreed.names().into_iter().map(str::to_owned).collect(),
             inherited_baseline: inherited,
+            processes: (processes.len() > 1).then_some(processes),
             target,
             cycle,
             key_cycle,

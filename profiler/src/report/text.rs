@@ -172,6 +172,10 @@ impl<W: Write> Sink for TextSink<W> {
                 if let Some(cycle) = &evidence.cycle {
                     writeln!(self.out, "   cycle: {} -> {}", cycle.join(" -> "), cycle[0])?;
                 }
+                if let Some(pids) = &evidence.processes {
+                    let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
+                    writeln!(self.out, "   together in pids {}", pids.join(", "))?;
+                }
                 if let Some(keys) = &evidence.key_cycle {
                     writeln!(
                         self.out,
@@ -392,6 +396,7 @@ mod tests {
                     cause: "key_cycle".into(),
                     signals: vec!["key_cycle".into()],
                     inherited_baseline: false,
+                    processes: None,
                     target: None,
                     cycle: None,
                     key_cycle: Some(vec!["page:catalog".into(), "fragment:nav".into()]),

@@ -36,6 +36,7 @@ esac
 export PATH=/usr/bin:/bin:/usr/sbin:/sbin
 export CACHELOOP_BIN=/cacheloop/bin/cacheloop
 export CACHELOOP_FIXTURE=/cacheloop/bin/fixture
+export CACHELOOP_WORKLOAD=/cacheloop/bin/workload
 export CACHELOOP_DEMO=/cacheloop/bin/demo-cache
 export CACHELOOP_NATIVE=/cacheloop/native
 export CACHELOOP_DEMO_CONFIG=/cacheloop/demo-config
@@ -78,7 +79,7 @@ pub fn build(vm_dir: &Path, inputs: &Inputs) -> Result<PathBuf, String> {
     write_executable(&stage.join("init"), INIT)?;
 
     let bin = stage.join("cacheloop/bin");
-    for name in ["cacheloop", "fixture", "demo-cache"] {
+    for name in ["cacheloop", "fixture", "workload", "demo-cache"] {
         copy_stripped(&inputs.bin_dir.join(name), &bin.join(name))?;
     }
     copy_stripped(inputs.kernel_tests, &bin.join("kernel"))?;
