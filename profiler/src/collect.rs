@@ -26,6 +26,9 @@ use crate::{
     target::Process,
 };
 
+/// A stack not sampled for this long leaves the kernel's maps.
+const STACK_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub struct Collector {
     counts: HashMap<CallKey, u64>,
     callers: HashMap<CallerKey, u64>,
@@ -38,6 +41,8 @@ pub struct Collector {
     resolved_for: u32,
     known_texts: HashSet<u64>,
     known_stacks: HashSet<u32>,
+    /// Per stack id: its samples summed, and when they last grew.
+    stack_activity: HashMap<u32, (u64, Instant)>,
     last_read: Instant,
     started: Instant,
 }
@@ -55,6 +60,7 @@ impl Collector {
             resolved_for: 0,
             known_texts: HashSet::new(),
             known_stacks: HashSet::new(),
+            stack_activity: HashMap::new(),
             last_read: Instant::now(),
             started,
         }
@@ -67,7 +73,37 @@ impl Collector {
         probes.read_keys(&mut self.keys)?;
         probes.read_key_edges(&mut self.key_edges)?;
         probes.read_stacks(&mut self.stacks)?;
+        self.rotate_stacks(probes);
         Ok(())
+    }
+
+    /// Stacks sampled no more for [`STACK_IDLE`] leave the kernel's maps:
+    /// its stack map never forgets on its own, and once full it records no
+    /// new stack, so a loop starting after an hour of traffic would show
+    /// none.
+    fn rotate_stacks(&mut self, probes: &mut Probes) {
+        let now = Instant::now();
+        let mut totals: HashMap<u32, u64> = HashMap::new();
+        for (key, &samples) in &self.stacks {
+            *totals.entry(key.stack_id).or_default() += samples;
+        }
+        self.stack_activity
+            .retain(|id, _| totals.contains_key(id));
+        let mut idle = Vec::new();
+        for (id, total) in totals {
+            let entry = self.stack_activity.entry(id).or_insert((total, now));
+            if entry.0 != total {
+                *entry = (total, now);
+            } else if now.duration_since(entry.1) >= STACK_IDLE {
+                idle.push(id);
+            }
+        }
+        for id in idle {
+            probes.forget_stack(id);
+            self.stack_activity.remove(&id);
+            self.known_stacks.remove(&id);
+            self.stacks.retain(|k, _| k.stack_id != id);
+        }
     }
 
     /// The processes the counters name, with their calls: under

@@ -493,6 +493,14 @@ impl Probes {
         Some(trace.frames().iter().map(|f| f.ip).collect())
     }
 
+    /// Takes a stack out of the stack map and its counts out of the
+    /// stack-count map, to make room: the kernel's stack map keeps a stack
+    /// until it is removed, and once full records no new one.
+    pub fn forget_stack(&mut self, stack_id: u32) {
+        let _ = self.stacks.remove(&stack_id);
+        remove_where(&mut self.stack_counts, |k| k.stack_id == stack_id);
+    }
+
     /// How many (function, process) counters the kernel map holds at most.
     pub fn capacity(&self) -> u32 {
         self.capacity
