@@ -132,8 +132,8 @@ unsafe impl aya::Pod for KeyId {}
 // SAFETY: `#[repr(C)]`, two `u32`s then bytes, 56 bytes, no padding.
 unsafe impl aya::Pod for KeyText {}
 
-/// Name of the LRU map of thread id -> the last key that thread passed to
-/// a watched function (any function with a key).
+/// Name of the LRU map of thread (pid_tgid) -> the last key that thread
+/// passed to a watched function (any function with a key).
 pub const LAST_KEY_MAP: &str = "LAST_KEY";
 /// Threads remembered in `LAST_KEY`; the least recently active make room.
 pub const LAST_KEY_ENTRIES: u32 = 8_192;
@@ -146,7 +146,7 @@ pub const KEY_EDGES_ENTRIES: u32 = 4_096;
 
 /// Key of `KEY_EDGES`: in process `tgid`, a call of watched function `func`
 /// with key `to` came right after a call (of any keyed function) with key
-/// `from` on the same thread. A key following itself is not recorded.
+/// `from` on the same thread (`from == to`: the key followed itself).
 /// `u32`, `u32`, `u64`, `u64`: 24 bytes, no padding.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]

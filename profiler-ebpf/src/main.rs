@@ -66,9 +66,9 @@ static KEYS: LruPerCpuHashMap<KeyId, u64> = LruPerCpuHashMap::with_max_entries(K
 #[map]
 static KEY_TEXT: LruHashMap<u64, KeyText> = LruHashMap::with_max_entries(KEYS_ENTRIES, 0);
 
-/// The last key each thread passed to a keyed function, by thread id.
+/// The last key each thread passed to a keyed function, by pid_tgid.
 #[map]
-static LAST_KEY: LruHashMap<u32, u64> = LruHashMap::with_max_entries(LAST_KEY_ENTRIES, 0);
+static LAST_KEY: LruHashMap<u64, u64> = LruHashMap::with_max_entries(LAST_KEY_ENTRIES, 0);
 
 /// Which key followed which on one thread, counted: the order a loop
 /// walks its dependency cycle in. LRU: bounded, the busy transitions stay.
@@ -249,32 +249,37 @@ fn count_key(ctx: &ProbeContext, key: &CallKey) {
         tgid: key.tgid,
         hash,
     };
-    if add_lru(&KEYS, &id) && config.kind != KEY_U64 {
+    let first = add_lru(&KEYS, &id);
+    if first && config.kind != KEY_U64 {
         let _ = KEY_TEXT.insert(&hash, &text, 0);
     }
-    count_transition(key, hash);
+    count_transition(key, hash, first);
 }
 
 /// Counts the transition from this thread's previous key to `hash`. Keys
 /// are followed per thread, not per process: two threads serving
-/// unrelated requests must not make up a sequence.
+/// unrelated requests must not make up a sequence. A key following itself
+/// is counted too: two hot keys interleaving at random are not a cycle,
+/// and only the self-transitions show it. A key seen for the first time
+/// (`first`) closes no cycle: its transition is not counted, which keeps a
+/// storm of new keys from churning the map.
 #[inline(always)]
-fn count_transition(key: &CallKey, hash: u64) {
-    let tid = bpf_get_current_pid_tgid() as u32;
-    let Some(last) = LAST_KEY.get_ptr_mut(&tid) else {
-        let _ = LAST_KEY.insert(&tid, &hash, 0);
+fn count_transition(key: &CallKey, hash: u64, first: bool) {
+    // The whole pid_tgid: a thread id reused by another process starts
+    // afresh.
+    let thread = bpf_get_current_pid_tgid();
+    // SAFETY: a copy out of the map value, taken before this program
+    // writes the entry; only this thread's hits write it.
+    let previous = unsafe { LAST_KEY.get(&thread) }.copied();
+    // An update, not a write through the looked-up pointer: an LRU entry
+    // may be recycled for another thread under our feet.
+    let _ = LAST_KEY.insert(&thread, &hash, 0);
+    let Some(from) = previous else {
         return;
     };
-    // SAFETY: a live entry of the map; only this thread's hits touch it,
-    // and a thread runs on one CPU at a time.
-    let from = unsafe { core::ptr::read_volatile(last) };
-    if from == hash {
-        // A key repeated back to back is a counter or a queue being
-        // written, not a walk through dependencies.
+    if first {
         return;
     }
-    // SAFETY: as above.
-    unsafe { core::ptr::write_volatile(last, hash) };
     let edge = KeyEdge {
         tgid: key.tgid,
         func: key.func,

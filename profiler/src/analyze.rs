@@ -288,13 +288,20 @@ pub struct Analyzer {
     keys: HashMap<(u32, u32, u64), u64>,
     key_edges: HashMap<(u32, u32, u64, u64), u64>,
     stacks: HashMap<(u32, u32, u32), u64>,
+    /// Per series, the keys dropped in the last seconds and when.
+    recent_keys: HashMap<SeriesKey, HashMap<u64, f64>>,
+    /// Each process's last call cycle and key cycle, and when: the reading
+    /// that confirms a loop may miss what the ones before it saw.
+    last_cycles: HashMap<u32, (Vec<u32>, f64)>,
+    last_key_cycles: HashMap<u32, (Vec<KeyRef>, f64)>,
     /// Stack samples and call-site calls of the last seconds, decaying.
     recent_stacks: HashMap<(u32, u32, u32), f64>,
     recent_sites: HashMap<(u32, u32, u64), f64>,
     /// CPU time of each live process at its last reading, nanoseconds.
     cpu: HashMap<u32, u64>,
-    /// Learned CPU of each process, in cores, from readings with nothing
-    /// suspect.
+    /// Learned CPU, in cores, from readings with nothing suspect: of each
+    /// process's busiest thread, and of each group's processes summed (by
+    /// group id).
     cpu_baseline: HashMap<u32, f64>,
     /// The processes of the last snapshot, by pid, with their start time,
     /// executable and name.
@@ -302,7 +309,7 @@ pub struct Analyzer {
     comms: HashMap<u32, String>,
     /// What series of exited processes learned, by (process name, function
     /// name): a restart starts from it. Bounded.
-    inherited: HashMap<(String, String), Learned>,
+    inherited: HashMap<(String, String), (Learned, f64)>,
     /// Series whose loop was reported (their recovery will be too), with
     /// the pid their records name (a group's: its busiest process).
     announced: HashMap<SeriesKey, u32>,
@@ -360,18 +367,40 @@ struct GroupSum {
     window: f64,
     /// (pid, calls), in pid order.
     pids: Vec<(u32, u64)>,
-    /// Cores summed over the processes, and their learned CPU summed; None
-    /// when any is unknown.
+    /// Cores summed over the processes; None when any is unknown.
     cpu: Option<f64>,
-    cpu_baseline: Option<f64>,
     looping: bool,
+    /// A series of one of them was suspect.
+    suspect: bool,
     explained: bool,
     risen: bool,
+}
+
+/// A process's cycle seen within the last [`CYCLE_MEMORY_SECONDS`].
+fn recent<T: Clone>(last: &HashMap<u32, (T, f64)>, pid: u32, now: f64) -> Option<T> {
+    last.get(&pid)
+        .filter(|(_, at)| now - at <= CYCLE_MEMORY_SECONDS)
+        .map(|(c, _)| c.clone())
+}
+
+/// How long a cycle seen stays evidence for a verdict.
+const CYCLE_MEMORY_SECONDS: f64 = 2.0;
+
+/// Moves a learned CPU (cores) toward `cores` by the rules' default weight
+/// per second.
+fn learn_cpu(baselines: &mut HashMap<u32, f64>, id: u32, cores: f64, seconds: f64) {
+    let w = 1.0 - (1.0 - Rules::default().alpha).powf(seconds);
+    let b = baselines.entry(id).or_insert(cores);
+    *b += w * (cores - *b);
 }
 
 /// Process-name groups are series with a pid from here up: the kernel's
 /// pids stay under 2^22.
 const GROUP_IDS: u32 = 0x8000_0000;
+
+/// A process inherits what a predecessor of its name learned only if that
+/// one ended at most this long ago.
+const INHERIT_SECONDS: f64 = 600.0;
 
 /// Most (process name, function) baselines kept for restarts.
 const MAX_INHERITED: usize = 4096;
@@ -380,16 +409,21 @@ const MAX_INHERITED: usize = 4096;
 const CALL_EDGE_SHARE: f64 = 0.1;
 /// Keyed calls in a reading below which key shares say nothing.
 const MIN_KEYED: u64 = 20;
+/// A key dropped again within this many seconds is dropped again, not new.
+const RECENT_KEYS_SECONDS: f64 = 3.0;
+/// Keys remembered per series for that.
+const MAX_RECENT_KEYS: usize = 65_536;
 
 /// What the keys of one series said in a reading.
 #[derive(Clone, Debug, Default)]
 struct KeyStats {
     /// Busiest first.
     keys: Vec<(KeyRef, u64)>,
-    /// Calls and distinct keys, leaving out keys too long to hash in full
-    /// (they may stand for several keys).
+    /// Calls, and keys not seen in the last [`RECENT_KEYS_SECONDS`] before
+    /// this reading, leaving out keys too long to hash in full (they may
+    /// stand for several keys).
     keyed: u64,
-    distinct: u64,
+    new_keys: u64,
 }
 
 impl KeyStats {
@@ -406,8 +440,11 @@ impl KeyStats {
         })
     }
 
+    /// 1 - new keys / keyed calls: near 0 when nearly every call drops a
+    /// key not dropped lately (a mass expiry, a purge, a warm-up), near 1
+    /// when the same keys come back (a loop, however many keys it walks).
     fn reinvalidation(&self) -> Option<f64> {
-        (self.keyed >= MIN_KEYED).then(|| 1.0 - self.distinct as f64 / self.keyed as f64)
+        (self.keyed >= MIN_KEYED).then(|| 1.0 - self.new_keys as f64 / self.keyed as f64)
     }
 }
 
@@ -434,6 +471,9 @@ impl Analyzer {
             key_edges: HashMap::new(),
             stacks: HashMap::new(),
             recent_stacks: HashMap::new(),
+            recent_keys: HashMap::new(),
+            last_cycles: HashMap::new(),
+            last_key_cycles: HashMap::new(),
             recent_sites: HashMap::new(),
             cpu: HashMap::new(),
             cpu_baseline: HashMap::new(),
@@ -474,7 +514,7 @@ impl Analyzer {
         self.is_request.clear();
         self.is_request
             .extend((0..catalog.len() as u32).map(|f| catalog.is_request(f)));
-        self.notice_processes(catalog, &snap.processes);
+        self.notice_processes(catalog, &snap.processes, snap.elapsed);
         self.kernel_warnings(snap, &mut out);
         let evicted_before = self.evicted;
 
@@ -484,6 +524,13 @@ impl Analyzer {
         let (cycles, callee_edges) = self.cycles(snap);
         let keys = self.keys(catalog, snap);
         let key_cycles = self.key_cycles(catalog, snap);
+        for (&pid, cycle) in &cycles {
+            self.last_cycles.insert(pid, (cycle.clone(), snap.elapsed));
+        }
+        for (&pid, cycle) in &key_cycles {
+            self.last_key_cycles
+                .insert(pid, (cycle.keys.clone(), snap.elapsed));
+        }
         let stacks = self.stack_deltas(snap);
         self.period.evicted += self.evicted - evicted_before;
         self.period.seconds += seconds;
@@ -550,6 +597,12 @@ impl Analyzer {
             }
             // In a loop of its own, or of its pool: starved functions learn
             // nothing meanwhile.
+            // A loop pins a thread: judged on the busiest thread's CPU where
+            // there is one to read, the process's otherwise.
+            let thread_cores = process
+                .hot_thread_nanos
+                .map(|n| n as f64 / (seconds * 1e9))
+                .or(cores);
             let process_looping = self.detector.process_in_loop(pid)
                 || self
                     .groups
@@ -592,7 +645,7 @@ impl Analyzer {
                     key_cycle: key_cycle.min(1.0),
                     top_share: stats.and_then(|s| s.top_share(calls)),
                     reinvalidation: stats.and_then(KeyStats::reinvalidation),
-                    cpu: cores,
+                    cpu: thread_cores,
                     cpu_baseline: self.cpu_baseline.get(&pid).copied(),
                     explained_by_requests: per_request.is_some_and(|r| r.explained),
                     per_request_risen: per_request.is_some_and(|r| r.risen),
@@ -612,7 +665,7 @@ impl Analyzer {
                 .collect();
             let calls: u64 = judged.iter().map(|&f| self.calls[f as usize]).sum();
             let base = Signals {
-                cpu: cores,
+                cpu: thread_cores,
                 cpu_baseline: self.cpu_baseline.get(&pid).copied(),
                 explained_by_requests: per_request.is_some_and(|r| r.explained),
                 per_request_risen: per_request.is_some_and(|r| r.risen),
@@ -651,23 +704,17 @@ impl Analyzer {
                 (Some(sum), Some(c), _) => Some(sum + c),
                 _ => None,
             };
-            group.cpu_baseline = match (group.cpu_baseline, base.cpu_baseline, group.pids.len()) {
-                (_, Some(b), 1) => Some(b),
-                (Some(sum), Some(b), _) => Some(sum + b),
-                _ => None,
-            };
+            group.suspect |= any_suspect;
             group.looping |= process_looping;
             group.explained |= base.explained_by_requests;
             group.risen |= base.per_request_risen;
 
             // The process's usual CPU, learned while nothing is suspect.
-            if let Some(c) = cores
+            if let Some(c) = thread_cores
                 && !any_suspect
                 && !process_looping
             {
-                let w = 1.0 - (1.0 - self.detector.rules().alpha).powf(seconds);
-                let b = self.cpu_baseline.entry(pid).or_insert(c);
-                *b += w * (c - *b);
+                learn_cpu(&mut self.cpu_baseline, pid, c, seconds);
             }
         }
 
@@ -686,7 +733,7 @@ impl Analyzer {
             };
             let signals = Signals {
                 cpu: group.cpu,
-                cpu_baseline: group.cpu_baseline,
+                cpu_baseline: self.cpu_baseline.get(&id).copied(),
                 explained_by_requests: group.explained,
                 per_request_risen: group.risen,
                 process_looping: group.looping,
@@ -701,6 +748,14 @@ impl Analyzer {
                 Some(detect::Event::Recovered(r)) => self.recovered(r, &mut out),
                 None => {}
             }
+            // The pool's usual CPU, summed, learned while nothing is suspect.
+            if let Some(c) = group.cpu
+                && !group.suspect
+                && !group.looping
+                && !self.detector.suspect(series)
+            {
+                learn_cpu(&mut self.cpu_baseline, id, c, seconds);
+            }
         }
 
         for (pid, mut group) in verdicts {
@@ -708,6 +763,10 @@ impl Analyzer {
             // already reported is in that loop; the sum of its functions
             // speaks only when none of them does.
             if self.announced_for(&[pid]) {
+                // In the loop already reported: its recovery waits for these.
+                for v in &group {
+                    self.announced.insert(v.key, pid);
+                }
                 continue;
             }
             if group.iter().any(|v| v.key.func != ALL_FUNCTIONS) {
@@ -719,8 +778,8 @@ impl Analyzer {
                 pid,
                 processes: Vec::new(),
                 target: health.get(&pid).copied(),
-                cycle: cycles.get(&pid).cloned(),
-                key_cycle: key_cycles.get(&pid).map(|c| c.keys.clone()),
+                cycle: recent(&self.last_cycles, pid, snap.elapsed),
+                key_cycle: recent(&self.last_key_cycles, pid, snap.elapsed),
                 top_keys: top_keys(&group, &keys, seconds / window),
                 repeating: group.iter().any(|v| v.agreed.repeating_keys),
                 stack: hottest_stack(&stacks, &self.recent_sites, pid, &funcs),
@@ -730,7 +789,8 @@ impl Analyzer {
             out.loop_found = true;
         }
         for (verdict, pids) in group_verdicts {
-            if self.announced_for(&pids) {
+            if let Some(&pid) = pids.iter().find(|&&p| self.announced_for(&[p])) {
+                self.announced.insert(verdict.key, pid);
                 continue;
             }
             // Named after its busiest process, with every process listed.
@@ -774,16 +834,56 @@ impl Analyzer {
             self.report(catalog, snap, &mut out);
         }
         for process in processes.iter().filter(|p| !p.alive) {
+            if !snap.report {
+                // Its last calls, in a sample of its own: they would be lost
+                // with it before the interval ends.
+                self.flush_process(catalog, process, &mut out);
+            }
             out.events.push(Event::TargetExit { pid: process.pid });
             self.forget(catalog, process.pid);
         }
         out
     }
 
+    /// The samples of a process's part of the reporting period, taken out
+    /// of the period.
+    fn flush_process(&mut self, catalog: &Catalog, process: &ProcessFacts, out: &mut Output) {
+        let seconds = self.period.seconds.max(1e-3);
+        for func in 0..catalog.len() as u32 {
+            let series = SeriesKey {
+                pid: process.pid,
+                func,
+            };
+            let Some((calls, _)) = self.period.series.remove(&series) else {
+                continue;
+            };
+            if self.fired.contains(&series) {
+                out.events.push(Event::Sample {
+                    pid: process.pid,
+                    ns_pid: process.ns_pid,
+                    func,
+                    calls,
+                    rate: round1(calls as f64 / seconds),
+                    baseline: self.detector.baseline(series).map(round1),
+                    estimated: self.period.estimated,
+                });
+            }
+        }
+    }
+
     /// A recovery, reported for a loop that was: under the pid and as the
     /// functions its loop record named.
+    /// Said once the last series in that loop has recovered.
     fn recovered(&mut self, mut r: Recovery, out: &mut Output) {
-        if let Some(pid) = self.announced.remove(&r.key) {
+        let Some(pid) = self.announced.remove(&r.key) else {
+            return;
+        };
+        let still = self
+            .announced
+            .iter()
+            .any(|(k, &p)| p == pid && self.detector.in_loop(*k));
+        if !still {
+            self.announced.retain(|_, p| *p != pid);
             r.key.pid = pid;
             out.events.push(Event::Recovered(r));
         }
@@ -906,7 +1006,7 @@ impl Analyzer {
     /// executable changed ran exec: a new program, whose history starts
     /// afresh. Forget the old one. (An executable that could not be read
     /// this tick changes nothing.)
-    fn notice_processes(&mut self, catalog: &Catalog, processes: &[ProcessFacts]) {
+    fn notice_processes(&mut self, catalog: &Catalog, processes: &[ProcessFacts], elapsed: f64) {
         // A process the controller stopped watching (it could not be
         // probed again) is forgotten: its entries leaving the kernel's maps
         // are not evictions.
@@ -942,8 +1042,12 @@ impl Analyzer {
                 // another program: it starts from nothing.
                 self.comms.insert(p.pid, p.comm.clone());
                 for func in 0..catalog.len() as u32 {
-                    if let Some(&learned) =
-                        self.inherited.get(&(p.comm.clone(), catalog.name(func)))
+                    // Only from a predecessor that ended lately: a restart,
+                    // not a process of the same name from hours ago.
+                    if let Some(&(learned, _)) = self
+                        .inherited
+                        .get(&(p.comm.clone(), catalog.name(func)))
+                        .filter(|(_, at)| elapsed - at <= INHERIT_SECONDS)
                     {
                         self.detector
                             .inherit(SeriesKey { pid: p.pid, func }, learned);
@@ -1052,7 +1156,13 @@ impl Analyzer {
                 stats.keys.push((key, calls));
                 if !key.truncated() {
                     stats.keyed += calls;
-                    stats.distinct += 1;
+                    let seen = self.recent_keys.entry(series).or_default();
+                    let recent = seen
+                        .insert(k.hash, snap.elapsed)
+                        .is_some_and(|at| snap.elapsed - at <= RECENT_KEYS_SECONDS);
+                    if !recent {
+                        stats.new_keys += 1;
+                    }
                 }
             }
         }
@@ -1060,6 +1170,15 @@ impl Analyzer {
         for stats in per_series.values_mut() {
             stats.keys.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         }
+        let now = snap.elapsed;
+        for seen in self.recent_keys.values_mut() {
+            seen.retain(|_, &mut at| now - at <= RECENT_KEYS_SECONDS);
+            if seen.len() > MAX_RECENT_KEYS {
+                // A storm of new keys: nothing comes back in it anyway.
+                seen.clear();
+            }
+        }
+        self.recent_keys.retain(|_, seen| !seen.is_empty());
         per_series
     }
 
@@ -1163,10 +1282,18 @@ impl Analyzer {
         if let Some(comm) = self.comms.get(&pid) {
             for (func, learned) in self.detector.forget_process(pid) {
                 if self.inherited.len() >= MAX_INHERITED {
-                    self.inherited.clear();
+                    // The one that ended longest ago makes room.
+                    let oldest = self
+                        .inherited
+                        .iter()
+                        .min_by(|a, b| a.1.1.total_cmp(&b.1.1))
+                        .map(|(k, _)| k.clone());
+                    if let Some(oldest) = oldest {
+                        self.inherited.remove(&oldest);
+                    }
                 }
                 self.inherited
-                    .insert((comm.clone(), catalog.name(func)), learned);
+                    .insert((comm.clone(), catalog.name(func)), (learned, self.elapsed));
             }
         } else {
             self.detector.forget_process(pid);
@@ -1204,6 +1331,10 @@ impl Analyzer {
         self.cpu_baseline.remove(&pid);
         self.period.cpu.remove(&pid);
         self.period.requests.remove(&pid);
+        self.period.series.retain(|k, _| k.pid != pid);
+        self.recent_keys.retain(|k, _| k.pid != pid);
+        self.last_cycles.remove(&pid);
+        self.last_key_cycles.remove(&pid);
         self.requests.baseline.remove(&pid);
     }
 
@@ -1332,6 +1463,7 @@ mod tests {
             rss_bytes: 0,
             alive,
             comm: "cache".into(),
+            hot_thread_nanos: None,
         }
     }
 

@@ -41,6 +41,8 @@ pub struct Collector {
     resolved_for: u32,
     known_texts: HashSet<u64>,
     known_stacks: HashSet<u32>,
+    /// Per process, each thread's CPU nanoseconds at the last reading.
+    threads: HashMap<u32, HashMap<u32, u64>>,
     /// Per stack id: its samples summed, and when they last grew.
     stack_activity: HashMap<u32, (u64, Instant)>,
     last_read: Instant,
@@ -61,6 +63,7 @@ impl Collector {
             known_texts: HashSet::new(),
             known_stacks: HashSet::new(),
             stack_activity: HashMap::new(),
+            threads: HashMap::new(),
             last_read: Instant::now(),
             started,
         }
@@ -87,8 +90,7 @@ impl Collector {
         for (key, &samples) in &self.stacks {
             *totals.entry(key.stack_id).or_default() += samples;
         }
-        self.stack_activity
-            .retain(|id, _| totals.contains_key(id));
+        self.stack_activity.retain(|id, _| totals.contains_key(id));
         let mut idle = Vec::new();
         for (id, total) in totals {
             let entry = self.stack_activity.entry(id).or_insert((total, now));
@@ -220,11 +222,33 @@ impl Collector {
             }
         }
 
+        self.threads.retain(|pid, _| live.contains_key(pid));
         snap.processes = live
             .values()
-            .map(|p| facts(p, exes.get(&p.pid).copied().unwrap_or_default()))
+            .map(|p| {
+                let mut f = facts(p, exes.get(&p.pid).copied().unwrap_or_default());
+                f.hot_thread_nanos = self.hottest_thread(p);
+                f
+            })
             .collect();
         snap
+    }
+
+    /// CPU nanoseconds the busiest thread of `p` used since the last
+    /// reading (threads new since are not counted).
+    fn hottest_thread(&mut self, p: &Process) -> Option<u64> {
+        let Some(now) = p.thread_cpu() else {
+            self.threads.remove(&p.pid);
+            return None;
+        };
+        let now: HashMap<u32, u64> = now.into_iter().collect();
+        let before = self.threads.insert(p.pid, now.clone())?;
+        Some(
+            now.iter()
+                .filter_map(|(tid, &n)| Some(n.saturating_sub(*before.get(tid)?)))
+                .max()
+                .unwrap_or(0),
+        )
     }
 
     /// Call sites with the watched function each lies in, if any.
@@ -289,5 +313,6 @@ fn facts(p: &Process, exe: FileId) -> ProcessFacts {
         rss_bytes: usage.map_or(0, |u| u.rss_bytes),
         alive: p.is_alive(),
         comm: p.comm.clone(),
+        hot_thread_nanos: None,
     }
 }

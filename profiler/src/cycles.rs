@@ -97,11 +97,14 @@ pub const DOMINANT_SHARE: f64 = 0.6;
 pub fn key_cycle(transitions: &[(u64, u64, u64)]) -> Option<(Vec<u64>, u64)> {
     let mut out: BTreeMap<u64, (u64, u64, u64)> = BTreeMap::new();
     for &(from, to, n) in transitions {
+        let e = out.entry(from).or_insert((0, from, 0));
+        // A key following itself counts in its total, never as its
+        // successor: two hot keys interleaving at random follow themselves
+        // as often as each other, and are no cycle.
+        e.0 += n;
         if from == to {
             continue;
         }
-        let e = out.entry(from).or_insert((0, to, 0));
-        e.0 += n;
         if n > e.2 || (n == e.2 && to < e.1) {
             (e.1, e.2) = (to, n);
         }
@@ -220,6 +223,12 @@ mod tests {
         assert_eq!(key_cycle(&t), None);
         // A chain that never comes back, and a key following itself.
         assert_eq!(key_cycle(&[(1, 2, 100), (2, 3, 100), (4, 4, 1000)]), None);
+        // Two hot keys interleaving at random: each follows itself as
+        // often as the other.
+        assert_eq!(
+            key_cycle(&[(1, 1, 500), (1, 2, 500), (2, 2, 500), (2, 1, 500)]),
+            None
+        );
         // Too few transitions to say.
         assert_eq!(key_cycle(&[(1, 2, 3), (2, 1, 3)]), None);
     }

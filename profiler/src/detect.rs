@@ -101,9 +101,6 @@ pub const BASELINE_FLOOR: f64 = 1.0;
 pub const EXPENSIVE_MIN_RATE: f64 = 20.0;
 /// A core more than learned: what a loop burning a thread adds.
 const CPU_RISE: f64 = 0.5;
-/// New structure with history needs the rate at least this many times the
-/// baseline (or a burning core).
-const STRUCTURE_RISE: f64 = 2.0;
 /// A share of calls (repeating keys, a key cycle) counts as new when it is
 /// this much above the learned share.
 const SHARE_MARGIN: f64 = 0.3;
@@ -116,6 +113,12 @@ const DISTINCT_STORM: f64 = 0.5;
 /// Seconds a cycle seen before any history must run without a burning core
 /// before it is learned as normal.
 const UNSETTLED_SECONDS: f64 = 20.0;
+/// Half-life of what calm traffic taught (the baseline's level, the shares
+/// of keys and cycles): patterns come and go in minutes, not seconds.
+pub const MEMORY_SECONDS: f64 = 600.0;
+/// A thread at this much CPU in calm traffic is pinned already: a loop
+/// cannot show on its CPU, so a runaway rate needs no more corroboration.
+const PINNED: f64 = 0.75;
 
 /// Identifies one series: a function (its index in the catalog) in one
 /// process. [`ALL_FUNCTIONS`] is the process's functions together.
@@ -299,18 +302,26 @@ pub struct Recovery {
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Learned {
     pub baseline: f64,
+    /// The highest baseline of the last minutes (halving every
+    /// [`MEMORY_SECONDS`]): a service idle for a while and back at its usual
+    /// rate is not a runaway.
+    pub level: f64,
     /// Shares of the calls the busiest keys, a key cycle, and a call cycle
-    /// (0 or 1) took in calm readings.
+    /// (0 or 1) took in calm readings: the highest of the last minutes, so
+    /// that a pattern seen a minute ago is still known.
     pub top_share: f64,
     pub key_cycle: f64,
     pub call_cycle: f64,
+    /// Enough keyed calls were seen in calm traffic to know `top_share`.
+    pub top_known: bool,
 }
 
 #[derive(Debug, Default)]
 struct Series {
-    /// Calls and seconds of the warm-up, then what was learned.
+    /// Calls, seconds and shares of the warm-up, then what was learned.
     warm_calls: f64,
     warm_seconds: f64,
+    warm_shares: Learned,
     learned: Option<Learned>,
     inherited: bool,
     /// Seconds of structure seen before any history, never corroborated.
@@ -582,7 +593,9 @@ fn judge(
     signals: &Signals,
 ) -> (Option<Agreed>, Option<Agreed>, bool, bool) {
     let history = learned.is_some();
-    let baseline = learned.map_or(0.0, |l| l.baseline).max(BASELINE_FLOOR);
+    let baseline = learned
+        .map_or(0.0, |l| l.baseline.max(l.level))
+        .max(BASELINE_FLOOR);
     let cpu_hot = signals.cpu.is_some_and(|cpu| {
         cpu >= rules.cpu_cores && signals.cpu_baseline.is_none_or(|b| cpu >= b + CPU_RISE)
     });
@@ -594,6 +607,7 @@ fn judge(
     let key_cycle =
         signals.key_cycle >= KEY_CYCLE_SHARE && signals.key_cycle >= was.key_cycle + SHARE_MARGIN;
     let repeating = history
+        && was.top_known
         && signals.top_share.is_some_and(|share| {
             share >= REPEAT_SHARE
                 && share >= was.top_share + SHARE_MARGIN
@@ -608,20 +622,26 @@ fn judge(
         per_request: signals.per_request_risen,
         no_history: !history,
     };
+    // A thread pinned in calm traffic cannot show a loop on its CPU.
+    let pinned = signals.cpu_baseline.is_some_and(|b| b >= PINNED);
+    let corroborated = cpu_hot || signals.per_request_risen || pinned;
     let busy = rate >= rules.min_rate || cpu_hot;
-    let structural = (call_cycle || key_cycle || repeating)
-        && busy
+    // Structure speeds a verdict up; it never makes one on its own: with
+    // history, a cycle needs the rate up or a burning core, and a few hot
+    // keys (a flash sale on one item is healthy) a corroborated runaway;
+    // with none, a cycle needs a burning core.
+    let structural = busy
         && if history {
-            rate_up || cpu_hot || rate >= STRUCTURE_RISE * baseline
+            ((call_cycle || key_cycle) && (rate_up || cpu_hot))
+                || (repeating && rate_up && corroborated)
         } else {
-            cpu_hot
+            (call_cycle || key_cycle) && cpu_hot
         };
 
     // The rate; corroborated over the window (see `observe_with`).
     let distinct_storm = signals.reinvalidation.is_some_and(|r| r < DISTINCT_STORM);
     let fast = rate >= rules.min_rate;
     let expensive = cpu_hot && rate >= EXPENSIVE_MIN_RATE;
-    let corroborated = cpu_hot || signals.per_request_risen || signals.cpu.is_none();
     let runaway =
         rate_up && (fast || expensive) && !signals.explained_by_requests && !distinct_storm;
     let structure = call_cycle || key_cycle || repeating;
@@ -636,30 +656,34 @@ fn judge(
 /// A calm reading: the warm-up, then the learned baseline and shares.
 fn learn_from(rules: &Rules, series: &mut Series, rate: f64, seconds: f64, signals: &Signals) {
     let w = 1.0 - (1.0 - rules.alpha.clamp(0.0, 1.0)).powf(seconds);
+    // Too few keyed calls to say: what was learned stands.
+    let known = signals.top_share.is_some();
     let top = signals.top_share.unwrap_or(0.0);
     let cycle = if signals.call_cycle { 1.0 } else { 0.0 };
     match &mut series.learned {
         Some(l) => {
             l.baseline = learn(l.baseline, rate, w, BASELINE_FLOOR);
-            // Shares are learned at the full weight both ways: a share is
-            // bounded, and a pattern seen in calm traffic is normal.
-            l.top_share += w * (top - l.top_share);
-            l.key_cycle += w * (signals.key_cycle - l.key_cycle);
-            l.call_cycle += w * (cycle - l.call_cycle);
+            // What was seen in calm traffic is normal for minutes after.
+            let keep = 0.5f64.powf(seconds / MEMORY_SECONDS);
+            l.level = (l.level * keep).max(l.baseline);
+            l.top_share = (l.top_share * keep).max(top);
+            l.top_known |= known;
+            l.key_cycle = (l.key_cycle * keep).max(signals.key_cycle);
+            l.call_cycle = (l.call_cycle * keep).max(cycle);
         }
         None => {
             series.warm_calls += rate * seconds;
             series.warm_seconds += seconds;
-            let shares = Learned {
-                baseline: 0.0,
-                top_share: top,
-                key_cycle: signals.key_cycle,
-                call_cycle: cycle,
-            };
+            series.warm_shares.top_share = series.warm_shares.top_share.max(top);
+            series.warm_shares.top_known |= known;
+            series.warm_shares.key_cycle = series.warm_shares.key_cycle.max(signals.key_cycle);
+            series.warm_shares.call_cycle = series.warm_shares.call_cycle.max(cycle);
             if series.warm_seconds + 1e-9 >= rules.warmup {
+                let baseline = series.warm_calls / series.warm_seconds;
                 series.learned = Some(Learned {
-                    baseline: series.warm_calls / series.warm_seconds,
-                    ..shares
+                    baseline,
+                    level: baseline,
+                    ..series.warm_shares
                 });
             }
         }
@@ -958,6 +982,58 @@ mod tests {
         assert_eq!(found.len(), 1, "{events:?}");
         assert!(found[0].0 <= 10.0 + 1.0, "{found:?}");
         assert_eq!(found[0].1.cause, Cause::RepeatingKeys);
+    }
+
+    #[test]
+    fn a_flash_sale_on_one_key_is_not_a_loop() {
+        // Many keys, then one stock key takes 95% of twice the traffic; the
+        // process stays calm.
+        let mut d = Detector::new(Rules::default());
+        let spread = Signals {
+            top_share: Some(0.1),
+            reinvalidation: Some(0.5),
+            ..calm_cpu()
+        };
+        let sale = Signals {
+            top_share: Some(0.95),
+            reinvalidation: Some(0.99),
+            ..calm_cpu()
+        };
+        let events = run(&mut d, &[(500.0, 10.0, spread), (3_000.0, 10.0, sale)]);
+        assert_eq!(loops(&events), vec![]);
+    }
+
+    #[test]
+    fn a_pattern_and_a_rate_seen_a_minute_ago_are_still_normal() {
+        // A broker emptying its queues in turn, idle for 20 s, then back.
+        let mut d = Detector::new(Rules::default());
+        let broker = Signals {
+            key_cycle: 0.9,
+            top_share: Some(1.0),
+            reinvalidation: Some(0.99),
+            ..calm_cpu()
+        };
+        let events = run(
+            &mut d,
+            &[
+                (3_000.0, 30.0, broker),
+                (0.0, 20.0, calm_cpu()),
+                (3_000.0, 10.0, broker),
+            ],
+        );
+        assert_eq!(loops(&events), vec![]);
+    }
+
+    #[test]
+    fn a_runaway_on_a_thread_pinned_all_day_needs_no_cpu_to_corroborate() {
+        let mut d = Detector::new(Rules::default());
+        let pinned = Signals {
+            cpu: Some(1.0),
+            cpu_baseline: Some(1.0),
+            ..Signals::default()
+        };
+        let events = run(&mut d, &[(500.0, 10.0, pinned), (50_000.0, 4.0, pinned)]);
+        assert_eq!(loops(&events).len(), 1, "{events:?}");
     }
 
     #[test]

@@ -100,12 +100,12 @@ impl<T> Queue<T> {
         }
     }
 
-    /// Queued unless the reader is [`BACKLOG`] behind; `make` gets how many
-    /// ticks were dropped before this one: here, and the `carried` ones
-    /// dropped upstream of it.
-    fn send_tick(&mut self, carried: u64, make: impl FnOnce(u64) -> T) {
+    /// Queued unless the reader is [`BACKLOG`] behind (and it is not news
+    /// that must go out); `make` gets how many ticks were dropped before
+    /// this one: here, and the `carried` ones dropped upstream of it.
+    fn send_tick(&mut self, carried: u64, news: bool, make: impl FnOnce(u64) -> T) {
         self.dropped += carried;
-        if self.full() {
+        if self.full() && !news {
             self.dropped += 1;
             return;
         }
@@ -131,6 +131,12 @@ impl<T> QueueRx<T> {
 struct Fold {
     count: u64,
     seconds: f64,
+    /// Probed seconds of the dropped snapshots.
+    probed: f64,
+    /// One of them closed a reporting interval.
+    report: bool,
+    /// Processes a dropped snapshot saw for the last time.
+    exited: Vec<crate::snapshot::ProcessFacts>,
     key_texts: Vec<crate::snapshot::KeyText>,
     new_stacks: Vec<crate::snapshot::NewStack>,
 }
@@ -140,17 +146,31 @@ impl Fold {
     fn drop_one(&mut self, snapshot: &Snapshot, carried: u64) {
         self.count += 1 + carried;
         self.seconds += snapshot.seconds;
+        self.probed += snapshot.seconds * snapshot.probed;
+        self.report |= snapshot.report;
+        self.exited
+            .extend(snapshot.processes.iter().filter(|p| !p.alive).cloned());
         self.key_texts.extend(snapshot.key_texts.iter().cloned());
         self.new_stacks.extend(snapshot.new_stacks.iter().cloned());
     }
 
-    /// `snapshot` with what was dropped before it; the count dropped.
+    /// `snapshot` with what was dropped before it (its time, probe share,
+    /// interval end and exits, so a replay reports what the live run did);
+    /// the count dropped.
     fn into_next(self, snapshot: Arc<Snapshot>) -> (Arc<Snapshot>, u64) {
         if self.count == 0 {
             return (snapshot, 0);
         }
         let mut merged = (*snapshot).clone();
-        merged.seconds += self.seconds;
+        let seconds = merged.seconds + self.seconds;
+        merged.probed = (merged.probed * merged.seconds + self.probed) / seconds.max(1e-9);
+        merged.seconds = seconds;
+        merged.report |= self.report;
+        for gone in self.exited {
+            if !merged.processes.iter().any(|p| p.pid == gone.pid) {
+                merged.processes.push(gone);
+            }
+        }
         merged.key_texts.splice(0..0, self.key_texts);
         merged.new_stacks.splice(0..0, self.new_stacks);
         (Arc::new(merged), self.count)
@@ -270,7 +290,15 @@ impl Pipeline {
                                     });
                                 }
                             }
-                            out.send_tick(dropped, |behind| SinkMsg::Batch {
+                            let news = records.iter().any(|r| {
+                                matches!(
+                                    r,
+                                    Record::Loop { .. }
+                                        | Record::Recovered { .. }
+                                        | Record::TargetExit { .. }
+                                )
+                            });
+                            out.send_tick(dropped, news, |behind| SinkMsg::Batch {
                                 records,
                                 dropped: behind,
                             });
@@ -331,7 +359,17 @@ impl Pipeline {
     /// Hands one tick over; if the enricher is [`BACKLOG`] behind, it is
     /// dropped and folded into the next.
     pub fn tick(&mut self, snapshot: Snapshot, output: Output) {
-        if self.queue.full() {
+        // A loop, a recovery or an exit is never dropped: the queue may run
+        // one over its bound for it.
+        let news = output.events.iter().any(|e| {
+            matches!(
+                e,
+                analyze::Event::Loop(_)
+                    | analyze::Event::Recovered(_)
+                    | analyze::Event::TargetExit { .. }
+            )
+        });
+        if self.queue.full() && !news {
             self.fold.drop_one(&snapshot, 0);
             return;
         }

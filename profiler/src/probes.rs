@@ -31,9 +31,10 @@ use aya::{
     sys::{UProbeMultiFeature, is_uprobe_multi_supported},
 };
 use profiler_common::{
-    CALLERS_MAP, COUNTS_MAP, CallKey, CallerKey, DROPS_MAP, KEY_CONFIG_MAP, KEY_EDGES_MAP,
-    KEY_TEXT_LEN, KEY_TEXT_MAP, KEYS_MAP, KeyConfig, KeyEdge, KeyId, KeyText, PROG_MULTI,
-    PROG_SINGLE, STACK_COUNTS_MAP, STACKS_MAP, StackKey,
+    CALLERS_ENTRIES, CALLERS_MAP, COUNTS_MAP, CallKey, CallerKey, DROPS_MAP, KEY_CONFIG_MAP,
+    KEY_EDGES_ENTRIES, KEY_EDGES_MAP, KEY_TEXT_LEN, KEY_TEXT_MAP, KEYS_ENTRIES, KEYS_MAP,
+    KeyConfig, KeyEdge, KeyId, KeyText, LAST_KEY_ENTRIES, LAST_KEY_MAP, PROG_MULTI, PROG_SINGLE,
+    STACK_COUNTS_MAP, STACK_ENTRIES, STACKS_MAP, StackKey,
 };
 
 /// Errors from loading, attaching and reading probes. All of them are about
@@ -115,6 +116,7 @@ pub struct Probes {
     keys: PerCpuHashMap<MapData, KeyId, u64>,
     key_text: BpfHashMap<MapData, u64, KeyText>,
     key_edges: PerCpuHashMap<MapData, KeyEdge, u64>,
+    last_key: BpfHashMap<MapData, u64, u64>,
     stacks: StackTraceMap<MapData>,
     stack_counts: PerCpuHashMap<MapData, StackKey, u64>,
     drops: PerCpuArray<MapData, u64>,
@@ -191,6 +193,7 @@ impl Probes {
         let keys = take_map(&mut ebpf, KEYS_MAP)?;
         let key_text = take_map(&mut ebpf, KEY_TEXT_MAP)?;
         let key_edges = take_map(&mut ebpf, KEY_EDGES_MAP)?;
+        let last_key = take_map(&mut ebpf, LAST_KEY_MAP)?;
         let stacks = take_map(&mut ebpf, STACKS_MAP)?;
         let stack_counts = take_map(&mut ebpf, STACK_COUNTS_MAP)?;
         let drops = take_map(&mut ebpf, DROPS_MAP)?;
@@ -201,6 +204,7 @@ impl Probes {
             keys,
             key_text,
             key_edges,
+            last_key,
             stacks,
             stack_counts,
             drops,
@@ -401,6 +405,18 @@ impl Probes {
         remove_where(&mut self.callers, |k| k.tgid == tgid);
         remove_where(&mut self.keys, |k| k.tgid == tgid);
         remove_where(&mut self.key_edges, |k| k.tgid == tgid);
+        // Its threads' last keys (by pid_tgid: the process id is the high
+        // half).
+        let threads: Vec<u64> = self
+            .last_key
+            .keys()
+            .filter_map(Result::ok)
+            .take(2 * LAST_KEY_ENTRIES as usize)
+            .filter(|t| (t >> 32) as u32 == tgid)
+            .collect();
+        for thread in threads {
+            let _ = self.last_key.remove(&thread);
+        }
         remove_where(&mut self.stack_counts, |k| k.tgid == tgid);
     }
 
@@ -435,7 +451,7 @@ impl Probes {
 
     /// Reads every counter, summed over CPUs, into `out` (cleared first).
     pub fn read_counts(&mut self, out: &mut HashMap<CallKey, u64>) -> Result<(), ProbeError> {
-        sum_per_cpu(&self.counts, COUNTS_MAP, out)?;
+        sum_per_cpu(&self.counts, COUNTS_MAP, self.capacity, out)?;
         if let Some(logger) = &mut self.logger {
             logger.flush();
         }
@@ -444,7 +460,7 @@ impl Probes {
 
     /// Reads the per-call-site counters, summed over CPUs, into `out`.
     pub fn read_callers(&mut self, out: &mut HashMap<CallerKey, u64>) -> Result<(), ProbeError> {
-        sum_per_cpu(&self.callers, CALLERS_MAP, out)
+        sum_per_cpu(&self.callers, CALLERS_MAP, CALLERS_ENTRIES, out)
     }
 
     /// Tells the kernel how to read function `func`'s key argument.
@@ -459,12 +475,12 @@ impl Probes {
 
     /// Reads the per-key counters, summed over CPUs, into `out`.
     pub fn read_keys(&mut self, out: &mut HashMap<KeyId, u64>) -> Result<(), ProbeError> {
-        sum_per_cpu(&self.keys, KEYS_MAP, out)
+        sum_per_cpu(&self.keys, KEYS_MAP, KEYS_ENTRIES, out)
     }
 
     /// Reads the key-transition counters, summed over CPUs, into `out`.
     pub fn read_key_edges(&mut self, out: &mut HashMap<KeyEdge, u64>) -> Result<(), ProbeError> {
-        sum_per_cpu(&self.key_edges, KEY_EDGES_MAP, out)
+        sum_per_cpu(&self.key_edges, KEY_EDGES_MAP, KEY_EDGES_ENTRIES, out)
     }
 
     /// The text of a string key, if the kernel still holds it.
@@ -483,7 +499,7 @@ impl Probes {
 
     /// Reads the sampled-stack counters, summed over CPUs, into `out`.
     pub fn read_stacks(&mut self, out: &mut HashMap<StackKey, u64>) -> Result<(), ProbeError> {
-        sum_per_cpu(&self.stack_counts, STACK_COUNTS_MAP, out)
+        sum_per_cpu(&self.stack_counts, STACK_COUNTS_MAP, STACK_ENTRIES, out)
     }
 
     /// The frames of a sampled stack (instruction pointers, innermost
@@ -578,10 +594,15 @@ fn self_probe_request() -> Result<AttachRequest, ProbeError> {
 fn sum_per_cpu<K: aya::Pod + Eq + std::hash::Hash>(
     map: &PerCpuHashMap<MapData, K, u64>,
     name: &'static str,
+    capacity: u32,
     out: &mut HashMap<K, u64>,
 ) -> Result<(), ProbeError> {
     out.clear();
-    for entry in map.iter() {
+    // aya walks a hash map key by key; when the key it stands on is evicted
+    // meanwhile (an LRU map under churn), the kernel starts it over from the
+    // first bucket. Bounded: a reading may miss entries, never spin.
+    let bound = 2 * capacity as usize;
+    for entry in map.iter().take(bound) {
         let (key, per_cpu) = entry.map_err(|source| ProbeError::Map { name, source })?;
         out.insert(key, per_cpu.iter().sum());
     }

@@ -46,7 +46,7 @@ use crate::{
 
 pub const MAGIC: &[u8; 8] = b"CLOOPREC";
 /// The format this build writes and reads.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// A crash loses at most this much of a recording.
 pub const DURABLE_EVERY: Duration = Duration::from_secs(2);
 /// No item is larger than this; a larger length means a damaged file.
@@ -632,6 +632,7 @@ mod tests {
                 rss_bytes: 1 << 24,
                 alive: true,
                 comm: "cache".into(),
+                hot_thread_nanos: None,
             }],
             counts_capacity: 1024,
             ..Snapshot::default()

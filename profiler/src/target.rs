@@ -442,6 +442,36 @@ impl Process {
     }
 }
 
+/// Threads read one by one at most: a process with more is judged on its
+/// total CPU.
+pub const MAX_THREADS: usize = 256;
+
+impl Process {
+    /// CPU time used so far by each thread, (tid, nanoseconds), from
+    /// `/proc/PID/task/*/stat`; `None` past [`MAX_THREADS`] threads. A loop
+    /// pins one thread: the process's total hides it in a busy server.
+    pub fn thread_cpu(&self) -> Option<Vec<(u32, u64)>> {
+        let tasks = fs::read_dir(format!("/proc/{}/task", self.pid)).ok()?;
+        // SAFETY: sysconf only reads system configuration.
+        let tick_hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        let tick_hz = u64::try_from(tick_hz).ok().filter(|&t| t > 0)?;
+        let mut threads = Vec::new();
+        for task in tasks.flatten() {
+            if threads.len() == MAX_THREADS {
+                return None;
+            }
+            let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+                continue;
+            };
+            let path = format!("/proc/{}/task/{tid}/stat", self.pid);
+            if let Some(stat) = fs::read_to_string(path).ok().and_then(|t| parse_stat(&t)) {
+                threads.push((tid, stat.cpu_ticks * (1_000_000_000 / tick_hz)));
+            }
+        }
+        Some(threads)
+    }
+}
+
 fn read_stat(pid: u32) -> Option<Stat> {
     parse_stat(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
