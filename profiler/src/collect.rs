@@ -41,7 +41,7 @@ pub struct Collector {
     resolved_for: u32,
     known_texts: HashSet<u64>,
     known_stacks: HashSet<u32>,
-    /// Per process, each thread's CPU nanoseconds at the last reading.
+    /// Per process, each thread's busy nanoseconds at the last reading.
     threads: HashMap<u32, HashMap<u32, u64>>,
     /// Per stack id: its samples summed, and when they last grew.
     stack_activity: HashMap<u32, (u64, Instant)>,
@@ -234,10 +234,10 @@ impl Collector {
         snap
     }
 
-    /// CPU nanoseconds the busiest thread of `p` used since the last
-    /// reading (threads new since are not counted).
+    /// Nanoseconds the busiest thread of `p` ran or waited to run since the
+    /// last reading (threads new since are not counted).
     fn hottest_thread(&mut self, p: &Process) -> Option<u64> {
-        let Some(now) = p.thread_cpu() else {
+        let Some(now) = p.thread_busy() else {
             self.threads.remove(&p.pid);
             return None;
         };

@@ -89,8 +89,10 @@ pub struct ProcessFacts {
     /// CPU time used so far (user + system), nanoseconds; `None` when
     /// `/proc` could not be read.
     pub cpu_nanos: Option<u64>,
-    /// CPU time the busiest thread used since the previous reading,
-    /// nanoseconds; `None` on the first reading, or past 256 threads.
+    /// Time the busiest thread ran or waited to run since the previous
+    /// reading (schedstat: on-CPU plus run-queue wait; CPU time where the
+    /// kernel has no schedstat), nanoseconds; `None` on the first reading,
+    /// or past 256 threads.
     pub hot_thread_nanos: Option<u64>,
     pub rss_bytes: u64,
     /// Still running at the end of this tick; `false` is its last snapshot.

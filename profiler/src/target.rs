@@ -447,10 +447,14 @@ impl Process {
 pub const MAX_THREADS: usize = 256;
 
 impl Process {
-    /// CPU time used so far by each thread, (tid, nanoseconds), from
-    /// `/proc/PID/task/*/stat`; `None` past [`MAX_THREADS`] threads. A loop
-    /// pins one thread: the process's total hides it in a busy server.
-    pub fn thread_cpu(&self) -> Option<Vec<(u32, u64)>> {
+    /// Time each thread has spent running or ready to run so far, (tid,
+    /// nanoseconds): `/proc/PID/task/*/schedstat` (on-CPU plus run-queue
+    /// wait), or its CPU time from `stat` where that file is missing;
+    /// `None` past [`MAX_THREADS`] threads. A loop never sleeps: its
+    /// thread's busy time keeps pace with the clock even on a machine so
+    /// loaded that it gets half a core, while a healthy thread waits on
+    /// clients and I/O. The process's total would hide it in a busy server.
+    pub fn thread_busy(&self) -> Option<Vec<(u32, u64)>> {
         let tasks = fs::read_dir(format!("/proc/{}/task", self.pid)).ok()?;
         // SAFETY: sysconf only reads system configuration.
         let tick_hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -463,13 +467,29 @@ impl Process {
             let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
                 continue;
             };
-            let path = format!("/proc/{}/task/{tid}/stat", self.pid);
-            if let Some(stat) = fs::read_to_string(path).ok().and_then(|t| parse_stat(&t)) {
-                threads.push((tid, stat.cpu_ticks * (1_000_000_000 / tick_hz)));
+            let dir = format!("/proc/{}/task/{tid}", self.pid);
+            let busy = fs::read_to_string(format!("{dir}/schedstat"))
+                .ok()
+                .and_then(|t| parse_schedstat(&t))
+                .or_else(|| {
+                    let stat = parse_stat(&fs::read_to_string(format!("{dir}/stat")).ok()?)?;
+                    Some(stat.cpu_ticks * (1_000_000_000 / tick_hz))
+                });
+            if let Some(busy) = busy {
+                threads.push((tid, busy));
             }
         }
         Some(threads)
     }
+}
+
+/// Running plus waiting-to-run nanoseconds from a `schedstat` line ("run
+/// wait slices").
+fn parse_schedstat(text: &str) -> Option<u64> {
+    let mut fields = text.split_ascii_whitespace();
+    let run: u64 = fields.next()?.parse().ok()?;
+    let wait: u64 = fields.next()?.parse().ok()?;
+    Some(run.saturating_add(wait))
 }
 
 fn read_stat(pid: u32) -> Option<Stat> {
@@ -547,6 +567,47 @@ pub fn has_bpf_privileges() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn schedstat_is_running_plus_waiting() {
+        assert_eq!(
+            parse_schedstat("671289262 1742746412 2301\n"),
+            Some(2_414_035_674)
+        );
+        assert_eq!(parse_schedstat("garbage"), None);
+    }
+
+    #[test]
+    fn a_spinning_thread_is_busy_and_a_sleeping_one_is_not() {
+        let me = Process::from_pid(std::process::id()).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spinner = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            tx.send(unsafe { libc::gettid() } as u32).unwrap();
+            let until = std::time::Instant::now() + std::time::Duration::from_millis(900);
+            while std::time::Instant::now() < until {
+                std::hint::spin_loop();
+            }
+        });
+        let spinning = rx.recv().unwrap();
+        // SAFETY: as above.
+        let sleeping = unsafe { libc::gettid() } as u32;
+        let busy = |tid: u32| {
+            me.thread_busy()
+                .unwrap()
+                .into_iter()
+                .find(|(t, _)| *t == tid)
+                .unwrap()
+                .1
+        };
+        let (spin0, sleep0) = (busy(spinning), busy(sleeping));
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        let (spin1, sleep1) = (busy(spinning), busy(sleeping));
+        spinner.join().unwrap();
+        // Running or waiting to run the whole 400 ms, loaded machine or not.
+        assert!(spin1 - spin0 >= 300_000_000, "{}", spin1 - spin0);
+        assert!(sleep1 - sleep0 < 100_000_000, "{}", sleep1 - sleep0);
+    }
 
     #[test]
     fn stat_with_odd_command_name_parses() {

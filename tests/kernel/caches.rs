@@ -11,8 +11,8 @@ use std::{
 };
 
 use cacheloop_tests::{
-    Cacheloop, Run, Target, free_port, have_programs, http, presets, require_root, total_calls,
-    watch_args, workload_bin,
+    Cacheloop, Run, Target, free_port, have_programs, http, key_cycle, presets, require_root,
+    total_calls, watch_args, workload,
 };
 
 /// What the Redis tests run (absent in a VM guest built without them).
@@ -260,13 +260,9 @@ fn preset_varnish_under_purges_and_a_ban_storm_raises_no_alarm() {
         ["4", "100", "0", "300"],
         ["3", "300", "30", "5"],
     ] {
-        let status = Command::new(workload_bin())
-            .args(["http", &port])
-            .args(phase)
-            .stdout(Stdio::null())
-            .status()
-            .expect("workload runs");
-        assert!(status.success());
+        let mut args = vec!["http", &port];
+        args.extend(phase);
+        assert!(workload(&args).wait().unwrap().success());
     }
     let run = watcher.finish(Duration::from_secs(60));
     assert_eq!(run.code, 0, "{run:?}");
@@ -302,11 +298,7 @@ fn preset_redis_names_the_key_cycle_of_an_application_looping_through_it() {
     // Healthy writes and deletes of many keys, then an application stuck
     // deleting the catalog page, which deletes the navigation fragment,
     // which deletes the page: each delete a real DEL in Redis.
-    let mut load = Command::new(workload_bin())
-        .args(["redis-loop", &port.to_string(), "6", "30"])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("workload runs");
+    let mut load = workload(&["redis-loop", &port.to_string(), "6", "30"]);
     let run = watcher.finish(Duration::from_secs(90));
     let _ = load.kill();
     let _ = load.wait();
@@ -315,12 +307,7 @@ fn preset_redis_names_the_key_cycle_of_an_application_looping_through_it() {
     assert_eq!(record["evidence"]["cause"], "key_cycle", "{record}");
     // Read through the deleting functions' key arguments: the real key
     // names, in the order the application deletes them.
-    let mut cycle: Vec<&str> = record["evidence"]["key_cycle"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| k.as_str().unwrap())
-        .collect();
+    let mut cycle = key_cycle(record);
     cycle.sort_unstable();
     assert_eq!(cycle, ["fragment:nav", "page:catalog"], "{record}");
     drop(redis_server);
@@ -339,20 +326,12 @@ fn preset_redis_as_a_queue_broker_raises_no_alarm() {
     // Jobs pushed and popped on three queues in turn (the same three keys
     // deleted all day, in the same order), counters, rate limits; then
     // three times the traffic.
-    let mut load = Command::new(workload_bin())
-        .args(["redis-broker", &port.to_string(), "8", "1500"])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("workload runs");
+    let mut load = workload(&["redis-broker", &port.to_string(), "8", "1500"]);
     let extra = ["--preset", "redis", "--fail-on-loop", "--duration", "14s"];
     let watcher = Cacheloop::start(&watch_args(redis_server.pid, &[], &extra));
     watcher.wait_attached(Duration::from_secs(60));
     let _ = load.wait();
-    let mut busier = Command::new(workload_bin())
-        .args(["redis-broker", &port.to_string(), "6", "4500"])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("workload runs");
+    let mut busier = workload(&["redis-broker", &port.to_string(), "6", "4500"]);
     let run = watcher.finish(Duration::from_secs(60));
     let _ = busier.kill();
     let _ = busier.wait();

@@ -82,12 +82,7 @@ fn watch_cpp_method_reads_its_std_string_key_and_names_the_key_cycle() {
     );
     assert_eq!(run.code, 3, "{run:?}");
     let record = &run.of_type("loop")[0];
-    let cycle: Vec<&str> = record["evidence"]["key_cycle"]
-        .as_array()
-        .expect("a key cycle")
-        .iter()
-        .map(|k| k.as_str().unwrap())
-        .collect();
+    let cycle = cacheloop_tests::key_cycle(record);
     // Two keys; their text is the first 47 bytes, marked as cut.
     assert_eq!(cycle.len(), 2, "{record}");
     for key in cycle {

@@ -37,6 +37,25 @@ pub fn workload_bin() -> PathBuf {
     built_binary("CACHELOOP_WORKLOAD", "workload")
 }
 
+/// Starts the workload generator with `args`, its output discarded.
+pub fn workload(args: &[&str]) -> std::process::Child {
+    Command::new(workload_bin())
+        .args(args)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("the workload generator runs")
+}
+
+/// The keys of a loop record's `evidence.key_cycle`, in order.
+pub fn key_cycle(record: &Value) -> Vec<&str> {
+    record["evidence"]["key_cycle"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no key cycle: {record}"))
+        .iter()
+        .map(|k| k.as_str().unwrap())
+        .collect()
+}
+
 fn built_binary(var: &str, name: &str) -> PathBuf {
     if let Some(bin) = std::env::var_os(var) {
         return bin.into();
