@@ -595,8 +595,21 @@ impl Analyzer {
                     );
                 }
             }
-            // In a loop of its own, or of its pool: starved functions learn
-            // nothing meanwhile.
+            // How much of the process's watched calls walked its cycles in
+            // this reading: a loop running since before attach is most of
+            // what its process does; a queue broker's queues emptied in
+            // turn are a part of a busy server's work.
+            let all_calls: u64 = (0..catalog.len())
+                .filter(|&f| !self.is_request[f])
+                .map(|f| self.calls[f])
+                .sum();
+            let along_keys: u64 = key_cycles
+                .get(&pid)
+                .map_or(0, |c| c.per_func.values().sum());
+            let along_calls: u64 = cycles
+                .get(&pid)
+                .map_or(0, |c| c.iter().map(|&f| self.calls[f as usize]).sum());
+            let dominance = along_keys.max(along_calls) as f64 / all_calls.max(1) as f64;
             // A loop pins a thread: judged on the busiest thread's CPU where
             // there is one to read, the process's otherwise.
             let thread_cores = process
@@ -645,6 +658,7 @@ impl Analyzer {
                     key_cycle: key_cycle.min(1.0),
                     top_share: stats.and_then(|s| s.top_share(calls)),
                     reinvalidation: stats.and_then(KeyStats::reinvalidation),
+                    cycle_dominance: dominance.min(1.0),
                     cpu: thread_cores,
                     cpu_baseline: self.cpu_baseline.get(&pid).copied(),
                     explained_by_requests: per_request.is_some_and(|r| r.explained),
@@ -683,6 +697,7 @@ impl Analyzer {
                 let signals = Signals {
                     call_cycle: cycles.contains_key(&pid),
                     key_cycle: (along as f64 / calls.max(1) as f64).min(1.0),
+                    cycle_dominance: dominance.min(1.0),
                     ..base
                 };
                 match self
