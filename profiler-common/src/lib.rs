@@ -61,6 +61,13 @@ unsafe impl aya::Pod for CallerKey {}
 
 /// Name of the array of per-function [`KeyConfig`]s, indexed by cookie.
 pub const KEY_CONFIG_MAP: &str = "KEY_CONFIG";
+/// The cookie the loader's calibration probe counts under: no watched
+/// function has it.
+pub const CALIBRATION_COOKIE: u32 = u32::MAX;
+/// Slot of `KEY_CONFIG` the calibration probe reads its key config from
+/// (the array has one more slot than functions with keys): calibration
+/// measures the key path too.
+pub const CALIBRATION_KEY_SLOT: u32 = 1 << 14;
 /// Name of the LRU per-CPU map of (function, process, key hash) counts.
 pub const KEYS_MAP: &str = "KEYS";
 /// Name of the LRU map of key hash -> [`KeyText`] for string keys.

@@ -35,10 +35,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use profiler_common::{
-    CALLERS_ENTRIES, CallKey, CallerKey, DEFAULT_COUNTS_ENTRIES, KEY_EDGES_ENTRIES,
-    KEY_MORE_CHUNKS, KEY_STR, KEY_STR_AT, KEY_TEXT_LEN, KEY_TRUNCATED, KEY_U64, KEYS_ENTRIES,
-    KeyConfig, KeyEdge, KeyId, KeyText, LAST_KEY_ENTRIES, STACK_ENTRIES, STACK_SAMPLE_EVERY,
-    StackKey, fnv1a, fnv1a_more,
+    CALIBRATION_COOKIE, CALIBRATION_KEY_SLOT, CALLERS_ENTRIES, CallKey, CallerKey,
+    DEFAULT_COUNTS_ENTRIES, KEY_EDGES_ENTRIES, KEY_MORE_CHUNKS, KEY_STR, KEY_STR_AT, KEY_TEXT_LEN,
+    KEY_TRUNCATED, KEY_U64, KEYS_ENTRIES, KeyConfig, KeyEdge, KeyId, KeyText, LAST_KEY_ENTRIES,
+    STACK_ENTRIES, STACK_SAMPLE_EVERY, StackKey, fnv1a, fnv1a_more,
 };
 
 /// Calls per (function, process), one slot per CPU so the hot path needs no
@@ -209,7 +209,13 @@ fn argument(ctx: &ProbeContext, n: u32) -> Option<u64> {
 /// it. Strings are read with a bounded, fault-safe user read.
 #[inline(always)]
 fn count_key(ctx: &ProbeContext, key: &CallKey) {
-    let Some(config) = KEY_CONFIG.get(key.func) else {
+    // Functions past the key table's end have no key read.
+    let slot = match key.func {
+        CALIBRATION_COOKIE => CALIBRATION_KEY_SLOT,
+        func if func < CALIBRATION_KEY_SLOT => func,
+        _ => return,
+    };
+    let Some(config) = KEY_CONFIG.get(slot) else {
         return;
     };
     let Some(arg) = argument(ctx, config.arg) else {

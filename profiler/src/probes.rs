@@ -31,10 +31,11 @@ use aya::{
     sys::{UProbeMultiFeature, is_uprobe_multi_supported},
 };
 use profiler_common::{
-    CALLERS_ENTRIES, CALLERS_MAP, COUNTS_MAP, CallKey, CallerKey, DROPS_MAP, KEY_CONFIG_MAP,
-    KEY_EDGES_ENTRIES, KEY_EDGES_MAP, KEY_TEXT_LEN, KEY_TEXT_MAP, KEYS_ENTRIES, KEYS_MAP,
-    KeyConfig, KeyEdge, KeyId, KeyText, LAST_KEY_ENTRIES, LAST_KEY_MAP, PROG_MULTI, PROG_SINGLE,
-    STACK_COUNTS_MAP, STACK_ENTRIES, STACKS_MAP, StackKey,
+    CALIBRATION_COOKIE, CALIBRATION_KEY_SLOT, CALLERS_ENTRIES, CALLERS_MAP, COUNTS_MAP, CallKey,
+    CallerKey, DROPS_MAP, KEY_CONFIG_MAP, KEY_EDGES_ENTRIES, KEY_EDGES_MAP, KEY_TEXT_LEN,
+    KEY_TEXT_MAP, KEY_U64, KEYS_ENTRIES, KEYS_MAP, KeyConfig, KeyEdge, KeyId, KeyText,
+    LAST_KEY_ENTRIES, LAST_KEY_MAP, PROG_MULTI, PROG_SINGLE, STACK_COUNTS_MAP, STACK_ENTRIES,
+    STACKS_MAP, StackKey,
 };
 
 /// Errors from loading, attaching and reading probes. All of them are about
@@ -124,6 +125,8 @@ pub struct Probes {
     ebpf: Ebpf,
     program: &'static str,
     mode: AttachMode,
+    /// Some watched function has a key read: calibration reads one too.
+    uses_keys: bool,
     /// Early uprobe_multi kernels (6.6 until the fix) filter a pid-scoped
     /// multi link by one thread only. There, pid-scoped requests go through
     /// this program instead, the plain uprobe, one perf link per function:
@@ -147,7 +150,7 @@ struct Entry {
 
 /// Functions that can have a key configuration (cookies beyond this count
 /// but carry none).
-pub const MAX_FUNCTIONS: u32 = 1 << 14;
+pub const MAX_FUNCTIONS: u32 = CALIBRATION_KEY_SLOT;
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
 
@@ -174,7 +177,7 @@ impl Probes {
 
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(COUNTS_MAP, max_entries.max(1))
-            .map_max_entries(KEY_CONFIG_MAP, MAX_FUNCTIONS)
+            .map_max_entries(KEY_CONFIG_MAP, CALIBRATION_KEY_SLOT + 1)
             // Only the chosen program is loaded; the other stays in the file.
             .load(EBPF_OBJECT)
             .map_err(ProbeError::Load)?;
@@ -212,6 +215,7 @@ impl Probes {
             ebpf,
             program,
             mode,
+            uses_keys: false,
             per_process,
             entries: Vec::new(),
             capacity: max_entries.max(1),
@@ -430,22 +434,39 @@ impl Probes {
         let time_calls = || {
             let started = Instant::now();
             for i in 0..CALLS {
-                std::hint::black_box(cacheloop_calibration_probe(u64::from(i)));
+                std::hint::black_box(cacheloop_calibration_probe(u64::from(i % 4)));
             }
             started.elapsed()
         };
         // Warm, then the unprobed run.
         time_calls();
         let bare = time_calls();
+        // With a key read, as watched functions with keys pay for it (a
+        // few keys walked in turn: transitions counted too, and no real
+        // key pushed out of the kernel's LRU maps).
+        if self.uses_keys {
+            self.set_key_config(
+                CALIBRATION_KEY_SLOT,
+                KeyConfig {
+                    kind: KEY_U64,
+                    ..KeyConfig::default()
+                },
+            )?;
+        }
         let program = self.program_for(&request);
         let link = self.link(program, &request)?;
         let probed = time_calls();
         self.unlink(program, link);
-        let key = CallKey {
+        // Our own entries go: they are not a watched process's.
+        let me = std::process::id();
+        let _ = self.counts.remove(&CallKey {
             func: CALIBRATION_COOKIE,
-            tgid: std::process::id(),
-        };
-        let _ = self.counts.remove(&key);
+            tgid: me,
+        });
+        remove_where(&mut self.callers, |k| k.tgid == me);
+        remove_where(&mut self.keys, |k| k.tgid == me);
+        remove_where(&mut self.key_edges, |k| k.tgid == me);
+        remove_where(&mut self.stack_counts, |k| k.tgid == me);
         Ok(probed.saturating_sub(bare) / CALLS)
     }
 
@@ -465,6 +486,7 @@ impl Probes {
 
     /// Tells the kernel how to read function `func`'s key argument.
     pub fn set_key_config(&mut self, func: u32, config: KeyConfig) -> Result<(), ProbeError> {
+        self.uses_keys |= config.kind != 0 && func != CALIBRATION_KEY_SLOT;
         self.key_config
             .set(func, &config, 0)
             .map_err(|source| ProbeError::Map {
@@ -552,9 +574,6 @@ fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, 
         .try_into()
         .map_err(ProbeError::Program)
 }
-
-/// Counted under this cookie while calibrating (no watched function has it).
-const CALIBRATION_COOKIE: u32 = u32::MAX;
 
 /// What [`Probes::calibrate`] probes: a function of ours that does nothing
 /// worth optimising away.
