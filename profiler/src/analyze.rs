@@ -407,7 +407,8 @@ const MAX_INHERITED: usize = 4096;
 /// A call-graph edge must carry this share of the callee's calls in a
 /// reading to make a cycle: bounded recursion now and then does not.
 const CALL_EDGE_SHARE: f64 = 0.1;
-/// Keyed calls in a reading below which key shares say nothing.
+/// Keyed calls (or calls along a cycle) in a reading below which key
+/// shares and cycles say nothing of a function.
 const MIN_KEYED: u64 = 20;
 /// A key dropped again within this many seconds is dropped again, not new.
 const RECENT_KEYS_SECONDS: f64 = 3.0;
@@ -647,9 +648,12 @@ impl Analyzer {
                     continue;
                 }
                 let stats = keys.get(&series);
+                // A few calls along the cycle say nothing of a function
+                // (a read of one of its keys, once): it must walk it.
                 let key_cycle = key_cycles
                     .get(&pid)
                     .and_then(|c| c.per_func.get(&func))
+                    .filter(|&&n| n >= MIN_KEYED)
                     .map_or(0.0, |&n| n as f64 / calls.max(1) as f64);
                 let in_cycle = cycles.get(&pid).is_some_and(|c| c.contains(&func))
                     && callee_edges.contains(&(pid, func));
@@ -1135,7 +1139,7 @@ impl Analyzer {
             let calls = self.by_key.get(&(callee, pid)).copied().unwrap_or(0);
             let before = self.counts.last.get(&(callee, pid)).copied().unwrap_or(0);
             let callee_calls = since(before, calls).max(1);
-            if n as f64 >= CALL_EDGE_SHARE * callee_calls as f64 {
+            if n >= MIN_KEYED && n as f64 >= CALL_EDGE_SHARE * callee_calls as f64 {
                 graphs.entry(pid).or_default().insert((caller, callee));
                 strong.insert((pid, callee));
             }
@@ -1785,6 +1789,22 @@ mod tests {
             let out = s.tick(&[200], &[(0, long(1), 10_000), (0, long(2), 10_000)], &[]);
             assert!(!out.loop_found, "{out:?}");
         }
+    }
+
+    #[test]
+    fn a_function_touching_a_loops_keys_now_and_then_is_not_in_it() {
+        // cache_invalidate walks the cycle; cache_get read one of its keys
+        // twice in the reading, right after it: not its loop.
+        let mut s = Stream::new(&["cache_invalidate", "cache_get"]);
+        s.cores = 1.0;
+        let mut found = Vec::new();
+        for _ in 0..3 {
+            s.walk(&[(0, 1, 2, 10_000), (0, 2, 1, 10_000), (1, 1, 2, 2)]);
+            let out = s.tick(&[20_000, 3], &[(0, 1, 10_000), (0, 2, 10_000)], &[]);
+            found.extend(loops(&out).into_iter().cloned());
+        }
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].functions, [0], "{found:?}");
     }
 
     #[test]
