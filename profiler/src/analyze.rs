@@ -288,6 +288,8 @@ pub struct Analyzer {
     keys: HashMap<(u32, u32, u64), u64>,
     key_edges: HashMap<(u32, u32, u64, u64), u64>,
     stacks: HashMap<(u32, u32, u32), u64>,
+    /// This reading's calls per (pid, function), for naming a sum's loop.
+    reading_calls: HashMap<(u32, u32), u64>,
     /// Per series, the keys dropped in the last seconds and when.
     recent_keys: HashMap<SeriesKey, HashMap<u64, f64>>,
     /// Each process's last call cycle and key cycle, and when: the reading
@@ -398,6 +400,10 @@ fn learn_cpu(baselines: &mut HashMap<u32, f64>, id: u32, cores: f64, seconds: f6
 /// pids stay under 2^22.
 const GROUP_IDS: u32 = 0x8000_0000;
 
+/// A function is named in a sum's loop when it makes at least this share of
+/// the sum's calls in the confirming reading.
+const CARRIES: f64 = 0.1;
+
 /// A process inherits what a predecessor of its name learned only if that
 /// one ended at most this long ago.
 const INHERIT_SECONDS: f64 = 600.0;
@@ -472,6 +478,7 @@ impl Analyzer {
             key_edges: HashMap::new(),
             stacks: HashMap::new(),
             recent_stacks: HashMap::new(),
+            reading_calls: HashMap::new(),
             recent_keys: HashMap::new(),
             last_cycles: HashMap::new(),
             last_key_cycles: HashMap::new(),
@@ -522,6 +529,7 @@ impl Analyzer {
         self.by_key.clear();
         self.by_key
             .extend(snap.counts.iter().map(|c| ((c.func, c.pid), c.calls)));
+        self.reading_calls.clear();
         let (cycles, callee_edges) = self.cycles(snap);
         let keys = self.keys(catalog, snap);
         let key_cycles = self.key_cycles(catalog, snap);
@@ -554,6 +562,11 @@ impl Analyzer {
             out.hit_rate = out
                 .hit_rate
                 .max(self.calls.iter().sum::<u64>() as f64 / window);
+            for (func, &n) in self.calls.iter().enumerate() {
+                if n > 0 {
+                    self.reading_calls.insert((pid, func as u32), n);
+                }
+            }
             let per_request = self
                 .requests
                 .observe(pid, &self.calls, &self.is_request, window);
@@ -936,27 +949,31 @@ impl Analyzer {
             .filter(|&f| f != ALL_FUNCTIONS)
             .collect();
         if funcs.is_empty() {
+            // The functions that carry the loop in this reading, busiest
+            // first: not one that ran before it began in the interval.
+            let calls = |f: u32| -> u64 {
+                pids.iter()
+                    .map(|&pid| self.reading_calls.get(&(pid, f)).copied().unwrap_or(0))
+                    .sum()
+            };
+            let total: u64 = (0..catalog.len() as u32)
+                .filter(|&f| !catalog.is_request(f))
+                .map(calls)
+                .sum();
             funcs = (0..catalog.len() as u32)
                 .filter(|&f| !catalog.is_request(f))
-                .filter(|&f| pids.iter().any(|&pid| self.calls_in_period(pid, f) > 0))
+                .filter(|&f| calls(f) > 0 && calls(f) as f64 >= CARRIES * total as f64)
                 .collect();
+            funcs.sort_by_key(|&f| std::cmp::Reverse(calls(f)));
         }
         funcs
     }
 
-    fn calls_in_period(&self, pid: u32, func: u32) -> u64 {
-        self.period
-            .series
-            .get(&SeriesKey { pid, func })
-            .map_or(0, |&(calls, _)| calls)
-    }
-
     fn calls_of(&self, pid: u32) -> u64 {
-        self.period
-            .series
+        self.reading_calls
             .iter()
-            .filter(|(k, _)| k.pid == pid)
-            .map(|(_, &(calls, _))| calls)
+            .filter(|((p, _), _)| *p == pid)
+            .map(|(_, &calls)| calls)
             .sum()
     }
 

@@ -313,8 +313,9 @@ pub struct Learned {
     /// rate is not a runaway.
     pub level: f64,
     /// Shares of the calls the busiest keys, a key cycle, and a call cycle
-    /// (0 or 1) took in calm readings: the highest of the last minutes, so
-    /// that a pattern seen a minute ago is still known.
+    /// (0 or 1) took in calm readings: learned at the baseline's pace and
+    /// forgotten over minutes, so that a pattern seen a minute ago is still
+    /// known, and one calm reading of a loop's start is not.
     pub top_share: f64,
     pub key_cycle: f64,
     pub call_cycle: f64,
@@ -472,7 +473,12 @@ impl Detector {
         // while, and must not become the baseline meanwhile.
         if structural.is_none() && (runaway.is_none() || !corroborated) {
             if !signals.process_looping && !unlearnable {
-                learn_from(rules, series, rate, seconds, &signals);
+                // A rise nothing corroborates yet is learned ten times
+                // slower: a lasting step in traffic in a minute or two, a
+                // loop on a machine too slow to show it burning a core not
+                // before it is caught on its structure.
+                let pace = if runaway.is_some() { 0.1 } else { 1.0 };
+                learn_from(rules, series, rate, seconds * pace, &signals);
             }
             runaway?;
         }
@@ -671,27 +677,43 @@ fn learn_from(rules: &Rules, series: &mut Series, rate: f64, seconds: f64, signa
     match &mut series.learned {
         Some(l) => {
             l.baseline = learn(l.baseline, rate, w, BASELINE_FLOOR);
-            // What was seen in calm traffic is normal for minutes after.
+            // What calm traffic showed for a while is normal for minutes
+            // after: learned at the baseline's pace, forgotten slowly.
             let keep = 0.5f64.powf(seconds / MEMORY_SECONDS);
+            let remember = |was: f64, now: f64| {
+                if now > was {
+                    was + w * (now - was)
+                } else {
+                    (was * keep).max(now)
+                }
+            };
             l.level = (l.level * keep).max(l.baseline);
-            l.top_share = (l.top_share * keep).max(top);
+            if known {
+                l.top_share = remember(l.top_share, top);
+            }
             l.top_known |= known;
-            l.key_cycle = (l.key_cycle * keep).max(signals.key_cycle);
-            l.call_cycle = (l.call_cycle * keep).max(cycle);
+            l.key_cycle = remember(l.key_cycle, signals.key_cycle);
+            l.call_cycle = remember(l.call_cycle, cycle);
         }
         None => {
+            // The warm-up's shares are its averages.
             series.warm_calls += rate * seconds;
             series.warm_seconds += seconds;
-            series.warm_shares.top_share = series.warm_shares.top_share.max(top);
-            series.warm_shares.top_known |= known;
-            series.warm_shares.key_cycle = series.warm_shares.key_cycle.max(signals.key_cycle);
-            series.warm_shares.call_cycle = series.warm_shares.call_cycle.max(cycle);
+            let shares = &mut series.warm_shares;
+            shares.top_share += top * seconds;
+            shares.top_known |= known;
+            shares.key_cycle += signals.key_cycle * seconds;
+            shares.call_cycle += cycle * seconds;
             if series.warm_seconds + 1e-9 >= rules.warmup {
-                let baseline = series.warm_calls / series.warm_seconds;
+                let t = series.warm_seconds;
+                let baseline = series.warm_calls / t;
                 series.learned = Some(Learned {
                     baseline,
                     level: baseline,
-                    ..series.warm_shares
+                    top_share: shares.top_share / t,
+                    key_cycle: shares.key_cycle / t,
+                    call_cycle: shares.call_cycle / t,
+                    top_known: shares.top_known,
                 });
             }
         }
@@ -1059,6 +1081,32 @@ mod tests {
         };
         let events = run(&mut d, &[(500.0, 10.0, pinned), (50_000.0, 4.0, pinned)]);
         assert_eq!(loops(&events).len(), 1, "{events:?}");
+    }
+
+    #[test]
+    fn one_calm_reading_of_a_loops_start_does_not_make_its_cycle_normal() {
+        // On a slow machine the loop's first reading is under the bar and
+        // its thread not yet seen burning: calm, with the cycle in it.
+        let mut d = Detector::new(Rules::default());
+        let start = Signals {
+            key_cycle: 1.0,
+            ..calm_cpu()
+        };
+        let looping = Signals {
+            key_cycle: 1.0,
+            ..calm_cpu()
+        };
+        let events = run(
+            &mut d,
+            &[
+                (300.0, 10.0, calm_cpu()),
+                (2_500.0, 0.25, start),
+                (5_000.0, 2.0, looping),
+            ],
+        );
+        let found = loops(&events);
+        assert_eq!(found.len(), 1, "{events:?}");
+        assert_eq!(found[0].1.cause, Cause::KeyCycle);
     }
 
     #[test]

@@ -304,7 +304,15 @@ fn preset_redis_names_the_key_cycle_of_an_application_looping_through_it() {
     let _ = load.wait();
     assert_eq!(run.code, 3, "{run:?}");
     let record = &run.of_type("loop")[0];
-    assert_eq!(record["evidence"]["cause"], "key_cycle", "{record}");
+    // The key cycle is the evidence (on a slow guest the rate may confirm
+    // the loop first; the cycle is named all the same).
+    assert!(
+        record["evidence"]["signals"]
+            .as_array()
+            .unwrap()
+            .contains(&"key_cycle".into()),
+        "{record}"
+    );
     // Read through the deleting functions' key arguments: the real key
     // names, in the order the application deletes them.
     let mut cycle = key_cycle(record);

@@ -140,7 +140,7 @@ fn demo_cache_dependency_cycle_is_caught_and_explained() {
     let run = watcher.finish(Duration::from_secs(60));
     assert_eq!(run.code, 3, "{run:?}");
     let record = &run.of_type("loop")[0];
-    assert_eq!(record["functions"][0], "cache_invalidate");
+    assert_eq!(record["functions"][0], "cache_invalidate", "{record}");
     // Healthy traffic taught a baseline of a few hundred calls/s.
     let baseline = record["baseline"].as_f64().unwrap();
     assert!((100.0..1000.0).contains(&baseline), "baseline {baseline}");
