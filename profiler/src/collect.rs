@@ -241,14 +241,16 @@ impl Collector {
             self.threads.remove(&p.pid);
             return None;
         };
-        let now: HashMap<u32, u64> = now.into_iter().collect();
-        let before = self.threads.insert(p.pid, now.clone())?;
-        Some(
-            now.iter()
-                .filter_map(|(tid, &n)| Some(n.saturating_sub(*before.get(tid)?)))
-                .max()
-                .unwrap_or(0),
-        )
+        let before = self.threads.entry(p.pid).or_default();
+        let first = before.is_empty();
+        let hottest = now
+            .iter()
+            .filter_map(|(tid, n)| Some(n.saturating_sub(*before.get(tid)?)))
+            .max()
+            .unwrap_or(0);
+        // Threads that ended go with this reading.
+        *before = now.into_iter().collect();
+        (!first).then_some(hottest)
     }
 
     /// Call sites with the watched function each lies in, if any.

@@ -203,7 +203,8 @@ pub struct Agreed {
 }
 
 impl Agreed {
-    fn union(self, o: Self) -> Self {
+    /// Every signal either agreed on (`no_history` included).
+    pub fn union(self, o: Self) -> Self {
         Self {
             rate: self.rate || o.rate,
             cpu: self.cpu || o.cpu,

@@ -339,18 +339,11 @@ pub fn loop_record(
     // The strongest cause among the functions, and every signal that
     // agreed in any of them.
     let cause = verdicts.iter().map(|v| v.cause).min()?;
-    let mut agreed = first.agreed;
-    for v in verdicts {
-        agreed = Agreed {
-            rate: agreed.rate || v.agreed.rate,
-            cpu: agreed.cpu || v.agreed.cpu,
-            call_cycle: agreed.call_cycle || v.agreed.call_cycle,
-            key_cycle: agreed.key_cycle || v.agreed.key_cycle,
-            repeating_keys: agreed.repeating_keys || v.agreed.repeating_keys,
-            per_request: agreed.per_request || v.agreed.per_request,
-            no_history: agreed.no_history && v.agreed.no_history,
-        };
-    }
+    // No history only if none of the functions had any.
+    let agreed = Agreed {
+        no_history: verdicts.iter().all(|v| v.agreed.no_history),
+        ..verdicts.iter().fold(first.agreed, |a, v| a.union(v.agreed))
+    };
     let inherited = verdicts.iter().any(|v| v.inherited);
     let seconds = verdicts
         .iter()
