@@ -540,7 +540,7 @@ impl Analyzer {
             self.last_key_cycles
                 .insert(pid, (cycle.keys.clone(), snap.elapsed));
         }
-        let stacks = self.stack_deltas(snap);
+        self.stack_deltas(snap);
         self.period.evicted += self.evicted - evicted_before;
         self.period.seconds += seconds;
         self.period.estimated |= estimated;
@@ -814,7 +814,7 @@ impl Analyzer {
                 key_cycle: recent(&self.last_key_cycles, pid, snap.elapsed),
                 top_keys: top_keys(&group, &keys, seconds / window),
                 repeating: group.iter().any(|v| v.agreed.repeating_keys),
-                stack: hottest_stack(&stacks, &self.recent_sites, pid, &funcs),
+                stack: hottest_stack(&self.recent_stacks, &self.recent_sites, pid, &funcs),
                 functions: funcs,
                 verdicts: group,
             }));
@@ -854,7 +854,7 @@ impl Analyzer {
                 key_cycle: None,
                 top_keys: Vec::new(),
                 repeating: false,
-                stack: hottest_stack(&stacks, &self.recent_sites, pid, &funcs),
+                stack: hottest_stack(&self.recent_stacks, &self.recent_sites, pid, &funcs),
                 functions: funcs,
                 processes: pids,
                 verdicts: vec![verdict],
@@ -1276,7 +1276,7 @@ impl Analyzer {
     /// Stack samples of this reading added to the recent ones (halving
     /// every second): a verdict shows the loop's stack, not the stack of
     /// an hour of healthy traffic before it.
-    fn stack_deltas(&mut self, snap: &Snapshot) -> HashMap<(u32, u32, u32), f64> {
+    fn stack_deltas(&mut self, snap: &Snapshot) {
         let decay = recent_decay(snap.seconds);
         for value in self.recent_stacks.values_mut() {
             *value *= decay;
@@ -1291,7 +1291,6 @@ impl Analyzer {
             }
         }
         self.recent_stacks.retain(|_, v| *v >= 0.5);
-        self.recent_stacks.clone()
     }
 
     /// Entries of `last` (func, pid, ..) whose process is still live but
