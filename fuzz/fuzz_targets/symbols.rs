@@ -59,7 +59,7 @@ fn names(data: &[u8]) {
         .take(MAX_NAMES)
         .collect();
     let elf = executable(&names);
-    match SymbolTable::parse(Path::new("fuzzed"), &elf, None) {
+    match SymbolTable::parse(Path::new("fuzzed"), &elf[..], None) {
         Ok(table) => {
             // At most one function per name that is text: nothing invented
             // (today each such name is one; parsing may leave some out).

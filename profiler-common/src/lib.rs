@@ -16,6 +16,23 @@ pub const PROG_MULTI: &str = "count_calls_multi";
 /// The same program declared as a plain `uprobe`: one perf link per function,
 /// for kernels without `uprobe_multi`.
 pub const PROG_SINGLE: &str = "count_calls";
+/// The two above with key reading compiled in, loaded instead when some
+/// function has a key to read: the string-hashing loops make the verifier
+/// work several times longer, which a run without keys does not pay.
+pub const PROG_MULTI_KEYED: &str = "count_keyed_multi";
+pub const PROG_SINGLE_KEYED: &str = "count_keyed";
+
+/// Name of the per-CPU array that counts calls of a (function, process)
+/// pair the loader gave a slot: probes scoped to one process carry their
+/// pair's slot in the attach cookie, and count at an array index instead of
+/// a hash lookup.
+pub const COUNT_SLOTS_MAP: &str = "COUNT_SLOTS";
+/// The attach cookie is `func | (slot + 1) << COOKIE_SLOT_SHIFT`: the
+/// function index in the low half, and in the high half the pair's slot in
+/// `COUNT_SLOTS` plus one, or 0 when the pair has none (probes on a file
+/// for every process, or no slot left): then the call is counted in
+/// `COUNTS` under (function, process).
+pub const COOKIE_SLOT_SHIFT: u32 = 32;
 
 /// Name of the LRU per-CPU map of (function, process, return address) call
 /// counts: who called each watched function.
@@ -30,7 +47,7 @@ pub const DEFAULT_COUNTS_ENTRIES: u32 = 16_384;
 /// Key of the `COUNTS` map.
 ///
 /// `func` is the index of the watched function in the loader's table, passed
-/// to the kernel as the attach cookie; `tgid` is the process id as userspace
+/// to the kernel in the attach cookie; `tgid` is the process id as userspace
 /// knows it (the kernel's thread-group id). Two `u32`s: no padding.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -59,13 +76,13 @@ pub struct CallerKey {
 // SAFETY: `#[repr(C)]`, two `u32`s then a `u64`, no padding; any bits are valid.
 unsafe impl aya::Pod for CallerKey {}
 
-/// Name of the array of per-function [`KeyConfig`]s, indexed by cookie.
-pub const KEY_CONFIG_MAP: &str = "KEY_CONFIG";
+/// Name of the array of per-function [`FuncConfig`]s, indexed by cookie.
+pub const FUNC_CONFIG_MAP: &str = "FUNC_CONFIG";
 /// The cookie the loader's calibration probe counts under: no watched
 /// function has it.
 pub const CALIBRATION_COOKIE: u32 = u32::MAX;
-/// Slot of `KEY_CONFIG` the calibration probe reads its key config from
-/// (the array has one more slot than functions with keys): calibration
+/// Slot of `FUNC_CONFIG` the calibration probe reads its config from (the
+/// array has one more slot than functions with a config): calibration
 /// measures the key path too.
 pub const CALIBRATION_KEY_SLOT: u32 = 1 << 14;
 /// Name of the LRU per-CPU map of (function, process, key hash) counts.
@@ -99,15 +116,27 @@ pub const KEY_STR: u32 = 2;
 /// NUL-terminated string (Redis's `robj`: `ptr` at offset 8).
 pub const KEY_STR_AT: u32 = 3;
 
-/// How to read a function's key argument. Four `u32`s: no padding.
+/// What the kernel gathers for one function besides its count: how to read
+/// its key argument, and how often to read its call site. Four `u32`s: no
+/// padding.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct KeyConfig {
-    pub kind: u32,
-    pub arg: u32,
-    pub offset: u32,
-    pub _reserved: u32,
+pub struct FuncConfig {
+    /// `KEY_NONE`, `KEY_U64`, `KEY_STR` or `KEY_STR_AT`.
+    pub key_kind: u32,
+    /// The argument (from 0) holding the key.
+    pub key_arg: u32,
+    /// For `KEY_STR_AT`: where the string pointer sits in the struct.
+    pub key_offset: u32,
+    /// The call site is read on one hit in `1 << caller_shift` (chosen at
+    /// random) and counted as that many: a function called flat out pays
+    /// for a user read and a map update on a few hits, not on each.
+    /// Capped at [`MAX_CALLER_SHIFT`].
+    pub caller_shift: u32,
 }
+
+/// The sparsest call-site sampling: one hit in 64.
+pub const MAX_CALLER_SHIFT: u32 = 6;
 
 /// Key of the `KEYS` map. `u32`, `u32`, `u64`: no padding.
 #[repr(C)]
@@ -131,7 +160,7 @@ pub struct KeyText {
 
 #[cfg(feature = "user")]
 // SAFETY: `#[repr(C)]`, four `u32`s, no padding; any bits are valid.
-unsafe impl aya::Pod for KeyConfig {}
+unsafe impl aya::Pod for FuncConfig {}
 #[cfg(feature = "user")]
 // SAFETY: `#[repr(C)]`, `u32`, `u32`, `u64`, no padding; any bits are valid.
 unsafe impl aya::Pod for KeyId {}
@@ -190,13 +219,14 @@ pub const fn fnv1a_more(hash: u64, bytes: &[u8], len: usize) -> u64 {
 pub const STACKS_MAP: &str = "STACKS";
 /// Name of the LRU per-CPU map of (function, process, stack id) counts.
 pub const STACK_COUNTS_MAP: &str = "STACK_COUNTS";
-/// Name of the per-CPU hit counter that paces stack sampling.
-pub const STACK_PACE_MAP: &str = "STACK_PACE";
 /// Capacity of `STACKS` and `STACK_COUNTS`.
 pub const STACK_ENTRIES: u32 = 1_024;
-/// A user stack is taken on one hit in this many (per CPU): walking a stack
-/// costs far more than counting, and a loop's hot path shows up anyway.
-pub const STACK_SAMPLE_EVERY: u64 = 256;
+/// A user stack is taken on one hit in this many, chosen at random, and
+/// `1 << caller_shift` times sparser for a hot function: walking a stack
+/// costs far more than counting, and a loop's hot path shows up anyway. A
+/// power of two at most 256 (the kernel draws it from 16 random bits, and
+/// shifts it by at most `MAX_CALLER_SHIFT`).
+pub const STACK_SAMPLE_EVERY: u32 = 256;
 
 /// Key of `STACK_COUNTS`. Four `u32`s: no padding.
 #[repr(C)]

@@ -1,22 +1,34 @@
 //! The kernel side of cacheloop: count calls, nothing else.
 //!
-//! One program body, compiled twice: `count_calls_multi` is declared
+//! One program body, compiled four times: `count_calls_multi` is declared
 //! `uprobe.multi` so one link covers every watched function (kernel >= 6.6);
 //! `count_calls` is a plain uprobe for older kernels, where the loader attaches
 //! one perf link per function. aya decides the attach path from the ELF
-//! section, not at run time, so the loader picks the program instead.
+//! section, not at run time, so the loader picks the program instead. The
+//! `count_keyed` pair also reads keys; the loader loads it only when some
+//! function has a key to read.
 //!
-//! Each hit adds one to a per-CPU counter keyed by (function, process), and
-//! one to a counter keyed by (function, process, return address): who called
-//! it, so userspace can see watched functions calling each other in a cycle.
-//! The function is the attach cookie the loader gave that address. No
-//! decision is made here: rates, baselines, cycles and verdicts are all
-//! computed in userspace. With a key configured, the key is counted too, and
-//! which key followed which on the same thread (the order a dependency
-//! cycle is walked in).
+//! Each hit adds one to a per-CPU counter of its (function, process): at the
+//! array slot the attach cookie names when the probe is scoped to one
+//! process, else in a hash keyed by (function, process). The function is in
+//! the cookie too (the loader's index of that address). No decision
+//! is made here: rates, baselines, cycles and verdicts are all computed in
+//! userspace. The evidence that explains a loop is gathered beside the
+//! count, sampled where it would cost the most:
+//! - the call site (return address), counted by (function, process, return
+//!   address) so userspace can see watched functions calling each other in
+//!   a cycle: every hit for a function called at a modest rate, one hit in
+//!   `1 << caller_shift` at random (weighted by as many) for a hot one, as
+//!   the loader sets per function in `FUNC_CONFIG`;
+//! - the user stack, on one hit in `STACK_SAMPLE_EVERY` at random;
+//! - with a key configured, the key on every hit, and which key followed
+//!   which on the same thread (the order a dependency cycle is walked in):
+//!   a sequence cannot be sampled without breaking it.
+//!
+//! One random draw per hit decides both samples.
 #![no_std]
 #![no_main]
-// For `atomic_xadd`, see `add_one`. The crate is built with -Z build-std
+// For `atomic_xadd`, see `add`. The crate is built with -Z build-std
 // already (RUSTC_BOOTSTRAP=1), so no other toolchain is needed.
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
@@ -24,10 +36,10 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::BPF_F_USER_STACK,
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{
-        bpf_get_current_pid_tgid, bpf_probe_read_user, bpf_probe_read_user_str_bytes,
-        generated::bpf_get_attach_cookie,
+        bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_probe_read_user,
+        bpf_probe_read_user_str_bytes, generated::bpf_get_attach_cookie,
     },
     macros::{map, uprobe},
     maps::{Array, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, StackTrace},
@@ -35,17 +47,29 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use profiler_common::{
-    CALIBRATION_COOKIE, CALIBRATION_KEY_SLOT, CALLERS_ENTRIES, CallKey, CallerKey,
-    DEFAULT_COUNTS_ENTRIES, KEY_EDGES_ENTRIES, KEY_MORE_CHUNKS, KEY_STR, KEY_STR_AT, KEY_TEXT_LEN,
-    KEY_TRUNCATED, KEY_U64, KEYS_ENTRIES, KeyConfig, KeyEdge, KeyId, KeyText, LAST_KEY_ENTRIES,
-    STACK_ENTRIES, STACK_SAMPLE_EVERY, StackKey, fnv1a, fnv1a_more,
+    CALIBRATION_COOKIE, CALIBRATION_KEY_SLOT, CALLERS_ENTRIES, COOKIE_SLOT_SHIFT, CallKey,
+    CallerKey, DEFAULT_COUNTS_ENTRIES, FuncConfig, KEY_EDGES_ENTRIES, KEY_MORE_CHUNKS, KEY_NONE,
+    KEY_STR, KEY_STR_AT, KEY_TEXT_LEN, KEY_TRUNCATED, KEY_U64, KEYS_ENTRIES, KeyEdge, KeyId,
+    KeyText, LAST_KEY_ENTRIES, MAX_CALLER_SHIFT, STACK_ENTRIES, STACK_SAMPLE_EVERY, StackKey,
+    fnv1a, fnv1a_more,
 };
 
-/// Calls per (function, process), one slot per CPU so the hot path needs no
-/// atomics. Resized by the loader before load.
+/// Calls per (function, process) of pairs with a slot (see
+/// `COOKIE_SLOT_SHIFT`): the per-hit cost of bpftrace's `@ = count()`, one
+/// per-CPU array element. Resized by the loader before load.
+#[map]
+static COUNT_SLOTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Calls per (function, process) of the other pairs, one slot per CPU.
+/// Resized by the loader before load. Not preallocated: with
+/// `--binary` the loader sizes it for 256k pairs, and preallocating that
+/// many per-CPU entries took 0.17 s at load here, for entries a run mostly
+/// never uses. Entries are allocated at a pair's first hit instead, from the
+/// kernel's BPF memory allocator (bpf_mem_alloc, kernel 6.1, the oldest we
+/// support), safe in any program context.
 #[map]
 static COUNTS: PerCpuHashMap<CallKey, u64> =
-    PerCpuHashMap::with_max_entries(DEFAULT_COUNTS_ENTRIES, 0);
+    PerCpuHashMap::with_max_entries(DEFAULT_COUNTS_ENTRIES, BPF_F_NO_PREALLOC);
 
 /// Calls per (function, process, return address). LRU: bounded, and a call
 /// site that stops calling ages out.
@@ -53,10 +77,11 @@ static COUNTS: PerCpuHashMap<CallKey, u64> =
 static CALLERS: LruPerCpuHashMap<CallerKey, u64> =
     LruPerCpuHashMap::with_max_entries(CALLERS_ENTRIES, 0);
 
-/// How to read each function's key argument, by cookie. Resized by the
-/// loader; all zero (no key) unless `--key-arg` or a preset says otherwise.
+/// What to gather for each function besides its count, by cookie. Resized
+/// by the loader; all zero (no key, every call site) until the loader says
+/// otherwise.
 #[map]
-static KEY_CONFIG: Array<KeyConfig> = Array::with_max_entries(1, 0);
+static FUNC_CONFIG: Array<FuncConfig> = Array::with_max_entries(1, 0);
 
 /// Calls per (function, process, key). LRU: the hot keys stay.
 #[map]
@@ -85,26 +110,34 @@ static STACKS: StackTrace = StackTrace::with_max_entries(STACK_ENTRIES, 0);
 static STACK_COUNTS: LruPerCpuHashMap<StackKey, u64> =
     LruPerCpuHashMap::with_max_entries(STACK_ENTRIES, 0);
 
-/// Hits on this CPU, to take a stack on one in `STACK_SAMPLE_EVERY`.
-#[map]
-static STACK_PACE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-
 /// Hits that could not be counted because `COUNTS` was full.
 #[map]
 static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 #[uprobe(multi)]
 pub fn count_calls_multi(ctx: ProbeContext) -> u32 {
-    count(&ctx)
+    count::<false>(&ctx)
 }
 
 #[uprobe]
 pub fn count_calls(ctx: ProbeContext) -> u32 {
-    count(&ctx)
+    count::<false>(&ctx)
 }
 
+#[uprobe(multi)]
+pub fn count_keyed_multi(ctx: ProbeContext) -> u32 {
+    count::<true>(&ctx)
+}
+
+#[uprobe]
+pub fn count_keyed(ctx: ProbeContext) -> u32 {
+    count::<true>(&ctx)
+}
+
+/// One hit. `KEYS`: read keys where configured; without it the key path is
+/// not in the program at all, and the verifier has a fraction of the work.
 #[inline(always)]
-fn count(ctx: &ProbeContext) -> u32 {
+fn count<const KEYS: bool>(ctx: &ProbeContext) -> u32 {
     // SAFETY: the helper only reads the cookie of the link that ran us; the
     // context pointer is the one the kernel passed to this program.
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
@@ -112,9 +145,39 @@ fn count(ctx: &ProbeContext) -> u32 {
         func: cookie as u32,
         tgid: ctx.tgid(),
     };
-    count_caller(ctx, &key);
-    count_key(ctx, &key);
-    sample_stack(ctx, &key);
+    // Functions past the config table's end get the defaults: no key,
+    // every call site.
+    let slot = match key.func {
+        CALIBRATION_COOKIE => Some(CALIBRATION_KEY_SLOT),
+        func if func < CALIBRATION_KEY_SLOT => Some(func),
+        _ => None,
+    };
+    let config = slot.and_then(|slot| FUNC_CONFIG.get(slot));
+    // SAFETY: a helper with no arguments.
+    let draw = unsafe { bpf_get_prandom_u32() };
+    let shift = config.map_or(0, |c| c.caller_shift.min(MAX_CALLER_SHIFT));
+    if draw & ((1 << shift) - 1) == 0 {
+        count_caller(ctx, &key, 1 << shift);
+    }
+    if KEYS
+        && let Some(config) = config
+        && config.key_kind != KEY_NONE
+    {
+        count_key(ctx, &key, config);
+    }
+    // Stacks are sparser still for a hot function, by the same shift: a
+    // stack walk costs microseconds. The high bits of the same draw,
+    // independent of the call-site bits.
+    if (draw >> 16) & ((STACK_SAMPLE_EVERY << shift) - 1) == 0 {
+        sample_stack(ctx, &key);
+    }
+    let slot = (cookie >> COOKIE_SLOT_SHIFT) as u32;
+    if slot != 0
+        && let Some(count) = COUNT_SLOTS.get_ptr_mut(slot - 1)
+    {
+        add(count, 1);
+        return 0;
+    }
     if bump(&key) {
         return 0;
     }
@@ -125,8 +188,8 @@ fn count(ctx: &ProbeContext) -> u32 {
         return 0;
     }
     if let Some(drops) = DROPS.get_ptr_mut(0) {
-        add_one(drops);
-        // SAFETY: this CPU's slot, live as in `add_one`; a racing add only
+        add(drops, 1);
+        // SAFETY: this CPU's slot, live as in `add`; a racing add only
         // changes which hit logs.
         let first = unsafe { core::ptr::read_volatile(drops) } == 1;
         // Log once per CPU, never per hit: this is the hot path.
@@ -139,8 +202,9 @@ fn count(ctx: &ProbeContext) -> u32 {
 
 /// At a function's first instruction on x86-64 the stack pointer points at
 /// the return address the call pushed: one 8-byte user read, no unwinding.
+/// Counted as `weight` calls: the one sampled stands for that many.
 #[inline(always)]
-fn count_caller(ctx: &ProbeContext, key: &CallKey) {
+fn count_caller(ctx: &ProbeContext, key: &CallKey, weight: u64) {
     #[cfg(bpf_target_arch = "x86_64")]
     {
         // SAFETY: `regs` is the register set the kernel handed this program.
@@ -154,25 +218,15 @@ fn count_caller(ctx: &ProbeContext, key: &CallKey) {
             tgid: key.tgid,
             return_address,
         };
-        add_lru(&CALLERS, &caller);
+        add_lru(&CALLERS, &caller, weight);
     }
     #[cfg(not(bpf_target_arch = "x86_64"))]
-    let _ = (ctx, key);
+    let _ = (ctx, key, weight);
 }
 
-/// Takes the user stack on one hit in `STACK_SAMPLE_EVERY` on this CPU.
+/// Takes the user stack (the caller decided this hit is sampled).
 #[inline(always)]
 fn sample_stack(ctx: &ProbeContext, key: &CallKey) {
-    let Some(pace) = STACK_PACE.get_ptr_mut(0) else {
-        return;
-    };
-    add_one(pace);
-    // SAFETY: this CPU's slot, live as in `add_one`; a racing add only
-    // shifts which hit is sampled.
-    let hits = unsafe { core::ptr::read_volatile(pace) };
-    if hits % STACK_SAMPLE_EVERY != 1 {
-        return;
-    }
     let Ok(stack_id) = ctx.get_stackid(&STACKS, u64::from(BPF_F_USER_STACK)) else {
         return;
     };
@@ -182,7 +236,7 @@ fn sample_stack(ctx: &ProbeContext, key: &CallKey) {
         stack_id: stack_id as u32,
         _reserved: 0,
     };
-    add_lru(&STACK_COUNTS, &id);
+    add_lru(&STACK_COUNTS, &id, 1);
 }
 
 /// Argument `n` (from 0) of the probed call. The verifier refuses a load
@@ -205,20 +259,11 @@ fn argument(ctx: &ProbeContext, n: u32) -> Option<u64> {
     }
 }
 
-/// Reads the function's key argument, if it has one configured, and counts
-/// it. Strings are read with a bounded, fault-safe user read.
+/// Reads the function's key argument, as `config` says, and counts it.
+/// Strings are read with a bounded, fault-safe user read.
 #[inline(always)]
-fn count_key(ctx: &ProbeContext, key: &CallKey) {
-    // Functions past the key table's end have no key read.
-    let slot = match key.func {
-        CALIBRATION_COOKIE => CALIBRATION_KEY_SLOT,
-        func if func < CALIBRATION_KEY_SLOT => func,
-        _ => return,
-    };
-    let Some(config) = KEY_CONFIG.get(slot) else {
-        return;
-    };
-    let Some(arg) = argument(ctx, config.arg) else {
+fn count_key(ctx: &ProbeContext, key: &CallKey, config: &FuncConfig) {
+    let Some(arg) = argument(ctx, config.key_arg) else {
         return;
     };
     let mut text = KeyText {
@@ -226,14 +271,15 @@ fn count_key(ctx: &ProbeContext, key: &CallKey) {
         _reserved: 0,
         bytes: [0; KEY_TEXT_LEN],
     };
-    let hash = match config.kind {
+    let hash = match config.key_kind {
         KEY_U64 => arg,
         KEY_STR | KEY_STR_AT => {
             let mut ptr = arg;
-            if config.kind == KEY_STR_AT {
+            if config.key_kind == KEY_STR_AT {
                 // SAFETY: a checked read of user memory; a fault returns Err.
-                match unsafe { bpf_probe_read_user((arg + u64::from(config.offset)) as *const u64) }
-                {
+                match unsafe {
+                    bpf_probe_read_user((arg + u64::from(config.key_offset)) as *const u64)
+                } {
                     Ok(p) => ptr = p,
                     Err(_) => return,
                 }
@@ -255,8 +301,8 @@ fn count_key(ctx: &ProbeContext, key: &CallKey) {
         tgid: key.tgid,
         hash,
     };
-    let first = add_lru(&KEYS, &id);
-    if first && config.kind != KEY_U64 {
+    let first = add_lru(&KEYS, &id, 1);
+    if first && config.key_kind != KEY_U64 {
         let _ = KEY_TEXT.insert(&hash, &text, 0);
     }
     count_transition(key, hash, first);
@@ -292,7 +338,7 @@ fn count_transition(key: &CallKey, hash: u64, first: bool) {
         from,
         to: hash,
     };
-    add_lru(&KEY_EDGES, &edge);
+    add_lru(&KEY_EDGES, &edge, 1);
 }
 
 /// Hashes the rest of a string key that filled the text buffer (`len`
@@ -329,14 +375,14 @@ fn string_hash(ptr: u64, len: usize, hash: u64) -> u64 {
 fn bump(key: &CallKey) -> bool {
     match COUNTS.get_ptr_mut(key) {
         Some(count) => {
-            add_one(count);
+            add(count, 1);
             true
         }
         None => false,
     }
 }
 
-/// Adds one to this CPU's slot of a per-CPU map value. A uprobe program
+/// Adds `n` to this CPU's slot of a per-CPU map value. A uprobe program
 /// runs with migration disabled, so it stays on this CPU, but it is not
 /// under a per-CPU guard the way kprobes are (`bpf_prog_active`), and on a
 /// preemptible kernel another task on this CPU may run this program between
@@ -344,7 +390,7 @@ fn bump(key: &CallKey) -> bool {
 /// atomic add (a BPF_ATOMIC add whose result is unused, understood by every
 /// kernel we run on) keeps both; uncontended, it costs what a plain add did.
 #[inline(always)]
-fn add_one(slot: *mut u64) {
+fn add(slot: *mut u64, n: u64) {
     // `AtomicU64::fetch_add` does not exist on the bpf target (it has no
     // compare-and-swap before v3, so Rust declares no 64-bit atomics); the
     // intrinsic it is built on lowers to the plain atomic add.
@@ -352,25 +398,26 @@ fn add_one(slot: *mut u64) {
     // the map keeps while this program runs.
     unsafe {
         core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
-            slot, 1,
+            slot, n,
         )
     };
 }
 
-/// Adds one under `key` in an LRU per-CPU map, creating the entry. Two
-/// tasks may create it at once: the second insert fails (`BPF_NOEXIST`)
-/// and adds to the entry the first made instead of overwriting it.
+/// Adds `n` under `key` in an LRU per-CPU map, creating the entry; true
+/// when this call created it. Two tasks may create it at once: the second
+/// insert fails (`BPF_NOEXIST`) and adds to the entry the first made
+/// instead of overwriting it.
 #[inline(always)]
-fn add_lru<K>(map: &LruPerCpuHashMap<K, u64>, key: &K) -> bool {
+fn add_lru<K>(map: &LruPerCpuHashMap<K, u64>, key: &K, n: u64) -> bool {
     if let Some(count) = map.get_ptr_mut(key) {
-        add_one(count);
+        add(count, n);
         return false;
     }
-    if map.insert(key, &1, u64::from(BPF_NOEXIST)).is_ok() {
+    if map.insert(key, &n, u64::from(BPF_NOEXIST)).is_ok() {
         return true;
     }
     if let Some(count) = map.get_ptr_mut(key) {
-        add_one(count);
+        add(count, n);
     }
     false
 }

@@ -16,7 +16,7 @@
 
 use std::path::PathBuf;
 
-use profiler_common::{KEY_STR, KEY_STR_AT, KEY_U64, KeyConfig};
+use profiler_common::{FuncConfig, KEY_STR, KEY_STR_AT, KEY_U64};
 use serde::{Deserialize, Serialize};
 
 /// A file as the kernel knows it: device and inode.
@@ -46,18 +46,19 @@ impl KeySpec {
         !matches!(self, Self::U64 { .. })
     }
 
-    /// The form the eBPF program reads.
-    pub fn kernel_config(self) -> KeyConfig {
+    /// The form the eBPF program reads (the key fields of the function's
+    /// config).
+    pub fn kernel_config(self) -> FuncConfig {
         let (kind, arg, offset) = match self {
             Self::U64 { arg } => (KEY_U64, arg, 0),
             Self::Str { arg } => (KEY_STR, arg, 0),
             Self::StrAt { arg, offset } => (KEY_STR_AT, arg, offset),
         };
-        KeyConfig {
-            kind,
-            arg,
-            offset,
-            ..KeyConfig::default()
+        FuncConfig {
+            key_kind: kind,
+            key_arg: arg,
+            key_offset: offset,
+            ..FuncConfig::default()
         }
     }
 }
@@ -188,7 +189,15 @@ mod tests {
     #[test]
     fn key_specs_become_the_kernel_s_configs() {
         let redis = KeySpec::StrAt { arg: 1, offset: 8 }.kernel_config();
-        assert_eq!((redis.kind, redis.arg, redis.offset), (KEY_STR_AT, 1, 8));
+        assert_eq!(
+            (
+                redis.key_kind,
+                redis.key_arg,
+                redis.key_offset,
+                redis.caller_shift
+            ),
+            (KEY_STR_AT, 1, 8, 0)
+        );
         assert!(!KeySpec::U64 { arg: 0 }.is_text());
         assert!(KeySpec::Str { arg: 0 }.is_text());
     }

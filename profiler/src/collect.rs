@@ -7,10 +7,10 @@
 //! process's mappings and the catalog's code ranges), and the text and
 //! frames of keys and stacks the kernel holds, read once when first seen.
 
-use std::{
-    collections::{BTreeMap, HashMap, HashSet},
-    time::Instant,
-};
+use std::{collections::BTreeMap, time::Instant};
+
+// foldhash: see analyze.rs.
+use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
 
 use profiler_common::{CallKey, CallerKey, KeyEdge, KeyId, StackKey};
 
@@ -108,6 +108,12 @@ impl Collector {
         }
     }
 
+    /// Every counter read, by (function, process): calls since the pair was
+    /// first counted.
+    pub fn counts(&self) -> impl Iterator<Item = (&CallKey, &u64)> {
+        self.counts.iter()
+    }
+
     /// The processes the counters name, with their calls: under
     /// `--binary`, new processes show up here first.
     pub fn counted(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
@@ -142,9 +148,10 @@ impl Collector {
             probed,
             dropped: probes.dropped(),
             counts_capacity: probes.capacity(),
-            // Every entry, watched or not: under --binary the map also
-            // holds processes not identified yet.
-            counts_entries: self.counts.len() as u32,
+            // Every entry of the hash, watched or not: under --binary it
+            // also holds processes not identified yet. Pairs counted in
+            // slots of their own cannot fill it.
+            counts_entries: probes.hashed(),
             ..Snapshot::default()
         };
         snap.counts = self

@@ -8,19 +8,22 @@
 //! records for the sinks; the catalog it publishes is immutable.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
+// foldhash: see analyze.rs.
+use foldhash::{HashMap, HashMapExt as _};
+use profiler_common::CallKey;
 
 use crate::{
     catalog::{Catalog, FileId},
     collect::Collector,
     config::WatchConfig,
-    governor::Governor,
+    governor::{self, Governor},
     plan::{FileTarget, Planner},
     probes::{AttachMode, AttachRequest, MAX_FUNCTIONS, ProbeError, Probes},
     report::{self, Record, unix_now},
@@ -74,6 +77,7 @@ pub struct Controller {
     pruned: Instant,
     windows: Windows,
     collector: Collector,
+    pacing: Pacing,
     started: Instant,
     /// `--name` processes that could not be probed, by (pid, start time):
     /// said once, not tried again each tick.
@@ -137,7 +141,22 @@ impl Controller {
             0
         };
         let slots = catalog.len().max(1) * (processes.len() + later);
-        let mut probes = Probes::load(slots.clamp(1024, 1 << 20) as u32)?;
+        // Pairs probed in one process count in an array slot each (the
+        // cheapest count per hit); with --name, room for processes that
+        // restart (a pair's slot is taken back when its process exits).
+        // Pairs beyond it count in the hash.
+        let restarts = if config.names.is_empty() {
+            0
+        } else {
+            processes.len().max(4)
+        };
+        let one_process = catalog.len().max(1) * (processes.len() + restarts);
+        let keys = config.key_arg.is_some() || !config.preset_keys.is_empty();
+        let mut probes = Probes::load(
+            slots.clamp(1024, 1 << 20) as u32,
+            one_process.clamp(64, 1 << 16) as u32,
+            keys,
+        )?;
         for request in &requests {
             if let Err(err) = probes.attach(request) {
                 return Err(attach_failure(err, request, &processes));
@@ -178,6 +197,7 @@ impl Controller {
             pruned: Instant::now(),
             windows: Windows::new(config.max_overhead),
             collector: Collector::new(started),
+            pacing: Pacing::default(),
             started,
             failed: std::collections::HashSet::new(),
         };
@@ -246,7 +266,70 @@ impl Controller {
             self.collector
                 .snapshot(&self.probes, &self.catalog, &self.live, &exes, probed);
         snap.report = report;
+        self.pace_call_sites(snap.seconds * probed);
         Ok(snap)
+    }
+
+    /// Sets each function's call-site sampling (`governor::caller_shift`)
+    /// from the calls per probed second of the slowest process calling it:
+    /// a hot function has its call site read on a few thousand hits a
+    /// second, not on each. Per process, because a sampled hit stands for
+    /// up to 64 calls: in a process calling the function a hundred times a
+    /// reading, two stray samples would weigh like a call cycle. Raised at
+    /// most once a probed second; lowered at the first reading whose rate
+    /// asks for it (a burst that ends, a process that starts calling it).
+    fn pace_call_sites(&mut self, probed_seconds: f64) {
+        let pacing = &mut self.pacing;
+        let mut slowest_now: HashMap<u32, f64> = HashMap::new();
+        pacing.now.clear();
+        for (&key, &total) in self.collector.counts() {
+            // A counter below its last reading started over (its slot went
+            // to another process's pair): all of it is new.
+            let last = pacing.last.get(&key).copied().unwrap_or(0);
+            let delta = if total >= last { total - last } else { total };
+            pacing.now.insert(key, total);
+            if delta == 0 {
+                continue;
+            }
+            *pacing.period.entry(key).or_default() += delta;
+            if probed_seconds > 1e-3 {
+                let rate = delta as f64 / probed_seconds;
+                let slowest = slowest_now.entry(key.func).or_insert(rate);
+                *slowest = slowest.min(rate);
+            }
+        }
+        // Pairs no longer counted (their processes went) are forgotten.
+        std::mem::swap(&mut pacing.last, &mut pacing.now);
+        pacing.period_seconds += probed_seconds;
+        let mut shifts: Vec<(u32, u32)> = Vec::new();
+        if pacing.period_seconds >= 1.0 {
+            let mut slowest: HashMap<u32, f64> = HashMap::new();
+            for (key, &calls) in &pacing.period {
+                let rate = calls as f64 / pacing.period_seconds;
+                let s = slowest.entry(key.func).or_insert(rate);
+                *s = s.min(rate);
+            }
+            shifts.extend(
+                slowest
+                    .into_iter()
+                    .map(|(func, rate)| (func, governor::caller_shift(rate))),
+            );
+            pacing.period.clear();
+            pacing.period_seconds = 0.0;
+        } else {
+            shifts.extend(slowest_now.into_iter().filter_map(|(func, rate)| {
+                let shift = governor::caller_shift(rate);
+                (shift < pacing.shifts.get(&func).copied().unwrap_or(0)).then_some((func, shift))
+            }));
+        }
+        for (func, shift) in shifts {
+            match self.probes.set_caller_shift(func, shift) {
+                Ok(()) => {
+                    pacing.shifts.insert(func, shift);
+                }
+                Err(e) => log::debug!("cannot set call-site sampling: {e:#}"),
+            }
+        }
     }
 
     /// Files written in place since their symbols were read (same inode,
@@ -784,6 +867,21 @@ fn attach_failure(
         Some(p) => RunError::TargetGone { pid: p.pid }.into(),
         None => err.into(),
     }
+}
+
+/// Call-site sampling state (see [`Controller::pace_call_sites`]).
+#[derive(Default)]
+struct Pacing {
+    /// Each (function, process) counter at the last reading.
+    last: HashMap<CallKey, u64>,
+    /// This reading's, reused.
+    now: HashMap<CallKey, u64>,
+    /// Calls per (function, process) since the shifts were last raised,
+    /// over this many probed seconds.
+    period: HashMap<CallKey, u64>,
+    period_seconds: f64,
+    /// The shift each function has in the kernel (absent: 0).
+    shifts: HashMap<u32, u32>,
 }
 
 /// The overhead governor's probe windows: when probing throughout would

@@ -55,7 +55,10 @@
 //! What this module does not do: find the cycles (`cycles.rs`), or read the
 //! kernel.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+// foldhash: see analyze.rs.
+use foldhash::{HashMap, HashMapExt as _};
 
 /// The thresholds of the rules above. Every field has a command-line flag
 /// but `alpha` and `cpu_cores`.

@@ -17,6 +17,25 @@
 /// Never shorter than this share of an interval (a window must see hits).
 pub const MIN_EXPOSURE: f64 = 0.01;
 
+/// Call-site reads per second a function gets about, however hot: enough
+/// for the busiest call sites to stand out within a reading (a call cycle's
+/// edges carry most of a looping function's calls).
+pub const CALL_SITES_PER_SECOND: f64 = 2048.0;
+
+/// How sparsely to read a function's call site at `calls_per_second` (per
+/// probed second): one hit in `1 << shift`. Every hit below twice
+/// [`CALL_SITES_PER_SECOND`]; above, the largest power of two that leaves
+/// at least that many reads a second, capped at
+/// [`profiler_common::MAX_CALLER_SHIFT`] (a flat-out function still has
+/// thousands read).
+pub fn caller_shift(calls_per_second: f64) -> u32 {
+    if !calls_per_second.is_finite() || calls_per_second < 2.0 * CALL_SITES_PER_SECOND {
+        return 0;
+    }
+    ((calls_per_second / CALL_SITES_PER_SECOND).log2().floor() as u32)
+        .min(profiler_common::MAX_CALLER_SHIFT)
+}
+
 #[derive(Clone, Debug)]
 pub struct Governor {
     /// The most of the target's time probes may take (0.05 = 5%).
@@ -136,6 +155,22 @@ mod tests {
         let mut g = Governor::new(0.001, 1e-3);
         let plan = g.observe(1e6).unwrap();
         assert_eq!(plan.exposure, MIN_EXPOSURE);
+    }
+
+    #[test]
+    fn call_sites_are_sampled_only_for_hot_functions() {
+        assert_eq!(caller_shift(0.0), 0);
+        assert_eq!(caller_shift(f64::NAN), 0);
+        assert_eq!(caller_shift(4_000.0), 0);
+        // 10k/s: one in 4, 2.5k reads a second.
+        assert_eq!(caller_shift(10_000.0), 2);
+        // Flat out: capped, still thousands of reads a second.
+        assert_eq!(caller_shift(250_000.0), 6);
+        assert_eq!(caller_shift(1e9), profiler_common::MAX_CALLER_SHIFT);
+        for rate in [4_096.0, 9_000.0, 70_000.0, 131_072.0] {
+            let shift = caller_shift(rate);
+            assert!(rate / f64::from(1u32 << shift) >= CALL_SITES_PER_SECOND);
+        }
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //!
 //! - kernel-facing: [`control`] (targets, attach/detach, probe windows; the
 //!   only owner of links, through [`probes`]) and [`collect`] (one raw
-//!   [`snapshot`] per tick from the kernel's maps and `/proc`);
+//!   [`snapshot`] per tick from the kernel's maps, read in batches, and
+//!   `/proc`);
 //! - pure, unit-tested without root: [`analyze`] ((catalog, snapshot,
 //!   settings) -> events, with [`detect`], [`cycles`] and [`governor`]),
 //!   [`catalog`], [`symbols`], [`report`] (records and sinks), [`recording`]
@@ -18,6 +19,7 @@
 //! `replay` feeds recorded snapshots to the same analyzer.
 
 pub mod analyze;
+mod batch;
 pub mod catalog;
 pub mod cli;
 pub mod collect;

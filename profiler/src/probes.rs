@@ -10,18 +10,18 @@
 //!   address and restores the original instruction on detach.
 
 use std::{
-    collections::HashMap,
     num::NonZeroU32,
+    os::fd::AsFd as _,
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use crate::{catalog::FileId, target::OpenFile};
+use crate::{batch::BatchReader, catalog::FileId, target::OpenFile};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap,
+        Array, HashMap as BpfHashMap, IterableMap as _, MapData, PerCpuArray, PerCpuHashMap,
         stack_trace::StackTraceMap,
     },
     programs::{
@@ -30,11 +30,13 @@ use aya::{
     },
     sys::{UProbeMultiFeature, is_uprobe_multi_supported},
 };
+use foldhash::{HashMap, HashMapExt as _};
 use profiler_common::{
-    CALIBRATION_COOKIE, CALIBRATION_KEY_SLOT, CALLERS_ENTRIES, CALLERS_MAP, COUNTS_MAP, CallKey,
-    CallerKey, DROPS_MAP, KEY_CONFIG_MAP, KEY_EDGES_ENTRIES, KEY_EDGES_MAP, KEY_TEXT_LEN,
-    KEY_TEXT_MAP, KEY_U64, KEYS_ENTRIES, KEYS_MAP, KeyConfig, KeyEdge, KeyId, KeyText,
-    LAST_KEY_ENTRIES, LAST_KEY_MAP, PROG_MULTI, PROG_SINGLE, STACK_COUNTS_MAP, STACK_ENTRIES,
+    CALIBRATION_COOKIE, CALIBRATION_KEY_SLOT, CALLERS_ENTRIES, CALLERS_MAP, COOKIE_SLOT_SHIFT,
+    COUNT_SLOTS_MAP, COUNTS_MAP, CallKey, CallerKey, DROPS_MAP, FUNC_CONFIG_MAP, FuncConfig,
+    KEY_EDGES_ENTRIES, KEY_EDGES_MAP, KEY_NONE, KEY_TEXT_LEN, KEY_TEXT_MAP, KEY_U64, KEYS_ENTRIES,
+    KEYS_MAP, KeyEdge, KeyId, KeyText, LAST_KEY_ENTRIES, LAST_KEY_MAP, MAX_CALLER_SHIFT,
+    PROG_MULTI, PROG_MULTI_KEYED, PROG_SINGLE, PROG_SINGLE_KEYED, STACK_COUNTS_MAP, STACK_ENTRIES,
     STACKS_MAP, StackKey,
 };
 
@@ -112,8 +114,20 @@ pub struct Probes {
     // Field order matters for `Drop`: the maps and the logger hold their own
     // file descriptors; `ebpf` owns the program and with it every link.
     counts: PerCpuHashMap<MapData, CallKey, u64>,
+    count_slots: PerCpuArray<MapData, u64>,
+    /// Which pair counts at which slot of `count_slots`.
+    slots: Slots,
+    /// Entries read from `counts` at the last reading.
+    hashed: u32,
+    /// The last reading of `count_slots`, by slot (reused).
+    slot_values: HashMap<u32, u64>,
     callers: PerCpuHashMap<MapData, CallerKey, u64>,
-    key_config: Array<MapData, KeyConfig>,
+    func_config: Array<MapData, FuncConfig>,
+    /// What `func_config` holds, by slot (absent: all zero).
+    configs: HashMap<u32, FuncConfig>,
+    /// Batch reads of the counter maps; `None` once the kernel turned
+    /// them down (before 5.6), then maps are walked entry by entry.
+    batch: Option<BatchReader>,
     keys: PerCpuHashMap<MapData, KeyId, u64>,
     key_text: BpfHashMap<MapData, u64, KeyText>,
     key_edges: PerCpuHashMap<MapData, KeyEdge, u64>,
@@ -143,9 +157,90 @@ pub struct Probes {
 
 struct Entry {
     request: AttachRequest,
+    /// The attach cookie of each of the request's points (see
+    /// `COOKIE_SLOT_SHIFT`).
+    cookies: Vec<u64>,
     /// The program the link belongs to.
     program: &'static str,
     link: Option<UProbeLinkId>,
+}
+
+/// Which (function, process) pair counts at which slot of the kernel's
+/// `COUNT_SLOTS` array. Slots are handed out to pairs probed in one
+/// process, and taken back when the process goes (zeroed by the caller
+/// before they are handed out again).
+#[derive(Debug)]
+struct Slots {
+    capacity: u32,
+    by_key: HashMap<CallKey, u32>,
+    /// Indexed by slot: the pair counting there, if any.
+    keys: Vec<Option<CallKey>>,
+    free: Vec<u32>,
+}
+
+impl Slots {
+    fn new(capacity: u32) -> Self {
+        Self {
+            capacity,
+            by_key: HashMap::new(),
+            keys: Vec::new(),
+            free: Vec::new(),
+        }
+    }
+
+    /// The pair's slot, given one if it has none; `None` when every slot is
+    /// taken (the pair is then counted in the hash).
+    fn slot(&mut self, key: CallKey) -> Option<u32> {
+        if let Some(&slot) = self.by_key.get(&key) {
+            return Some(slot);
+        }
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None if (self.keys.len() as u32) < self.capacity => {
+                self.keys.push(None);
+                self.keys.len() as u32 - 1
+            }
+            None => return None,
+        };
+        self.keys[slot as usize] = Some(key);
+        self.by_key.insert(key, slot);
+        Some(slot)
+    }
+
+    /// Takes the slots of the pairs `gone` selects from them; returns the
+    /// slots, to be zeroed and then [`recycle`](Self::recycle)d. A slot
+    /// that could not be zeroed is never handed out again: the next pair
+    /// would inherit its count.
+    fn release(&mut self, gone: impl Fn(&CallKey) -> bool) -> Vec<u32> {
+        let slots: Vec<u32> = self
+            .by_key
+            .iter()
+            .filter(|(k, _)| gone(k))
+            .map(|(_, &slot)| slot)
+            .collect();
+        for &slot in &slots {
+            if let Some(key) = self.keys[slot as usize].take() {
+                self.by_key.remove(&key);
+            }
+        }
+        slots
+    }
+
+    /// A released slot, zeroed, can be handed out again.
+    fn recycle(&mut self, slot: u32) {
+        if self.key(slot).is_none() && !self.free.contains(&slot) {
+            self.free.push(slot);
+        }
+    }
+
+    fn key(&self, slot: u32) -> Option<CallKey> {
+        self.keys.get(slot as usize).copied().flatten()
+    }
+
+    /// Slots ever handed out: the part of the array in use.
+    fn used(&self) -> u32 {
+        self.keys.len() as u32
+    }
 }
 
 /// Functions that can have a key configuration (cookies beyond this count
@@ -155,30 +250,53 @@ pub const MAX_FUNCTIONS: u32 = CALIBRATION_KEY_SLOT;
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
 
 impl Probes {
-    /// Loads the eBPF object, sizing the counter map for `max_entries`
-    /// (function, process) pairs, and picks the attach mode this kernel
-    /// supports.
-    pub fn load(max_entries: u32) -> Result<Self, ProbeError> {
+    /// Loads the eBPF object, sizing the counter hash for `max_entries`
+    /// (function, process) pairs and the counter array for `slots` pairs
+    /// probed in one process, and picks the attach mode this kernel
+    /// supports. `keys`: some function may have a key to read (the
+    /// program that reads keys is loaded, else the one that cannot).
+    pub fn load(max_entries: u32, slots: u32, keys: bool) -> Result<Self, ProbeError> {
         // Kernels >= 5.11 charge BPF memory to the cgroup, not RLIMIT_MEMLOCK;
         // raising the limit can fail without CAP_SYS_RESOURCE and that is fine.
         raise_memlock_limit();
         raise_open_files_limit();
 
+        // The slot array is allocated whole, one value per possible CPU
+        // (hosts may declare hundreds): at most 8 MiB of it; pairs beyond
+        // count in the hash.
+        let cpus = aya::util::nr_cpus().map_or(1, |n| n.get());
+        let slots = slots.clamp(1, ((8 << 20) / (8 * cpus)).max(64));
         let multi = is_uprobe_multi_supported(UProbeMultiFeature::LinkCreation).unwrap_or(false);
         let pid_filter_ok = !multi
             || is_uprobe_multi_supported(UProbeMultiFeature::ProcessScopedPidFilter)
                 .unwrap_or(false);
-        let (program, mode) = if multi {
-            (PROG_MULTI, AttachMode::Multi)
+        let (multi_program, single_program) = if keys {
+            (PROG_MULTI_KEYED, PROG_SINGLE_KEYED)
         } else {
-            (PROG_SINGLE, AttachMode::PerFunction)
+            (PROG_MULTI, PROG_SINGLE)
         };
-        let per_process = (!pid_filter_ok).then_some(PROG_SINGLE);
+        let (program, mode) = if multi {
+            (multi_program, AttachMode::Multi)
+        } else {
+            (single_program, AttachMode::PerFunction)
+        };
+        let per_process = (!pid_filter_ok).then_some(single_program);
 
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        if !keys {
+            // The program that runs never touches the key maps: one entry
+            // each instead of thousands (LRU maps are preallocated, per CPU:
+            // milliseconds to create, and memory).
+            for map in [KEYS_MAP, KEY_TEXT_MAP, KEY_EDGES_MAP, LAST_KEY_MAP] {
+                loader.map_max_entries(map, 1);
+            }
+        }
+        let mut ebpf = loader
             .map_max_entries(COUNTS_MAP, max_entries.max(1))
-            .map_max_entries(KEY_CONFIG_MAP, CALIBRATION_KEY_SLOT + 1)
-            // Only the chosen program is loaded; the other stays in the file.
+            .map_max_entries(COUNT_SLOTS_MAP, slots)
+            .map_max_entries(FUNC_CONFIG_MAP, CALIBRATION_KEY_SLOT + 1)
+            // Only the chosen programs are loaded; the others stay in the
+            // file.
             .load(EBPF_OBJECT)
             .map_err(ProbeError::Load)?;
         let logger = aya_log::EbpfLogger::init(&mut ebpf)
@@ -191,8 +309,9 @@ impl Probes {
         }
 
         let counts = take_map(&mut ebpf, COUNTS_MAP)?;
+        let count_slots = take_map(&mut ebpf, COUNT_SLOTS_MAP)?;
         let callers = take_map(&mut ebpf, CALLERS_MAP)?;
-        let key_config = take_map(&mut ebpf, KEY_CONFIG_MAP)?;
+        let func_config = take_map(&mut ebpf, FUNC_CONFIG_MAP)?;
         let keys = take_map(&mut ebpf, KEYS_MAP)?;
         let key_text = take_map(&mut ebpf, KEY_TEXT_MAP)?;
         let key_edges = take_map(&mut ebpf, KEY_EDGES_MAP)?;
@@ -202,8 +321,17 @@ impl Probes {
         let drops = take_map(&mut ebpf, DROPS_MAP)?;
         Ok(Self {
             counts,
+            count_slots,
+            slots: Slots::new(slots),
+            hashed: 0,
+            slot_values: HashMap::new(),
             callers,
-            key_config,
+            func_config,
+            configs: HashMap::new(),
+            batch: aya::util::nr_cpus()
+                .inspect_err(|(_, e)| log::debug!("no CPU count for batch reads: {e}"))
+                .ok()
+                .map(|cpus| BatchReader::new(cpus.get() as usize)),
             keys,
             key_text,
             key_edges,
@@ -234,18 +362,77 @@ impl Probes {
     /// Attaches one request.
     pub fn attach(&mut self, request: &AttachRequest) -> Result<(), ProbeError> {
         let program = self.program_for(request);
-        let link = self.link(program, request)?;
+        let (cookies, fresh) = self.cookies(request);
+        let link = match self.link(program, request, &cookies) {
+            Ok(link) => link,
+            Err(e) => {
+                // Only the slots given out for this request: a pair may
+                // already count in one for a link still in place.
+                self.release_slots(|k| fresh.contains(k));
+                return Err(e);
+            }
+        };
         self.entries.push(Entry {
             request: request.clone(),
+            cookies,
             program,
             link: Some(link),
         });
         Ok(())
     }
 
+    /// The attach cookie of each point of `request`: its function, and for
+    /// a probe scoped to one process the pair's counter slot, given one
+    /// here if it has none. Also returns the pairs given one here.
+    fn cookies(&mut self, request: &AttachRequest) -> (Vec<u64>, Vec<CallKey>) {
+        let mut fresh = Vec::new();
+        let cookies = request
+            .points
+            .iter()
+            .map(|&(_, func)| {
+                let slot = request.pid.and_then(|tgid| {
+                    let key = CallKey { func, tgid };
+                    let known = self.slots.by_key.contains_key(&key);
+                    let slot = self.slots.slot(key)?;
+                    if !known {
+                        fresh.push(key);
+                    }
+                    Some(slot)
+                });
+                u64::from(func) | slot.map_or(0, |s| u64::from(s + 1) << COOKIE_SLOT_SHIFT)
+            })
+            .collect();
+        (cookies, fresh)
+    }
+
+    /// Takes back the counter slots of the pairs `gone` selects, zeroed for
+    /// the pairs they will count next. Their links must be gone.
+    fn release_slots(&mut self, gone: impl Fn(&CallKey) -> bool) {
+        let slots = self.slots.release(gone);
+        if slots.is_empty() {
+            return;
+        }
+        let Ok(cpus) = aya::util::nr_cpus() else {
+            return;
+        };
+        for slot in slots {
+            let zeroed = match aya::maps::PerCpuValues::try_from(vec![0u64; cpus.get() as usize]) {
+                Ok(zero) => self
+                    .count_slots
+                    .set(slot, zero, 0)
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match zeroed {
+                Ok(()) => self.slots.recycle(slot),
+                Err(e) => log::debug!("cannot zero counter slot {slot}, not reused: {e}"),
+            }
+        }
+    }
+
     /// How `request` is (or would be) attached here.
     pub fn mode_for(&self, request: &AttachRequest) -> AttachMode {
-        if self.program_for(request) == PROG_SINGLE {
+        if matches!(self.program_for(request), PROG_SINGLE | PROG_SINGLE_KEYED) {
             AttachMode::PerFunction
         } else {
             AttachMode::Multi
@@ -263,6 +450,7 @@ impl Probes {
         &mut self,
         program: &'static str,
         request: &AttachRequest,
+        cookies: &[u64],
     ) -> Result<UProbeLinkId, ProbeError> {
         let scope = match request.pid.and_then(NonZeroU32::new) {
             Some(pid) => UProbeScope::OneProcess(pid),
@@ -271,9 +459,10 @@ impl Probes {
         let points = request
             .points
             .iter()
-            .map(|&(offset, cookie)| UProbeAttachPoint {
+            .zip(cookies)
+            .map(|(&(offset, _), &cookie)| UProbeAttachPoint {
                 location: UProbeAttachLocation::AbsoluteOffset(offset),
-                cookie: Some(u64::from(cookie)),
+                cookie: Some(cookie),
             });
         uprobe(&mut self.ebpf, program)?
             .attach(points, request.file.fd_path(), scope)
@@ -317,7 +506,7 @@ impl Probes {
             if e.link.is_some() {
                 return true;
             }
-            match self.link(e.program, &e.request) {
+            match self.link(e.program, &e.request, &e.cookies) {
                 Ok(link) => {
                     e.link = Some(link);
                     true
@@ -401,6 +590,7 @@ impl Probes {
     /// links and map slots.
     pub fn forget_process(&mut self, tgid: u32) {
         self.detach_where(|r| r.pid == Some(tgid));
+        self.release_slots(|k| k.tgid == tgid);
         remove_where(&mut self.counts, |k| k.tgid == tgid);
         // The LRU maps would age them out in time; a process that ran exec
         // must not see its old program's keys and call sites come back as
@@ -447,18 +637,26 @@ impl Probes {
         if self.uses_keys {
             self.set_key_config(
                 CALIBRATION_KEY_SLOT,
-                KeyConfig {
-                    kind: KEY_U64,
-                    ..KeyConfig::default()
+                FuncConfig {
+                    key_kind: KEY_U64,
+                    ..FuncConfig::default()
                 },
             )?;
         }
         let program = self.program_for(&request);
-        let link = self.link(program, &request)?;
-        let probed = time_calls();
+        // Counted in the hash, not a slot: the dearer of the two paths
+        // (`--binary` probes take it), so the governor errs on the safe
+        // side.
+        let cookies: Vec<u64> = request.points.iter().map(|p| u64::from(p.1)).collect();
+        let me = std::process::id();
+        let link = self.link(program, &request, &cookies)?;
+        // The median of three rounds: a single round on a shared machine
+        // can land on a preemption (too dear) or a quiet moment.
+        let mut rounds = [time_calls(), time_calls(), time_calls()];
+        rounds.sort_unstable();
+        let probed = rounds[1];
         self.unlink(program, link);
         // Our own entries go: they are not a watched process's.
-        let me = std::process::id();
         let _ = self.counts.remove(&CallKey {
             func: CALIBRATION_COOKIE,
             tgid: me,
@@ -472,37 +670,122 @@ impl Probes {
 
     /// Reads every counter, summed over CPUs, into `out` (cleared first).
     pub fn read_counts(&mut self, out: &mut HashMap<CallKey, u64>) -> Result<(), ProbeError> {
-        sum_per_cpu(&self.counts, COUNTS_MAP, self.capacity, out)?;
+        sum_per_cpu(
+            &self.counts,
+            COUNTS_MAP,
+            self.capacity,
+            &mut self.batch,
+            out,
+        )?;
+        self.hashed = out.len() as u32;
+        self.read_slots(out)?;
         if let Some(logger) = &mut self.logger {
             logger.flush();
         }
         Ok(())
     }
 
-    /// Reads the per-call-site counters, summed over CPUs, into `out`.
-    pub fn read_callers(&mut self, out: &mut HashMap<CallerKey, u64>) -> Result<(), ProbeError> {
-        sum_per_cpu(&self.callers, CALLERS_MAP, CALLERS_ENTRIES, out)
+    /// Adds the counters of the pairs with a slot, summed over CPUs, to
+    /// `out`.
+    fn read_slots(&mut self, out: &mut HashMap<CallKey, u64>) -> Result<(), ProbeError> {
+        let used = self.slots.used();
+        if used == 0 {
+            return Ok(());
+        }
+        let values = &mut self.slot_values;
+        let batched = match &mut self.batch {
+            Some(reader) => reader
+                .sum_per_cpu(self.count_slots.map().fd().as_fd(), used as usize, values)
+                .inspect_err(|e| log::debug!("batch read of {COUNT_SLOTS_MAP} failed ({e})"))
+                .unwrap_or(false),
+            None => false,
+        };
+        if !batched {
+            values.clear();
+            for slot in (0..used).filter(|&s| self.slots.key(s).is_some()) {
+                let per_cpu = self
+                    .count_slots
+                    .get(&slot, 0)
+                    .map_err(|source| ProbeError::Map {
+                        name: COUNT_SLOTS_MAP,
+                        source,
+                    })?;
+                values.insert(slot, per_cpu.iter().sum());
+            }
+        }
+        // A slot nothing counted in yet is no counter: the hash has no entry
+        // for a pair before its first hit either (`never_called` rests on it).
+        for (&slot, &calls) in values.iter().filter(|(_, calls)| **calls > 0) {
+            if let Some(key) = self.slots.key(slot) {
+                *out.entry(key).or_default() += calls;
+            }
+        }
+        Ok(())
     }
 
-    /// Tells the kernel how to read function `func`'s key argument.
-    pub fn set_key_config(&mut self, func: u32, config: KeyConfig) -> Result<(), ProbeError> {
-        self.uses_keys |= config.kind != 0 && func != CALIBRATION_KEY_SLOT;
-        self.key_config
-            .set(func, &config, 0)
+    /// Reads the per-call-site counters, summed over CPUs, into `out`.
+    pub fn read_callers(&mut self, out: &mut HashMap<CallerKey, u64>) -> Result<(), ProbeError> {
+        sum_per_cpu(
+            &self.callers,
+            CALLERS_MAP,
+            CALLERS_ENTRIES,
+            &mut self.batch,
+            out,
+        )
+    }
+
+    /// Tells the kernel how to read function `func`'s key argument (the
+    /// key fields of `config`; its call-site sampling stays).
+    pub fn set_key_config(&mut self, func: u32, config: FuncConfig) -> Result<(), ProbeError> {
+        self.uses_keys |= config.key_kind != KEY_NONE && func != CALIBRATION_KEY_SLOT;
+        let mut merged = self.configs.get(&func).copied().unwrap_or_default();
+        merged.key_kind = config.key_kind;
+        merged.key_arg = config.key_arg;
+        merged.key_offset = config.key_offset;
+        self.write_config(func, merged)
+    }
+
+    /// Has the kernel read function `func`'s call site on one hit in
+    /// `1 << shift` (capped at `MAX_CALLER_SHIFT`), weighted by as many.
+    /// Functions beyond the config table are always read in full.
+    pub fn set_caller_shift(&mut self, func: u32, shift: u32) -> Result<(), ProbeError> {
+        if func >= CALIBRATION_KEY_SLOT {
+            return Ok(());
+        }
+        let mut config = self.configs.get(&func).copied().unwrap_or_default();
+        let shift = shift.min(MAX_CALLER_SHIFT);
+        if config.caller_shift == shift {
+            return Ok(());
+        }
+        config.caller_shift = shift;
+        self.write_config(func, config)
+    }
+
+    fn write_config(&mut self, slot: u32, config: FuncConfig) -> Result<(), ProbeError> {
+        self.func_config
+            .set(slot, &config, 0)
             .map_err(|source| ProbeError::Map {
-                name: KEY_CONFIG_MAP,
+                name: FUNC_CONFIG_MAP,
                 source,
-            })
+            })?;
+        self.configs.insert(slot, config);
+        Ok(())
     }
 
     /// Reads the per-key counters, summed over CPUs, into `out`.
     pub fn read_keys(&mut self, out: &mut HashMap<KeyId, u64>) -> Result<(), ProbeError> {
-        sum_per_cpu(&self.keys, KEYS_MAP, KEYS_ENTRIES, out)
+        sum_per_cpu(&self.keys, KEYS_MAP, KEYS_ENTRIES, &mut self.batch, out)
     }
 
     /// Reads the key-transition counters, summed over CPUs, into `out`.
     pub fn read_key_edges(&mut self, out: &mut HashMap<KeyEdge, u64>) -> Result<(), ProbeError> {
-        sum_per_cpu(&self.key_edges, KEY_EDGES_MAP, KEY_EDGES_ENTRIES, out)
+        sum_per_cpu(
+            &self.key_edges,
+            KEY_EDGES_MAP,
+            KEY_EDGES_ENTRIES,
+            &mut self.batch,
+            out,
+        )
     }
 
     /// The text of a string key, if the kernel still holds it.
@@ -521,7 +804,13 @@ impl Probes {
 
     /// Reads the sampled-stack counters, summed over CPUs, into `out`.
     pub fn read_stacks(&mut self, out: &mut HashMap<StackKey, u64>) -> Result<(), ProbeError> {
-        sum_per_cpu(&self.stack_counts, STACK_COUNTS_MAP, STACK_ENTRIES, out)
+        sum_per_cpu(
+            &self.stack_counts,
+            STACK_COUNTS_MAP,
+            STACK_ENTRIES,
+            &mut self.batch,
+            out,
+        )
     }
 
     /// The frames of a sampled stack (instruction pointers, innermost
@@ -539,9 +828,15 @@ impl Probes {
         remove_where(&mut self.stack_counts, |k| k.stack_id == stack_id);
     }
 
-    /// How many (function, process) counters the kernel map holds at most.
+    /// How many (function, process) counters the kernel's hash holds at
+    /// most (pairs probed in one process count in slots of their own).
     pub fn capacity(&self) -> u32 {
         self.capacity
+    }
+
+    /// Entries the kernel's counter hash held at the last reading.
+    pub fn hashed(&self) -> u32 {
+        self.hashed
     }
 
     /// Hits the kernel could not count because the counter map was full.
@@ -609,18 +904,32 @@ fn self_probe_request() -> Result<AttachRequest, ProbeError> {
 }
 
 /// Every entry of a per-CPU counter map, summed over CPUs, into `out`
-/// (cleared first).
+/// (cleared first): in batches where the kernel has them (`batch`; turned
+/// off at the first refusal), else entry by entry.
 fn sum_per_cpu<K: aya::Pod + Eq + std::hash::Hash>(
     map: &PerCpuHashMap<MapData, K, u64>,
     name: &'static str,
     capacity: u32,
+    batch: &mut Option<BatchReader>,
     out: &mut HashMap<K, u64>,
 ) -> Result<(), ProbeError> {
+    // A hash map's entries can be removed and re-added while it is read, and
+    // the kernel resumes a batch at the next bucket: bounded as below.
+    let bound = 2 * capacity as usize;
+    if let Some(reader) = batch {
+        match reader.sum_per_cpu(map.map().fd().as_fd(), bound, out) {
+            Ok(true) => return Ok(()),
+            Ok(false) => {
+                log::debug!("no batch map reads on this kernel; reading entry by entry");
+                *batch = None;
+            }
+            Err(e) => log::debug!("batch read of {name} failed ({e}); reading entry by entry"),
+        }
+    }
     out.clear();
     // aya walks a hash map key by key; when the key it stands on is evicted
     // meanwhile (an LRU map under churn), the kernel starts it over from the
     // first bucket. Bounded: a reading may miss entries, never spin.
-    let bound = 2 * capacity as usize;
     for entry in map.iter().take(bound) {
         let (key, per_cpu) = entry.map_err(|source| ProbeError::Map { name, source })?;
         out.insert(key, per_cpu.iter().sum());
@@ -686,5 +995,47 @@ fn raise_memlock_limit() {
             "could not raise RLIMIT_MEMLOCK ({}); fine on kernels >= 5.11",
             std::io::Error::last_os_error()
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(func: u32, tgid: u32) -> CallKey {
+        CallKey { func, tgid }
+    }
+
+    #[test]
+    fn a_pair_keeps_its_slot_until_its_process_goes() {
+        let mut slots = Slots::new(3);
+        assert_eq!(slots.slot(pair(0, 10)), Some(0));
+        assert_eq!(slots.slot(pair(1, 10)), Some(1));
+        // Asked again (a re-attach after a deploy): the same slot, so the
+        // count goes on.
+        assert_eq!(slots.slot(pair(0, 10)), Some(0));
+        assert_eq!(slots.slot(pair(0, 20)), Some(2));
+        // Full: the next pair counts in the hash.
+        assert_eq!(slots.slot(pair(1, 20)), None);
+        assert_eq!(slots.key(1), Some(pair(1, 10)));
+
+        let mut gone = slots.release(|k| k.tgid == 10);
+        gone.sort_unstable();
+        assert_eq!(gone, vec![0, 1]);
+        assert_eq!(slots.key(0), None);
+        assert_eq!(slots.used(), 3);
+        // Not handed out again until zeroed: the next pair would inherit
+        // the count.
+        assert_eq!(slots.slot(pair(1, 20)), None);
+        slots.recycle(1);
+        slots.recycle(1);
+        assert_eq!(slots.slot(pair(1, 20)), Some(1));
+        assert_eq!(slots.key(1), Some(pair(1, 20)));
+        // Slot 0 was never zeroed: it stays out of use.
+        assert_eq!(slots.slot(pair(2, 20)), None);
+        // A slot in use is not recycled.
+        slots.recycle(1);
+        assert_eq!(slots.slot(pair(3, 20)), None);
+        assert_eq!(slots.release(|k| k.tgid == 99), Vec::<u32>::new());
     }
 }

@@ -128,7 +128,7 @@ pub struct Snapshot {
     pub key_texts: Vec<KeyText>,
     /// Hits the kernel could not count since attaching (counter map full).
     pub dropped: u64,
-    /// Capacity of the counter map, and the entries it holds (for every
+    /// Capacity of the counter hash, and the entries it holds (for every
     /// process, watched or not), to warn before it fills.
     pub counts_capacity: u32,
     pub counts_entries: u32,

@@ -25,7 +25,7 @@ use std::{
 
 use globset::{Glob, GlobMatcher};
 use object::{
-    Object as _, ObjectSegment as _, ObjectSymbol as _, SegmentFlags, SymbolKind, elf::PF_X,
+    Object as _, ObjectSegment as _, ReadCache, ReadRef, SegmentFlags, SymbolKind, elf::PF_X,
 };
 
 /// Errors from reading symbols or matching patterns.
@@ -93,11 +93,18 @@ impl SymbolTable {
     /// messages and results (`/proc/PID/exe` is read, but users know the
     /// file by the name the process ran it as). Debug files are looked for
     /// under `root` (`/`, or `/proc/PID/root` for a process in a container).
+    ///
+    /// Only the parts parsed are read (headers, notes, symbol and string
+    /// tables), not the whole file: a static binary's code is most of it,
+    /// and a copy of it would be most of cacheloop's memory. Read, not
+    /// mapped: a file truncated in place by a deploy must fail a read, not
+    /// kill cacheloop with SIGBUS.
     pub fn read(path: &Path, shown: &Path, root: &Path) -> Result<Self, SymbolError> {
-        let data = fs::read(path).map_err(|source| SymbolError::Read {
+        let file = fs::File::open(path).map_err(|source| SymbolError::Read {
             path: shown.to_owned(),
             source,
         })?;
+        let data = ReadCache::new(file);
         let debug = debug_file_candidates(shown, &data)
             .into_iter()
             .find_map(|candidate| {
@@ -108,9 +115,14 @@ impl SymbolTable {
         Self::parse(shown, &data, debug.as_deref())
     }
 
-    /// Parses ELF bytes, and those of its debug file if given; `path` is
-    /// only used in messages and results.
-    pub fn parse(path: &Path, data: &[u8], debug: Option<&[u8]>) -> Result<Self, SymbolError> {
+    /// Parses an ELF file (its bytes, or a cache that reads them on
+    /// demand), and its debug file's bytes if given; `path` is only used in
+    /// messages and results.
+    pub fn parse<'data, R: ReadRef<'data>>(
+        path: &Path,
+        data: R,
+        debug: Option<&'data [u8]>,
+    ) -> Result<Self, SymbolError> {
         let not_elf = |reason: String| SymbolError::NotElf {
             path: path.to_owned(),
             reason,
@@ -131,17 +143,21 @@ impl SymbolTable {
 
         let mut seen = HashMap::new();
         let mut symbols = Vec::new();
-        let all = file
-            .symbols()
-            .chain(file.dynamic_symbols())
-            .chain(debug_file.iter().flat_map(|d| d.symbols()));
-        for sym in all {
-            if sym.kind() != SymbolKind::Text || !sym.is_definition() {
-                continue;
-            }
-            let Ok(raw) = sym.name() else { continue };
-            let address = sym.address();
-            if raw.is_empty() || seen.insert((raw.to_owned(), address), ()).is_some() {
+        // The defined functions: (name, address, size). The main file's and
+        // the debug file's symbols are of different types (one read through
+        // a cache, one from bytes), so each is reduced to that first.
+        fn functions<'a, S: object::ObjectSymbol<'a>>(
+            symbols: impl Iterator<Item = S>,
+        ) -> impl Iterator<Item = (&'a str, u64, u64)> {
+            symbols
+                .filter(|sym| sym.kind() == SymbolKind::Text && sym.is_definition())
+                .filter_map(|sym| Some((sym.name().ok()?, sym.address(), sym.size())))
+        }
+        let all = functions(file.symbols())
+            .chain(functions(file.dynamic_symbols()))
+            .chain(debug_file.iter().flat_map(|d| functions(d.symbols())));
+        for (raw, address, size) in all {
+            if raw.is_empty() || seen.insert((raw, address), ()).is_some() {
                 continue;
             }
             let Some(file_offset) = code.iter().find_map(|&(vaddr, size, offset)| {
@@ -155,13 +171,18 @@ impl SymbolTable {
                 name: names.full,
                 raw: raw.to_owned(),
                 address,
-                size: sym.size(),
+                size,
                 file_offset,
                 fragment: names.fragment,
                 short: names.short,
             });
         }
-        symbols.sort_by(|a, b| a.name.cmp(&b.name).then(a.address.cmp(&b.address)));
+        // (name, address, raw) triples are unique (deduplicated above): an
+        // unstable sort gives one order, without a buffer as large as the
+        // table.
+        symbols.sort_unstable_by(|a, b| {
+            (&a.name, a.address, &a.raw).cmp(&(&b.name, b.address, &b.raw))
+        });
         Ok(Self {
             path: path.to_owned(),
             symbols,
@@ -258,8 +279,13 @@ impl Names {
         let fragment = suffix
             .split('.')
             .any(|part| part == "part" || part == "cold");
-        let (full, short) = match cpp_demangle::Symbol::new(base) {
-            Ok(sym) if base.starts_with("_Z") => {
+        // Only `_Z` names are Itanium C++: a C name is not parsed at all.
+        let cpp = base
+            .starts_with("_Z")
+            .then(|| cpp_demangle::Symbol::new(base).ok())
+            .flatten();
+        let (full, short) = match cpp {
+            Some(sym) => {
                 let full = sym.demangle().unwrap_or_else(|_| base.to_owned());
                 let short = sym
                     .demangle_with_options(&cpp_demangle::DemangleOptions::new().no_params())
@@ -286,7 +312,7 @@ impl Names {
 /// Where the separate debug file of an ELF file may be, best first: by
 /// build-id under `/usr/lib/debug/.build-id`, then by `.gnu_debuglink` next
 /// to the file, in its `.debug/`, and under `/usr/lib/debug`.
-pub fn debug_file_candidates(path: &Path, data: &[u8]) -> Vec<PathBuf> {
+pub fn debug_file_candidates<'data, R: ReadRef<'data>>(path: &Path, data: R) -> Vec<PathBuf> {
     let Ok(file) = object::File::parse(data) else {
         return Vec::new();
     };
@@ -319,7 +345,7 @@ pub fn debug_file_candidates(path: &Path, data: &[u8]) -> Vec<PathBuf> {
 /// Whether `debug` is the debug file of `main`: same build-id, or, without
 /// one, the CRC that `.gnu_debuglink` records. A wrong debug file would put
 /// probes at wrong addresses, so anything else is refused.
-pub fn debug_file_matches(main: &[u8], debug: &[u8]) -> bool {
+pub fn debug_file_matches<'data, R: ReadRef<'data>>(main: R, debug: &[u8]) -> bool {
     let (Ok(main), Ok(debug_file)) = (object::File::parse(main), object::File::parse(debug)) else {
         return false;
     };
@@ -523,11 +549,11 @@ mod tests {
     fn debug_file_must_belong_to_the_binary() {
         let exe = fs::read(std::env::current_exe().unwrap()).unwrap();
         // Our own build has a build-id: it matches itself only.
-        assert!(debug_file_matches(&exe, &exe));
+        assert!(debug_file_matches(&exe[..], &exe));
         let other = fs::read("/proc/self/exe").unwrap();
-        assert!(debug_file_matches(&exe, &other));
-        assert!(!debug_file_matches(&exe, b"not elf"));
-        let candidates = debug_file_candidates(Path::new("/usr/bin/cache"), &exe);
+        assert!(debug_file_matches(&exe[..], &other));
+        assert!(!debug_file_matches(&exe[..], b"not elf"));
+        let candidates = debug_file_candidates(Path::new("/usr/bin/cache"), &exe[..]);
         assert!(
             candidates[0].starts_with("/usr/lib/debug/.build-id/"),
             "{candidates:?}"
@@ -549,7 +575,7 @@ mod tests {
 
     #[test]
     fn non_elf_bytes_are_rejected() {
-        let err = SymbolTable::parse(Path::new("notes.txt"), b"just text", None).unwrap_err();
+        let err = SymbolTable::parse(Path::new("notes.txt"), &b"just text"[..], None).unwrap_err();
         assert!(matches!(err, SymbolError::NotElf { .. }), "{err}");
     }
 
@@ -564,7 +590,7 @@ mod tests {
         }
         let exe = std::env::current_exe().unwrap();
         let data = fs::read(&exe).unwrap();
-        let t = SymbolTable::parse(&exe, &data, None).unwrap();
+        let t = SymbolTable::parse(&exe, &data[..], None).unwrap();
         let got = t
             .select(&patterns(&["cacheloop_symbols_selftest"]))
             .unwrap();
