@@ -4,15 +4,20 @@
 //!     cargo xtask bench [--runs N]
 //!     cargo xtask bench --soak DURATION    # 10m, 1h: the soak alone
 //!
-//! One run measures, for cacheloop (release build), Debian 12's bpftrace
-//! 0.17 and trixie's bpftrace 0.23 on the same static target file: the
-//! whole-process time to attach, count for 1 s, detach and exit with 1, 100
-//! and 1000 functions, and its peak RSS; the target's throughput while its
-//! hot function is probed (and under `--max-overhead 5`); the loader's CPU
-//! with 100 functions at a 1 s interval; cacheloop's detection latency on
-//! the demo (structural) and on a rate-only runaway. Medians of `--runs` runs (3); bpftrace 0.17 with 1000 functions
-//! takes about two minutes a run and runs once. Ratios are cacheloop's over
-//! each bpftrace's. Nothing here is a test: the machine is shared and noisy.
+//! One run measures, for cacheloop (release build; `--pid` and `--binary`),
+//! Debian 12's bpftrace 0.17 and trixie's bpftrace 0.23 on the same static
+//! target file: the whole-process time to attach, count for 1 s, detach and
+//! exit with 1, 100, 1000 and 10,000 functions, and its peak RSS; the
+//! target's throughput while its hot function is probed (and under
+//! `--max-overhead 5`, over at least 5 runs for the spread), with each
+//! tool's eBPF program time per hit from the kernel's own statistics
+//! (`kernel.bpf_stats_enabled`, on for those runs only); the loader's CPU
+//! with 1000 functions all called, at the default 1 s interval; cacheloop's
+//! detection latency on the demo (structural) and on a rate-only runaway.
+//! Medians of `--runs` runs (3); bpftrace 0.17 with 1000 functions takes
+//! about two minutes a run and runs once, and is left out at 10,000 and of
+//! the CPU run. Ratios are cacheloop's over bpftrace's. Nothing here is a
+//! test: the machine is shared and noisy.
 //!
 //! `--soak DURATION` runs the soak instead (module `soak`): cacheloop
 //! attached to the demo for that long while loops come and go, its RSS, fds
@@ -38,10 +43,14 @@ use crate::cmd;
 use tools::{Chroot, Setup, Tool};
 
 const HOT_SECONDS: u32 = 8;
+/// Governed throughput runs at least (the spread is a goal).
+const GOVERNED_RUNS: usize = 5;
 /// Throughput rows, named as the goals look them up.
 const CACHELOOP_ALL_HITS: &str = "cacheloop --max-overhead 100";
 const CACHELOOP_GOVERNED: &str = "cacheloop --max-overhead 5";
 const CPU_RATE: u32 = 10_000;
+/// Functions called in the CPU run (all of them, round robin).
+const CPU_FUNCTIONS: usize = 1000;
 
 pub fn run(args: &[String]) -> Result<(), String> {
     let mut runs = 3;
@@ -100,7 +109,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         chroot: chroot.as_ref().map(|c| c.root.clone()),
         target: target::build(&target_dir)?,
     };
-    let mut tools = vec![Tool::Cacheloop, Tool::Bpftrace17];
+    let mut tools = vec![Tool::Cacheloop, Tool::CacheloopBinary, Tool::Bpftrace17];
     if chroot.is_some() {
         tools.push(Tool::Bpftrace23);
     }
@@ -113,16 +122,14 @@ pub fn run(args: &[String]) -> Result<(), String> {
         report.versions.push(("bpftrace 0.23", c.version()));
     }
 
-    for (count, glob) in [
-        (1, "bench_fn_0000"),
-        (100, "bench_fn_00*"),
-        (1000, "bench_fn_*"),
-    ] {
+    for (count, glob) in target::GLOBS {
         for &tool in &tools {
-            let n = if tool == Tool::Bpftrace17 && count == 1000 {
-                1
-            } else {
-                runs
+            let n = match (tool, count) {
+                // One perf link per probe: two minutes a run at 1000,
+                // twenty at 10,000.
+                (Tool::Bpftrace17, 10_000) => continue,
+                (Tool::Bpftrace17, 1000) => 1,
+                _ => runs,
             };
             let mut times = Vec::new();
             let mut rss = Vec::new();
@@ -131,7 +138,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
                 let m = attach_count_detach(&setup, tool, glob)?;
                 times.push(m.seconds);
                 rss.push(m.peak_rss_mib);
-                if let Some(d) = m.detach_seconds {
+                if let (Tool::Cacheloop, Some(d)) = (tool, m.detach_seconds) {
                     report.detach.push((count, d));
                 }
             }
@@ -141,40 +148,60 @@ pub fn run(args: &[String]) -> Result<(), String> {
     }
 
     eprintln!("xtask: bench target throughput");
-    let mut unprobed: Vec<f64> = (0..runs)
-        .map(|_| throughput(&setup, None))
-        .collect::<Result<_, _>>()?;
-    report
-        .throughput
-        .push(("unprobed".to_owned(), median(&mut unprobed)));
-    // cacheloop twice: governor off (the per-hit cost against bpftrace's)
-    // and at 5% (what a flat-out target keeps).
-    let mut cases: Vec<(String, Tool, &[&str])> = vec![
+    let stats = BpfStats::enable();
+    // Unprobed, then cacheloop twice: governor off (the per-hit cost
+    // against bpftrace's) and at 5% (what a flat-out target keeps).
+    type Case<'a> = (String, Option<(Tool, &'a [&'a str])>, usize);
+    let mut cases: Vec<Case> = vec![
+        ("unprobed".to_owned(), None, runs.max(GOVERNED_RUNS)),
         (
             CACHELOOP_ALL_HITS.to_owned(),
-            Tool::Cacheloop,
-            &["--max-overhead", "100"],
+            Some((Tool::Cacheloop, &["--max-overhead", "100"])),
+            runs,
         ),
         (
             CACHELOOP_GOVERNED.to_owned(),
-            Tool::Cacheloop,
-            &["--max-overhead", "5"],
+            Some((Tool::Cacheloop, &["--max-overhead", "5"])),
+            runs.max(GOVERNED_RUNS),
         ),
     ];
     cases.extend(
-        tools[1..]
+        tools
             .iter()
-            .map(|&t| (t.name().to_owned(), t, &[][..])),
+            .filter(|t| matches!(t, Tool::Bpftrace17 | Tool::Bpftrace23))
+            .map(|&t| (t.name().to_owned(), Some((t, &[][..])), runs)),
     );
-    for (label, tool, extra) in &cases {
-        let mut rates: Vec<f64> = (0..runs)
-            .map(|_| throughput(&setup, Some((*tool, *extra))))
-            .collect::<Result<_, _>>()?;
-        report.throughput.push((label.clone(), median(&mut rates)));
+    // Round robin, one run of each case per round: the machine's load
+    // drifts over minutes, and must not land on one case's runs only.
+    let mut measured: Vec<Vec<(f64, Option<f64>)>> = vec![Vec::new(); cases.len()];
+    let rounds = cases.iter().map(|c| c.2).max().unwrap_or(0);
+    for round in 0..rounds {
+        for (i, (_, probe, n)) in cases.iter().enumerate() {
+            if round < *n {
+                measured[i].push(throughput(&setup, *probe)?);
+            }
+        }
     }
+    for ((label, ..), measured) in cases.iter().zip(&measured) {
+        let mut rates: Vec<f64> = measured.iter().map(|m| m.0).collect();
+        let mut ns: Vec<f64> = measured.iter().filter_map(|m| m.1).collect();
+        if label == CACHELOOP_GOVERNED {
+            report.governed = rates.clone();
+        }
+        report.throughput.push(Throughput {
+            label: label.clone(),
+            rate: median(&mut rates),
+            ns_per_hit: (!ns.is_empty()).then(|| median(&mut ns)),
+        });
+    }
+    report.bpf_stats = stats.on();
+    drop(stats);
 
     eprintln!("xtask: bench loader CPU");
     for &tool in &tools {
+        if tool == Tool::Bpftrace17 || tool == Tool::CacheloopBinary {
+            continue;
+        }
         let mut cpu: Vec<f64> = (0..runs)
             .map(|_| loader_cpu(&setup, tool))
             .collect::<Result<_, _>>()?;
@@ -301,8 +328,9 @@ fn attach_count_detach(setup: &Setup, tool: Tool, glob: &str) -> Result<Measured
 }
 
 /// The hot function's calls per second (median of the steady seconds),
-/// unprobed or while `tool` probes it.
-fn throughput(setup: &Setup, tool: Option<(Tool, &[&str])>) -> Result<f64, String> {
+/// unprobed or while `tool` probes it, and the tool's eBPF program time per
+/// hit as the kernel measured it (with `BpfStats` on).
+fn throughput(setup: &Setup, tool: Option<(Tool, &[&str])>) -> Result<(f64, Option<f64>), String> {
     let (target, out) = Target::start(&setup.target, &["hot", &HOT_SECONDS.to_string()])?;
     let probe = match tool {
         Some((tool, extra)) => Some(
@@ -315,17 +343,26 @@ fn throughput(setup: &Setup, tool: Option<(Tool, &[&str])>) -> Result<f64, Strin
         ),
         None => None,
     };
-    let mut rates: Vec<f64> = out
-        .lines()
-        .map_while(Result::ok)
-        .filter_map(|l| {
-            let mut w = l.split_whitespace().skip(1);
-            let second: u32 = w.next()?.parse().ok()?;
-            let calls: f64 = w.next()?.parse().ok()?;
-            // The first seconds include attaching.
-            (second >= 3).then_some(calls)
-        })
-        .collect();
+    let mut rates = Vec::new();
+    let mut ns_per_hit = None;
+    for line in out.lines().map_while(Result::ok) {
+        let mut w = line.split_whitespace().skip(1);
+        let (Some(Ok(second)), Some(Ok(calls))) = (
+            w.next().map(str::parse::<u32>),
+            w.next().map(str::parse::<f64>),
+        ) else {
+            continue;
+        };
+        // The first seconds include attaching.
+        if second >= 3 {
+            rates.push(calls);
+        }
+        if second + 2 == HOT_SECONDS
+            && let Some(p) = &probe
+        {
+            ns_per_hit = program_ns_per_hit(p.id());
+        }
+    }
     drop(target);
     if let Some(p) = probe {
         stop(p);
@@ -333,33 +370,115 @@ fn throughput(setup: &Setup, tool: Option<(Tool, &[&str])>) -> Result<f64, Strin
     if rates.is_empty() {
         return Err("the bench target printed no rates".to_owned());
     }
-    Ok(median(&mut rates))
+    Ok((median(&mut rates), ns_per_hit))
 }
 
-/// The tool's CPU (percent of one core) over 10 s of counting 100
-/// functions called 10,000 times a second in all, after a 3 s start.
+/// `kernel.bpf_stats_enabled` on while this lives (the kernel then times
+/// every eBPF program run, which costs each run two clock reads), and back
+/// to what it was after.
+struct BpfStats(Option<String>);
+
+const BPF_STATS_KNOB: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    fn enable() -> Self {
+        let old = fs::read_to_string(BPF_STATS_KNOB).ok();
+        match fs::write(BPF_STATS_KNOB, "1") {
+            Ok(()) => Self(old),
+            Err(e) => {
+                eprintln!("xtask: no eBPF program statistics ({BPF_STATS_KNOB}: {e})");
+                Self(None)
+            }
+        }
+    }
+
+    fn on(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        if let Some(old) = &self.0 {
+            let _ = fs::write(BPF_STATS_KNOB, old.trim());
+        }
+    }
+}
+
+/// Nanoseconds per run of the eBPF programs process `pid` holds, over
+/// their runs so far, from the kernel's statistics in /proc/PID/fdinfo.
+fn program_ns_per_hit(pid: u32) -> Option<f64> {
+    let mut time = 0u64;
+    let mut runs = 0u64;
+    for entry in fs::read_dir(format!("/proc/{pid}/fdinfo")).ok()?.flatten() {
+        let Ok(text) = fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        if let (Some(t), Some(c)) = (field("run_time_ns:"), field("run_cnt:")) {
+            time += t;
+            runs += c;
+        }
+    }
+    (runs > 0).then(|| time as f64 / runs as f64)
+}
+
+/// The tool's CPU (percent of one core) over 10 s of counting
+/// [`CPU_FUNCTIONS`] functions called [`CPU_RATE`] times a second in all
+/// (each of them called), after a 3 s start.
 fn loader_cpu(setup: &Setup, tool: Tool) -> Result<f64, String> {
-    let (target, _out) = Target::start(&setup.target, &["calls", &CPU_RATE.to_string(), "30"])?;
+    let (target, _out) = Target::start(
+        &setup.target,
+        &[
+            "calls",
+            &CPU_RATE.to_string(),
+            "30",
+            &CPU_FUNCTIONS.to_string(),
+        ],
+    )?;
+    let glob = target::GLOBS
+        .iter()
+        .find(|g| g.0 == CPU_FUNCTIONS)
+        .map_or("bench_fn_*", |g| g.1);
     let child = setup
-        .command(tool, "bench_fn_00*", target.1, None, true, &[])
+        .command(tool, glob, target.1, None, true, &[])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", tool.name()))?;
     let pid = child.id();
     thread::sleep(Duration::from_secs(3));
-    let before = cpu_ticks(pid);
+    let before = cpu_ns(pid);
     let started = Instant::now();
     thread::sleep(Duration::from_secs(10));
-    let after = cpu_ticks(pid);
+    let after = cpu_ns(pid);
     let wall = started.elapsed().as_secs_f64();
     stop(child);
     drop(target);
     match (before, after) {
-        // USER_HZ is 100 on Linux.
-        (Some(b), Some(a)) => Ok((a - b) as f64 / 100.0 / wall * 100.0),
+        (Some(b), Some(a)) => Ok(a.saturating_sub(b) as f64 / 1e9 / wall * 100.0),
         _ => Err(format!("{} exited early", tool.name())),
     }
+}
+
+/// CPU time of a process, all its threads, in nanoseconds: the scheduler's
+/// own account (/proc/PID/task/*/schedstat), finer than clock ticks, which
+/// would round 0.1% of a core over 10 s to one tick.
+fn cpu_ns(pid: u32) -> Option<u64> {
+    let mut total = None;
+    for task in fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        let ns = fs::read_to_string(task.path().join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok());
+        if let Some(ns) = ns {
+            total = Some(total.unwrap_or(0) + ns);
+        }
+    }
+    total
 }
 
 /// utime + stime of a process, in clock ticks.
@@ -424,19 +543,75 @@ struct Report {
     /// (functions, tool, median seconds, runs)
     attach: Vec<(usize, Tool, f64, usize)>,
     rss: Vec<(usize, Tool, f64)>,
-    /// (functions, cacheloop's detach seconds)
+    /// (functions, cacheloop --pid's detach seconds)
     detach: Vec<(usize, f64)>,
-    throughput: Vec<(String, f64)>,
+    throughput: Vec<Throughput>,
+    /// Each governed run's calls/s.
+    governed: Vec<f64>,
+    /// The kernel's eBPF statistics were on for the throughput runs.
+    bpf_stats: bool,
     cpu: Vec<(Tool, f64)>,
     latency: f64,
     rate_only_latency: f64,
 }
+
+struct Throughput {
+    label: String,
+    rate: f64,
+    ns_per_hit: Option<f64>,
+}
+
+/// The tools with a ratio column, each over bpftrace 0.23.
+const OURS: [Tool; 2] = [Tool::Cacheloop, Tool::CacheloopBinary];
 
 impl Report {
     fn get<T: Copy>(rows: &[(usize, Tool, T)], count: usize, tool: Tool) -> Option<T> {
         rows.iter()
             .find(|r| r.0 == count && r.1 == tool)
             .map(|r| r.2)
+    }
+
+    /// One table: a row per function count, a column per tool, then
+    /// `ratio(ours, bpftrace 0.23's)` for each of [`OURS`].
+    fn table(
+        md: &mut String,
+        tools: &[Tool],
+        rows: &[(usize, Tool, f64)],
+        unit: &str,
+        ratio_title: &str,
+        ratio: impl Fn(f64, f64) -> f64,
+    ) {
+        let mut header = "| functions |".to_owned();
+        let mut rule = "|---:|".to_owned();
+        for t in tools {
+            header.push_str(&format!(" {} |", t.name()));
+            rule.push_str("---:|");
+        }
+        for t in OURS {
+            header.push_str(&format!(" {ratio_title}: {} / bpftrace 0.23 |", t.name()));
+            rule.push_str("---:|");
+        }
+        let _ = writeln!(md, "{header}\n{rule}");
+        for (count, _) in target::GLOBS {
+            let mut line = format!("| {count} |");
+            for &t in tools {
+                match Self::get(rows, count, t) {
+                    Some(v) => line.push_str(&format!(" {v:.2} {unit} |")),
+                    None => line.push_str(" - |"),
+                }
+            }
+            for t in OURS {
+                match (
+                    Self::get(rows, count, t),
+                    Self::get(rows, count, Tool::Bpftrace23),
+                ) {
+                    (Some(a), Some(b)) => line.push_str(&format!(" {:.3}x |", ratio(a, b))),
+                    _ => line.push_str(" - |"),
+                }
+            }
+            let _ = writeln!(md, "{line}");
+        }
+        let _ = writeln!(md);
     }
 
     fn markdown(&self, runs: usize) -> String {
@@ -448,61 +623,70 @@ impl Report {
         let _ = writeln!(md, "# Benchmarks\n");
         let _ = writeln!(
             md,
-            "Written by `cargo xtask bench` (medians of {runs} runs; bpftrace 0.17 with 1000 functions: one run). \
-             Kernel {}, {cpus} CPUs, a shared virtual machine: read the ratios, not the absolute numbers.\n",
+            "Written by `cargo xtask bench` (medians of {runs} runs; bpftrace 0.17 with 1000 functions: one run, \
+             with 10,000: not run). Kernel {}, {cpus} CPUs, a shared virtual machine: read the ratios, not the \
+             absolute numbers.\n",
             kernel.trim()
         );
         for (name, version) in &self.versions {
             let _ = writeln!(md, "- {name}: `{version}`");
         }
-        let _ = writeln!(md, "- cacheloop: release build, static (musl)\n");
+        let _ = writeln!(
+            md,
+            "- cacheloop: release build, static (musl); `cacheloop` is `watch --pid`, `cacheloop --binary` is \
+             `watch --binary` (every process running the file, as bpftrace probes)\n"
+        );
 
-        let tools: Vec<Tool> = [Tool::Cacheloop, Tool::Bpftrace17, Tool::Bpftrace23]
-            .into_iter()
-            .filter(|&t| self.attach.iter().any(|r| r.1 == t))
-            .collect();
+        let tools: Vec<Tool> = [
+            Tool::Cacheloop,
+            Tool::CacheloopBinary,
+            Tool::Bpftrace17,
+            Tool::Bpftrace23,
+        ]
+        .into_iter()
+        .filter(|&t| self.attach.iter().any(|r| r.1 == t))
+        .collect();
         let attach: Vec<(usize, Tool, f64)> = self.attach.iter().map(|r| (r.0, r.1, r.2)).collect();
-        for (title, rows, unit) in [
-            (
-                "Attach, count for 1 s, detach and exit (whole process, seconds)",
-                &attach,
-                "s",
-            ),
-            ("Loader peak RSS (MiB)", &self.rss, "MiB"),
-        ] {
-            let _ = writeln!(md, "## {title}\n");
-            let mut header = "| functions |".to_owned();
-            let mut rule = "|---:|".to_owned();
-            for t in &tools {
-                header.push_str(&format!(" {} |", t.name()));
-                rule.push_str("---:|");
-            }
-            for t in tools.iter().skip(1) {
-                header.push_str(&format!(" cacheloop / {} |", t.name()));
-                rule.push_str("---:|");
-            }
-            let _ = writeln!(md, "{header}\n{rule}");
-            for count in [1, 100, 1000] {
-                let ours = Self::get(rows, count, Tool::Cacheloop);
-                let mut line = format!("| {count} |");
-                for &t in &tools {
-                    match Self::get(rows, count, t) {
-                        Some(v) => line.push_str(&format!(" {v:.2} {unit} |")),
-                        None => line.push_str(" - |"),
-                    }
-                }
-                for &t in tools.iter().skip(1) {
-                    match (ours, Self::get(rows, count, t)) {
-                        (Some(a), Some(b)) if b > 0.0 => {
-                            line.push_str(&format!(" {:.3}x |", a / b))
-                        }
-                        _ => line.push_str(" - |"),
-                    }
-                }
-                let _ = writeln!(md, "{line}");
-            }
-            let _ = writeln!(md);
-        }
+        let beyond = |t: f64| (t - 1.0).max(0.001);
+        let _ = writeln!(
+            md,
+            "## Attach, count for 1 s, detach and exit (whole process, seconds)\n\n\
+             The ratios compare the time beyond the 1 s counting window: attaching, detaching and \
+             exiting.\n"
+        );
+        Self::table(
+            &mut md,
+            &tools,
+            &attach,
+            "s",
+            "beyond the window",
+            |a, b| beyond(a) / beyond(b),
+        );
+        let _ = writeln!(
+            md,
+            "Where the time goes (`strace -f -T` on cacheloop, written down when this table was \
+             extended): the kernel's verifier took 130-160 ms over the program that reads keys (its \
+             bounded string-hashing loops) and 3.5 ms over the one that only counts, so the key-reading \
+             program is loaded only when some function has a key to read (`--key-arg`, or a preset \
+             that reads keys). With `--binary` the counter hash is sized for 256k (function, process) \
+             pairs; preallocated, creating it took ~0.17 s, and with `BPF_F_NO_PREALLOC` (entries \
+             allocated at a pair's first hit) 1.7 ms. One `uprobe_multi` link for 1000 offsets: 5-7 ms. \
+             What is left: starting, reading the target's symbol table (10,000 names, each demangled \
+             to match the glob; C names are no longer run through the C++ demangler), and the \
+             kernel's detach of the link at exit (~45 ms: it waits for handlers in flight).\n"
+        );
+        let _ = writeln!(md, "## Loader peak RSS (MiB)\n");
+        Self::table(&mut md, &tools, &self.rss, "MiB", "RSS", |a, b| a / b);
+        let _ = writeln!(
+            md,
+            "Both read the target's symbol table, here 10,000 functions, whatever the glob picks. \
+             cacheloop reads only the ELF parts it parses (headers, symbol and string tables), not \
+             the whole file; about 4 MiB of its RSS is its own code (built with LTO, one codegen \
+             unit). Where the rest goes at 10,000 functions (valgrind massif on a debug build): the \
+             analyzer's history for every (function, process) pair, called or not (the readings of \
+             the last seconds and what it learned, ~0.8 KB each: ~8 MiB), the catalog of functions \
+             (~2 MiB) and the symbol table while planning (~2 MiB). bpftrace links LLVM and clang.\n"
+        );
         let mut detach: Vec<f64> = self
             .detach
             .iter()
@@ -512,42 +696,98 @@ impl Report {
         let detach_1000 = median(&mut detach);
         let _ = writeln!(
             md,
-            "cacheloop's own detach of 1000 functions (its `detached` record): {:.3} s.\n",
-            detach_1000
+            "cacheloop's own detach of 1000 functions (its `detached` record): {detach_1000:.3} s.\n"
         );
 
         let _ = writeln!(md, "## Target throughput with its hot function probed\n");
         let _ = writeln!(
             md,
-            "`bench_hot` called flat out; calls per second, median of the steady seconds.\n"
+            "`bench_hot` called flat out; calls per second, median of the steady seconds. Program time per \
+             hit: the eBPF program's own run time over its runs, as the kernel counts it \
+             (`kernel.bpf_stats_enabled`, on for these runs only{}).\n",
+            if self.bpf_stats {
+                ""
+            } else {
+                "; it could not be switched on here"
+            }
         );
-        let _ = writeln!(md, "| probed by | calls/s | of unprobed |\n|---|---:|---:|");
-        let unprobed = self.throughput.first().map(|t| t.1).unwrap_or(f64::NAN);
-        for (label, rate) in &self.throughput {
-            let _ = writeln!(md, "| {label} | {rate:.0} | {:.4}x |", rate / unprobed);
+        let _ = writeln!(
+            md,
+            "| probed by | calls/s | of unprobed | program time per hit |\n|---|---:|---:|---:|"
+        );
+        let unprobed = self.throughput.first().map_or(f64::NAN, |t| t.rate);
+        for t in &self.throughput {
+            let ns = t
+                .ns_per_hit
+                .map_or_else(|| "-".to_owned(), |ns| format!("{ns:.0} ns"));
+            let _ = writeln!(
+                md,
+                "| {} | {:.0} | {:.4}x | {ns} |",
+                t.label,
+                t.rate,
+                t.rate / unprobed
+            );
+        }
+        let mut governed: Vec<f64> = self.governed.iter().map(|r| r / unprobed).collect();
+        governed.sort_by(f64::total_cmp);
+        let worst_governed = governed.first().copied();
+        if let (Some(lo), Some(hi)) = (governed.first(), governed.last()) {
+            let _ = writeln!(
+                md,
+                "\nUnder `--max-overhead 5`, over {} runs: {:.1}% to {:.1}% of unprobed (median {:.1}%).",
+                governed.len(),
+                lo * 100.0,
+                hi * 100.0,
+                median(&mut governed.clone()) * 100.0
+            );
         }
         let _ = writeln!(
             md,
-            "\nPer hit, the trap into the kernel and back (about 10 us on this VM) is the cost; the eBPF \
-program adds to it. bpftrace's `@ = count()` does one per-CPU map update; cacheloop's program does up to \
-four (the count; the call site, with an 8-byte read of the user stack; the key, when configured; a \
-1-in-256 stack sample) to gather the evidence that explains a loop. That is the gap when the ratio \
-lands just under 0.95x; runs differ by about 2% on this shared machine. Under `--max-overhead` the \
-question goes away: the hot function is probed in windows."
+            "\nPer hit, the trap into the kernel and back (microseconds on this VM: the calls/s above) is \
+             the cost; the eBPF program adds its own time, which includes the two clock reads the \
+             statistics take (a program that only adds one to a per-CPU array measured 55-70 ns here, \
+             bpftrace's as well as ours). bpftrace's `@ = count()` is that one update. cacheloop's \
+             program counts in a per-CPU array slot the cookie names (probes scoped to one process; a \
+             per-CPU hash keyed by (function, process) cost 30-40 ns more, and stays for `--binary` \
+             probes), looks up the function's config and draws one random number, and gathers its \
+             evidence sampled: the call site (an 8-byte user read and an LRU map update; reading it on \
+             every hit measured 260 ns a hit in all, against 150 ns sampled) on every hit only while a \
+             function is called under ~4000 times a second, then on one hit in 2 to 64 at random, \
+             counted with that weight, so a flat-out function has a few thousand read a second; a user \
+             stack on one hit in 256, and 64 times sparser for a hot function; keys (when configured) on \
+             every hit, since a key sequence cannot be sampled. The rest of the gap to bpftrace's \
+             program is that config lookup, the draw and the pid: 40-60 ns, about 1% of a hit's \
+             whole cost here, less than the calls/s vary between runs (the runs alternate tools, so \
+             the machine's drift falls on all of them). Under `--max-overhead` the question goes away: \
+             the hot function is probed in windows. The governed spread comes from the cost of a hit, \
+             calibrated once at start-up on a function of cacheloop's own, and from the first moments \
+             of each window, when the probes are going in.\n"
         );
-        let _ = writeln!(md);
 
-        let _ = writeln!(md, "## Loader CPU, 100 functions, 1 s interval\n");
         let _ = writeln!(
             md,
-            "{CPU_RATE} calls/s over 100 functions; CPU of the loader process over 10 s, after a 3 s start \
-             (/proc clock ticks: 0.10% is one tick in 10 s, 0.00% less than that).\n"
+            "## Loader CPU, {CPU_FUNCTIONS} functions, 1 s interval\n"
+        );
+        let _ = writeln!(
+            md,
+            "{CPU_RATE} calls/s spread over all {CPU_FUNCTIONS} functions; CPU of the loader process (all its \
+             threads, from the scheduler's /proc/PID/task/*/schedstat) over 10 s, after a 3 s start. \
+             bpftrace 0.17 needs two minutes to attach 1000 functions and is left out.\n"
         );
         let _ = writeln!(md, "| tool | CPU (% of one core) |\n|---|---:|");
         for (tool, cpu) in &self.cpu {
-            let _ = writeln!(md, "| {} | {cpu:.2}% |", tool.name());
+            let _ = writeln!(md, "| {} | {cpu:.3}% |", tool.name());
         }
-        let _ = writeln!(md);
+        let _ = writeln!(
+            md,
+            "\nWhere cacheloop's CPU goes (`perf record` at 1000 functions): it reads its counter \
+             maps every 250 ms, now with `BPF_MAP_LOOKUP_BATCH` (a handful of system calls per map \
+             instead of two per entry, into buffers it reuses), still about a quarter of its CPU, in \
+             the kernel copying per-CPU values out; judging every function each reading (the analyzer \
+             and the detectors) another fifth; std's SipHash in those maps was a quarter more before \
+             they moved to foldhash; the rest is the sample records (one per function and interval) \
+             and the allocator. bpftrace prints one number a second.\n"
+        );
         let _ = writeln!(md, "## Detection latency\n");
         let _ = writeln!(
             md,
@@ -565,7 +805,12 @@ question goes away: the hot function is probed in windows."
         let _ = writeln!(md, "| goal | measured | |\n|---|---:|---|");
         let t = |count, tool| Self::get(&attach, count, tool);
         let r = |count, tool| Self::get(&self.rss, count, tool);
-        let thr = |label: &str| self.throughput.iter().find(|x| x.0 == label).map(|x| x.1);
+        let thr = |label: &str| {
+            self.throughput
+                .iter()
+                .find(|x| x.label == label)
+                .map(|x| x.rate)
+        };
         let mut goal = |name: &str,
                         value: Option<f64>,
                         limit: f64,
@@ -580,56 +825,82 @@ question goes away: the hot function is probed in windows."
             let _ = writeln!(md, "| {name} | {shown} | {verdict} |");
         };
         let ratio = |a: Option<f64>, b: Option<f64>| Some(a? / b?);
+        let times = |v: f64| format!("{v:.3}x");
+        for tool in OURS {
+            goal(
+                &format!(
+                    "1000 functions, {}: time beyond the window at most 1/3 of bpftrace 0.23's",
+                    tool.name()
+                ),
+                ratio(
+                    t(1000, tool).map(beyond),
+                    t(1000, Tool::Bpftrace23).map(beyond),
+                ),
+                1.0 / 3.0,
+                true,
+                &times,
+            );
+        }
+        for tool in OURS {
+            goal(
+                &format!(
+                    "10,000 functions, {}: within 1 s beyond the window",
+                    tool.name()
+                ),
+                t(10_000, tool).map(beyond),
+                1.0,
+                true,
+                &|v| format!("{v:.2} s"),
+            );
+        }
+        let worst_rss = OURS
+            .into_iter()
+            .flat_map(|tool| {
+                target::GLOBS
+                    .iter()
+                    .filter_map(move |&(c, _)| ratio(r(c, tool), r(c, Tool::Bpftrace23)))
+            })
+            .reduce(f64::max);
+        goal(
+            "peak RSS at most 0.1x bpftrace 0.23's (worst of 1/100/1000/10,000, both modes)",
+            worst_rss,
+            0.1,
+            true,
+            &times,
+        );
+        goal(
+            "per hit: throughput probed at least 1.0x of bpftrace 0.23's",
+            ratio(thr(CACHELOOP_ALL_HITS), thr(Tool::Bpftrace23.name())),
+            1.0,
+            false,
+            &times,
+        );
+        goal(
+            &format!("loader CPU at most 0.1% of a core ({CPU_FUNCTIONS} functions, all called)"),
+            self.cpu
+                .iter()
+                .find(|c| c.0 == Tool::Cacheloop)
+                .map(|c| c.1),
+            0.1,
+            true,
+            &|v| format!("{v:.3}%"),
+        );
+        goal(
+            &format!(
+                "flat-out target keeps at least 90% of unprobed throughput under --max-overhead 5 (worst of {} runs)",
+                governed.len()
+            ),
+            worst_governed,
+            0.9,
+            false,
+            &|v| format!("{:.1}%", v * 100.0),
+        );
         goal(
             "100 functions: at most 0.1x bpftrace 0.17's time",
             ratio(t(100, Tool::Cacheloop), t(100, Tool::Bpftrace17)),
             0.1,
             true,
-            &|v| format!("{v:.3}x"),
-        );
-        goal(
-            "1000 functions within 3 s",
-            t(1000, Tool::Cacheloop),
-            3.0,
-            true,
-            &|v| format!("{v:.2} s"),
-        );
-        for (bp, name) in [(Tool::Bpftrace17, "0.17"), (Tool::Bpftrace23, "0.23")] {
-            let worst = [1, 100, 1000]
-                .into_iter()
-                .filter_map(|c| ratio(r(c, Tool::Cacheloop), r(c, bp)))
-                .reduce(f64::max);
-            goal(
-                &format!("peak RSS at most 0.25x bpftrace {name}'s (worst of 1/100/1000)"),
-                worst,
-                0.25,
-                true,
-                &|v| format!("{v:.3}x"),
-            );
-            goal(
-                &format!("throughput probed at least 0.95x of bpftrace {name}'s"),
-                ratio(thr(CACHELOOP_ALL_HITS), thr(bp.name())),
-                0.95,
-                false,
-                &|v| format!("{v:.3}x"),
-            );
-        }
-        goal(
-            "flat-out target keeps at least 80% of unprobed throughput under --max-overhead 5",
-            ratio(thr(CACHELOOP_GOVERNED), Some(unprobed)),
-            0.8,
-            false,
-            &|v| format!("{:.1}%", v * 100.0),
-        );
-        goal(
-            "loader CPU under 1% of a core (100 functions)",
-            self.cpu
-                .iter()
-                .find(|c| c.0 == Tool::Cacheloop)
-                .map(|c| c.1),
-            1.0,
-            true,
-            &|v| format!("{v:.2}%"),
+            &times,
         );
         goal(
             "detaching 1000 functions well under a second",

@@ -1,11 +1,10 @@
-//! The benchmark's target: a static C program with 1000 probe-able
-//! functions (`bench_fn_0000`..`bench_fn_0999`, so `bench_fn_0000`,
-//! `bench_fn_00*` and `bench_fn_*` pick 1, 100 and 1000 of them with the
-//! same glob in every tool) and a hot one.
+//! The benchmark's target: a static C program with 10,000 probe-able
+//! functions (`bench_fn_00000`..`bench_fn_09999`, so [`GLOBS`] pick 1, 100,
+//! 1000 and 10,000 of them with the same glob in every tool) and a hot one.
 //!
-//!     bench_target idle SECONDS        # waits (attach/detach runs)
-//!     bench_target calls RATE SECONDS  # RATE calls/s over bench_fn_0000..0099
-//!     bench_target hot SECONDS         # bench_hot flat out; prints "second N CALLS"
+//!     bench_target idle SECONDS            # waits (attach/detach runs)
+//!     bench_target calls RATE SECONDS N    # RATE calls/s over bench_fn_00000..N-1
+//!     bench_target hot SECONDS             # bench_hot flat out; prints "second N CALLS"
 //!
 //! Static, so the same file runs from the host and inside the trixie chroot
 //! the newer bpftrace runs in.
@@ -14,7 +13,15 @@ use std::{fmt::Write as _, fs, path::Path, process::Command};
 
 use crate::cmd::run;
 
-pub const FUNCTIONS: usize = 1000;
+pub const FUNCTIONS: usize = 10_000;
+
+/// (functions, the glob that picks them).
+pub const GLOBS: [(usize, &str); 4] = [
+    (1, "bench_fn_00000"),
+    (100, "bench_fn_000*"),
+    (1000, "bench_fn_00*"),
+    (10_000, "bench_fn_*"),
+];
 
 fn source() -> String {
     let mut c = String::from(
@@ -23,13 +30,13 @@ fn source() -> String {
     for i in 0..FUNCTIONS {
         let _ = writeln!(
             c,
-            "__attribute__((noinline)) int bench_fn_{i:04}(int x) {{ asm volatile(\"\"); return x * {} + 1; }}",
+            "__attribute__((noinline)) int bench_fn_{i:05}(int x) {{ asm volatile(\"\"); return x * {} + 1; }}",
             i + 3
         );
     }
     c.push_str("typedef int (*fn_t)(int);\nstatic fn_t table[] = {");
     for i in 0..FUNCTIONS {
-        let _ = write!(c, "bench_fn_{i:04},");
+        let _ = write!(c, "bench_fn_{i:05},");
     }
     c.push_str(
         r#"};
@@ -50,12 +57,13 @@ int main(int argc, char **argv) {
     printf("ready %d\n", (int)getpid());
     if (!strcmp(argv[1], "idle")) {
         while (now() - start < atof(argv[2])) { struct timespec d = {0, 10000000}; nanosleep(&d, NULL); }
-    } else if (!strcmp(argv[1], "calls") && argc > 3) {
+    } else if (!strcmp(argv[1], "calls") && argc > 4) {
         double rate = atof(argv[2]), secs = atof(argv[3]);
-        long done = 0;
+        long n = atol(argv[4]), done = 0;
+        if (n < 1 || n > (long)(sizeof table / sizeof table[0])) return 2;
         while (now() - start < secs) {
             long due = (long)((now() - start) * rate);
-            for (; done < due; done++) sink += table[done % 100]((int)done);
+            for (; done < due; done++) sink += table[done % n]((int)done);
             struct timespec d = {0, 1000000}; nanosleep(&d, NULL);
         }
     } else if (!strcmp(argv[1], "hot")) {

@@ -14,7 +14,11 @@ use crate::cmd::run;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tool {
+    /// `watch --pid`: probes scoped to the target process.
     Cacheloop,
+    /// `watch --binary`: probes on the file, for every process running it
+    /// (what bpftrace does).
+    CacheloopBinary,
     Bpftrace17,
     Bpftrace23,
 }
@@ -23,6 +27,7 @@ impl Tool {
     pub fn name(self) -> &'static str {
         match self {
             Self::Cacheloop => "cacheloop",
+            Self::CacheloopBinary => "cacheloop --binary",
             Self::Bpftrace17 => "bpftrace 0.17",
             Self::Bpftrace23 => "bpftrace 0.23",
         }
@@ -52,9 +57,9 @@ impl Setup {
     }
 
     /// The command that runs `tool`: counting calls of `glob` in process
-    /// `pid` (cacheloop) or in the target file (bpftrace, which has no
-    /// cheaper pid filter), for `seconds` (None: until stopped), printing
-    /// per-interval counts when `every_second`.
+    /// `pid` (cacheloop) or in the target file (cacheloop --binary, and
+    /// bpftrace, which has no cheaper pid filter), for `seconds` (None:
+    /// until stopped), printing per-interval counts when `every_second`.
     pub fn command(
         &self,
         tool: Tool,
@@ -65,9 +70,15 @@ impl Setup {
         extra: &[&str],
     ) -> Command {
         match tool {
-            Tool::Cacheloop => {
+            Tool::Cacheloop | Tool::CacheloopBinary => {
                 let mut cmd = Command::new(&self.cacheloop);
-                cmd.args(["watch", "--pid", &pid.to_string(), "--func", glob, "--json"]);
+                cmd.arg("watch");
+                if tool == Tool::Cacheloop {
+                    cmd.args(["--pid", &pid.to_string()]);
+                } else {
+                    cmd.arg("--binary").arg(&self.target);
+                }
+                cmd.args(["--func", glob, "--json"]);
                 if let Some(s) = seconds {
                     cmd.args(["--duration", &format!("{s}s")]);
                 }
@@ -92,7 +103,7 @@ impl Setup {
                     _ => Command::new("bpftrace"),
                 };
                 // bpftrace refuses more than 512 probes unless told.
-                cmd.env("BPFTRACE_MAX_PROBES", "4096");
+                cmd.env("BPFTRACE_MAX_PROBES", "20000");
                 cmd.arg("-e").arg(script);
                 cmd
             }
