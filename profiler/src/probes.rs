@@ -619,7 +619,10 @@ impl Probes {
     /// call. Counted under a cookie no watched function has, in our own pid,
     /// and removed after.
     pub fn calibrate(&mut self) -> Result<Duration, ProbeError> {
-        const CALLS: u32 = 2000;
+        // Three rounds of this many: about 2,000 calls in all, as one
+        // round was before (under TCG emulation a hit costs ~180 us, and
+        // the control thread waits for all of them).
+        const CALLS: u32 = 700;
         let request = self_probe_request()?;
         let time_calls = || {
             let started = Instant::now();

@@ -24,9 +24,7 @@ use std::{
 };
 
 use globset::{Glob, GlobMatcher};
-use object::{
-    Object as _, ObjectSegment as _, ReadCache, ReadRef, SegmentFlags, SymbolKind, elf::PF_X,
-};
+use object::{Object as _, ObjectSegment as _, ReadRef, SegmentFlags, SymbolKind, elf::PF_X};
 
 /// Errors from reading symbols or matching patterns.
 #[derive(Debug, thiserror::Error)]
@@ -94,25 +92,24 @@ impl SymbolTable {
     /// file by the name the process ran it as). Debug files are looked for
     /// under `root` (`/`, or `/proc/PID/root` for a process in a container).
     ///
-    /// Only the parts parsed are read (headers, notes, symbol and string
-    /// tables), not the whole file: a static binary's code is most of it,
-    /// and a copy of it would be most of cacheloop's memory. Read, not
-    /// mapped: a file truncated in place by a deploy must fail a read, not
-    /// kill cacheloop with SIGBUS.
+    /// Read whole, not through object's `ReadCache`: that one reads each
+    /// symbol name with its own read and lseek (23,000 system calls for a
+    /// 10,000-symbol file), which took seconds under TCG emulation in the VM
+    /// tests. Read, not mapped: a file truncated in place by a deploy must
+    /// fail a read, not kill cacheloop with SIGBUS.
     pub fn read(path: &Path, shown: &Path, root: &Path) -> Result<Self, SymbolError> {
-        let file = fs::File::open(path).map_err(|source| SymbolError::Read {
+        let data = fs::read(path).map_err(|source| SymbolError::Read {
             path: shown.to_owned(),
             source,
         })?;
-        let data = ReadCache::new(file);
-        let debug = debug_file_candidates(shown, &data)
+        let debug = debug_file_candidates(shown, &data[..])
             .into_iter()
             .find_map(|candidate| {
                 let in_root = root.join(candidate.strip_prefix("/").unwrap_or(&candidate));
                 let bytes = fs::read(&in_root).ok()?;
-                debug_file_matches(&data, &bytes).then_some(bytes)
+                debug_file_matches(&data[..], &bytes).then_some(bytes)
             });
-        Self::parse(shown, &data, debug.as_deref())
+        Self::parse(shown, &data[..], debug.as_deref())
     }
 
     /// Parses an ELF file (its bytes, or a cache that reads them on

@@ -680,8 +680,9 @@ impl Report {
         let _ = writeln!(
             md,
             "Both read the target's symbol table, here 10,000 functions, whatever the glob picks. \
-             cacheloop reads only the ELF parts it parses (headers, symbol and string tables), not \
-             the whole file; about 4 MiB of its RSS is its own code (built with LTO, one codegen \
+             cacheloop reads the file whole while it plans (object's ReadCache, reading only the \
+             parts parsed, made two system calls per symbol name: seconds under TCG emulation); \
+             about 4 MiB of its RSS is its own code (built with LTO, one codegen \
              unit). Where the rest goes at 10,000 functions (valgrind massif on a debug build): the \
              analyzer's history for every (function, process) pair, called or not (the readings of \
              the last seconds and what it learned, ~0.8 KB each: ~8 MiB), the catalog of functions \
