@@ -281,6 +281,9 @@ fn watch_process_in_a_container_resolves_its_files_and_reports_its_namespace_pid
             "--mount",
             "--pid",
             "--fork",
+            // The child is pid 1 of its namespace: killing `unshare` (what
+            // dropping the target does) must take it along, or it runs on.
+            "--kill-child",
             "--propagation",
             "private",
             "sh",
