@@ -319,15 +319,12 @@ impl Controller {
         } else {
             shifts.extend(slowest_now.into_iter().filter_map(|(func, rate)| {
                 let shift = governor::caller_shift(rate);
-                (shift < pacing.shifts.get(&func).copied().unwrap_or(0)).then_some((func, shift))
+                (shift < self.probes.caller_shift(func)).then_some((func, shift))
             }));
         }
         for (func, shift) in shifts {
-            match self.probes.set_caller_shift(func, shift) {
-                Ok(()) => {
-                    pacing.shifts.insert(func, shift);
-                }
-                Err(e) => log::debug!("cannot set call-site sampling: {e:#}"),
+            if let Err(e) = self.probes.set_caller_shift(func, shift) {
+                log::debug!("cannot set call-site sampling: {e:#}");
             }
         }
     }
@@ -880,8 +877,6 @@ struct Pacing {
     /// over this many probed seconds.
     period: HashMap<CallKey, u64>,
     period_seconds: f64,
-    /// The shift each function has in the kernel (absent: 0).
-    shifts: HashMap<u32, u32>,
 }
 
 /// The overhead governor's probe windows: when probing throughout would

@@ -764,6 +764,11 @@ impl Probes {
         self.write_config(func, config)
     }
 
+    /// The call-site sampling shift function `func` has in the kernel.
+    pub fn caller_shift(&self, func: u32) -> u32 {
+        self.configs.get(&func).map_or(0, |c| c.caller_shift)
+    }
+
     fn write_config(&mut self, slot: u32, config: FuncConfig) -> Result<(), ProbeError> {
         self.func_config
             .set(slot, &config, 0)
