@@ -73,6 +73,19 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
     if options.kernels.is_empty() {
         options.kernels = DEFAULT_KERNELS.iter().map(|k| k.to_string()).collect();
     }
+    // One test at a time in the guest. Under TCG a probe hit costs
+    // 80-250 us (2-5 us on the host), and two tests on the guest's two
+    // vCPUs starve each other's targets: a looping thread cannot pin a
+    // core, nor outrun its baseline, while the other test's fixture spins
+    // beside it. Measured on 6.1: the demo's key cycle went unconfirmed
+    // for 35 s with two threads, and was caught in seconds with one.
+    if !options
+        .test_args
+        .iter()
+        .any(|a| a.starts_with("--test-threads"))
+    {
+        options.test_args.insert(0, "--test-threads=1".to_owned());
+    }
     Ok(options)
 }
 
