@@ -4,7 +4,7 @@ use std::{fs, time::Duration};
 
 use cacheloop_tests::{
     Cacheloop, Target, cacheloop, demo_bin, demo_config, peak_rate, require_root, watch_args,
-    watch_fixture_args,
+    watch_fixture_args, watch_held,
 };
 
 /// Watches `pid` with `--fail-on-loop` and `extra`, expects exit 3, and
@@ -23,10 +23,12 @@ fn expect_loop(pid: u32, funcs: &[&str], extra: &[&str]) -> serde_json::Value {
 #[test]
 fn watch_loop_after_healthy_phase_exits_3_naming_the_function() {
     require_root();
-    let mut target = Target::fixture(&["200:6", "max:40"]);
+    let mut target = Target::fixture(&["200:hold", "max:40"]);
     let extra = ["--fail-on-loop", "--duration", "40s"];
-    let run = cacheloop(
+    let run = watch_held(
+        &target,
         &watch_fixture_args(target.pid, &extra),
+        Duration::from_secs(4),
         Duration::from_secs(60),
     );
     assert_eq!(run.code, 3, "{run:?}");
@@ -97,10 +99,12 @@ fn watch_loop_after_healthy_phase_exits_3_naming_the_function() {
 fn watch_healthy_bursts_raise_no_alarm() {
     require_root();
     // x5 for 3 s, x4.5 for 3 s: busy, not looping.
-    let target = Target::fixture(&["200:4", "1000:3", "200:3", "900:3", "200:30"]);
+    let target = Target::fixture(&["200:hold", "1000:3", "200:3", "900:3", "200:30"]);
     let extra = ["--fail-on-loop", "--duration", "14s"];
-    let run = cacheloop(
+    let run = watch_held(
+        &target,
         &watch_fixture_args(target.pid, &extra),
+        Duration::from_secs(3),
         Duration::from_secs(40),
     );
     assert_eq!(run.code, 0, "{run:?}");
@@ -217,11 +221,11 @@ fn watch_busy_acyclic_functions_with_distinct_keys_raise_no_alarm_without_histor
     );
     assert_eq!(run.code, 0, "{run:?}");
     assert!(run.of_type("loop").is_empty(), "{}", run.stdout);
-    assert!(
-        run.of_type("sample")
-            .iter()
-            .any(|s| s["rate"].as_f64().unwrap() > 5_000.0)
-    );
+    // Busy: over --threshold, where the rate alone could be judged. (A
+    // TCG guest pays 80-250 us a probe hit: a few thousand calls/s at
+    // most there, hundreds of thousands on the host.)
+    let peak = peak_rate(&run, None);
+    assert!(peak > 1_000.0, "busy: {peak}");
 }
 
 #[test]
@@ -281,16 +285,18 @@ fn watch_traffic_surge_explained_by_requests_raises_no_alarm() {
     require_root();
     // Requests x10, invalidations x10 with them: a busy day, not a loop
     // (without --request-func the rate rule alone would call it one).
-    let target = Target::fixture(&["req:150:5:2", "req:1500:6:2", "req:150:60:2"]);
+    let target = Target::fixture(&["req:150:hold:2", "req:1500:6:2", "req:150:60:2"]);
     let extra = [
         "--request-func",
         "handle_request",
         "--fail-on-loop",
         "--duration",
-        "10s",
+        "12s",
     ];
-    let run = cacheloop(
+    let run = watch_held(
+        &target,
         &watch_fixture_args(target.pid, &extra),
+        Duration::from_secs(4),
         Duration::from_secs(40),
     );
     assert_eq!(run.code, 0, "{run:?}");
@@ -314,12 +320,22 @@ fn watch_traffic_surge_explained_by_requests_raises_no_alarm() {
 fn watch_invalidations_per_request_climbing_is_a_loop() {
     require_root();
     // Requests stay at 150/s; each starts making 400 invalidations.
-    let target = Target::fixture(&["req:150:5:2", "req:150:60:400"]);
-    let record = expect_loop(
-        target.pid,
-        &["cache_invalidate"],
-        &["--request-func", "handle_request"],
+    let target = Target::fixture(&["req:150:hold:2", "req:150:60:400"]);
+    let extra = [
+        "--request-func",
+        "handle_request",
+        "--fail-on-loop",
+        "--duration",
+        "40s",
+    ];
+    let run = watch_held(
+        &target,
+        &watch_fixture_args(target.pid, &extra),
+        Duration::from_secs(4),
+        Duration::from_secs(60),
     );
+    assert_eq!(run.code, 3, "{run:?}");
+    let record = &run.of_type("loop")[0];
     assert_eq!(
         record["functions"],
         serde_json::json!(["cache_invalidate"]),

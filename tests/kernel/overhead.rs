@@ -5,18 +5,20 @@
 
 use std::time::Duration;
 
-use cacheloop_tests::{Target, cacheloop, require_root, watch_fixture_args};
+use cacheloop_tests::{Target, cacheloop, require_root, watch_fixture_args, watch_held};
 
 const INT3: u8 = 0xcc;
 
 #[test]
 fn watch_hot_function_under_max_overhead_is_probed_in_windows_and_the_loop_still_caught() {
     require_root();
-    let target = Target::fixture(&["200:6", "max:40"]);
+    let target = Target::fixture(&["200:hold", "max:40"]);
     let addr = target.invalidate_addr();
     let extra = ["--fail-on-loop", "--duration", "40s", "--max-overhead", "5"];
-    let run = cacheloop(
+    let run = watch_held(
+        &target,
         &watch_fixture_args(target.pid, &extra),
+        Duration::from_secs(4),
         Duration::from_secs(60),
     );
     assert_eq!(run.code, 3, "{run:?}");

@@ -7,7 +7,9 @@ use std::{
     time::Duration,
 };
 
-use cacheloop_tests::{Cacheloop, Run, Target, cacheloop, cacheloop_bin, require_root, watch_args};
+use cacheloop_tests::{
+    Cacheloop, Run, Target, cacheloop, cacheloop_bin, require_root, watch_args, watch_held,
+};
 use serde_json::Value;
 
 /// A file in the temp directory, removed when dropped.
@@ -76,7 +78,7 @@ fn watch_record_of_a_loop_replays_unprivileged_to_identical_verdicts() {
     }
     // Healthy, then A and B invalidating each other flat out, then healthy
     // again: a loop with a cycle, keys and a stack, and its recovery.
-    let target = Target::fixture(&["200:4", "cycle:max:6", "200:60"]);
+    let target = Target::fixture(&["200:hold", "cycle:max:6", "200:60"]);
     let file = TempFile::new("loop.rec");
     let extra = [
         "--duration",
@@ -86,8 +88,10 @@ fn watch_record_of_a_loop_replays_unprivileged_to_identical_verdicts() {
         "--record",
         file.arg(),
     ];
-    let live = cacheloop(
+    let live = watch_held(
+        &target,
         &watch_args(target.pid, &["cache_invalidate", "invalidate_*"], &extra),
+        Duration::from_secs(3),
         Duration::from_secs(60),
     );
     assert_eq!(live.code, 0, "{live:?}");

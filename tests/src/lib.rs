@@ -152,6 +152,11 @@ impl Target {
         unsafe { libc::kill(self.pid as i32, signal) };
     }
 
+    /// Ends the fixture's phase held with `hold` (SIGUSR1).
+    pub fn release(&self) {
+        self.signal(libc::SIGUSR1);
+    }
+
     /// Whether the process is still running (not exited, not a zombie).
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -506,6 +511,24 @@ pub fn http(port: u16, method: &str, path: &str) -> Option<u16> {
     let mut reply = String::new();
     let _ = stream.read_to_string(&mut reply);
     reply.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Runs `cacheloop` on a fixture whose first phase is held (`RATE:hold`):
+/// once cacheloop has attached and watched the held phase for `learn`,
+/// releases the fixture into its next phases, then waits for the run to
+/// end. A fixed schedule would race the attach, which takes seconds in a
+/// loaded TCG guest: the warm-up would learn the runaway as normal.
+pub fn watch_held<S: AsRef<std::ffi::OsStr>>(
+    target: &Target,
+    args: &[S],
+    learn: Duration,
+    timeout: Duration,
+) -> Run {
+    let watcher = Cacheloop::start(args);
+    watcher.wait_attached(timeout);
+    std::thread::sleep(learn);
+    target.release();
+    watcher.finish(timeout)
 }
 
 /// Runs `cacheloop` to completion.

@@ -12,6 +12,10 @@
 //! a `spread:RATE:SECONDS:KEYS` phase invalidates KEYS keys in a scrambled
 //! order.
 //!
+//! A phase's SECONDS may be `hold`: the phase then runs until the fixture
+//! gets SIGUSR1 (`Target::release`), so a test can start the next phase
+//! once cacheloop has attached and learned, whatever attaching took.
+//!
 //! Prints `ready PID ADDR` at start (ADDR: where `cache_invalidate` is mapped), `phase N start TS` as each phase begins (Unix
 //! seconds), and at the end `done CALLS CHECKSUM`; then idles until killed,
 //! or exits with `--exit`. The checksum lets a test prove that probing
@@ -20,8 +24,17 @@
 use std::{
     hint::black_box,
     io::Write as _,
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant, SystemTime},
 };
+
+/// Set by SIGUSR1: ends the phase held with `hold`.
+static RELEASED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn release(_: libc::c_int) {
+    // An atomic store is async-signal-safe.
+    RELEASED.store(true, Ordering::SeqCst);
+}
 
 /// The watched function: a plain C symbol that does a little real work.
 #[unsafe(no_mangle)]
@@ -134,8 +147,14 @@ fn main() {
         } else {
             Some(rate.parse::<f64>().expect("rate"))
         };
-        phases.push((kind, rate, secs.parse::<f64>().expect("seconds")));
+        let secs = match secs {
+            "hold" => None,
+            secs => Some(secs.parse::<f64>().expect("seconds or hold")),
+        };
+        phases.push((kind, rate, secs));
     }
+    // SAFETY: the handler only stores to an atomic.
+    unsafe { libc::signal(libc::SIGUSR1, release as *const () as libc::sighandler_t) };
     // The address lets tests read the function's live code bytes.
     let addr = cache_invalidate as *const () as usize;
     say(&format!("ready {} {addr:#x}", std::process::id()));
@@ -147,7 +166,11 @@ fn main() {
         let mut done = 0u64;
         loop {
             let elapsed = start.elapsed().as_secs_f64();
-            if elapsed >= secs {
+            let over = match secs {
+                Some(secs) => elapsed >= secs,
+                None => RELEASED.load(Ordering::SeqCst),
+            };
+            if over {
                 break;
             }
             // Calls owed by now; paced on absolute time so rates are exact.
