@@ -364,11 +364,39 @@ fn binary_library_counts_only_processes_that_map_that_file() {
 }
 
 #[test]
-fn sigkill_mid_window_leaves_no_breakpoint() {
+fn sigkill_with_the_probes_in_leaves_no_breakpoint() {
     require_root();
     let target = Target::fixture(&["2000:60"]);
     let addr = target.invalidate_addr();
-    // After a tick or two: the governor has taken the probes out by then.
+    // No probe windows: nothing is detached until the kernel closes the
+    // links as the killed process exits, which it does in full.
+    for wait_ms in [300, 1700] {
+        let watcher = Cacheloop::start(&cacheloop_tests::watch_fixture_args(
+            target.pid,
+            &["--max-overhead", "100"],
+        ));
+        watcher.wait_attached(Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(wait_ms));
+        assert!(target.trapped_at(addr), "probed before the kill");
+        watcher.signal(libc::SIGKILL);
+        let run = watcher.finish(Duration::from_secs(10));
+        assert_eq!(run.code, 128 + libc::SIGKILL, "{run:?}");
+        assert!(
+            !ever_trapped(&target, addr, Duration::from_millis(300)),
+            "a breakpoint left after SIGKILL at {wait_ms} ms"
+        );
+    }
+}
+
+#[test]
+fn sigkill_mid_window_harms_nothing_and_a_clean_run_removes_what_it_left() {
+    require_root();
+    let mut target = Target::fixture(&["2000:60"]);
+    let addr = target.invalidate_addr();
+    // After a tick or two: the governor takes the probes out and puts
+    // them back every interval by then. A SIGKILL landing while a link is
+    // being closed makes the kernel give up removing its breakpoint (see
+    // `Probes::pause`): the uprobe stays registered with no program on it.
     for wait_ms in [2600, 3100, 3450] {
         let watcher = Cacheloop::start(&cacheloop_tests::watch_fixture_args(
             target.pid,
@@ -380,9 +408,22 @@ fn sigkill_mid_window_leaves_no_breakpoint() {
         let run = watcher.finish(Duration::from_secs(10));
         assert_eq!(run.code, 128 + libc::SIGKILL, "{run:?}");
         assert_windowed(&run);
+        if !ever_trapped(&target, addr, Duration::from_millis(300)) {
+            continue;
+        }
+        eprintln!("a breakpoint outlived the SIGKILL at {wait_ms} ms");
+        // The target runs on: the kernel still knows the probe, so each
+        // hit traps and returns.
+        assert!(target.is_running(), "the target survived");
+        // The next clean attach and detach of that function removes it.
+        let clean = cacheloop(
+            &cacheloop_tests::watch_fixture_args(target.pid, &["--duration", "1s"]),
+            Duration::from_secs(60),
+        );
+        assert_eq!(clean.code, 0, "{clean:?}");
         assert!(
             !ever_trapped(&target, addr, Duration::from_millis(300)),
-            "a breakpoint left after SIGKILL at {wait_ms} ms"
+            "a clean run left the breakpoint of the killed one"
         );
     }
 }
