@@ -34,10 +34,10 @@
 //!     and counters repeat all day: that share is learned, not alarming).
 //!
 //!   Structure the series showed in its calm history is not evidence.
-//!   With history, new structure needs the rate to rise too (twice the
-//!   baseline) or a core to burn. With no history (a loop already running
-//!   at attach), only a call or key cycle counts, and only while the
-//!   process burns a core.
+//!   With history, new structure needs the rate to run away too
+//!   (`factor` times the baseline) or a core to burn. With no history (a
+//!   loop already running at attach), only a call or key cycle counts, and
+//!   only while the process burns a core.
 //! - **Sustain, k of n.** A series is confirmed once its suspect readings
 //!   cover `structural_sustain` seconds of the last twice that (structure),
 //!   or `sustain` seconds of the last one and a half times that (rate): a
