@@ -3,7 +3,8 @@
 //! Data flows one way, and the modules say where each step runs:
 //!
 //! - kernel-facing: [`control`] (targets, attach/detach, probe windows; the
-//!   only owner of links, through [`probes`]) and [`collect`] (one raw
+//!   only owner of links, through [`probes`], which hands a copy of each to
+//!   the [`custody`] helper process) and [`collect`] (one raw
 //!   [`snapshot`] per tick from the kernel's maps, read in batches, and
 //!   `/proc`);
 //! - pure, unit-tested without root: [`analyze`] ((catalog, snapshot,
@@ -25,6 +26,7 @@ pub mod cli;
 pub mod collect;
 pub mod config;
 pub mod control;
+pub mod custody;
 pub mod cycles;
 pub mod detect;
 pub mod enrich;

@@ -7,7 +7,7 @@ use clap::Parser as _;
 use profiler::{
     cli::{Cli, Command},
     config::{ConfigError, ReplayConfig, WatchConfig},
-    listing, presets,
+    custody, listing, presets,
     recording::RecordingError,
     replay,
     symbols::SymbolError,
@@ -21,6 +21,15 @@ const EXIT_USAGE: u8 = 2;
 const EXIT_LOOP: u8 = 3;
 
 fn main() -> ExitCode {
+    // The helper that holds the probe links (see custody.rs): started by
+    // cacheloop itself, not a command anyone types.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == custody::SUBCOMMAND)
+    {
+        custody::serve();
+        return ExitCode::SUCCESS;
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => return clap_exit(&err),

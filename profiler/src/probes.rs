@@ -2,8 +2,9 @@
 //! and the uprobe links. Loads, attaches, reads counters, detaches.
 //!
 //! Safety on production rests on three facts:
-//! - links are owned by file descriptors of this process and never pinned, so
-//!   if cacheloop dies, even by SIGKILL, the kernel removes every probe;
+//! - links are owned by file descriptors, never pinned, with a duplicate of
+//!   each in the custody helper (`custody.rs`), so if cacheloop dies, even by
+//!   SIGKILL in the middle of a detach, the kernel removes every probe;
 //! - [`Probes::detach`] (and `Drop`, on any other exit, panics included)
 //!   detaches explicitly;
 //! - uprobes only read the target: the kernel swaps an int3 in at each probed
@@ -11,13 +12,13 @@
 
 use std::{
     num::NonZeroU32,
-    os::fd::AsFd as _,
+    os::fd::{AsFd as _, BorrowedFd},
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use crate::{batch::BatchReader, catalog::FileId, target::OpenFile};
+use crate::{batch::BatchReader, catalog::FileId, custody::Custody, target::OpenFile};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
@@ -26,7 +27,8 @@ use aya::{
     },
     programs::{
         UProbe,
-        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
+        links::{FdLink, Link as _},
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeScope},
     },
     sys::{UProbeMultiFeature, is_uprobe_multi_supported},
 };
@@ -112,7 +114,8 @@ pub struct AttachRequest {
 /// The loaded eBPF object and its links.
 pub struct Probes {
     // Field order matters for `Drop`: the maps and the logger hold their own
-    // file descriptors; `ebpf` owns the program and with it every link.
+    // file descriptors; `ebpf` owns the programs; the links are in
+    // `entries`, detached first by `Drop` (through the helper).
     counts: PerCpuHashMap<MapData, CallKey, u64>,
     count_slots: PerCpuArray<MapData, u64>,
     /// Which pair counts at which slot of `count_slots`.
@@ -153,6 +156,9 @@ pub struct Probes {
     /// overhead governor's probe windows).
     entries: Vec<Entry>,
     capacity: u32,
+    /// The helper holding a copy of every link (`None` if it could not
+    /// start, or died: links are then ours alone, as before it existed).
+    custody: Option<Custody>,
 }
 
 struct Entry {
@@ -162,7 +168,16 @@ struct Entry {
     cookies: Vec<u64>,
     /// The program the link belongs to.
     program: &'static str,
-    link: Option<UProbeLinkId>,
+    link: Option<Held>,
+}
+
+/// A link in place, owned here rather than by aya's program, so that its
+/// descriptors can be handed to the custody helper too.
+struct Held {
+    /// Ours; closing them detaches nothing while the helper keeps copies.
+    links: Result<Vec<FdLink>, UProbeLink>,
+    /// The helper's numbers for its copies.
+    kept: Vec<u32>,
 }
 
 /// Which (function, process) pair counts at which slot of the kernel's
@@ -260,6 +275,16 @@ impl Probes {
         // raising the limit can fail without CAP_SYS_RESOURCE and that is fine.
         raise_memlock_limit();
         raise_open_files_limit();
+        // After the limit is raised: the helper inherits it, and holds a
+        // descriptor per link.
+        let custody = Custody::start()
+            .inspect_err(|e| {
+                log::warn!(
+                    "cannot start the custody helper ({e}): a SIGKILL landing while \
+                     probes are detached may leave a breakpoint in a target"
+                );
+            })
+            .ok();
 
         // The slot array is allocated whole, one value per possible CPU
         // (hosts may declare hundreds): at most 8 MiB of it; pairs beyond
@@ -347,6 +372,7 @@ impl Probes {
             per_process,
             entries: Vec::new(),
             capacity: max_entries.max(1),
+            custody,
         })
     }
 
@@ -451,7 +477,7 @@ impl Probes {
         program: &'static str,
         request: &AttachRequest,
         cookies: &[u64],
-    ) -> Result<UProbeLinkId, ProbeError> {
+    ) -> Result<Held, ProbeError> {
         let scope = match request.pid.and_then(NonZeroU32::new) {
             Some(pid) => UProbeScope::OneProcess(pid),
             None => UProbeScope::AllProcesses,
@@ -464,21 +490,66 @@ impl Probes {
                 location: UProbeAttachLocation::AbsoluteOffset(offset),
                 cookie: Some(cookie),
             });
-        uprobe(&mut self.ebpf, program)?
+        let failed = |source| ProbeError::Attach {
+            path: request.shown.clone(),
+            pid: request.pid,
+            count: request.points.len(),
+            source,
+        };
+        let prog = uprobe(&mut self.ebpf, program)?;
+        let id = prog
             .attach(points, request.file.fd_path(), scope)
-            .map_err(|source| ProbeError::Attach {
-                path: request.shown.clone(),
-                pid: request.pid,
-                count: request.points.len(),
-                source,
-            })
+            .map_err(failed)?;
+        let links = prog.take_link(id).map_err(failed)?.into_fd_links();
+        let kept = self.keep(&links);
+        Ok(Held { links, kept })
     }
 
-    fn unlink(&mut self, program: &'static str, link: UProbeLinkId) {
-        if let Ok(prog) = uprobe(&mut self.ebpf, program)
-            && let Err(e) = prog.detach(link)
+    /// Hands the custody helper a copy of each of the link's descriptors.
+    fn keep(&mut self, links: &Result<Vec<FdLink>, UProbeLink>) -> Vec<u32> {
+        let (Some(custody), Ok(links)) = (&mut self.custody, links) else {
+            return Vec::new();
+        };
+        let fds: Vec<BorrowedFd<'_>> = links.iter().filter_map(link_fd).collect();
+        if fds.len() < links.len() {
+            // Only with an aya that names links otherwise (see `link_fd`).
+            log::warn!(
+                "{} probe link(s) could not be handed to the custody helper",
+                links.len() - fds.len()
+            );
+        }
+        match custody.keep(&fds) {
+            Ok(kept) => kept,
+            Err(e) => {
+                self.lose_custody(&e);
+                Vec::new()
+            }
+        }
+    }
+
+    /// Detaches links: closes our descriptors, then has the helper close
+    /// its copies and waits until it has, breakpoints out.
+    fn unlink(&mut self, held: impl IntoIterator<Item = Held>) {
+        let mut kept = Vec::new();
+        for held in held {
+            drop(held.links);
+            kept.extend(held.kept);
+        }
+        if let Some(custody) = &mut self.custody
+            && let Err(e) = custody.release(&kept)
         {
-            log::debug!("detaching a probe link: {e}");
+            self.lose_custody(&e);
+        }
+    }
+
+    fn lose_custody(&mut self, e: &std::io::Error) {
+        log::warn!(
+            "the custody helper failed ({e}): a SIGKILL landing while probes are \
+             detached may now leave a breakpoint in a target"
+        );
+        // At end of file it exits, closing its copies.
+        if let Some(custody) = self.custody.take() {
+            custody.abandon();
         }
     }
 
@@ -498,14 +569,12 @@ impl Probes {
     /// Seen in the VM tests on 6.1: 2 kills in 3 at 3.1 s into a 0.2%
     /// budget. The fix is to close links outside the killable process.
     pub fn pause(&mut self) {
-        let links: Vec<(&'static str, UProbeLinkId)> = self
+        let held: Vec<Held> = self
             .entries
             .iter_mut()
-            .filter_map(|e| Some((e.program, e.link.take()?)))
+            .filter_map(|e| e.link.take())
             .collect();
-        for (program, link) in links {
-            self.unlink(program, link);
-        }
+        self.unlink(held);
     }
 
     /// Puts back what [`Probes::pause`] took out. With uprobe_multi this
@@ -588,14 +657,10 @@ impl Probes {
             .into_iter()
             .partition(|e| gone(&e.request));
         self.entries = kept;
-        gone.into_iter()
-            .map(|entry| {
-                if let Some(link) = entry.link {
-                    self.unlink(entry.program, link);
-                }
-                entry.request
-            })
-            .collect()
+        let (held, requests): (Vec<Option<Held>>, Vec<AttachRequest>) =
+            gone.into_iter().map(|e| (e.link, e.request)).unzip();
+        self.unlink(held.into_iter().flatten());
+        requests
     }
 
     /// Detaches the links made for one process (it exited) and removes its
@@ -671,7 +736,7 @@ impl Probes {
         let mut rounds = [time_calls(), time_calls(), time_calls()];
         rounds.sort_unstable();
         let probed = rounds[1];
-        self.unlink(program, link);
+        self.unlink([link]);
         // Our own entries go: they are not a watched process's.
         let _ = self.counts.remove(&CallKey {
             func: CALIBRATION_COOKIE,
@@ -872,6 +937,7 @@ impl Probes {
     /// kernel took. After this the targets run exactly as before attach.
     pub fn detach(mut self) -> std::time::Duration {
         let started = Instant::now();
+        self.pause();
         for name in std::iter::once(self.program).chain(self.per_process) {
             if let Ok(prog) = uprobe(&mut self.ebpf, name) {
                 let _ = prog.unload();
@@ -879,6 +945,36 @@ impl Probes {
         }
         started.elapsed()
     }
+}
+
+impl Drop for Probes {
+    /// Any other way out (an error, a panic): the links go first, through
+    /// the helper, then the helper itself.
+    fn drop(&mut self) {
+        self.pause();
+    }
+}
+
+/// The descriptor of an aya link. aya 0.16 lends no link's descriptor, but
+/// its id is the descriptor's number (`FdLinkId(fd)`, whose field is
+/// private): read from the id's debug form. With a later aya that prints
+/// it otherwise, no link is handed to the helper: a warning says so, and
+/// the custody kernel tests fail.
+fn link_fd(link: &FdLink) -> Option<BorrowedFd<'_>> {
+    let id = format!("{:?}", link.id());
+    let fd: i32 = id
+        .strip_prefix("FdLinkId(")?
+        .strip_suffix(')')?
+        .parse()
+        .ok()?;
+    // And checked: that number is a BPF link of ours.
+    let what = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
+    if what.as_os_str() != "anon_inode:bpf_link" {
+        return None;
+    }
+    // SAFETY: the descriptor `link` owns (checked above); the borrow lives
+    // no longer than `link`.
+    Some(unsafe { BorrowedFd::borrow_raw(fd) })
 }
 
 fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, ProbeError> {

@@ -492,6 +492,36 @@ pub fn as_nobody() -> Command {
     cmd
 }
 
+/// The processes whose parent is `pid` (from /proc/*/stat).
+pub fn children_of(pid: i32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&child| stat_field(child, 1).is_some_and(|ppid| ppid == pid.to_string()))
+        .collect()
+}
+
+/// Waits until process `pid` has exited (gone, or a zombie).
+pub fn wait_gone(pid: i32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if stat_field(pid, 0).is_none_or(|state| state == "Z") {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+/// Field `n` after the command in /proc/PID/stat (0: the state, 1: the
+/// parent's pid).
+fn stat_field(pid: i32, n: usize) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(n).map(str::to_owned)
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
