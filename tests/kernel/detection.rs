@@ -341,10 +341,13 @@ fn watch_invalidations_per_request_climbing_is_a_loop() {
         serde_json::json!(["cache_invalidate"]),
         "requests are not judged"
     );
+    // Two per request before, 400 now; the period around the verdict mixes
+    // both phases (seen: 49.9 on 6.1 under TCG). Far past the 5x that
+    // --request-factor asks, either way.
     let ratio = record["evidence"]["target"]["invalidations_per_request"]
         .as_f64()
         .unwrap();
-    assert!(ratio > 50.0, "{record}");
+    assert!(ratio > 20.0, "{record}");
     assert!(
         record["reason"]
             .as_str()
