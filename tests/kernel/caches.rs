@@ -285,11 +285,19 @@ fn preset_redis_names_the_key_cycle_of_an_application_looping_through_it() {
     let dir = scratch("redis-keys");
     let port = free_port();
     let redis_server = start_redis(&dir, port, &[]);
+    // Probes in throughout: this test is about the key cycle the preset
+    // reads. Under the governor, a rate measured inside probe windows is
+    // the probed rate; in a TCG guest, where a hit costs ~190 us and a DEL
+    // makes three or four, that held the loop under 10x its baseline
+    // while the baseline learned it (seen on 6.1). The governor has its
+    // own tests (overhead.rs).
     let extra = [
         "--preset",
         "redis",
         "--show-keys",
         "--fail-on-loop",
+        "--max-overhead",
+        "100",
         "--duration",
         "40s",
     ];
