@@ -410,14 +410,20 @@ mod tests {
         poll.revents & libc::POLLHUP != 0
     }
 
-    #[test]
-    fn a_kept_descriptor_outlives_ours_until_released() {
+    /// A client, and the helper's loop on a thread of this process.
+    fn in_thread() -> (Custody, std::thread::JoinHandle<()>) {
         let (ours, theirs) = seqpacket_pair().unwrap();
         let helper = std::thread::spawn(move || serve_on(theirs.as_raw_fd()));
-        let mut custody = Custody {
+        let custody = Custody {
             sock: Some(ours),
             child: None,
         };
+        (custody, helper)
+    }
+
+    #[test]
+    fn a_kept_descriptor_outlives_ours_until_released() {
+        let (mut custody, helper) = in_thread();
         let (reader, writer) = pipe();
         let ids = custody.keep(&[writer.as_fd()]).unwrap();
         assert_eq!(ids.len(), 1);
@@ -431,12 +437,7 @@ mod tests {
 
     #[test]
     fn a_release_of_more_ids_than_a_packet_holds_goes_in_chunks() {
-        let (ours, theirs) = seqpacket_pair().unwrap();
-        let helper = std::thread::spawn(move || serve_on(theirs.as_raw_fd()));
-        let mut custody = Custody {
-            sock: Some(ours),
-            child: None,
-        };
+        let (mut custody, helper) = in_thread();
         let (reader, writer) = pipe();
         let mut ids = custody.keep(&[writer.as_fd()]).unwrap();
         drop(writer);
@@ -452,12 +453,7 @@ mod tests {
 
     #[test]
     fn many_descriptors_go_in_chunks_and_come_back_numbered() {
-        let (ours, theirs) = seqpacket_pair().unwrap();
-        let helper = std::thread::spawn(move || serve_on(theirs.as_raw_fd()));
-        let mut custody = Custody {
-            sock: Some(ours),
-            child: None,
-        };
+        let (mut custody, helper) = in_thread();
         let pipes: Vec<(OwnedFd, OwnedFd)> = (0..MAX_FDS + 10).map(|_| pipe()).collect();
         let fds: Vec<BorrowedFd<'_>> = pipes.iter().map(|(_, w)| w.as_fd()).collect();
         let ids = custody.keep(&fds).unwrap();
