@@ -10,6 +10,10 @@ pub const COUNTS_MAP: &str = "COUNTS";
 /// Name of the per-CPU array whose slot 0 counts hits dropped because
 /// `COUNTS` was full.
 pub const DROPS_MAP: &str = "DROPS";
+/// Name of the one-entry array whose slot 0, when not zero, has every hit
+/// return before counting anything: the probes are on their way in or out
+/// (see `Probes::pause`), and a window counts only while all are in.
+pub const PAUSED_MAP: &str = "PAUSED";
 /// The program declared `uprobe.multi`: one link for many functions
 /// (kernel >= 6.6).
 pub const PROG_MULTI: &str = "count_calls_multi";

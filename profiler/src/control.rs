@@ -929,10 +929,12 @@ impl Windows {
 
     /// The window is over: probes out until the next tick.
     fn close(&mut self, probes: &mut Probes) {
-        probes.pause();
+        // Counting stops as `pause` starts (its kernel gate), not once the
+        // last probe is out: the window ends now.
         if let Some(since) = self.since.take() {
             self.probed += since.elapsed();
         }
+        probes.pause();
         self.end = None;
     }
 
@@ -981,6 +983,8 @@ impl Windows {
         let plan = governor.observe(hit_rate);
         let exposure = governor.exposure();
         if self.since.is_none() {
+            // Counting starts as `resume` ends (its kernel gate opens once
+            // every probe is in): the window starts then.
             failed = probes.resume();
             self.since = Some(Instant::now());
         }

@@ -38,8 +38,8 @@ use profiler_common::{
     COUNT_SLOTS_MAP, COUNTS_MAP, CallKey, CallerKey, DROPS_MAP, FUNC_CONFIG_MAP, FuncConfig,
     KEY_EDGES_ENTRIES, KEY_EDGES_MAP, KEY_NONE, KEY_TEXT_LEN, KEY_TEXT_MAP, KEY_U64, KEYS_ENTRIES,
     KEYS_MAP, KeyEdge, KeyId, KeyText, LAST_KEY_ENTRIES, LAST_KEY_MAP, MAX_CALLER_SHIFT,
-    PROG_MULTI, PROG_MULTI_KEYED, PROG_SINGLE, PROG_SINGLE_KEYED, STACK_COUNTS_MAP, STACK_ENTRIES,
-    STACKS_MAP, StackKey,
+    PAUSED_MAP, PROG_MULTI, PROG_MULTI_KEYED, PROG_SINGLE, PROG_SINGLE_KEYED, STACK_COUNTS_MAP,
+    STACK_ENTRIES, STACKS_MAP, StackKey,
 };
 
 /// Errors from loading, attaching and reading probes. All of them are about
@@ -138,6 +138,10 @@ pub struct Probes {
     stacks: StackTraceMap<MapData>,
     stack_counts: PerCpuHashMap<MapData, StackKey, u64>,
     drops: PerCpuArray<MapData, u64>,
+    /// The kernel's gate: slot 0 set while the probes go in or out.
+    paused: Array<MapData, u32>,
+    /// What slot 0 of `paused` holds.
+    gated: bool,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     ebpf: Ebpf,
     program: &'static str,
@@ -344,6 +348,7 @@ impl Probes {
         let stacks = take_map(&mut ebpf, STACKS_MAP)?;
         let stack_counts = take_map(&mut ebpf, STACK_COUNTS_MAP)?;
         let drops = take_map(&mut ebpf, DROPS_MAP)?;
+        let paused = take_map(&mut ebpf, PAUSED_MAP)?;
         Ok(Self {
             counts,
             count_slots,
@@ -364,6 +369,8 @@ impl Probes {
             stacks,
             stack_counts,
             drops,
+            paused,
+            gated: false,
             logger,
             ebpf,
             program,
@@ -568,7 +575,11 @@ impl Probes {
     /// exiting process closes the links with the signal already consumed.
     /// Seen in the VM tests on 6.1: 2 kills in 3 at 3.1 s into a 0.2%
     /// budget. The fix is to close links outside the killable process.
+    ///
+    /// The kernel stops counting first, at once for every function: the
+    /// window the caller measured ends here, not after the last detach.
     pub fn pause(&mut self) {
+        self.gate(true);
         let held: Vec<Held> = self
             .entries
             .iter_mut()
@@ -600,7 +611,23 @@ impl Probes {
             }
         });
         self.entries = entries;
+        // Counting starts now, for every function at once: the window the
+        // caller measures from here.
+        self.gate(false);
         failed
+    }
+
+    /// Closes (`paused`) or opens the kernel's gate on counting. Failing
+    /// to is not expected of a one-entry array; if it happens, counts
+    /// include the attach or detach time, as before the gate existed.
+    fn gate(&mut self, paused: bool) {
+        match self.paused.set(0, &u32::from(paused), 0) {
+            Ok(()) => self.gated = paused,
+            Err(e) => log::warn!(
+                "cannot {} counting in the kernel: {e}",
+                if paused { "pause" } else { "resume" }
+            ),
+        }
     }
 
     /// Detaches every link on file `id` for all processes (a `--binary`
@@ -730,13 +757,19 @@ impl Probes {
         // side.
         let cookies: Vec<u64> = request.points.iter().map(|p| u64::from(p.1)).collect();
         let me = std::process::id();
-        let link = self.link(program, &request, &cookies)?;
+        // Hits must run the whole program to be measured (the governor
+        // only calibrates with the probes in, so this is a safeguard).
+        let gated = self.gated;
+        self.gate(false);
+        let link = self.link(program, &request, &cookies);
+        let link = link.inspect_err(|_| self.gate(gated))?;
         // The median of three rounds: a single round on a shared machine
         // can land on a preemption (too dear) or a quiet moment.
         let mut rounds = [time_calls(), time_calls(), time_calls()];
         rounds.sort_unstable();
         let probed = rounds[1];
         self.unlink([link]);
+        self.gate(gated);
         // Our own entries go: they are not a watched process's.
         let _ = self.counts.remove(&CallKey {
             func: CALIBRATION_COOKIE,

@@ -69,15 +69,24 @@ fn watch_by_binary_counts_each_process_apart_including_later_ones() {
     for (target, expected, full) in [(&slow, 100.0, 0), (&fast, 300.0, 1)] {
         let rates = rates(&run, target.pid, "cache_invalidate");
         assert!(rates.len() >= full + 3, "pid {}: {rates:?}", target.pid);
-        for rate in &rates[full..full + 3] {
-            // 15%: a fixture starved of CPU for a moment (a TCG guest
-            // running other tests) catches up on the calls it owes, and
-            // an interval sees them. Counting twice or missing a process
-            // is far outside it.
+        let full_rates = &rates[full..full + 3];
+        // A fixture starved of CPU for a moment (the first test in a
+        // freshly booted TCG guest, while cacheloop loads) catches up on
+        // the calls it owes, and one interval sees them: 115.6 for 100 on
+        // both VM kernels once. The catch-up moves calls between intervals
+        // without adding any, so the mean is held tighter than each.
+        // Counting twice or missing a process is far outside both.
+        let mean = full_rates.iter().sum::<f64>() / 3.0;
+        assert!(
+            (mean - expected).abs() / expected <= 0.10,
+            "pid {} mean rate {mean}, expected {expected}: {full_rates:?}",
+            target.pid
+        );
+        for rate in full_rates {
             let error = (rate - expected).abs() / expected;
             assert!(
-                error <= 0.15,
-                "pid {} rate {rate}, expected {expected}",
+                error <= 0.25,
+                "pid {} rate {rate}, expected {expected}: {full_rates:?}",
                 target.pid
             );
         }
