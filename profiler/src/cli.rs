@@ -222,6 +222,12 @@ pub struct WatchArgs {
     /// 2 s, so a crash loses at most that).
     #[arg(long, value_name = "FILE")]
     pub record: Option<PathBuf>,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics: a port alone
+    /// listens on loopback (9466 is 127.0.0.1:9466); another interface must
+    /// be named (0.0.0.0:9466).
+    #[arg(long, value_name = "ADDR", value_parser = crate::exporter::parse_listen)]
+    pub prometheus: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Args)]

@@ -67,6 +67,8 @@ pub struct WatchConfig {
     pub max_overhead: f64,
     /// `--record FILE`.
     pub record: Option<PathBuf>,
+    /// `--prometheus ADDR`.
+    pub prometheus: Option<std::net::SocketAddr>,
 }
 
 /// Rule settings given on `replay`'s command line; the rest come from the
@@ -311,6 +313,7 @@ impl TryFrom<WatchArgs> for WatchConfig {
             show_keys: args.show_keys,
             max_overhead: args.max_overhead / 100.0,
             record: args.record,
+            prometheus: args.prometheus,
         })
     }
 }

@@ -30,6 +30,7 @@ pub mod custody;
 pub mod cycles;
 pub mod detect;
 pub mod enrich;
+pub mod exporter;
 pub mod governor;
 pub mod listing;
 pub mod pipeline;

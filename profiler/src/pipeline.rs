@@ -35,7 +35,7 @@ use crate::{
     catalog::Catalog,
     enrich::{Enricher, SymbolFact},
     recording::{Header, Item, Writer},
-    report::{Record, Sink, Summary, unix_now},
+    report::{Record, Sink, Summary, metrics::Metrics, unix_now},
     snapshot::Snapshot,
 };
 
@@ -193,6 +193,14 @@ enum SinkMsg {
     Finish(Box<Summary>),
 }
 
+/// What the metrics sink (`--prometheus`) is sent: records, the processes
+/// of the tick they came from (pid, name), and ticks dropped before them.
+struct MetricsMsg {
+    records: Vec<Record>,
+    processes: Vec<(u32, String)>,
+    dropped: u64,
+}
+
 enum RecMsg {
     Item(Box<Item>),
     Snapshot {
@@ -225,6 +233,7 @@ impl Pipeline {
         mut enricher: Enricher,
         make_sink: impl FnOnce() -> Box<dyn Sink> + Send + 'static,
         record: Option<RecordTo>,
+        metrics: Option<Arc<Mutex<Metrics>>>,
     ) -> io::Result<Self> {
         let status = Arc::new(SinkStatus::default());
         let (to_enricher, rx) = queue::<Msg>();
@@ -240,6 +249,16 @@ impl Pipeline {
                 let thread = std::thread::Builder::new()
                     .name("cacheloop-rec".into())
                     .spawn(move || run_recorder(to, rec_rx, &rec_status))?;
+                (Some(q), Some(thread))
+            }
+            None => (None, None),
+        };
+        let (mut met, met_thread) = match metrics {
+            Some(metrics) => {
+                let (q, met_rx) = queue::<MetricsMsg>();
+                let thread = std::thread::Builder::new()
+                    .name("cacheloop-metrics".into())
+                    .spawn(move || run_metrics(&metrics, met_rx))?;
                 (Some(q), Some(thread))
             }
             None => (None, None),
@@ -262,6 +281,13 @@ impl Pipeline {
                             if let Some(rec) = &rec {
                                 rec.send(RecMsg::Item(Box::new(Item::lifecycle(&record))));
                             }
+                            if let Some(met) = &met {
+                                met.send(MetricsMsg {
+                                    records: vec![record.clone()],
+                                    processes: Vec::new(),
+                                    dropped: 0,
+                                });
+                            }
                             out.send(SinkMsg::Batch {
                                 records: vec![record],
                                 dropped: 0,
@@ -275,6 +301,16 @@ impl Pipeline {
                             enricher.observe(&snapshot);
                             let records = enricher.records(&output);
                             let facts: Vec<SymbolFact> = enricher.take_facts();
+                            // Before the recorder takes the snapshot.
+                            let processes: Vec<(u32, String)> = match met {
+                                Some(_) => snapshot
+                                    .processes
+                                    .iter()
+                                    .filter(|p| p.alive)
+                                    .map(|p| (p.pid, p.comm.clone()))
+                                    .collect(),
+                                None => Vec::new(),
+                            };
                             if let Some(rec) = &mut rec {
                                 if !facts.is_empty() {
                                     rec.send(RecMsg::Item(Box::new(Item::Symbols(facts))));
@@ -298,6 +334,13 @@ impl Pipeline {
                                         | Record::TargetExit { .. }
                                 )
                             });
+                            if let Some(met) = &mut met {
+                                met.send_tick(dropped, news, |behind| MetricsMsg {
+                                    records: records.clone(),
+                                    processes,
+                                    dropped: behind,
+                                });
+                            }
                             out.send_tick(dropped, news, |behind| SinkMsg::Batch {
                                 records,
                                 dropped: behind,
@@ -316,6 +359,13 @@ impl Pipeline {
                                 }
                                 rec.send(RecMsg::Item(Box::new(Item::lifecycle(&detached))));
                             }
+                            if let Some(met) = &met {
+                                met.send(MetricsMsg {
+                                    records: vec![detached.clone()],
+                                    processes: Vec::new(),
+                                    dropped: 0,
+                                });
+                            }
                             let behind = std::mem::take(&mut out.dropped) + dropped;
                             out.send(SinkMsg::Batch {
                                 records: vec![detached],
@@ -328,7 +378,11 @@ impl Pipeline {
                 }
                 drop(out);
                 drop(rec);
-                for thread in std::iter::once(out_thread).chain(rec_thread) {
+                drop(met);
+                for thread in std::iter::once(out_thread)
+                    .chain(rec_thread)
+                    .chain(met_thread)
+                {
                     if thread.join().is_err()
                         && let Ok(mut error) = enrich_status.error.lock()
                     {
@@ -441,6 +495,21 @@ fn run_sink(mut sink: Box<dyn Sink>, rx: QueueRx<SinkMsg>, status: &SinkStatus) 
             // Drain without writing, so the senders never block.
             while rx.recv().is_some() {}
             return;
+        }
+    }
+}
+
+fn run_metrics(metrics: &Mutex<Metrics>, rx: QueueRx<MetricsMsg>) {
+    while let Some(msg) = rx.recv() {
+        // A scrape holds the lock while it encodes; a panic there must not
+        // take the metrics with it.
+        let mut metrics = metrics
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        metrics.behind(msg.dropped);
+        metrics.processes(msg.processes);
+        for record in &msg.records {
+            metrics.observe(record);
         }
     }
 }
@@ -562,6 +631,7 @@ mod tests {
         let mut pipeline = Pipeline::start(
             enricher,
             move || Box::new(Stuck { go: Some(go), kept }),
+            None,
             None,
         )
         .unwrap();

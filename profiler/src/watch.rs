@@ -7,7 +7,7 @@
 
 use std::{
     io,
-    sync::{Arc, atomic::Ordering},
+    sync::{Arc, Mutex, atomic::Ordering},
     time::Instant,
 };
 
@@ -23,9 +23,12 @@ use crate::{
     config::{Output, WatchConfig},
     control::Controller,
     enrich::{Enricher, random_seed},
+    exporter,
     pipeline::{Pipeline, RecordTo, flush_stdout},
     recording::{Header, Writer},
-    report::{Record, Sink, StartSettings, json::JsonSink, text::TextSink, unix_now},
+    report::{
+        Record, Sink, StartSettings, json::JsonSink, metrics::Metrics, text::TextSink, unix_now,
+    },
     target,
 };
 
@@ -54,13 +57,24 @@ pub fn run(config: WatchConfig) -> anyhow::Result<Outcome> {
     // A recording that cannot be written is refused before anything is
     // attached.
     let writer = config.record.as_deref().map(Writer::create).transpose()?;
+    // So is a port the exporter cannot have.
+    let listener = config.prometheus.map(exporter::bind).transpose()?;
     let (controller, attached) = Controller::start(&config, started)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .enable_io()
         .build()
         .context("cannot start the runtime")?;
-    runtime.block_on(watch(config, controller, attached, writer))
+    let metrics = match listener {
+        Some(listener) => {
+            let metrics = Arc::new(Mutex::new(Metrics::new(config.max_overhead)));
+            exporter::serve(listener, metrics.clone())
+                .context("cannot start the Prometheus exporter")?;
+            Some(metrics)
+        }
+        None => None,
+    };
+    runtime.block_on(watch(config, controller, attached, writer, metrics))
 }
 
 /// The sink for stdout, made on its own thread.
@@ -76,6 +90,7 @@ async fn watch(
     mut controller: Controller,
     attached: Vec<Record>,
     writer: Option<Writer>,
+    metrics: Option<Arc<Mutex<Metrics>>>,
 ) -> anyhow::Result<Outcome> {
     // Handlers first: a Ctrl-C from here on must still end in a detach.
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
@@ -128,7 +143,7 @@ async fn watch(
         record.is_some(),
     );
     let output = config.output;
-    let mut pipeline = Pipeline::start(enricher, move || stdout_sink(output), record)
+    let mut pipeline = Pipeline::start(enricher, move || stdout_sink(output), record, metrics)
         .context("cannot start cacheloop's output threads")?;
     pipeline.catalog(catalog.clone());
     pipeline.lifecycle(std::iter::once(start).chain(attached));

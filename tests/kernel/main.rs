@@ -11,6 +11,7 @@ mod caches;
 mod counting;
 mod deploys;
 mod detection;
+mod exporter;
 mod kernels;
 mod lifecycle;
 mod overhead;

@@ -543,6 +543,41 @@ pub fn http(port: u16, method: &str, path: &str) -> Option<u16> {
     reply.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// A response to [`http_get`].
+#[derive(Debug)]
+pub struct Http {
+    pub status: u16,
+    /// The header lines, as sent.
+    pub headers: String,
+    pub body: String,
+}
+
+/// One HTTP/1.0 GET on loopback (so no chunked reply), with an `Accept`
+/// header when given.
+pub fn http_get(port: u16, path: &str, accept: Option<&str>) -> Option<Http> {
+    use std::io::Write as _;
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    let accept = accept
+        .map(|a| format!("Accept: {a}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n{accept}\r\n"
+    )
+    .ok()?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).ok()?;
+    let (head, body) = reply.split_once("\r\n\r\n")?;
+    Some(Http {
+        status: head.split_whitespace().nth(1)?.parse().ok()?,
+        headers: head.to_owned(),
+        body: body.to_owned(),
+    })
+}
+
 /// Runs `cacheloop` on a fixture whose first phase is held (`RATE:hold`):
 /// once cacheloop has attached and watched the held phase for `learn`,
 /// releases the fixture into its next phases, then waits for the run to

@@ -26,7 +26,15 @@ pub const TARGET: &str = "x86_64-unknown-linux-musl";
 
 /// Debian packages the tests use: real caches to probe, and compilers for
 /// the C and C++ fixtures (binutils splits their debug info).
-pub const TEST_PACKAGES: &[&str] = &["redis-server", "varnish", "gcc", "g++", "binutils"];
+pub const TEST_PACKAGES: &[&str] = &[
+    "redis-server",
+    "varnish",
+    "gcc",
+    "g++",
+    "binutils",
+    // A real server scraping the exporter, and promtool for the rules.
+    "prometheus",
+];
 
 /// What `bench` uses: the tools compared, the chroot maker for the newer
 /// bpftrace, GNU time for peak RSS, and gcc for the target.

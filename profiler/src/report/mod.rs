@@ -7,6 +7,7 @@
 //! `io::Write`.
 
 pub mod json;
+pub mod metrics;
 pub mod text;
 
 use std::{io, time::SystemTime};
