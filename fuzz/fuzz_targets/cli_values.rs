@@ -68,7 +68,7 @@ fn command_line<'a>(args: impl IntoIterator<Item = &'a str>) {
     };
     match cli.command {
         Command::Watch(args) => {
-            if let Ok(config) = WatchConfig::try_from(args) {
+            if let Ok(config) = WatchConfig::try_from(*args) {
                 usable(config.interval);
                 if let Some(duration) = config.duration {
                     usable(duration);

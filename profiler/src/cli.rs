@@ -29,7 +29,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Attach to processes and watch their invalidation rates for loops.
-    Watch(WatchArgs),
+    Watch(Box<WatchArgs>),
     /// List the functions of a process or binary that can be watched.
     Symbols(SymbolsArgs),
     /// Show what each preset watches, and why.
@@ -228,6 +228,19 @@ pub struct WatchArgs {
     /// be named (0.0.0.0:9466).
     #[arg(long, value_name = "ADDR", value_parser = crate::exporter::parse_listen)]
     pub prometheus: Option<std::net::SocketAddr>,
+
+    /// Run CMD (with /bin/sh) once per loop verdict, the loop record as
+    /// JSON on its stdin; one at a time, stopped after --hook-timeout.
+    #[arg(long, value_name = "CMD")]
+    pub on_loop: Option<String>,
+
+    /// Run CMD once per recovery, likewise.
+    #[arg(long, value_name = "CMD")]
+    pub on_recover: Option<String>,
+
+    /// How long a hook may run before it is stopped.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub hook_timeout: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -345,7 +358,7 @@ mod tests {
 
     fn watch(args: &[&str]) -> WatchArgs {
         match parse(args).unwrap().command {
-            Command::Watch(w) => w,
+            Command::Watch(w) => *w,
             other => panic!("{other:?}"),
         }
     }

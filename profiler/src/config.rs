@@ -69,6 +69,8 @@ pub struct WatchConfig {
     pub record: Option<PathBuf>,
     /// `--prometheus ADDR`.
     pub prometheus: Option<std::net::SocketAddr>,
+    /// `--on-loop`, `--on-recover`, `--hook-timeout`.
+    pub hooks: crate::hooks::HookConfig,
 }
 
 /// Rule settings given on `replay`'s command line; the rest come from the
@@ -314,6 +316,11 @@ impl TryFrom<WatchArgs> for WatchConfig {
             max_overhead: args.max_overhead / 100.0,
             record: args.record,
             prometheus: args.prometheus,
+            hooks: crate::hooks::HookConfig {
+                on_loop: args.on_loop,
+                on_recover: args.on_recover,
+                timeout: args.hook_timeout,
+            },
         })
     }
 }
@@ -340,7 +347,7 @@ mod tests {
         let Command::Watch(w) = cli.command else {
             panic!()
         };
-        WatchConfig::try_from(w)
+        WatchConfig::try_from(*w)
     }
 
     #[test]
@@ -413,7 +420,7 @@ mod tests {
         let Command::Watch(w) = Cli::try_parse_from(args).unwrap().command else {
             panic!()
         };
-        let c = WatchConfig::try_from(w).unwrap();
+        let c = WatchConfig::try_from(*w).unwrap();
         let texts: Vec<&str> = c.patterns.iter().map(Pattern::as_str).collect();
         assert_eq!(
             texts,
@@ -434,14 +441,14 @@ mod tests {
         let Command::Watch(w) = Cli::try_parse_from(args).unwrap().command else {
             panic!()
         };
-        let err = WatchConfig::try_from(w).unwrap_err().to_string();
+        let err = WatchConfig::try_from(*w).unwrap_err().to_string();
         assert_eq!(err, "no preset called 'memcached'; presets: redis, varnish");
         let args = ["cacheloop", "watch", "--func", "f"];
         let Command::Watch(w) = Cli::try_parse_from(args).unwrap().command else {
             panic!()
         };
         assert!(matches!(
-            WatchConfig::try_from(w),
+            WatchConfig::try_from(*w),
             Err(ConfigError::NoTarget)
         ));
     }
@@ -452,7 +459,7 @@ mod tests {
         let Command::Watch(w) = Cli::try_parse_from(args).unwrap().command else {
             panic!()
         };
-        let err = WatchConfig::try_from(w).unwrap_err();
+        let err = WatchConfig::try_from(*w).unwrap_err();
         assert!(err.to_string().contains("[oops"), "{err}");
     }
 }

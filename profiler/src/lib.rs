@@ -32,6 +32,7 @@ pub mod detect;
 pub mod enrich;
 pub mod exporter;
 pub mod governor;
+pub mod hooks;
 pub mod listing;
 pub mod pipeline;
 pub mod plan;

@@ -46,7 +46,7 @@ fn main() -> ExitCode {
         .init();
 
     let result = match cli.command {
-        Command::Watch(args) => WatchConfig::try_from(args)
+        Command::Watch(args) => WatchConfig::try_from(*args)
             .map_err(anyhow::Error::from)
             .and_then(watch::run),
         Command::Replay(args) => ReplayConfig::try_from(args)

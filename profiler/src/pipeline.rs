@@ -28,12 +28,14 @@ use std::{
         mpsc::{self, Receiver, Sender},
     },
     thread::JoinHandle,
+    time::Duration,
 };
 
 use crate::{
     analyze::{self, Output},
     catalog::Catalog,
     enrich::{Enricher, SymbolFact},
+    hooks::{HookConfig, Hooks},
     recording::{Header, Item, Writer},
     report::{Record, Sink, Summary, metrics::Metrics, unix_now},
     snapshot::Snapshot,
@@ -43,7 +45,7 @@ use crate::{
 pub const BACKLOG: usize = 32;
 /// How long the end waits for the sinks to write it (stdout may be
 /// blocked for good; the probes are out by then).
-const FINISH_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+const FINISH_WAIT: Duration = Duration::from_secs(10);
 
 /// What the control thread sends.
 pub enum Msg {
@@ -111,6 +113,15 @@ impl<T> Queue<T> {
         }
         let dropped = std::mem::take(&mut self.dropped);
         self.send(make(dropped));
+    }
+
+    /// Another sender into the same queue (its drops counted apart).
+    fn sender(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+            depth: self.depth.clone(),
+            dropped: 0,
+        }
     }
 
     fn full(&self) -> bool {
@@ -217,6 +228,8 @@ pub struct Pipeline {
     /// Says when the enricher thread (and the sinks it waits for) ended.
     done: Receiver<()>,
     pub status: Arc<SinkStatus>,
+    /// How long the end may take: [`FINISH_WAIT`], and the hooks still due.
+    finish_wait: Duration,
 }
 
 /// What the recorder needs to start.
@@ -234,6 +247,7 @@ impl Pipeline {
         make_sink: impl FnOnce() -> Box<dyn Sink> + Send + 'static,
         record: Option<RecordTo>,
         metrics: Option<Arc<Mutex<Metrics>>>,
+        hooks: HookConfig,
     ) -> io::Result<Self> {
         let status = Arc::new(SinkStatus::default());
         let (to_enricher, rx) = queue::<Msg>();
@@ -262,6 +276,33 @@ impl Pipeline {
                 (Some(q), Some(thread))
             }
             None => (None, None),
+        };
+        let finish_wait = FINISH_WAIT
+            + if hooks.any() {
+                hooks.drain_bound()
+            } else {
+                Duration::ZERO
+            };
+        let mut hooks = if hooks.any() {
+            // A hook's record goes to the output and the metrics, as soon
+            // as it is known.
+            let to_out = out.sender();
+            let to_met = met.as_ref().map(Queue::sender);
+            Some(Hooks::start(hooks, move |record| {
+                if let Some(met) = &to_met {
+                    met.send(MetricsMsg {
+                        records: vec![record.clone()],
+                        processes: Vec::new(),
+                        dropped: 0,
+                    });
+                }
+                to_out.send(SinkMsg::Batch {
+                    records: vec![record],
+                    dropped: 0,
+                });
+            })?)
+        } else {
+            None
         };
         let (done_tx, done) = mpsc::channel();
         let enrich_status = status.clone();
@@ -299,7 +340,12 @@ impl Pipeline {
                             dropped,
                         } => {
                             enricher.observe(&snapshot);
-                            let records = enricher.records(&output);
+                            let mut records = enricher.records(&output);
+                            if let Some(hooks) = &mut hooks {
+                                let skipped: Vec<Record> =
+                                    records.iter().filter_map(|r| hooks.observe(r)).collect();
+                                records.extend(skipped);
+                            }
                             let facts: Vec<SymbolFact> = enricher.take_facts();
                             // Before the recorder takes the snapshot.
                             let processes: Vec<(u32, String)> = match met {
@@ -351,6 +397,11 @@ impl Pipeline {
                             summary,
                             dropped,
                         } => {
+                            // The hooks already due run first (a stop at a
+                            // loop must still page), each within its timeout.
+                            if let Some(hooks) = hooks.take() {
+                                hooks.finish();
+                            }
                             // Ticks dropped at the very end are said too.
                             if let Some(rec) = &rec {
                                 let gap = rec_fold.count + dropped;
@@ -397,6 +448,7 @@ impl Pipeline {
             thread: Some(thread),
             done,
             status,
+            finish_wait,
         })
     }
 
@@ -445,7 +497,7 @@ impl Pipeline {
             summary,
             dropped,
         });
-        match self.done.recv_timeout(FINISH_WAIT) {
+        match self.done.recv_timeout(self.finish_wait) {
             Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => {
                 if let Some(thread) = self.thread.take()
                     && thread.join().is_err()
@@ -455,7 +507,10 @@ impl Pipeline {
                 }
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                log::warn!("the output did not take the last records within {FINISH_WAIT:?}");
+                log::warn!(
+                    "the output did not take the last records within {:?}",
+                    self.finish_wait
+                );
             }
         }
     }
@@ -633,6 +688,7 @@ mod tests {
             move || Box::new(Stuck { go: Some(go), kept }),
             None,
             None,
+            HookConfig::default(),
         )
         .unwrap();
         // The output is stuck; the control thread goes on regardless.

@@ -143,8 +143,14 @@ async fn watch(
         record.is_some(),
     );
     let output = config.output;
-    let mut pipeline = Pipeline::start(enricher, move || stdout_sink(output), record, metrics)
-        .context("cannot start cacheloop's output threads")?;
+    let mut pipeline = Pipeline::start(
+        enricher,
+        move || stdout_sink(output),
+        record,
+        metrics,
+        config.hooks.clone(),
+    )
+    .context("cannot start cacheloop's output threads")?;
     pipeline.catalog(catalog.clone());
     pipeline.lifecycle(std::iter::once(start).chain(attached));
 

@@ -60,6 +60,12 @@ struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HookLabels {
+    event: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: String,
     kernel: String,
@@ -88,6 +94,7 @@ pub struct Metrics {
     counters_capacity: Gauge,
     warnings: Family<KindLabels, Counter>,
     behind: Counter,
+    hooks: Family<HookLabels, Counter>,
     build: Family<BuildLabels, Gauge>,
     attached_functions: Gauge,
     targets: Gauge,
@@ -128,6 +135,7 @@ impl Metrics {
             counters_capacity: Gauge::default(),
             warnings: Family::default(),
             behind: Counter::default(),
+            hooks: Family::default(),
             build: Family::default(),
             attached_functions: Gauge::default(),
             targets: Gauge::default(),
@@ -230,6 +238,11 @@ impl Metrics {
             "cacheloop_exporter_behind_ticks",
             "Intervals the exporter fell too far behind to take (their counts are folded into later ones)",
             m.behind.clone(),
+        );
+        registry.register(
+            "cacheloop_hooks",
+            "--on-loop and --on-recover hooks run, by event and result (ok, failed, timeout)",
+            m.hooks.clone(),
         );
         registry.register(
             "cacheloop_build_info",
@@ -377,6 +390,24 @@ impl Metrics {
                 self.evicted.inc_by(*evicted);
                 self.counters.set(i64::from(*counters));
                 self.counters_capacity.set(i64::from(*counters_capacity));
+            }
+            Record::Hook {
+                event,
+                status,
+                timed_out,
+                ..
+            } => {
+                let result = match (status, timed_out) {
+                    (_, true) => "timeout",
+                    (Some(0), _) => "ok",
+                    _ => "failed",
+                };
+                self.hooks
+                    .get_or_create(&HookLabels {
+                        event: event.clone(),
+                        result: result.to_owned(),
+                    })
+                    .inc();
             }
             Record::Detached { .. } => {
                 self.attached.clear();

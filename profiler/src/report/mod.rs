@@ -132,6 +132,27 @@ pub enum Record {
     },
     /// A watched process exited.
     TargetExit { ts: f64, pid: u32 },
+    /// An `--on-loop` or `--on-recover` hook ran.
+    Hook {
+        ts: f64,
+        /// `loop` or `recovered`: the verdict it ran for.
+        event: String,
+        /// The verdict's process.
+        pid: u32,
+        command: String,
+        /// Its exit status, when it exited.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        status: Option<i32>,
+        /// The signal that ended it, when one did.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signal: Option<i32>,
+        /// It ran past `--hook-timeout` and was stopped.
+        timed_out: bool,
+        seconds: f64,
+        /// Why it could not run, or how it was stopped.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
     /// Once per interval: calls the kernel could not count in it (the
     /// counter map was full), and how full that map is. Nothing is lost
     /// without a word: `dropped` is 0 in a healthy run.

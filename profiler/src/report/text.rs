@@ -226,6 +226,29 @@ impl<W: Write> Sink for TextSink<W> {
                 let at = self.elapsed(*ts);
                 writeln!(self.out, "-- pid {pid} exited at {at:.1}s")
             }
+            Record::Hook {
+                event,
+                pid,
+                status,
+                signal,
+                timed_out,
+                seconds,
+                error,
+                ..
+            } => {
+                let how = match (status, signal, error) {
+                    (Some(0), _, _) => "ok".to_owned(),
+                    (Some(code), _, _) => format!("exit status {code}"),
+                    (None, Some(signal), _) => format!("killed by signal {signal}"),
+                    (None, None, Some(error)) => error.clone(),
+                    (None, None, None) => "no status".to_owned(),
+                };
+                let late = if *timed_out { " (timed out)" } else { "" };
+                writeln!(
+                    self.out,
+                    "-- {event} hook for pid {pid}: {how}{late} after {seconds:.1}s"
+                )
+            }
             Record::Detached {
                 functions,
                 detach_seconds,
