@@ -34,11 +34,6 @@ use crate::{
 /// Failures of the run itself (exit 1).
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// Not allowed to load BPF programs.
-    #[error(
-        "cacheloop needs root (or CAP_BPF and CAP_PERFMON) to attach uprobes; run it with sudo"
-    )]
-    NoPrivileges,
     /// cacheloop runs in a pid namespace of its own: the kernel side counts
     /// by the host's pids, which it cannot see, so every count would be 0.
     #[error(
@@ -89,9 +84,7 @@ impl Controller {
     /// and the `attached` records. Bad input is refused before anything is
     /// attached.
     pub fn start(config: &WatchConfig, started: Instant) -> anyhow::Result<(Self, Vec<Record>)> {
-        if !target::has_bpf_privileges() {
-            return Err(RunError::NoPrivileges.into());
-        }
+        crate::privileges::require_probes()?;
         if target::in_child_pid_namespace() {
             return Err(RunError::PidNamespace.into());
         }

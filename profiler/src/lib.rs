@@ -37,6 +37,7 @@ pub mod listing;
 pub mod pipeline;
 pub mod plan;
 pub mod presets;
+pub mod privileges;
 pub mod probes;
 pub mod recording;
 pub mod replay;

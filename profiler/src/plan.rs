@@ -229,10 +229,8 @@ impl Planner {
     /// through, so both are the same bytes whatever happens to the path.
     /// Returns its identity.
     fn load(&mut self, file: &FileTarget) -> Result<FileId, SymbolError> {
-        let open = OpenFile::open(&file.open).map_err(|source| SymbolError::Read {
-            path: file.shown.clone(),
-            source,
-        })?;
+        let open =
+            OpenFile::open(&file.open).map_err(|e| SymbolError::unreadable(&file.shown, e))?;
         let id = open.id;
         // The same identity with other contents: rewritten in place, or an
         // inode number freed and given to a new file. Not the same

@@ -36,6 +36,9 @@ pub enum SymbolError {
         #[source]
         source: std::io::Error,
     },
+    /// Refused for want of a capability.
+    #[error(transparent)]
+    Capability(#[from] crate::privileges::MissingCapability),
     /// The file is not an ELF object.
     #[error("{} is not an ELF executable or library ({reason})", path.display())]
     NotElf { path: PathBuf, reason: String },
@@ -57,6 +60,20 @@ pub enum SymbolError {
         where_: String,
         hint: String,
     },
+}
+
+impl SymbolError {
+    /// Reading `path` failed: named as the missing capability when that is
+    /// why.
+    pub fn unreadable(path: &Path, source: std::io::Error) -> Self {
+        match crate::privileges::explain_file(format!("cannot read {}", path.display()), source) {
+            Ok(source) => Self::Read {
+                path: path.to_owned(),
+                source,
+            },
+            Err(missing) => missing.into(),
+        }
+    }
 }
 
 /// A function that can carry a uprobe.
@@ -98,10 +115,7 @@ impl SymbolTable {
     /// tests. Read, not mapped: a file truncated in place by a deploy must
     /// fail a read, not kill cacheloop with SIGBUS.
     pub fn read(path: &Path, shown: &Path, root: &Path) -> Result<Self, SymbolError> {
-        let data = fs::read(path).map_err(|source| SymbolError::Read {
-            path: shown.to_owned(),
-            source,
-        })?;
+        let data = fs::read(path).map_err(|e| SymbolError::unreadable(shown, e))?;
         let debug = debug_file_candidates(shown, &data[..])
             .into_iter()
             .find_map(|candidate| {

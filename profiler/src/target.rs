@@ -9,7 +9,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::catalog::FileId;
+use crate::{catalog::FileId, privileges};
 
 /// Errors from resolving targets: all about what the user typed.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +24,9 @@ pub enum TargetError {
         #[source]
         source: std::io::Error,
     },
+    /// Refused for want of a capability.
+    #[error(transparent)]
+    Capability(#[from] crate::privileges::MissingCapability),
     /// `--binary` names a file that does not exist or cannot be read.
     #[error("cannot open --binary {}", path.display())]
     MissingBinary {
@@ -158,14 +161,20 @@ impl Process {
             return Err(TargetError::NoSuchProcess { pid });
         }
         let exe = PathBuf::from(format!("/proc/{pid}/exe"));
-        let exe_name =
-            fs::read_link(&exe).map_err(|source| TargetError::NoExecutable { pid, source })?;
+        let unreadable = |source| match privileges::explain_proc(
+            format!("cannot read the executable of pid {pid}"),
+            source,
+        ) {
+            Ok(source) => TargetError::NoExecutable { pid, source },
+            Err(missing) => missing.into(),
+        };
+        let exe_name = fs::read_link(&exe).map_err(unreadable)?;
         let exe_id = fs::metadata(&exe)
             .map(|m| FileId {
                 dev: m.dev(),
                 ino: m.ino(),
             })
-            .map_err(|source| TargetError::NoExecutable { pid, source })?;
+            .map_err(unreadable)?;
         Ok(Self {
             pid,
             exe_name,
@@ -542,26 +551,6 @@ pub fn kernel_release() -> String {
 pub fn in_child_pid_namespace() -> bool {
     const PROC_PID_INIT_INO: u64 = 0xEFFF_FFFC;
     fs::metadata("/proc/self/ns/pid").is_ok_and(|m| m.ino() != PROC_PID_INIT_INO)
-}
-
-/// Whether this process may load BPF programs and attach uprobes: root, or
-/// CAP_SYS_ADMIN, or CAP_BPF together with CAP_PERFMON.
-pub fn has_bpf_privileges() -> bool {
-    const CAP_SYS_ADMIN: u32 = 21;
-    const CAP_PERFMON: u32 = 38;
-    const CAP_BPF: u32 = 39;
-    let Ok(status) = fs::read_to_string("/proc/self/status") else {
-        return false;
-    };
-    let Some(caps) = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-    else {
-        return false;
-    };
-    let has = |cap: u32| caps & (1 << cap) != 0;
-    has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON))
 }
 
 #[cfg(test)]

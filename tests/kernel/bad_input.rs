@@ -172,7 +172,10 @@ fn watch_as_unprivileged_user_exits_1() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("needs root"), "{stderr}");
+    assert!(
+        stderr.contains("lacks CAP_BPF and CAP_PERFMON") && stderr.contains("run it as root"),
+        "{stderr}"
+    );
 }
 
 #[test]

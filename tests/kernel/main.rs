@@ -16,5 +16,6 @@ mod hooks;
 mod kernels;
 mod lifecycle;
 mod overhead;
+mod privileges;
 mod recording;
 mod targeting;

@@ -492,6 +492,19 @@ pub fn as_nobody() -> Command {
     cmd
 }
 
+/// `setpriv` running its command as nobody with exactly `caps` (setpriv's
+/// names: `bpf`, `perfmon`, `sys_ptrace`, `dac_read_search`), effective
+/// through the ambient set.
+pub fn as_nobody_with(caps: &[&str]) -> Command {
+    let set: String = caps.iter().map(|c| format!(",+{c}")).collect();
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(format!("--inh-caps=-all{set}"))
+        .arg(format!("--ambient-caps=-all{set}"))
+        .arg(format!("--bounding-set=-all{set}"));
+    cmd
+}
+
 /// The processes whose parent is `pid` (from /proc/*/stat).
 pub fn children_of(pid: i32) -> Vec<i32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {

@@ -1,0 +1,100 @@
+//! Least privilege: cacheloop counts as an ordinary user holding only
+//! CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH, and
+//! without any one of them refuses, naming it.
+
+use std::{fs, os::unix::fs::PermissionsExt as _, time::Duration};
+
+use cacheloop_tests::{
+    Target, as_nobody_with, cacheloop_bin, fixture_bin, have_programs, require_root,
+};
+use serde_json::Value;
+
+const CAPS: [&str; 4] = ["bpf", "perfmon", "sys_ptrace", "dac_read_search"];
+
+/// A fixture only root may read (mode 0700), running as root at 200/s.
+fn private_target(name: &str) -> (Target, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("cacheloop-{name}-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let binary = dir.join("cache-server");
+    fs::copy(fixture_bin(), &binary).unwrap();
+    fs::set_permissions(&binary, fs::Permissions::from_mode(0o700)).unwrap();
+    (Target::spawn(&binary, &["200:60"], "ready"), dir)
+}
+
+fn watch_with(caps: &[&str], pid: u32) -> std::process::Output {
+    let mut cmd = as_nobody_with(caps);
+    cmd.arg(cacheloop_bin()).args([
+        "watch",
+        "--pid",
+        &pid.to_string(),
+        "--func",
+        "cache_invalidate",
+        "--duration",
+        "3s",
+        "--json",
+    ]);
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("setpriv (util-linux) runs");
+    // Bounded: a hang here must fail the test, not the suite.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "cacheloop hung");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn watch_as_a_user_with_the_four_capabilities_counts() {
+    require_root();
+    if !have_programs(&[("setpriv", "util-linux")]) {
+        return;
+    }
+    let (target, dir) = private_target("caps-all");
+    let out = watch_with(&CAPS, target.pid);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rates: Vec<f64> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|r| r["type"] == "sample" && r["pid"] == target.pid)
+        .filter_map(|r| r["rate"].as_f64())
+        .collect();
+    assert!(!rates.is_empty(), "{stdout}");
+    assert!(
+        (150.0..=250.0).contains(&rates[0]),
+        "counted as root would: {rates:?}"
+    );
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn watch_without_any_one_of_the_four_capabilities_exits_1_naming_it() {
+    require_root();
+    if !have_programs(&[("setpriv", "util-linux")]) {
+        return;
+    }
+    let (target, dir) = private_target("caps-less");
+    for missing in CAPS {
+        let caps: Vec<&str> = CAPS.iter().copied().filter(|&c| c != missing).collect();
+        let out = watch_with(&caps, target.pid);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let name = format!("CAP_{}", missing.to_uppercase());
+        assert_eq!(out.status.code(), Some(1), "without {name}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "without {name}: {stderr}");
+        assert!(
+            stderr.contains(&format!("lacks {name}")) && stderr.contains("grant it"),
+            "without {name}: {stderr}"
+        );
+        assert!(out.stdout.is_empty(), "nothing attached without {name}");
+    }
+    let _ = fs::remove_dir_all(&dir);
+}
