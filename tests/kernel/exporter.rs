@@ -12,7 +12,8 @@ use std::{
 };
 
 use cacheloop_tests::{
-    Cacheloop, Target, free_port, have_programs, http_get, require_root, watch_fixture_args,
+    Cacheloop, Target, free_port, have_programs, http_get, private_fixture, require_root,
+    watch_fixture_args,
 };
 use serde_json::Value;
 
@@ -298,25 +299,43 @@ fn prometheus_server_fires_the_shipped_alert_on_a_live_loop() {
 }
 
 #[test]
-fn shipped_prometheus_rules_pass_promtool_check_and_their_unit_tests() {
-    if !have_programs(&[("promtool", "prometheus")]) {
-        return;
-    }
-    for args in [
-        vec!["check", "rules", "cacheloop-rules.yml"],
-        vec!["test", "rules", "cacheloop-rules.test.yml"],
-        vec!["check", "config", "prometheus.yml"],
-    ] {
-        let out = Command::new("promtool")
-            .args(&args)
-            .current_dir(deploy(""))
-            .output()
-            .expect("run promtool");
-        assert!(
-            out.status.success(),
-            "promtool {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+fn prometheus_series_of_a_restarted_cache_carry_on_under_its_name() {
+    require_root();
+    let comm = format!("crs{}", std::process::id() % 1_000_000);
+    let (dir, binary) = private_fixture(&comm);
+    let first = Target::spawn(&binary, &["200:60"], "ready");
+    let port = free_port();
+    let watcher = Cacheloop::start(&[
+        "watch",
+        "--name",
+        &comm,
+        "--func",
+        "cache_invalidate",
+        "--duration",
+        "30s",
+        "--prometheus",
+        &port.to_string(),
+    ]);
+    let named = format!("comm=\"{comm}\"");
+    let series = |pid: u32| format!("pid=\"{pid}\",{named}");
+    scrape_until(port, Duration::from_secs(60), |body| {
+        line_with(body, "cacheloop_calls_total{", &series(first.pid)).is_some()
+    });
+    let first_pid = first.pid;
+    drop(first); // the cache dies...
+    let second = Target::spawn(&binary, &["200:60"], "ready"); // ...and is restarted
+    // Picked up by name: counted under its new pid and the same name; the
+    // old pid's series are gone.
+    let after = scrape_until(port, Duration::from_secs(60), |body| {
+        line_with(body, "cacheloop_calls_total{", &series(second.pid)).is_some()
+            && !body.contains(&format!("pid=\"{first_pid}\""))
+    });
+    assert!(after.contains("cacheloop_targets 1\n"), "{after}");
+    assert!(
+        line_with(&after, "cacheloop_attached_functions ", "").is_some_and(|l| l.ends_with(" 1")),
+        "{after}"
+    );
+    drop(second);
+    let _ = watcher.finish(Duration::from_secs(60));
+    let _ = fs::remove_dir_all(&dir);
 }

@@ -4,7 +4,7 @@
 use std::{fs, path::Path, process::Command, time::Duration};
 
 use cacheloop_tests::{
-    Cacheloop, Target, cacheloop, fixture_bin, native, rates, require_root, total_calls,
+    Cacheloop, Target, cacheloop, native, private_fixture, rates, require_root, total_calls,
     watch_args, watch_fixture_args,
 };
 
@@ -208,14 +208,6 @@ fn symbols_of_a_stripped_binary_without_debug_file_says_so() {
 
 /// A copy of the fixture under a name of our own, so `--name` finds only
 /// the processes of this test.
-fn private_fixture(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
-    let dir = std::env::temp_dir().join(format!("cacheloop-{name}-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
-    let binary = dir.join(name);
-    fs::copy(fixture_bin(), &binary).unwrap();
-    (dir, binary)
-}
-
 #[test]
 fn watch_by_name_attaches_processes_that_restart() {
     require_root();

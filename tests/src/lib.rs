@@ -492,6 +492,16 @@ pub fn as_nobody() -> Command {
     cmd
 }
 
+/// A copy of the fixture named `name` (so its command name is `name`), in
+/// a directory of its own: (the directory, the copy).
+pub fn private_fixture(name: &str) -> (PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("cacheloop-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let binary = dir.join(name);
+    std::fs::copy(fixture_bin(), &binary).unwrap();
+    (dir, binary)
+}
+
 /// `setpriv` running its command as nobody with exactly `caps` (setpriv's
 /// names: `bpf`, `perfmon`, `sys_ptrace`, `dac_read_search`), effective
 /// through the ambient set.

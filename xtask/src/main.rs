@@ -5,7 +5,10 @@
 //! - `build`: setup, then builds the workspace with the pinned toolchain.
 //! - `demo`: build, then the postmortem replayed with cacheloop attached.
 //! - `test`: build, install the Debian packages the tests use (Redis,
-//!   Varnish, gcc, g++), then unit tests and kernel tests (root needed).
+//!   Varnish, Prometheus, gcc, g++), check what `deploy/` ships, then unit
+//!   tests and kernel tests (root needed).
+//! - `dist`: the release binary servers and images get: static, stripped,
+//!   with its SHA-256 (`target/dist/`).
 //! - `vm-test`: build, then the kernel tests inside VMs booting Debian's
 //!   cloud kernels (6.1 and 6.12 unless `--kernel` says otherwise).
 //! - `bench`: cacheloop against bpftrace, or `--soak 1h` on the demo, to BENCHMARKS.md.
@@ -23,6 +26,7 @@
 mod bench;
 mod cmd;
 mod demo;
+mod deploy;
 mod fuzz;
 mod setup;
 mod vm;
@@ -30,7 +34,7 @@ mod vm;
 use std::process::ExitCode;
 
 const USAGE: &str =
-    "usage: cargo xtask <setup|build|demo|test|vm-test|bench|check|fuzz|verdicts> [args]";
+    "usage: cargo xtask <setup|build|demo|test|vm-test|bench|check|fuzz|verdicts|dist> [args]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -43,7 +47,9 @@ fn main() -> ExitCode {
         Some("test") => setup::ensure()
             .and_then(|()| setup::ensure_debian_packages(setup::TEST_PACKAGES))
             .and_then(|()| cmd::build())
+            .and_then(|()| deploy::check())
             .and_then(|()| cmd::test(&args[1..])),
+        Some("dist") => setup::ensure().and_then(|()| deploy::dist()),
         Some("vm-test") => setup::ensure()
             .and_then(|()| setup::ensure_debian_packages(setup::TEST_PACKAGES))
             .and_then(|()| setup::ensure_debian_packages(setup::VM_PACKAGES))

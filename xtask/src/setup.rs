@@ -34,6 +34,10 @@ pub const TEST_PACKAGES: &[&str] = &[
     "binutils",
     // A real server scraping the exporter, and promtool for the rules.
     "prometheus",
+    // Checking deploy/: a virtual environment for kubernetes-validate,
+    // systemd-analyze for the units.
+    "python3-venv",
+    "systemd",
 ];
 
 /// What `bench` uses: the tools compared, the chroot maker for the newer
