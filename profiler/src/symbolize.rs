@@ -102,10 +102,8 @@ impl Symbolizer {
         let file = file_label(&map.path);
         let root = PathBuf::from(format!("/proc/{pid}/root"));
         // The very file mapped, even if a deploy replaced the path since.
-        let open = PathBuf::from(format!(
-            "/proc/{pid}/map_files/{:x}-{:x}",
-            map.start, map.end
-        ));
+        let open = crate::target::mapped_file_path(pid, map.start, map.end, &map.path, map.inode)
+            .unwrap_or_default();
         if self.files.len() >= PROCESSES * 8 {
             self.files.clear();
         }

@@ -145,6 +145,35 @@ impl OpenFile {
 }
 
 /// The identity of the file at `path` now, if any.
+/// A path that opens the very file `pid` maps at `start..end` (inode
+/// `inode`, at `name` when it was mapped).
+///
+/// `/proc/PID/map_files/START-END` where the kernel lets us follow it: only
+/// with CAP_SYS_ADMIN, or CAP_CHECKPOINT_RESTORE from 5.9, whatever other
+/// capabilities we hold (root has them; the four of least privilege do
+/// not). Otherwise the path in the process's own root
+/// (`/proc/PID/root/NAME`), if it still names the inode mapped. A file
+/// deleted or replaced on disk since it was mapped then has no path: `None`.
+pub fn mapped_file_path(
+    pid: u32,
+    start: u64,
+    end: u64,
+    name: &Path,
+    inode: u64,
+) -> Option<PathBuf> {
+    let direct = PathBuf::from(format!("/proc/{pid}/map_files/{start:x}-{end:x}"));
+    match fs::metadata(&direct) {
+        Ok(_) => return Some(direct),
+        Err(e) if e.kind() != std::io::ErrorKind::PermissionDenied => return None,
+        Err(_) => {}
+    }
+    let in_root =
+        PathBuf::from(format!("/proc/{pid}/root")).join(name.strip_prefix("/").unwrap_or(name));
+    fs::metadata(&in_root)
+        .is_ok_and(|m| m.ino() == inode)
+        .then_some(in_root)
+}
+
 pub fn file_id(path: &Path) -> Option<FileId> {
     let meta = fs::metadata(path).ok()?;
     Some(FileId {
@@ -204,11 +233,23 @@ impl Process {
             {
                 continue;
             }
+            let Some(open) = mapped_file_path(
+                self.pid,
+                mapping.start,
+                mapping.end,
+                &mapping.name,
+                mapping.inode,
+            ) else {
+                log::warn!(
+                    "pid {} maps {}, replaced on disk since: reading the copy it runs \
+                     needs CAP_CHECKPOINT_RESTORE (or root); its functions are left out",
+                    self.pid,
+                    mapping.name.display()
+                );
+                continue;
+            };
             files.push(MappedFile {
-                open: PathBuf::from(format!(
-                    "/proc/{}/map_files/{:x}-{:x}",
-                    self.pid, mapping.start, mapping.end
-                )),
+                open,
                 name: mapping.name,
             });
         }
@@ -364,8 +405,8 @@ impl Mapping {
             dev,
             ino: self.inode,
         };
-        let open = format!("/proc/{pid}/map_files/{:x}-{:x}", self.start, self.end);
-        match file_id(Path::new(&open)) {
+        let open = mapped_file_path(pid, self.start, self.end, &self.name, self.inode);
+        match open.as_deref().and_then(file_id) {
             Some(id) if id.ino == self.inode => Some(id),
             Some(_) => None,
             None => Some(plain),

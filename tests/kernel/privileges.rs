@@ -5,7 +5,7 @@
 use std::{fs, os::unix::fs::PermissionsExt as _, time::Duration};
 
 use cacheloop_tests::{
-    Target, as_nobody_with, cacheloop_bin, fixture_bin, have_programs, require_root,
+    Target, as_nobody_with, cacheloop_bin, fixture_bin, have_programs, native, require_root,
 };
 use serde_json::Value;
 
@@ -22,13 +22,17 @@ fn private_target(name: &str) -> (Target, std::path::PathBuf) {
 }
 
 fn watch_with(caps: &[&str], pid: u32) -> std::process::Output {
+    watch_func_with(caps, pid, "cache_invalidate")
+}
+
+fn watch_func_with(caps: &[&str], pid: u32, func: &str) -> std::process::Output {
     let mut cmd = as_nobody_with(caps);
     cmd.arg(cacheloop_bin()).args([
         "watch",
         "--pid",
         &pid.to_string(),
         "--func",
-        "cache_invalidate",
+        func,
         "--duration",
         "3s",
         "--json",
@@ -48,7 +52,7 @@ fn watch_with(caps: &[&str], pid: u32) -> std::process::Output {
 }
 
 #[test]
-fn watch_as_a_user_with_the_four_capabilities_counts() {
+fn watch_as_a_user_with_the_four_capabilities_counts_in_programs_and_libraries() {
     require_root();
     if !have_programs(&[("setpriv", "util-linux")]) {
         return;
@@ -74,6 +78,31 @@ fn watch_as_a_user_with_the_four_capabilities_counts() {
         "counted as root would: {rates:?}"
     );
     let _ = fs::remove_dir_all(&dir);
+
+    // A shared library's function too: libraries are read through the
+    // process's root, since /proc/PID/map_files needs CAP_SYS_ADMIN or
+    // CAP_CHECKPOINT_RESTORE whatever else is held.
+    let lib_user = Target::spawn(&native().uses_lib, &["200", "60"], "ready");
+    let out = watch_func_with(&CAPS, lib_user.pid, "lib_cache_invalidate");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("\"type\":\"attached\"") && l.contains("libcachehelper.so")),
+        "{stdout}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("\"type\":\"sample\"") && l.contains("lib_cache_invalidate")),
+        "{stdout}"
+    );
 }
 
 #[test]
