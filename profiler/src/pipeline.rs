@@ -205,10 +205,13 @@ enum SinkMsg {
 }
 
 /// What the metrics sink (`--prometheus`) is sent: records, the processes
-/// of the tick they came from (pid, name), and ticks dropped before them.
+/// a tick watched (pid, name; `None` for records not of a tick), and ticks
+/// the enricher dropped before them. Never dropped itself: the metrics
+/// thread only waits for a scrape's encoding, and a counter must not miss
+/// an interval's calls.
 struct MetricsMsg {
     records: Vec<Record>,
-    processes: Vec<(u32, String)>,
+    processes: Option<Vec<(u32, String)>>,
     dropped: u64,
 }
 
@@ -267,7 +270,7 @@ impl Pipeline {
             }
             None => (None, None),
         };
-        let (mut met, met_thread) = match metrics {
+        let (met, met_thread) = match metrics {
             Some(metrics) => {
                 let (q, met_rx) = queue::<MetricsMsg>();
                 let thread = std::thread::Builder::new()
@@ -292,7 +295,7 @@ impl Pipeline {
                 if let Some(met) = &to_met {
                     met.send(MetricsMsg {
                         records: vec![record.clone()],
-                        processes: Vec::new(),
+                        processes: None,
                         dropped: 0,
                     });
                 }
@@ -325,7 +328,7 @@ impl Pipeline {
                             if let Some(met) = &met {
                                 met.send(MetricsMsg {
                                     records: vec![record.clone()],
-                                    processes: Vec::new(),
+                                    processes: None,
                                     dropped: 0,
                                 });
                             }
@@ -380,11 +383,11 @@ impl Pipeline {
                                         | Record::TargetExit { .. }
                                 )
                             });
-                            if let Some(met) = &mut met {
-                                met.send_tick(dropped, news, |behind| MetricsMsg {
+                            if let Some(met) = &met {
+                                met.send(MetricsMsg {
                                     records: records.clone(),
-                                    processes,
-                                    dropped: behind,
+                                    processes: Some(processes),
+                                    dropped,
                                 });
                             }
                             out.send_tick(dropped, news, |behind| SinkMsg::Batch {
@@ -413,7 +416,7 @@ impl Pipeline {
                             if let Some(met) = &met {
                                 met.send(MetricsMsg {
                                     records: vec![detached.clone()],
-                                    processes: Vec::new(),
+                                    processes: None,
                                     dropped: 0,
                                 });
                             }
@@ -562,7 +565,9 @@ fn run_metrics(metrics: &Mutex<Metrics>, rx: QueueRx<MetricsMsg>) {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         metrics.behind(msg.dropped);
-        metrics.processes(msg.processes);
+        if let Some(live) = msg.processes {
+            metrics.processes(live);
+        }
         for record in &msg.records {
             metrics.observe(record);
         }

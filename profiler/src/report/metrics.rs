@@ -15,7 +15,7 @@
 //! same encoding (see [`to_prometheus_text`]).
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     sync::atomic::AtomicU64,
 };
 
@@ -107,7 +107,9 @@ pub struct Metrics {
 #[derive(Default)]
 struct Process {
     comm: String,
-    functions: BTreeSet<String>,
+    /// Every label set made for it, exactly: what goes when it does.
+    series: HashSet<FunctionLabels>,
+    process_series: HashSet<ProcessLabels>,
 }
 
 impl Metrics {
@@ -236,7 +238,7 @@ impl Metrics {
         );
         registry.register(
             "cacheloop_exporter_behind_ticks",
-            "Intervals the exporter fell too far behind to take (their counts are folded into later ones)",
+            "Intervals whose records the output stages fell too far behind to take, the exporter's included (an output_behind warning says so): their calls are missing from cacheloop_calls_total",
             m.behind.clone(),
         );
         registry.register(
@@ -262,8 +264,22 @@ impl Metrics {
         Self { registry, ..m }
     }
 
-    /// The processes of this tick by pid and name: new ones get series.
+    /// The processes a tick watched, by pid and name: the truth about
+    /// which are live. Any other pid's series go, however it left (an
+    /// exit, an exec into a program not watched, a file rewritten under
+    /// it); a process whose name changed (exec, PR_SET_NAME) starts new
+    /// series under the new name.
     pub fn processes(&mut self, live: impl IntoIterator<Item = (u32, String)>) {
+        let live: BTreeMap<u32, String> = live.into_iter().collect();
+        let gone: Vec<u32> = self
+            .processes
+            .iter()
+            .filter(|(pid, p)| live.get(pid) != Some(&p.comm))
+            .map(|(&pid, _)| pid)
+            .collect();
+        for pid in gone {
+            self.forget(pid);
+        }
         for (pid, comm) in live {
             self.processes.entry(pid).or_default().comm = comm;
         }
@@ -336,10 +352,12 @@ impl Metrics {
                 drop(self.loop_active.get_or_create(&labels));
             }
             Record::Health { pid, health, .. } => {
+                let process = self.processes.entry(*pid).or_default();
                 let labels = ProcessLabels {
                     pid: *pid,
-                    comm: self.comm(*pid),
+                    comm: process.comm.clone(),
                 };
+                process.process_series.insert(labels.clone());
                 self.cpu
                     .get_or_create(&labels)
                     .set(health.cpu_percent / 100.0);
@@ -425,14 +443,13 @@ impl Metrics {
 
     fn function_labels(&mut self, pid: u32, function: &str) -> FunctionLabels {
         let process = self.processes.entry(pid).or_default();
-        if !process.functions.contains(function) {
-            process.functions.insert(function.to_owned());
-        }
-        FunctionLabels {
+        let labels = FunctionLabels {
             function: function.to_owned(),
             pid,
             comm: process.comm.clone(),
-        }
+        };
+        process.series.insert(labels.clone());
+        labels
     }
 
     fn count_attached(&self) {
@@ -444,24 +461,17 @@ impl Metrics {
     /// its probes.
     fn forget(&mut self, pid: u32) {
         if let Some(process) = self.processes.remove(&pid) {
-            for function in process.functions {
-                let labels = FunctionLabels {
-                    function,
-                    pid,
-                    comm: process.comm.clone(),
-                };
-                self.calls.remove(&labels);
-                self.rate.remove(&labels);
-                self.baseline.remove(&labels);
-                self.loop_active.remove(&labels);
+            for labels in &process.series {
+                self.calls.remove(labels);
+                self.rate.remove(labels);
+                self.baseline.remove(labels);
+                self.loop_active.remove(labels);
             }
-            let labels = ProcessLabels {
-                pid,
-                comm: process.comm,
-            };
-            self.cpu.remove(&labels);
-            self.rss.remove(&labels);
-            self.per_request.remove(&labels);
+            for labels in &process.process_series {
+                self.cpu.remove(labels);
+                self.rss.remove(labels);
+                self.per_request.remove(labels);
+            }
         }
         self.attached.retain(|(p, _), _| *p != Some(pid));
         self.count_attached();
@@ -616,6 +626,18 @@ mod tests {
         assert!(t.contains("cacheloop_targets 1\n"), "{t}");
         // The count of loops outlives the process (a restart keeps it).
         assert!(t.contains(r#"cacheloop_loops_total{comm="demo-cache",cause="key_cycle"} 1"#));
+
+        // Left without a target_exit (an exec into a program not watched),
+        // and renamed: the tick's live set is the truth.
+        m.processes([(8, "demo-cache".to_owned()), (9, "other".to_owned())]);
+        m.observe(&sample(9, 5));
+        m.processes([(9, "renamed".to_owned())]);
+        m.observe(&sample(9, 5));
+        let t = text(&m);
+        assert!(!t.contains(r#"pid="8""#), "{t}");
+        assert!(!t.contains(r#"comm="other""#), "{t}");
+        assert!(t.contains(r#"pid="9",comm="renamed"} 5"#), "{t}");
+        assert!(t.contains("cacheloop_targets 1\n"), "{t}");
     }
 
     #[test]
