@@ -10,10 +10,7 @@
 use std::{
     convert::Infallible,
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::{Arc, Mutex, PoisonError},
     thread::JoinHandle,
     time::Duration,
 };
@@ -27,6 +24,7 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::sync::Semaphore;
 
 use crate::report::metrics::{Metrics, openmetrics_text, to_prometheus_text};
 
@@ -34,6 +32,9 @@ use crate::report::metrics::{Metrics, openmetrics_text, to_prometheus_text};
 const MAX_CONNECTIONS: usize = 16;
 /// A client that has not sent its request headers by then is dropped.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a connection is kept, keep-alive included (a scraper
+/// simply connects again).
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -96,8 +97,13 @@ async fn accept(listener: TcpListener, metrics: Arc<Mutex<Metrics>>) {
             return;
         }
     };
-    let open = Arc::new(AtomicUsize::new(0));
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
+        // A slot first: beyond the cap, connections wait in the kernel's
+        // accept queue instead of being accepted and dropped.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
@@ -107,24 +113,21 @@ async fn accept(listener: TcpListener, metrics: Arc<Mutex<Metrics>>) {
                 continue;
             }
         };
-        if open.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
-            drop(stream);
-            continue;
-        }
-        open.fetch_add(1, Ordering::Relaxed);
         let metrics = metrics.clone();
-        let open = open.clone();
         tokio::spawn(async move {
+            // Released however the connection ends, a panic included.
+            let _slot = slot;
             let service = service_fn(move |req| {
                 let metrics = metrics.clone();
                 async move { Ok::<_, Infallible>(respond(&req, &metrics)) }
             });
-            let _ = http1::Builder::new()
+            let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-            open.fetch_sub(1, Ordering::Relaxed);
+                .serve_connection(TokioIo::new(stream), service);
+            // A client that never reads (or keeps a connection for good)
+            // gives its slot back after this long.
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection).await;
         });
     }
 }
@@ -139,11 +142,16 @@ fn respond(req: &Request<Incoming>, metrics: &Mutex<Metrics>) -> Response<Full<B
         response
     };
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return reply(
+        let mut response = reply(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
             "GET /metrics\n".into(),
         );
+        response.headers_mut().insert(
+            hyper::header::ALLOW,
+            hyper::header::HeaderValue::from_static("GET, HEAD"),
+        );
+        return response;
     }
     match req.uri().path() {
         "/metrics" => {
@@ -153,16 +161,14 @@ fn respond(req: &Request<Incoming>, metrics: &Mutex<Metrics>) -> Response<Full<B
                 .iter()
                 .filter_map(|v| v.to_str().ok())
                 .any(|v| v.contains("application/openmetrics-text"));
-            let text = match metrics.lock() {
-                Ok(m) => openmetrics_text(m.registry()),
-                Err(_) => {
-                    return reply(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "text/plain",
-                        "the metrics are unavailable\n".into(),
-                    );
-                }
-            };
+            // The metrics stay consistent record by record: a panic
+            // elsewhere while holding the lock does not make them unservable.
+            let text = openmetrics_text(
+                metrics
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .registry(),
+            );
             if openmetrics {
                 reply(StatusCode::OK, OPENMETRICS, text)
             } else {
