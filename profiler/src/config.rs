@@ -33,6 +33,11 @@ pub enum ConfigError {
     /// Nothing to watch.
     #[error("no target: give --pid PID, --binary PATH or --name COMM (or a --preset)")]
     NoTarget,
+    /// A hook is asked for where it could not run.
+    #[error(
+        "--on-loop and --on-recover run their command with /bin/sh, and this system has none (a scratch image?); install a shell or leave the hooks out"
+    )]
+    NoShell,
 }
 
 /// How records are written.
@@ -235,6 +240,18 @@ impl TryFrom<WatchArgs> for WatchConfig {
                 expected: "at most 10 years; leave --duration out to run until Ctrl-C",
             });
         }
+        if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&args.hook_timeout) {
+            return Err(ConfigError::OutOfRange {
+                flag: "--hook-timeout",
+                value: humantime::format_duration(args.hook_timeout).to_string(),
+                expected: "from 1s to 10m",
+            });
+        }
+        if (args.on_loop.is_some() || args.on_recover.is_some())
+            && !std::path::Path::new(crate::hooks::SHELL).exists()
+        {
+            return Err(ConfigError::NoShell);
+        }
         check_threshold(args.threshold)?;
         check_factor(args.factor)?;
         if !(args.max_overhead.is_finite() && args.max_overhead > 0.0 && args.max_overhead <= 100.0)
@@ -348,6 +365,20 @@ mod tests {
             panic!()
         };
         WatchConfig::try_from(*w)
+    }
+
+    #[test]
+    fn hook_timeout_is_bounded() {
+        for bad in ["0s", "500ms", "11m"] {
+            let err = config(&["--hook-timeout", bad]).unwrap_err().to_string();
+            assert!(
+                err.contains("--hook-timeout") && err.contains("from 1s to 10m"),
+                "{err}"
+            );
+        }
+        let c = config(&["--on-loop", "true", "--hook-timeout", "20s"]).unwrap();
+        assert_eq!(c.hooks.timeout, Duration::from_secs(20));
+        assert_eq!(c.hooks.on_loop.as_deref(), Some("true"));
     }
 
     #[test]

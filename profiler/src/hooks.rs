@@ -6,24 +6,38 @@
 //! - One at a time, in verdict order; at most [`PENDING`] wait behind a
 //!   running one, the others are skipped and said so (`hook_skipped`).
 //! - Each is bounded: after `--hook-timeout` its process group gets
-//!   SIGTERM, and SIGKILL a second later; the `hook` record says so.
+//!   SIGTERM, and SIGKILL a second later; the `hook` record says so. When
+//!   the hook exits, whatever it left running in its group is killed too
+//!   (one at a time means one at a time; `setsid` escapes that, on
+//!   purpose). The hook's pid is not reaped until then, so its group id
+//!   cannot be reused by another process while it is signalled.
 //! - Run by `/bin/sh -c CMD` in a process group of its own, its stdout
-//!   discarded (cacheloop's stdout is the report), its stderr cacheloop's.
-//!   `CACHELOOP_EVENT` (`loop` or `recovered`), `CACHELOOP_PID` and
-//!   `CACHELOOP_FUNCTIONS` (comma-separated) are in its environment.
+//!   discarded (cacheloop's stdout is the report), its stderr cacheloop's,
+//!   without the ambient capabilities a service gives cacheloop (they
+//!   would pass through exec to the hook). `CACHELOOP_EVENT` (`loop` or
+//!   `recovered`), `CACHELOOP_PID` and `CACHELOOP_FUNCTIONS`
+//!   (comma-separated) are in its environment. The command is not in the
+//!   `hook` record: it may hold a token.
 //! - At the end of the run, the hooks already due still run (a
-//!   `--fail-on-loop` stop must still page) before cacheloop exits.
+//!   `--fail-on-loop` stop must still page), all within one
+//!   `--hook-timeout`: those not started by then are reported skipped.
 
 use std::{
     io::Write as _,
     os::unix::process::{CommandExt as _, ExitStatusExt as _},
-    process::{Child, Command, Stdio},
-    sync::mpsc::{self, Receiver, SyncSender, TrySendError},
+    process::{Command, Stdio},
+    sync::{
+        Arc, Mutex, PoisonError,
+        mpsc::{self, Receiver, SyncSender, TrySendError},
+    },
     thread::JoinHandle,
     time::{Duration, Instant},
 };
 
 use crate::report::{Record, unix_now};
+
+/// What runs the hooks' commands.
+pub const SHELL: &str = "/bin/sh";
 
 /// Verdicts that may wait behind a running hook.
 pub const PENDING: usize = 16;
@@ -45,7 +59,7 @@ impl HookConfig {
 
     /// The longest the hooks still due at the end may take.
     pub fn drain_bound(&self) -> Duration {
-        (self.timeout + GRACE) * (PENDING as u32 + 1)
+        self.timeout + GRACE * 2
     }
 }
 
@@ -64,6 +78,8 @@ pub struct Hooks {
     tx: Option<SyncSender<Due>>,
     thread: Option<JoinHandle<()>>,
     skipped: u64,
+    /// Set by [`Hooks::finish`]: every hook ends by then.
+    stop_by: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Hooks {
@@ -74,14 +90,17 @@ impl Hooks {
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::sync_channel(PENDING);
         let timeout = config.timeout;
+        let stop_by = Arc::new(Mutex::new(None));
+        let stop = stop_by.clone();
         let thread = std::thread::Builder::new()
             .name("cacheloop-hooks".into())
-            .spawn(move || run(rx, timeout, report))?;
+            .spawn(move || run(&rx, timeout, &stop, report))?;
         Ok(Self {
             config,
             tx: Some(tx),
             thread: Some(thread),
             skipped: 0,
+            stop_by,
         })
     }
 
@@ -121,8 +140,11 @@ impl Hooks {
         }
     }
 
-    /// Runs the hooks already due, then ends the thread.
+    /// Runs the hooks already due, all within one `--hook-timeout`, then
+    /// ends the thread.
     pub fn finish(mut self) {
+        *self.stop_by.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some(Instant::now() + self.config.timeout);
         drop(self.tx.take());
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
@@ -130,14 +152,48 @@ impl Hooks {
     }
 }
 
-fn run(rx: Receiver<Due>, timeout: Duration, mut report: impl FnMut(Record)) {
-    while let Ok(due) = rx.recv() {
-        report(run_one(&due, timeout));
+impl Drop for Hooks {
+    /// Not finished (a failure on the way out): the hooks due are not run.
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            *self.stop_by.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+            drop(self.tx.take());
+            let _ = thread.join();
+        }
     }
 }
 
-/// Runs one hook to its end or its timeout; the `hook` record of it.
-fn run_one(due: &Due, timeout: Duration) -> Record {
+fn run(
+    rx: &Receiver<Due>,
+    timeout: Duration,
+    stop_by: &Mutex<Option<Instant>>,
+    mut report: impl FnMut(Record),
+) {
+    let stop_by = || *stop_by.lock().unwrap_or_else(PoisonError::into_inner);
+    while let Ok(due) = rx.recv() {
+        let started = Instant::now();
+        if stop_by().is_some_and(|at| started >= at) {
+            report(Record::Hook {
+                ts: unix_now(),
+                event: due.event.to_owned(),
+                pid: due.pid,
+                status: None,
+                signal: None,
+                timed_out: false,
+                seconds: 0.0,
+                error: Some(
+                    "not run: cacheloop was stopping and its time for hooks was up".to_owned(),
+                ),
+            });
+            continue;
+        }
+        report(run_one(&due, started + timeout, stop_by));
+    }
+}
+
+/// Runs one hook to its end, or until `deadline` (or the end of the run's
+/// time for hooks, whichever is first); the `hook` record of it.
+fn run_one(due: &Due, deadline: Instant, stop_by: impl Fn() -> Option<Instant>) -> Record {
     let started = Instant::now();
     let record =
         |status: Option<i32>, signal: Option<i32>, timed_out: bool, error: Option<String>| {
@@ -145,7 +201,6 @@ fn run_one(due: &Due, timeout: Duration) -> Record {
                 ts: unix_now(),
                 event: due.event.to_owned(),
                 pid: due.pid,
-                command: due.command.clone(),
                 status,
                 signal,
                 timed_out,
@@ -153,7 +208,8 @@ fn run_one(due: &Due, timeout: Duration) -> Record {
                 error,
             }
         };
-    let child = Command::new("/bin/sh")
+    let mut command = Command::new(SHELL);
+    command
         .arg("-c")
         .arg(&due.command)
         .env("CACHELOOP_EVENT", due.event)
@@ -162,9 +218,23 @@ fn run_one(due: &Due, timeout: Duration) -> Record {
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
-        .process_group(0)
-        .spawn();
-    let mut child = match child {
+        .process_group(0);
+    // SAFETY: between fork and exec only prctl(2), async-signal-safe. The
+    // ambient set is what carries a service's capabilities through exec to
+    // a program without file capabilities: the hook gets none of them.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+                0,
+                0,
+                0,
+            );
+            Ok(())
+        });
+    }
+    let mut child = match command.spawn() {
         Ok(c) => c,
         Err(e) => {
             return record(
@@ -186,46 +256,60 @@ fn run_one(due: &Due, timeout: Duration) -> Record {
                 let _ = stdin.write_all(json.as_bytes());
             });
     }
-    match wait(&mut child, started + timeout) {
-        Some(status) => record(status.code(), status.signal(), false, None),
-        None => {
-            stop(&mut child);
-            record(
-                None,
-                None,
-                true,
-                Some(format!("still running after {timeout:?}: stopped")),
-            )
-        }
+    let group = child.id() as i32;
+    let ended = wait_unreaped(group, || {
+        let now = Instant::now();
+        now >= deadline || stop_by().is_some_and(|at| now >= at)
+    });
+    if !ended {
+        // SAFETY: kill(2) on the group our unreaped child leads.
+        unsafe { libc::kill(-group, libc::SIGTERM) };
+        let grace = Instant::now() + GRACE;
+        wait_unreaped(group, || Instant::now() >= grace);
+    }
+    // Whatever is left in its group goes, the hook itself if it is still
+    // there. SAFETY: as above; the leader is not reaped yet, so the group
+    // id is still this group's.
+    unsafe { libc::kill(-group, libc::SIGKILL) };
+    let status = child.wait();
+    match (ended, status) {
+        (true, Ok(status)) => record(status.code(), status.signal(), false, None),
+        (true, Err(e)) => record(None, None, false, Some(format!("cannot wait for it: {e}"))),
+        (false, _) => record(
+            None,
+            None,
+            true,
+            Some(format!(
+                "still running after {:.1}s: stopped",
+                started.elapsed().as_secs_f64()
+            )),
+        ),
     }
 }
 
-/// Waits until `deadline`; `None` if the hook is still running then.
-fn wait(child: &mut Child, deadline: Instant) -> Option<std::process::ExitStatus> {
+/// Waits until process `pid` (our child) exits, without reaping it, or
+/// until `give_up` says so; whether it exited.
+fn wait_unreaped(pid: i32, give_up: impl Fn() -> bool) -> bool {
     loop {
-        match child.try_wait() {
-            Ok(Some(status)) => return Some(status),
-            Ok(None) => {}
-            // Not ours to wait for any more: nothing to report.
-            Err(_) => return None,
+        // SAFETY: waitid(2) on our own child into a zeroed siginfo; WNOWAIT
+        // leaves it to be reaped by `Child::wait`.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        // SAFETY: filled in by waitid for WEXITED (0 when none exited yet).
+        if r != 0 || unsafe { info.si_pid() } != 0 {
+            return true;
         }
-        if Instant::now() >= deadline {
-            return None;
+        if give_up() {
+            return false;
         }
         std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// SIGTERM to the hook's process group, SIGKILL after [`GRACE`].
-fn stop(child: &mut Child) {
-    let group = child.id() as i32;
-    // SAFETY: kill(2) on the process group this child leads (we made it
-    // with process_group(0) and have not reaped it).
-    unsafe { libc::kill(-group, libc::SIGTERM) };
-    if wait(child, Instant::now() + GRACE).is_none() {
-        // SAFETY: as above.
-        unsafe { libc::kill(-group, libc::SIGKILL) };
-        let _ = child.wait();
     }
 }
 
@@ -296,7 +380,15 @@ mod tests {
 
     #[test]
     fn a_hook_past_its_timeout_is_stopped_with_its_children_and_reported() {
-        let (mut hooks, rx) = hooks("sleep 30 & sleep 30", Duration::from_millis(200));
+        let dir = std::env::temp_dir().join(format!("cacheloop-hook-kill-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = dir.join("child");
+        // A child that ignores SIGTERM (the disposition survives exec).
+        let command = format!(
+            "trap '' TERM; (exec sleep 30) & echo $! > {}; wait",
+            child.display()
+        );
+        let (mut hooks, rx) = hooks(&command, Duration::from_millis(300));
         let started = Instant::now();
         hooks.observe(&recovered(1));
         let record = rx.recv_timeout(Duration::from_secs(10)).unwrap();
@@ -312,7 +404,46 @@ mod tests {
             ),
             "{record:?}"
         );
+        let pid: u32 = std::fs::read_to_string(&child)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // Killed: gone, or a zombie waiting for its new parent.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let alive = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|r| !r.trim_start().starts_with('Z'))
+            })
+        };
+        while alive() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!alive(), "the hook's child {pid} outlived it");
         hooks.finish();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn at_the_end_the_hooks_due_run_within_one_timeout() {
+        let (mut hooks, rx) = hooks("sleep 30", Duration::from_millis(500));
+        hooks.observe(&recovered(1));
+        hooks.observe(&recovered(2));
+        let started = Instant::now();
+        hooks.finish();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        let records: Vec<Record> = rx.try_iter().collect();
+        assert_eq!(records.len(), 2, "{records:?}");
+        assert!(
+            matches!(&records[1], Record::Hook { error: Some(e), .. } if e.contains("not run")),
+            "{records:?}"
+        );
     }
 
     #[test]

@@ -430,6 +430,10 @@ impl Pipeline {
                         }
                     }
                 }
+                // Normally finished at the end; if the loop ended otherwise,
+                // the hook thread must let go of the output queue before the
+                // output thread is waited for.
+                drop(hooks.take());
                 drop(out);
                 drop(rec);
                 drop(met);

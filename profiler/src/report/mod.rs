@@ -139,7 +139,6 @@ pub enum Record {
         event: String,
         /// The verdict's process.
         pid: u32,
-        command: String,
         /// Its exit status, when it exited.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         status: Option<i32>,
