@@ -438,7 +438,7 @@ impl Controller {
             }
         }
         if report && !last {
-            let (plan, failed) = self.windows.plan(&mut self.probes, hit_rate, interval);
+            let (plan, failed) = self.windows.plan(&mut self.probes, hit_rate, interval)?;
             records.extend(plan);
             for (request, err) in failed {
                 records.push(self.unwatch(&request, &err.into()));
@@ -872,6 +872,9 @@ struct Pacing {
     period_seconds: f64,
 }
 
+/// Requests the kernel refused on re-attach, with its reasons.
+type Refused = Vec<(AttachRequest, ProbeError)>;
+
 /// The overhead governor's probe windows: when probing throughout would
 /// cost a target more than `--max-overhead`, the probes go in at each tick
 /// and come out after the governor's share of the interval.
@@ -939,10 +942,10 @@ impl Windows {
         probes: &mut Probes,
         hit_rate: f64,
         interval: Duration,
-    ) -> (Vec<Record>, Vec<(AttachRequest, ProbeError)>) {
+    ) -> Result<(Vec<Record>, Refused), ProbeError> {
         let mut failed = Vec::new();
         if self.budget >= 1.0 {
-            return (Vec::new(), failed);
+            return Ok((Vec::new(), failed));
         }
         let mut records = Vec::new();
         if self.governor.is_none() && hit_rate * WORST_HIT_COST > self.budget {
@@ -971,14 +974,14 @@ impl Windows {
             }
         }
         let Some(governor) = &mut self.governor else {
-            return (records, failed);
+            return Ok((records, failed));
         };
         let plan = governor.observe(hit_rate);
         let exposure = governor.exposure();
         if self.since.is_none() {
             // Counting starts as `resume` ends (its kernel gate opens once
             // every probe is in): the window starts then.
-            failed = probes.resume();
+            failed = probes.resume()?;
             self.since = Some(Instant::now());
         }
         self.end = (exposure < 1.0).then(|| Instant::now() + interval.mul_f64(exposure));
@@ -989,6 +992,6 @@ impl Windows {
             max_overhead_percent: self.budget * 100.0,
             probe_cost_us: report::round1(governor.cost() * 1e6),
         }));
-        (records, failed)
+        Ok((records, failed))
     }
 }

@@ -579,7 +579,11 @@ impl Probes {
     /// The kernel stops counting first, at once for every function: the
     /// window the caller measured ends here, not after the last detach.
     pub fn pause(&mut self) {
-        self.gate(true);
+        // Failing to close it is not expected of a one-entry array; if it
+        // happens, this window also counts while the probes come out.
+        if let Err(e) = self.gate(true) {
+            log::warn!("{e}");
+        }
         let held: Vec<Held> = self
             .entries
             .iter_mut()
@@ -592,7 +596,10 @@ impl Probes {
     /// is one link per file and process, milliseconds in all. A request the
     /// kernel refuses now (its process exited while the probes were out)
     /// is dropped and returned with the reason; the others go back in.
-    pub fn resume(&mut self) -> Vec<(AttachRequest, ProbeError)> {
+    /// Fails only when the kernel's gate cannot be opened again: the probes
+    /// would then trap and count nothing, rates reading 0, so that ends the
+    /// run instead.
+    pub fn resume(&mut self) -> Result<Vec<(AttachRequest, ProbeError)>, ProbeError> {
         let mut entries = std::mem::take(&mut self.entries);
         let mut failed = Vec::new();
         entries.retain_mut(|e| {
@@ -612,22 +619,28 @@ impl Probes {
         });
         self.entries = entries;
         // Counting starts now, for every function at once: the window the
-        // caller measures from here.
-        self.gate(false);
-        failed
+        // caller measures from here. Tried again before giving up.
+        let mut opened = self.gate(false);
+        for _ in 0..3 {
+            if opened.is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+            opened = self.gate(false);
+        }
+        opened.map(|()| failed)
     }
 
-    /// Closes (`paused`) or opens the kernel's gate on counting. Failing
-    /// to is not expected of a one-entry array; if it happens, counts
-    /// include the attach or detach time, as before the gate existed.
-    fn gate(&mut self, paused: bool) {
-        match self.paused.set(0, &u32::from(paused), 0) {
-            Ok(()) => self.gated = paused,
-            Err(e) => log::warn!(
-                "cannot {} counting in the kernel: {e}",
-                if paused { "pause" } else { "resume" }
-            ),
-        }
+    /// Closes (`paused`) or opens the kernel's gate on counting.
+    fn gate(&mut self, paused: bool) -> Result<(), ProbeError> {
+        self.paused
+            .set(0, &u32::from(paused), 0)
+            .map_err(|source| ProbeError::Map {
+                name: PAUSED_MAP,
+                source,
+            })?;
+        self.gated = paused;
+        Ok(())
     }
 
     /// Detaches every link on file `id` for all processes (a `--binary`
@@ -760,16 +773,18 @@ impl Probes {
         // Hits must run the whole program to be measured (the governor
         // only calibrates with the probes in, so this is a safeguard).
         let gated = self.gated;
-        self.gate(false);
+        self.gate(false)?;
         let link = self.link(program, &request, &cookies);
-        let link = link.inspect_err(|_| self.gate(gated))?;
+        let link = link.inspect_err(|_| {
+            let _ = self.gate(gated);
+        })?;
         // The median of three rounds: a single round on a shared machine
         // can land on a preemption (too dear) or a quiet moment.
         let mut rounds = [time_calls(), time_calls(), time_calls()];
         rounds.sort_unstable();
         let probed = rounds[1];
         self.unlink([link]);
-        self.gate(gated);
+        self.gate(gated)?;
         // Our own entries go: they are not a watched process's.
         let _ = self.counts.remove(&CallKey {
             func: CALIBRATION_COOKIE,
