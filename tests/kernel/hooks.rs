@@ -23,7 +23,7 @@ fn on_loop_hook_gets_the_loop_record_and_a_slow_one_delays_no_sample() {
     let target = Target::fixture(&["200:hold", "max:60"]);
     let extra = [
         "--duration",
-        "16s",
+        "25s",
         "--on-loop",
         &hook,
         "--hook-timeout",
