@@ -67,6 +67,12 @@ pub enum ProbeError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    /// Perf events refused by Debian's `kernel.perf_event_paranoid` = 3.
+    #[error(
+        "cannot attach uprobes to {}: before Linux 6.6 each uprobe is a perf event, and kernel.perf_event_paranoid = {value} (Debian's default; its patch on this kernel refuses perf events to all but CAP_SYS_ADMIN, CAP_PERFMON notwithstanding); set it to 2 (sysctl -w kernel.perf_event_paranoid=2: unprivileged users stay out, CAP_PERFMON gets in) or run cacheloop as root",
+        path.display()
+    )]
+    PerfParanoid { path: PathBuf, value: i32 },
     /// Reading a map failed.
     #[error("cannot read the {name} map")]
     Map {
@@ -497,11 +503,19 @@ impl Probes {
                 location: UProbeAttachLocation::AbsoluteOffset(offset),
                 cookie: Some(cookie),
             });
-        let failed = |source| ProbeError::Attach {
-            path: request.shown.clone(),
-            pid: request.pid,
-            count: request.points.len(),
-            source,
+        let failed = |source: aya::programs::ProgramError| {
+            if let Some(value) = paranoid_refusal(program, &source) {
+                return ProbeError::PerfParanoid {
+                    path: request.shown.clone(),
+                    value,
+                };
+            }
+            ProbeError::Attach {
+                path: request.shown.clone(),
+                pid: request.pid,
+                count: request.points.len(),
+                source,
+            }
         };
         let prog = uprobe(&mut self.ebpf, program)?;
         let id = prog
@@ -1112,6 +1126,33 @@ fn remove_where<K: aya::Pod>(map: &mut PerCpuHashMap<MapData, K, u64>, stale: im
     for key in keys {
         let _ = map.remove(&key);
     }
+}
+
+/// The value of `kernel.perf_event_paranoid` when it is why `source`, a
+/// perf-event attach of `program`, was refused: 3 or more (Debian's patch;
+/// on some of its kernels CAP_PERFMON does not pass it), and no
+/// CAP_SYS_ADMIN here.
+fn paranoid_refusal(program: &str, source: &aya::programs::ProgramError) -> Option<i32> {
+    if program != PROG_SINGLE && program != PROG_SINGLE_KEYED {
+        return None;
+    }
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source);
+    let mut denied = false;
+    while let Some(e) = cause {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+        {
+            denied = true;
+        }
+        cause = e.source();
+    }
+    let value: i32 = std::fs::read_to_string("/proc/sys/kernel/perf_event_paranoid")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    (denied && value >= 3 && !crate::privileges::has(crate::privileges::CAP_SYS_ADMIN))
+        .then_some(value)
 }
 
 fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, ProbeError>
