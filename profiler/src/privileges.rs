@@ -3,15 +3,18 @@
 //!
 //! - `CAP_BPF`: create the maps and load the eBPF program (Debian sets
 //!   `kernel.unprivileged_bpf_disabled`, so nothing without it).
-//! - `CAP_PERFMON`: attach it as uprobes (a uprobe_multi link or a perf
-//!   uprobe event, whatever `kernel.perf_event_paranoid` says), and let the
-//!   program read user memory and stacks.
+//! - `CAP_PERFMON`: attach it as uprobes through a uprobe_multi link
+//!   (Linux 6.6+), and let the program read user memory and stacks.
 //! - `CAP_SYS_PTRACE`: read another user's processes in /proc (their
 //!   executable, memory map, root directory and threads).
 //! - `CAP_DAC_READ_SEARCH`: read the files they run, and their debug
 //!   files, whatever their permissions.
 //!
-//! `CAP_SYS_ADMIN` would cover the first two; it is never needed.
+//! `CAP_SYS_ADMIN` would cover the first two; it is needed only before
+//! 6.6, where each uprobe is a perf event: upstream's 2025 fix "perf:
+//! Revert to requiring CAP_SYS_ADMIN for uprobes" (a uprobe off an
+//! instruction boundary can corrupt the target), in the stable kernels
+//! too, takes CAP_PERFMON's right to those away (see `probes.rs`).
 
 use std::{fs, io};
 
