@@ -38,6 +38,31 @@ pub enum Command {
     /// a live run would; other rule settings give other verdicts. No root
     /// needed.
     Replay(ReplayArgs),
+    /// Write an incident report of a recording: one self-contained HTML
+    /// page (charts, the verdict and its evidence, the target's CPU and
+    /// memory, the settings, the timeline), or Markdown for a postmortem.
+    Report(ReportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The recording, made with `cacheloop watch ... --record FILE`.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+
+    /// Write the report here (default: stdout).
+    #[arg(short = 'o', long = "output", value_name = "PATH")]
+    pub output: Option<PathBuf>,
+
+    /// `html`: one page that opens offline; `md`: Markdown to paste.
+    #[arg(long, value_enum, default_value = "html")]
+    pub format: ReportFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReportFormat {
+    Html,
+    Md,
 }
 
 #[derive(Debug, Args)]

@@ -52,6 +52,8 @@ fn main() -> ExitCode {
         Command::Replay(args) => ReplayConfig::try_from(args)
             .map_err(anyhow::Error::from)
             .and_then(replay::run),
+        Command::Report(args) => replay::report(&args.file, args.output.as_deref(), args.format)
+            .map(|()| Outcome::Finished),
         Command::Symbols(args) => listing::run(&args).map(|()| Outcome::Finished),
         Command::Presets(args) => presets::describe(args.name.as_deref())
             .map(|text| print!("{text}"))

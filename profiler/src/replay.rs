@@ -1,5 +1,6 @@
 //! The `replay` command: runs the analyzer over a recording and prints the
-//! records a live run would print. No kernel, no `/proc`, no root.
+//! records a live run would print. No kernel, no `/proc`, no root. And the
+//! `report` command: the same records, rendered as an incident report.
 //!
 //! With the recording's own settings, samples, loops and recoveries come
 //! out exactly as the live run wrote them (same `ts`, pids, functions,
@@ -7,17 +8,20 @@
 //! verdicts. A recording cut short (its recorder killed) is replayed up to
 //! its last whole snapshot, and stderr says so.
 
-use std::sync::Arc;
+use std::{path::Path, sync::Arc};
+
+use anyhow::Context as _;
 
 use crate::{
     analyze::{Analyzer, Settings},
     catalog::Catalog,
+    cli::ReportFormat,
     config::ReplayConfig,
     detect::Rules,
     enrich::Enricher,
     pipeline::write_now,
     recording::{Ending, Header, Reader, Replayed},
-    report::{Record, StartSettings},
+    report::{Record, StartSettings, incident::Incident},
     watch::{Outcome, stdout_sink},
 };
 
@@ -96,6 +100,64 @@ pub fn recorded_rules(header: &Header) -> Rules {
     header.rules.clone()
 }
 
+/// The `start` record of a replay of `path` with `rules`.
+fn start_record(header: &Header, rules: &Rules, path: &Path) -> Record {
+    Record::Start {
+        ts: header.started,
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        kernel: header.kernel.clone(),
+        mode: header.mode.clone(),
+        settings: StartSettings::new(
+            rules,
+            header.interval_seconds,
+            header.read_seconds,
+            header.max_overhead_percent,
+        ),
+        recording: Some(path.display().to_string()),
+    }
+}
+
+/// The `report` command: the records a replay of the recording with its
+/// own settings writes, rendered as one HTML page or as Markdown.
+pub fn report(file: &Path, output: Option<&Path>, format: ReportFormat) -> anyhow::Result<()> {
+    let mut reader = Reader::open(file)?;
+    let header = reader.header.clone();
+    let rules = recorded_rules(&header);
+    let mut replayer = Replayer::new(&rules, header.show_keys, &header);
+    let mut records = vec![start_record(&header, &rules, file)];
+    while let Some(item) = reader.next_item() {
+        records.extend(replayer.step(item).0);
+    }
+    if reader.ending() == Ending::Truncated {
+        eprintln!(
+            "cacheloop: {} ends without its closing record (the recorder was stopped mid-write); \
+             the report covers its {} whole snapshot(s)",
+            file.display(),
+            replayer.snapshots
+        );
+    }
+    let name = file.file_name().map_or_else(
+        || file.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let incident = Incident::from_records(&name, &records);
+    let text = match format {
+        ReportFormat::Html => incident.html(),
+        ReportFormat::Md => incident.markdown(),
+    };
+    match output {
+        Some(path) => std::fs::write(path, text)
+            .with_context(|| format!("cannot write the report to {}", path.display())),
+        None => {
+            use std::io::Write as _;
+            let mut out = std::io::stdout().lock();
+            out.write_all(text.as_bytes())
+                .and_then(|()| out.flush())
+                .context("cannot write the report to stdout")
+        }
+    }
+}
+
 pub fn run(config: ReplayConfig) -> anyhow::Result<Outcome> {
     let mut reader = Reader::open(&config.path)?;
     let header = reader.header.clone();
@@ -104,19 +166,7 @@ pub fn run(config: ReplayConfig) -> anyhow::Result<Outcome> {
     // Keys shown as the live run showed them, or as they are if asked.
     let show_keys = config.show_keys || header.show_keys;
     let mut replayer = Replayer::new(&rules, show_keys, &header);
-    let start = Record::Start {
-        ts: header.started,
-        version: env!("CARGO_PKG_VERSION").to_owned(),
-        kernel: header.kernel.clone(),
-        mode: header.mode.clone(),
-        settings: StartSettings::new(
-            &rules,
-            header.interval_seconds,
-            header.read_seconds,
-            header.max_overhead_percent,
-        ),
-        recording: Some(config.path.display().to_string()),
-    };
+    let start = start_record(&header, &rules, &config.path);
     let write = |sink: &mut dyn crate::report::Sink, records: &[Record]| {
         write_now(sink, records).map_err(|e| match e.kind() {
             std::io::ErrorKind::BrokenPipe => None,

@@ -4,7 +4,8 @@
 //! cacheloop to it by pid, lets healthy traffic set the baseline, then
 //! deploys the configuration with a cycle, as happened in the incident.
 //! cacheloop catches the loop, explains it and exits 3; the demo then stops
-//! demo-cache by its pid and says how long the catch took.
+//! demo-cache by its pid, says how long the catch took, and writes the
+//! incident report of the run's recording (`cacheloop report`).
 
 use std::{
     fs,
@@ -79,16 +80,20 @@ fn watch_and_break(
 ) -> Result<f64, String> {
     if !quiet {
         println!(
-            "$ cacheloop watch --pid {pid} --func 'cache_*' --key-arg 0:str --show-keys --fail-on-loop\n"
+            "$ cacheloop watch --pid {pid} --func 'cache_*' --key-arg 0:str --show-keys --fail-on-loop --record target/demo/incident.rec\n"
         );
     }
     let mut watcher = Command::new(bin.join("cacheloop"));
+    watcher.arg("watch");
+    let recording = root.join("target/demo/incident.rec");
     if quiet {
         watcher.stdout(Stdio::null());
+    } else {
+        // The evidence, kept for the incident report at the end.
+        watcher.arg("--record").arg(&recording);
     }
     let mut watcher = watcher
         .args([
-            "watch",
             "--pid",
             pid,
             "--func",
@@ -126,6 +131,7 @@ fn watch_and_break(
                     "\n== caught: cacheloop exited 3 (loop found) {caught:.1} s after the bad rules went live."
                 );
                 println!("== In the incident this took people more than two hours.");
+                report(bin, &recording)?;
             }
             Ok(caught)
         }
@@ -133,4 +139,25 @@ fn watch_and_break(
             "cacheloop exited with {other:?}, not 3: the loop was not caught"
         )),
     }
+}
+
+/// Writes the incident report of the demo's recording and says where.
+fn report(bin: &std::path::Path, recording: &std::path::Path) -> Result<(), String> {
+    let page = recording.with_extension("html");
+    let status = Command::new(bin.join("cacheloop"))
+        .arg("report")
+        .arg(recording)
+        .arg("-o")
+        .arg(&page)
+        .status()
+        .map_err(|e| format!("cannot run cacheloop report: {e}"))?;
+    if !status.success() {
+        return Err(format!("cacheloop report failed ({status})"));
+    }
+    println!(
+        "== incident report: {}\n   (one page, opens offline: charts, the verdict and its evidence;\n    `cacheloop report {} --format md` gives Markdown for the postmortem)",
+        page.display(),
+        recording.display()
+    );
+    Ok(())
 }

@@ -38,6 +38,8 @@ pub const TEST_PACKAGES: &[&str] = &[
     // systemd-analyze for the units.
     "python3-venv",
     "systemd",
+    // Rendering the incident report headless (tests/report.rs).
+    "chromium",
 ];
 
 /// What `bench` uses: the tools compared, the chroot maker for the newer

@@ -532,7 +532,7 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::{Evidence, RuleEvidence};
+    use crate::report::Evidence;
 
     fn sample(pid: u32, calls: u64) -> Record {
         Record::Sample {
@@ -555,26 +555,7 @@ mod tests {
             rate: 50_000.0,
             baseline: 100.0,
             reason: "a loop".into(),
-            evidence: Evidence {
-                ratio: 500.0,
-                elevated_rates: vec![50_000.0],
-                elevated_seconds: 2.0,
-                rule: RuleEvidence {
-                    name: "rate".into(),
-                    factor: 10.0,
-                    min_rate: 1000.0,
-                    sustain: 2.0,
-                },
-                cause: "key_cycle".into(),
-                signals: vec!["key_cycle".into()],
-                inherited_baseline: false,
-                processes: None,
-                target: None,
-                cycle: None,
-                key_cycle: None,
-                top_keys: None,
-                stack: None,
-            },
+            evidence: Evidence::key_cycle_for_tests(500.0, 2.0),
         }
     }
 

@@ -6,6 +6,7 @@
 //! [`text::TextSink`] a live view for people. Pure: sinks write to any
 //! `io::Write`.
 
+pub mod incident;
 pub mod json;
 pub mod metrics;
 pub mod text;
@@ -286,6 +287,34 @@ pub struct Evidence {
     /// innermost frame first: the hottest invalidation path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stack: Option<Vec<String>>,
+}
+
+#[cfg(test)]
+impl Evidence {
+    /// Evidence of a key cycle seen over `elevated_seconds`, the rest
+    /// empty, for the sinks' tests to adjust.
+    pub(crate) fn key_cycle_for_tests(ratio: f64, elevated_seconds: f64) -> Self {
+        Self {
+            ratio,
+            elevated_rates: vec![],
+            elevated_seconds,
+            rule: RuleEvidence {
+                name: "rate".into(),
+                factor: 10.0,
+                min_rate: 1000.0,
+                sustain: 2.0,
+            },
+            cause: "key_cycle".into(),
+            signals: vec!["key_cycle".into()],
+            inherited_baseline: false,
+            processes: None,
+            target: None,
+            cycle: None,
+            key_cycle: None,
+            top_keys: None,
+            stack: None,
+        }
+    }
 }
 
 /// A key and how often it was invalidated.

@@ -358,7 +358,7 @@ impl<W: Write> Sink for TextSink<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::{Evidence, RuleEvidence};
+    use crate::report::Evidence;
 
     fn render(records: &[Record], summary: &Summary) -> String {
         let mut sink = TextSink::new(Vec::new());
@@ -407,27 +407,12 @@ mod tests {
                 baseline: 200.0,
                 reason: "because".into(),
                 evidence: Evidence {
-                    ratio: 240.0,
-                    elevated_rates: vec![],
-                    elevated_seconds: 3.0,
-                    rule: RuleEvidence {
-                        name: "x".into(),
-                        factor: 10.0,
-                        min_rate: 1000.0,
-                        sustain: 2.0,
-                    },
-                    cause: "key_cycle".into(),
-                    signals: vec!["key_cycle".into()],
-                    inherited_baseline: false,
-                    processes: None,
-                    target: None,
-                    cycle: None,
                     key_cycle: Some(vec!["page:catalog".into(), "fragment:nav".into()]),
-                    top_keys: None,
                     stack: Some(vec![
                         "cache_invalidate (cache)".into(),
                         "main (cache)".into(),
                     ]),
+                    ..Evidence::key_cycle_for_tests(240.0, 3.0)
                 },
             },
             sample("cache_invalidate", 48_000.0),
