@@ -72,8 +72,27 @@ pub fn missing_for_probes(caps: u64) -> Vec<&'static str> {
         .collect()
 }
 
+/// Whether `uid_map` (`/proc/self/uid_map`) is the initial user
+/// namespace's: every uid mapped to itself.
+pub fn initial_user_namespace(uid_map: &str) -> bool {
+    let fields: Vec<&str> = uid_map.split_whitespace().collect();
+    fields == ["0", "0", "4294967295"]
+}
+
 /// Refuses before anything is loaded when the probes cannot be.
 pub fn require_probes() -> Result<(), MissingCapability> {
+    // Capabilities held in a user namespace of its own (a rootless
+    // container) show in CapEff but count for nothing with the kernel's BPF
+    // and perf checks, which ask the initial namespace.
+    if fs::read_to_string("/proc/self/uid_map").is_ok_and(|m| !initial_user_namespace(&m)) {
+        return Err(MissingCapability {
+            what: "cannot attach uprobes from inside a user namespace (a rootless container?)"
+                .to_owned(),
+            cap: "CAP_BPF and CAP_PERFMON in the host's user namespace",
+            why: "load and attach eBPF programs: capabilities held in a user namespace do not count for them",
+            source: None,
+        });
+    }
     let missing = missing_for_probes(effective());
     match missing.as_slice() {
         [] => Ok(()),
@@ -142,6 +161,17 @@ fn explain(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_identity_uid_map_is_the_initial_user_namespace() {
+        assert!(initial_user_namespace("         0          0 4294967295\n"));
+        assert!(!initial_user_namespace(
+            "         0       1000          1\n"
+        ));
+        assert!(!initial_user_namespace(
+            "         0     100000      65536\n     65536       1000          1\n"
+        ));
+    }
 
     #[test]
     fn probes_need_bpf_and_perfmon_or_sys_admin_and_the_missing_one_is_named() {

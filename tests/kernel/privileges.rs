@@ -144,3 +144,33 @@ fn watch_without_any_one_of_the_four_capabilities_exits_1_naming_it() {
     }
     let _ = fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn watch_from_a_user_namespace_exits_1_saying_its_capabilities_do_not_count() {
+    require_root();
+    if !have_programs(&[("unshare", "util-linux")]) {
+        return;
+    }
+    let target = Target::fixture(&["100:30"]);
+    // Root with every capability, but in a user namespace of its own (a
+    // rootless container): none of them counts for BPF.
+    let out = std::process::Command::new("unshare")
+        .args(["--user", "--map-root-user"])
+        .arg(cacheloop_bin())
+        .args([
+            "watch",
+            "--pid",
+            &target.pid.to_string(),
+            "--func",
+            "cache_invalidate",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("inside a user namespace") && stderr.contains("host's user namespace"),
+        "{stderr}"
+    );
+}
