@@ -42,6 +42,25 @@ pub enum Command {
     /// page (charts, the verdict and its evidence, the target's CPU and
     /// memory, the settings, the timeline), or Markdown for a postmortem.
     Report(ReportArgs),
+    /// Start a command with the probes in place from its first instruction,
+    /// watch it as `watch` would, and exit with its status (or 3 with
+    /// --fail-on-loop when a loop is confirmed): the pre-deploy gate.
+    Run(Box<RunArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub watch: WatchArgs,
+
+    /// With --fail-on-loop, how long the command gets between SIGTERM and
+    /// SIGKILL once a loop is confirmed.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub grace: Duration,
+
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
 }
 
 #[derive(Debug, Args)]

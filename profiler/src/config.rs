@@ -33,6 +33,9 @@ pub enum ConfigError {
     /// Nothing to watch.
     #[error("no target: give --pid PID, --binary PATH or --name COMM (or a --preset)")]
     NoTarget,
+    /// `run` is given a target of its own.
+    #[error("cacheloop run watches the command it starts: leave out --pid, --binary and --name")]
+    RunTarget,
     /// A hook is asked for where it could not run.
     #[error(
         "--on-loop and --on-recover run their command with /bin/sh, and this system has none (a scratch image?); install a shell or leave the hooks out"
@@ -76,6 +79,9 @@ pub struct WatchConfig {
     pub prometheus: Option<std::net::SocketAddr>,
     /// `--on-loop`, `--on-recover`, `--hook-timeout`.
     pub hooks: crate::hooks::HookConfig,
+    /// `cacheloop run`: the command's pid, which gets SIGINT and SIGTERM
+    /// instead of cacheloop.
+    pub command: Option<u32>,
 }
 
 /// Rule settings given on `replay`'s command line; the rest come from the
@@ -333,6 +339,7 @@ impl TryFrom<WatchArgs> for WatchConfig {
             max_overhead: args.max_overhead / 100.0,
             record: args.record,
             prometheus: args.prometheus,
+            command: None,
             hooks: crate::hooks::HookConfig {
                 on_loop: args.on_loop,
                 on_recover: args.on_recover,

@@ -31,6 +31,7 @@ pub mod cycles;
 pub mod detect;
 pub mod enrich;
 pub mod exporter;
+pub mod gate;
 pub mod governor;
 pub mod hooks;
 pub mod listing;

@@ -7,7 +7,7 @@ use clap::Parser as _;
 use profiler::{
     cli::{Cli, Command},
     config::{ConfigError, ReplayConfig, WatchConfig},
-    custody, listing, presets,
+    custody, gate, listing, presets,
     recording::RecordingError,
     replay,
     symbols::SymbolError,
@@ -52,6 +52,7 @@ fn main() -> ExitCode {
         Command::Replay(args) => ReplayConfig::try_from(args)
             .map_err(anyhow::Error::from)
             .and_then(replay::run),
+        Command::Run(args) => gate::run(*args),
         Command::Report(args) => replay::report(&args.file, args.output.as_deref(), args.format)
             .map(|()| Outcome::Finished),
         Command::Symbols(args) => listing::run(&args).map(|()| Outcome::Finished),
@@ -63,6 +64,7 @@ fn main() -> ExitCode {
     match result {
         Ok(Outcome::Finished) => ExitCode::SUCCESS,
         Ok(Outcome::LoopFound) => ExitCode::from(EXIT_LOOP),
+        Ok(Outcome::Command(code)) => ExitCode::from(code),
         Err(err) => {
             eprintln!("cacheloop: {err:#}");
             ExitCode::from(exit_code(&err))

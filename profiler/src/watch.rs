@@ -42,6 +42,8 @@ pub enum Outcome {
     Finished,
     /// Stopped at a loop because of `--fail-on-loop`.
     LoopFound,
+    /// `cacheloop run`: the command's own exit status, passed on.
+    Command(u8),
 }
 
 /// Why the sampling loop stopped.
@@ -53,6 +55,15 @@ enum Stop {
 }
 
 pub fn run(config: WatchConfig) -> anyhow::Result<Outcome> {
+    run_then(config, || Ok(()))
+}
+
+/// [`run`], calling `attached` once every probe is in and before the
+/// sampling starts (`cacheloop run` lets its command go then).
+pub fn run_then(
+    config: WatchConfig,
+    attached_hook: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<Outcome> {
     let started = Instant::now();
     // A recording that cannot be written is refused before anything is
     // attached.
@@ -60,6 +71,7 @@ pub fn run(config: WatchConfig) -> anyhow::Result<Outcome> {
     // So is a port the exporter cannot have.
     let listener = config.prometheus.map(exporter::bind).transpose()?;
     let (controller, attached) = Controller::start(&config, started)?;
+    attached_hook()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .enable_io()
@@ -182,8 +194,16 @@ async fn watch(
         };
         let last = tokio::select! {
             _ = ticks.tick() => false,
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
+            _ = sigint.recv() => match config.command {
+                // `cacheloop run`: the command's to handle; the run ends
+                // when it exits.
+                Some(pid) => { forward(pid, libc::SIGINT); continue; }
+                None => break,
+            },
+            _ = sigterm.recv() => match config.command {
+                Some(pid) => { forward(pid, libc::SIGTERM); continue; }
+                None => break,
+            },
             // The last, partial interval still counts.
             () = until_deadline => true,
             () = until_window_end => {
@@ -288,6 +308,13 @@ async fn watch(
 /// second before that.
 pub fn read_period(interval: std::time::Duration) -> std::time::Duration {
     interval.min(std::time::Duration::from_millis(250))
+}
+
+/// Passes a signal on to `cacheloop run`'s command.
+fn forward(pid: u32, signal: i32) {
+    // SAFETY: kill(2) on our own child, not yet reaped (the run ends when
+    // it exits, before the gate reaps it).
+    unsafe { libc::kill(pid as i32, signal) };
 }
 
 fn take(slot: &std::sync::Mutex<Option<String>>) -> Option<String> {

@@ -12,6 +12,7 @@ mod counting;
 mod deploys;
 mod detection;
 mod exporter;
+mod gate;
 mod hooks;
 mod kernels;
 mod lifecycle;

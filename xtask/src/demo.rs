@@ -132,6 +132,7 @@ fn watch_and_break(
                 );
                 println!("== In the incident this took people more than two hours.");
                 report(bin, &recording)?;
+                gate(bin, root)?;
             }
             Ok(caught)
         }
@@ -159,5 +160,53 @@ fn report(bin: &std::path::Path, recording: &std::path::Path) -> Result<(), Stri
         page.display(),
         recording.display()
     );
+    Ok(())
+}
+
+/// The pre-deploy gate: each rules file checked under `cacheloop run`
+/// before it would reach production.
+fn gate(bin: &std::path::Path, root: &std::path::Path) -> Result<(), String> {
+    println!(
+        "\n== the pre-deploy gate: each rules file tried under `cacheloop run` before it ships"
+    );
+    for (rules, seconds, expected) in [("cycle.deps", "30s", 3), ("healthy.deps", "5s", 0)] {
+        let config = root.join("demo/config").join(rules);
+        println!(
+            "$ cacheloop run --func 'cache_*' --key-arg 0:str --fail-on-loop --duration {seconds} -- demo-cache --deps {rules}"
+        );
+        let status = Command::new(bin.join("cacheloop"))
+            .args([
+                "run",
+                "--func",
+                "cache_*",
+                "--key-arg",
+                "0:str",
+                "--fail-on-loop",
+            ])
+            .args(["--duration", seconds, "--json", "--"])
+            .arg(bin.join("demo-cache"))
+            .arg("--deps")
+            .arg(&config)
+            // The verdict is the exit status; the records are not shown.
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map_err(|e| format!("cannot run cacheloop run: {e}"))?;
+        let code = status.code();
+        println!(
+            "   exit {}: {}",
+            code.map_or_else(|| "by a signal".to_owned(), |c| c.to_string()),
+            match code {
+                Some(3) => "a loop: the pipeline fails, the rules do not ship",
+                Some(0) => "no loop: the rules may ship",
+                _ => "unexpected",
+            }
+        );
+        if code != Some(expected) {
+            return Err(format!(
+                "the gate on {rules} exited {code:?}, not {expected}"
+            ));
+        }
+    }
     Ok(())
 }

@@ -18,7 +18,7 @@
 //!
 //! Prints `ready PID ADDR` at start (ADDR: where `cache_invalidate` is mapped), `phase N start TS` as each phase begins (Unix
 //! seconds), and at the end `done CALLS CHECKSUM`; then idles until killed,
-//! or exits with `--exit`. The checksum lets a test prove that probing
+//! or exits with `--exit` (status 0) or `--exit-code=N`. The checksum lets a test prove that probing
 //! changed nothing the program computes.
 
 use std::{
@@ -117,9 +117,15 @@ enum Kind {
 fn main() {
     let mut phases = Vec::new();
     let mut exit = false;
+    let mut code = 0;
     for arg in std::env::args().skip(1) {
         if arg == "--exit" {
             exit = true;
+            continue;
+        }
+        if let Some(n) = arg.strip_prefix("--exit-code=") {
+            exit = true;
+            code = n.parse().expect("--exit-code=N");
             continue;
         }
         let (kind, spec) = if let Some(spec) = arg.strip_prefix("cycle:") {
@@ -230,6 +236,7 @@ fn main() {
     if calls == u64::MAX {
         cache_flush_all();
     }
+    std::process::exit(code);
 }
 
 fn say(line: &str) {
