@@ -56,6 +56,8 @@ pub struct Controller {
     /// The `--pid` targets: followed through exec.
     pids: Vec<u32>,
     names: Vec<String>,
+    /// `cacheloop run`: the command, whose descendants are followed too.
+    command: Option<u32>,
     /// Live processes whose executable changed since they were planned
     /// (exec): found by the collector's reading, handled after the tick.
     execed: Vec<u32>,
@@ -182,6 +184,7 @@ impl Controller {
             binary,
             pids: config.pids.clone(),
             names: config.names.clone(),
+            command: config.command,
             execed: Vec::new(),
             discovered: Vec::new(),
             rewritten: Vec::new(),
@@ -450,6 +453,9 @@ impl Controller {
         if follow && !self.names.is_empty() {
             records.extend(self.attach_new_named());
         }
+        if follow && let Some(root) = self.command {
+            records.extend(self.attach_new_descendants(root));
+        }
         Ok(records)
     }
 
@@ -717,6 +723,27 @@ impl Controller {
         records
     }
 
+    /// `cacheloop run`: the command's children (and theirs) not watched
+    /// yet, attached within an interval of their start. One that runs
+    /// another program with none of the functions is left alone quietly (a
+    /// shell, a helper): it is not what the gate watches.
+    fn attach_new_descendants(&mut self, root: u32) -> Vec<Record> {
+        let mut records = Vec::new();
+        self.failed.retain(|&(pid, _)| target::is_running(pid));
+        for process in target::descendants_of(root) {
+            let id = (process.pid, process.start_time);
+            if self.live.contains_key(&process.pid) || self.failed.contains(&id) {
+                continue;
+            }
+            let attached = self.attach_process(process);
+            records.extend(attached.into_iter().filter(|r| {
+                !matches!(r, Record::Warning { kind, message, .. }
+                    if kind == "attach_failed" && message.contains(UNMATCHED))
+            }));
+        }
+        records
+    }
+
     /// Plans and attaches one process found after the start (a new
     /// `--name` process, or a target that ran exec) and watches it. A
     /// process that cannot be probed is said once and not tried again.
@@ -738,7 +765,7 @@ impl Controller {
             .requests(&FileTarget::of_process(&process), false, "")
         {
             Ok(requests) if requests.is_empty() => {
-                let none = anyhow::anyhow!("no --func pattern matches its functions");
+                let none = anyhow::anyhow!("{UNMATCHED}");
                 self.failed.insert((pid, process.start_time));
                 return vec![failed(none)];
             }
@@ -871,6 +898,9 @@ struct Pacing {
     period: HashMap<CallKey, u64>,
     period_seconds: f64,
 }
+
+/// Why a process found later gets no probes.
+const UNMATCHED: &str = "no --func pattern matches its functions";
 
 /// Requests the kernel refused on re-attach, with its reasons.
 type Refused = Vec<(AttachRequest, ProbeError)>;

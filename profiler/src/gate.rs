@@ -13,7 +13,8 @@
 //! for its pid (a uprobe scoped to a process follows its memory map, which
 //! is CMD's from then on); only then is the child let go. Functions in
 //! shared libraries are not mapped yet at that point: they must be in
-//! CMD's own executable. CMD's children are not watched.
+//! CMD's own executable. CMD's descendants are followed by the controller
+//! (attached within an interval of their start).
 //!
 //! Everything from the spawn to the release happens on this one thread:
 //! ptrace ties a tracee to the thread that is its parent.

@@ -4,6 +4,7 @@
 //! Reads `/proc` only; it neither loads nor attaches anything.
 
 use std::{
+    collections::BTreeMap,
     fs::{self, File},
     os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
@@ -344,6 +345,45 @@ pub fn processes_named(names: &[String]) -> Vec<Process> {
         .collect();
     found.sort_by_key(|p| p.pid);
     found
+}
+
+/// The live processes descended from `root` (its children, theirs, ...),
+/// by the parent pids in `/proc/PID/stat`.
+pub fn descendants_of(root: u32) -> Vec<Process> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let parents: BTreeMap<u32, u32> = dir
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| Some((pid, parent_pid(pid)?)))
+        .collect();
+    let descends = |mut pid: u32| {
+        // Bounded: a pid chain cannot be longer than the table.
+        for _ in 0..parents.len() {
+            match parents.get(&pid) {
+                Some(&parent) if parent == root => return true,
+                Some(&parent) if parent > 0 => pid = parent,
+                _ => return false,
+            }
+        }
+        false
+    };
+    parents
+        .keys()
+        .copied()
+        .filter(|&pid| pid != root && descends(pid))
+        .filter_map(|pid| Process::from_pid(pid).ok())
+        .collect()
+}
+
+/// Field 4 of `/proc/PID/stat`.
+fn parent_pid(pid: u32) -> Option<u32> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    text[text.rfind(')')? + 1..]
+        .split_ascii_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// The kernel keeps 15 bytes of a command name: `--name redis-server-long`

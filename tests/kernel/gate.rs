@@ -157,3 +157,35 @@ fn run_gates_demo_cache_cyclic_rules_with_exit_3_and_healthy_ones_with_0() {
     );
     assert!(gone(attached_pid(&healthy)));
 }
+
+#[test]
+fn run_watches_the_commands_children_too() {
+    require_root();
+    let fixture = fixture_bin();
+    let run = run(
+        &["--func", "cache_invalidate"],
+        &[fixture.to_str().unwrap(), "200:5", "--exit", "--fork"],
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    let child: u64 = run
+        .stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("child "))
+        .expect("the fixture forked")
+        .trim()
+        .parse()
+        .unwrap();
+    let rates: Vec<f64> = run
+        .of_type("sample")
+        .iter()
+        .filter(|s| s["pid"] == child)
+        .filter_map(|s| s["rate"].as_f64())
+        .collect();
+    // Attached within an interval of its start, then counted like its
+    // parent: its later full intervals read its 200/s.
+    assert!(
+        rates.iter().any(|r| (170.0..=230.0).contains(r)),
+        "the child was counted: {rates:?}\n{}",
+        run.stdout
+    );
+}

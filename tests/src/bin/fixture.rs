@@ -18,7 +18,8 @@
 //!
 //! Prints `ready PID ADDR` at start (ADDR: where `cache_invalidate` is mapped), `phase N start TS` as each phase begins (Unix
 //! seconds), and at the end `done CALLS CHECKSUM`; then idles until killed,
-//! or exits with `--exit` (status 0) or `--exit-code=N`. The checksum lets a test prove that probing
+//! or exits with `--exit` (status 0) or `--exit-code=N`. With `--fork`, a
+//! child forked after `ready` (it prints `child PID`) runs the phases too. The checksum lets a test prove that probing
 //! changed nothing the program computes.
 
 use std::{
@@ -118,9 +119,14 @@ fn main() {
     let mut phases = Vec::new();
     let mut exit = false;
     let mut code = 0;
+    let mut fork = false;
     for arg in std::env::args().skip(1) {
         if arg == "--exit" {
             exit = true;
+            continue;
+        }
+        if arg == "--fork" {
+            fork = true;
             continue;
         }
         if let Some(n) = arg.strip_prefix("--exit-code=") {
@@ -164,6 +170,12 @@ fn main() {
     // The address lets tests read the function's live code bytes.
     let addr = cache_invalidate as *const () as usize;
     say(&format!("ready {} {addr:#x}", std::process::id()));
+    // `--fork`: a child runs the same phases too (and is waited for).
+    // SAFETY: fork(2) in a single-threaded program.
+    let child = if fork { unsafe { libc::fork() } } else { -1 };
+    if child == 0 {
+        say(&format!("child {}", std::process::id()));
+    }
 
     let (mut calls, mut checksum) = (0u64, 0u64);
     for (n, (kind, rate, secs)) in phases.into_iter().enumerate() {
@@ -235,6 +247,11 @@ fn main() {
     }
     if calls == u64::MAX {
         cache_flush_all();
+    }
+    if child > 0 {
+        let mut status = 0;
+        // SAFETY: waitpid(2) on our own child.
+        unsafe { libc::waitpid(child, &mut status, 0) };
     }
     std::process::exit(code);
 }
