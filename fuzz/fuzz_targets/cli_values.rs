@@ -66,19 +66,22 @@ fn command_line<'a>(args: impl IntoIterator<Item = &'a str>) {
             return;
         }
     };
-    match cli.command {
-        Command::Watch(args) => {
-            if let Ok(config) = WatchConfig::try_from(*args) {
-                usable(config.interval);
-                if let Some(duration) = config.duration {
-                    usable(duration);
-                }
+    let watched = |args| {
+        if let Ok(config) = WatchConfig::try_from(args) {
+            usable(config.interval);
+            if let Some(duration) = config.duration {
+                usable(duration);
             }
         }
+    };
+    match cli.command {
+        Command::Watch(args) => watched(*args),
+        // `run` checks its watch flags the same way (its own target aside).
+        Command::Run(args) => watched(args.watch),
         Command::Replay(args) => {
             let _ = ReplayConfig::try_from(args);
         }
-        Command::Symbols(_) | Command::Presets(_) => {}
+        Command::Symbols(_) | Command::Presets(_) | Command::Report(_) => {}
     }
 }
 

@@ -82,6 +82,9 @@ pub struct WatchConfig {
     /// `cacheloop run`: the command's pid, which gets SIGINT and SIGTERM
     /// instead of cacheloop.
     pub command: Option<u32>,
+    /// `cacheloop run --grace`: between SIGTERM and SIGKILL when a loop
+    /// stops the command.
+    pub command_grace: Duration,
 }
 
 /// Rule settings given on `replay`'s command line; the rest come from the
@@ -340,6 +343,7 @@ impl TryFrom<WatchArgs> for WatchConfig {
             record: args.record,
             prometheus: args.prometheus,
             command: None,
+            command_grace: Duration::from_secs(5),
             hooks: crate::hooks::HookConfig {
                 on_loop: args.on_loop,
                 on_recover: args.on_recover,

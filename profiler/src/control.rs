@@ -76,9 +76,10 @@ pub struct Controller {
     collector: Collector,
     pacing: Pacing,
     started: Instant,
-    /// `--name` processes that could not be probed, by (pid, start time):
+    /// Processes found later that could not be probed, by (pid, start
+    /// time, program: one that runs exec is tried again):
     /// said once, not tried again each tick.
-    failed: std::collections::HashSet<(u32, u64)>,
+    failed: std::collections::HashSet<(u32, u64, FileId)>,
 }
 
 impl Controller {
@@ -712,9 +713,9 @@ impl Controller {
     /// last tick (a restart, a new worker).
     fn attach_new_named(&mut self) -> Vec<Record> {
         let mut records = Vec::new();
-        self.failed.retain(|&(pid, _)| target::is_running(pid));
+        self.failed.retain(|&(pid, _, _)| target::is_running(pid));
         for process in target::processes_named(&self.names) {
-            let id = (process.pid, process.start_time);
+            let id = (process.pid, process.start_time, process.exe_id);
             if self.live.contains_key(&process.pid) || self.failed.contains(&id) {
                 continue;
             }
@@ -729,9 +730,9 @@ impl Controller {
     /// shell, a helper): it is not what the gate watches.
     fn attach_new_descendants(&mut self, root: u32) -> Vec<Record> {
         let mut records = Vec::new();
-        self.failed.retain(|&(pid, _)| target::is_running(pid));
+        self.failed.retain(|&(pid, _, _)| target::is_running(pid));
         for process in target::descendants_of(root) {
-            let id = (process.pid, process.start_time);
+            let id = (process.pid, process.start_time, process.exe_id);
             if self.live.contains_key(&process.pid) || self.failed.contains(&id) {
                 continue;
             }
@@ -766,19 +767,22 @@ impl Controller {
         {
             Ok(requests) if requests.is_empty() => {
                 let none = anyhow::anyhow!("{UNMATCHED}");
-                self.failed.insert((pid, process.start_time));
+                self.failed
+                    .insert((pid, process.start_time, process.exe_id));
                 return vec![failed(none)];
             }
             Ok(requests) => uncovered(requests, &self.probes.shared_files()),
             Err(e) => {
-                self.failed.insert((pid, process.start_time));
+                self.failed
+                    .insert((pid, process.start_time, process.exe_id));
                 return vec![failed(e)];
             }
         };
         // All of a process's files or none: half a process would be
         // judged on half its calls.
         if let Err(e) = requests.iter().try_for_each(|r| self.probes.attach(r)) {
-            self.failed.insert((pid, process.start_time));
+            self.failed
+                .insert((pid, process.start_time, process.exe_id));
             self.probes.forget_process(pid);
             return vec![failed(e.into())];
         }

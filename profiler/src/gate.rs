@@ -17,7 +17,10 @@
 //! (attached within an interval of their start).
 //!
 //! Everything from the spawn to the release happens on this one thread:
-//! ptrace ties a tracee to the thread that is its parent.
+//! ptrace ties a tracee to the thread that is its parent. CMD runs in a
+//! process group of its own: signals passed on and the final stop reach
+//! its children too (a terminal's Ctrl-C reaches cacheloop only, which
+//! passes it on once).
 
 use std::{
     io,
@@ -31,6 +34,7 @@ use anyhow::Context as _;
 use crate::{
     cli::RunArgs,
     config::{ConfigError, Output, WatchConfig},
+    target,
     watch::{self, Outcome},
 };
 
@@ -46,6 +50,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<Outcome> {
     if !watch.pid.is_empty() || watch.binary.is_some() || !watch.name.is_empty() {
         return Err(ConfigError::RunTarget.into());
     }
+    if grace.is_zero() || grace > Duration::from_secs(600) {
+        return Err(ConfigError::OutOfRange {
+            flag: "--grace",
+            value: humantime::format_duration(grace).to_string(),
+            expected: "from 1ms to 10m",
+        }
+        .into());
+    }
     // Checked before anything starts; the pid is CMD's, once it exists.
     watch.pid = vec![std::process::id()];
     let mut config = WatchConfig::try_from(watch)?;
@@ -53,33 +65,31 @@ pub fn run(args: RunArgs) -> anyhow::Result<Outcome> {
     let pid = child.id();
     config.pids = vec![pid];
     config.command = Some(pid);
-    let fail_on_loop = config.fail_on_loop;
+    config.command_grace = grace;
     let outcome = watch::run_then(config, || release(pid));
     let outcome = match outcome {
         Ok(outcome) => outcome,
         Err(e) => {
             // Not attached (or failed on the way): CMD does not run
             // unwatched behind the user's back.
-            let _ = child.kill();
+            stop(pid, Duration::from_millis(1));
             let _ = child.wait();
             return Err(e);
         }
     };
-    if outcome == Outcome::LoopFound && fail_on_loop {
-        let how = stop(&mut child, grace);
-        eprintln!(
-            "cacheloop: a loop was confirmed in {} (pid {pid}): stopped it ({how}); exit 3",
-            command[0]
-        );
+    if outcome == Outcome::LoopFound {
+        // Stopped by the watch, which said so in a `command_stopped`
+        // record; reaped here.
+        let _ = child.wait();
         return Ok(Outcome::LoopFound);
     }
     // The watch ended with CMD still running: --duration is up (or the
-    // reader of the output went away). No loop in that window: the gate
-    // passes, and CMD does not outlive it.
+    // reader of the output went away). CMD does not outlive the gate.
     if child.try_wait().ok().flatten().is_none() {
-        let how = stop(&mut child, grace);
+        let how = stop(pid, grace);
+        let _ = child.wait();
         eprintln!(
-            "cacheloop: no loop while watching {} (pid {pid}); stopped it at the end ({how}); exit 0",
+            "cacheloop: the watch ended with {} (pid {pid}) still running: stopped it ({how}); exit 0",
             command[0]
         );
         return Ok(Outcome::Finished);
@@ -88,38 +98,79 @@ pub fn run(args: RunArgs) -> anyhow::Result<Outcome> {
     Ok(Outcome::Command(exit_code(status)))
 }
 
-/// Starts `command` stopped right after its exec. With `--json`, its stdout
-/// goes to cacheloop's stderr: stdout stays JSON lines.
+/// Starts `command` in a process group of its own, stopped right after its
+/// exec. With `--json`, its stdout goes to cacheloop's stderr: stdout stays
+/// JSON lines. Should cacheloop die, so does the command (it would run
+/// on unwatched, or die of the exec's trap).
 fn spawn_stopped(command: &[String], output: Output) -> anyhow::Result<Child> {
     let mut cmd = Command::new(&command[0]);
-    cmd.args(&command[1..]);
+    cmd.args(&command[1..]).process_group(0);
     if output == Output::Json {
         cmd.stdout(Stdio::from(io::stderr()));
     }
-    // SAFETY: between fork and exec only ptrace(2), async-signal-safe.
+    // SAFETY: between fork and exec only prctl(2) and ptrace(2),
+    // async-signal-safe.
     unsafe {
         cmd.pre_exec(|| {
-            if libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) == -1 {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) == -1
+                || libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) == -1
+            {
                 return Err(io::Error::last_os_error());
             }
             Ok(())
         });
     }
-    let child = cmd
-        .spawn()
-        .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", command[0]))?;
-    let pid = child.id() as i32;
-    // The exec's SIGTRAP stop: CMD is mapped and has not run.
-    let mut status = 0;
-    // SAFETY: waitpid(2) on our own child.
-    let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-    if r != pid || !libc::WIFSTOPPED(status) {
-        anyhow::bail!(
-            "{} did not stop at its start as traced (status {status:#x}); is cacheloop itself being traced?",
+    let mut child = cmd.spawn().map_err(|e| {
+        anyhow::anyhow!(
+            "cannot start {}: {e} (under a debugger or strace, or with kernel.yama.ptrace_scope = 3, it cannot be traced)",
             command[0]
-        );
+        )
+    })?;
+    match exec_stop(child.id() as i32) {
+        Ok(()) => Ok(child),
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(e.context(format!("cannot start {}", command[0])))
+        }
     }
-    Ok(child)
+}
+
+/// Waits for the exec's SIGTRAP stop: CMD is mapped and has not run. A
+/// signal that arrives first is passed on to it, not mistaken for that
+/// stop. From then on, cacheloop's exit kills it (PTRACE_O_EXITKILL) while
+/// it is traced.
+fn exec_stop(pid: i32) -> anyhow::Result<()> {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid(2) on our own child.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == -1 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e.into());
+        }
+        if !libc::WIFSTOPPED(status) {
+            anyhow::bail!("it ended before its first instruction (status {status:#x})");
+        }
+        let signal = libc::WSTOPSIG(status);
+        if signal == libc::SIGTRAP {
+            // SAFETY: ptrace(2) on our stopped tracee.
+            unsafe {
+                libc::ptrace(
+                    libc::PTRACE_SETOPTIONS,
+                    pid,
+                    0,
+                    libc::PTRACE_O_EXITKILL as libc::c_ulong,
+                )
+            };
+            return Ok(());
+        }
+        // SAFETY: ptrace(2) on our stopped tracee: deliver what stopped it.
+        unsafe { libc::ptrace(libc::PTRACE_CONT, pid, 0, signal as libc::c_ulong) };
+    }
 }
 
 /// Lets the stopped command go: its first instruction runs probed.
@@ -133,20 +184,23 @@ fn release(pid: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGTERM, then SIGKILL after `grace`; says which ended it.
-fn stop(child: &mut Child, grace: Duration) -> String {
-    // SAFETY: kill(2) on our own child, not yet reaped.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+/// Stops the command and its process group: SIGTERM, then SIGKILL after
+/// `grace` to whatever is left of the group (children included). The
+/// command is left for its parent to reap; says what it took.
+pub fn stop(pid: u32, grace: Duration) -> String {
+    let group = pid as i32;
+    // SAFETY: kill(2) on the group our unreaped child leads.
+    unsafe { libc::kill(-group, libc::SIGTERM) };
     let deadline = Instant::now() + grace;
-    while Instant::now() < deadline {
-        if let Ok(Some(status)) = child.try_wait() {
-            return format!("it exited with status {} on SIGTERM", exit_code(status));
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let ended = target::wait_unreaped(group, || Instant::now() >= deadline);
+    // SAFETY: as above; the leader is not reaped, so the group id is
+    // still this group's.
+    unsafe { libc::kill(-group, libc::SIGKILL) };
+    if ended {
+        "it ended on SIGTERM".to_owned()
+    } else {
+        format!("SIGKILL after {grace:?}: SIGTERM did not end it")
     }
-    let _ = child.kill();
-    let _ = child.wait();
-    format!("SIGKILL after {grace:?}: SIGTERM did not end it")
 }
 
 /// The status a shell would report: the code, or 128 + the signal.

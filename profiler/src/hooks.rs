@@ -34,7 +34,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::report::{Record, unix_now};
+use crate::{
+    report::{Record, unix_now},
+    target,
+};
 
 /// What runs the hooks' commands.
 pub const SHELL: &str = "/bin/sh";
@@ -257,7 +260,7 @@ fn run_one(due: &Due, deadline: Instant, stop_by: impl Fn() -> Option<Instant>) 
             });
     }
     let group = child.id() as i32;
-    let ended = wait_unreaped(group, || {
+    let ended = target::wait_unreaped(group, || {
         let now = Instant::now();
         now >= deadline || stop_by().is_some_and(|at| now >= at)
     });
@@ -265,7 +268,7 @@ fn run_one(due: &Due, deadline: Instant, stop_by: impl Fn() -> Option<Instant>) 
         // SAFETY: kill(2) on the group our unreaped child leads.
         unsafe { libc::kill(-group, libc::SIGTERM) };
         let grace = Instant::now() + GRACE;
-        wait_unreaped(group, || Instant::now() >= grace);
+        target::wait_unreaped(group, || Instant::now() >= grace);
     }
     // Whatever is left in its group goes, the hook itself if it is still
     // there. SAFETY: as above; the leader is not reaped yet, so the group
@@ -284,32 +287,6 @@ fn run_one(due: &Due, deadline: Instant, stop_by: impl Fn() -> Option<Instant>) 
                 started.elapsed().as_secs_f64()
             )),
         ),
-    }
-}
-
-/// Waits until process `pid` (our child) exits, without reaping it, or
-/// until `give_up` says so; whether it exited.
-fn wait_unreaped(pid: i32, give_up: impl Fn() -> bool) -> bool {
-    loop {
-        // SAFETY: waitid(2) on our own child into a zeroed siginfo; WNOWAIT
-        // leaves it to be reaped by `Child::wait`.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        let r = unsafe {
-            libc::waitid(
-                libc::P_PID,
-                pid as libc::id_t,
-                &mut info,
-                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
-            )
-        };
-        // SAFETY: filled in by waitid for WEXITED (0 when none exited yet).
-        if r != 0 || unsafe { info.si_pid() } != 0 {
-            return true;
-        }
-        if give_up() {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

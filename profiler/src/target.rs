@@ -347,6 +347,32 @@ pub fn processes_named(names: &[String]) -> Vec<Process> {
     found
 }
 
+/// Waits until process `pid` (our child) exits, without reaping it, or
+/// until `give_up` says so; whether it exited.
+pub fn wait_unreaped(pid: i32, give_up: impl Fn() -> bool) -> bool {
+    loop {
+        // SAFETY: waitid(2) on our own child into a zeroed siginfo; WNOWAIT
+        // leaves it to be reaped by `Child::wait`.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        // SAFETY: filled in by waitid for WEXITED (0 when none exited yet).
+        if r != 0 || unsafe { info.si_pid() } != 0 {
+            return true;
+        }
+        if give_up() {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// The live processes descended from `root` (its children, theirs, ...),
 /// by the parent pids in `/proc/PID/stat`.
 pub fn descendants_of(root: u32) -> Vec<Process> {

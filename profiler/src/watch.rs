@@ -276,6 +276,21 @@ async fn watch(
         }
     }
 
+    // `cacheloop run --fail-on-loop`: the command stops here, and the
+    // record says so, before the end of the output and the recording.
+    if let (Stop::Loop, Some(pid)) = (&stop, config.command) {
+        let how = crate::gate::stop(pid, config.command_grace);
+        pipeline.lifecycle([Record::Warning {
+            ts: unix_now(),
+            pid: Some(pid),
+            kind: "command_stopped".to_owned(),
+            message: format!("a loop was confirmed: stopped the command (pid {pid}): {how}"),
+            count: None,
+        }]);
+        eprintln!(
+            "cacheloop: a loop was confirmed: stopped the command (pid {pid}): {how}; exit 3"
+        );
+    }
     let (functions, detach) = controller.finish();
     let summary = analyzer.summary();
     let detached = Record::Detached {
@@ -310,11 +325,11 @@ pub fn read_period(interval: std::time::Duration) -> std::time::Duration {
     interval.min(std::time::Duration::from_millis(250))
 }
 
-/// Passes a signal on to `cacheloop run`'s command.
+/// Passes a signal on to `cacheloop run`'s command and its process group.
 fn forward(pid: u32, signal: i32) {
-    // SAFETY: kill(2) on our own child, not yet reaped (the run ends when
-    // it exits, before the gate reaps it).
-    unsafe { libc::kill(pid as i32, signal) };
+    // SAFETY: kill(2) on the group our own child leads, not yet reaped (the
+    // gate reaps it after the run).
+    unsafe { libc::kill(-(pid as i32), signal) };
 }
 
 fn take(slot: &std::sync::Mutex<Option<String>>) -> Option<String> {

@@ -83,7 +83,13 @@ fn run_fails_the_gate_on_a_loop_from_the_first_instruction_and_stops_the_command
     let pid = attached_pid(&run);
     assert_eq!(verdict["pid"], pid);
     assert!(gone(pid), "the command was stopped");
-    assert!(run.stderr.contains("stopped it"), "{}", run.stderr);
+    // Said in the output, before the end.
+    let stopped = run
+        .of_type("warning")
+        .into_iter()
+        .find(|w| w["kind"] == "command_stopped")
+        .unwrap_or_else(|| panic!("no command_stopped record: {}", run.stdout));
+    assert_eq!(stopped["pid"], pid);
 }
 
 #[test]
@@ -151,7 +157,7 @@ fn run_gates_demo_cache_cyclic_rules_with_exit_3_and_healthy_ones_with_0() {
     assert_eq!(healthy.code, 0, "{healthy:?}");
     assert!(healthy.of_type("loop").is_empty(), "{}", healthy.stdout);
     assert!(
-        healthy.stderr.contains("no loop while watching"),
+        healthy.stderr.contains("still running: stopped it"),
         "{}",
         healthy.stderr
     );

@@ -6,7 +6,7 @@
 
 use std::{collections::BTreeMap, fmt::Write as _};
 
-use super::{Evidence, Health, Record, StartSettings, thousands};
+use super::{Evidence, Health, Record, StartSettings, thousands, times};
 
 /// Series drawn in the rates chart, busiest first; the rest are listed.
 const CHART_SERIES: usize = 8;
@@ -278,7 +278,7 @@ impl Incident {
                 h,
                 "<div class=\"verdict loop\" id=\"loop-{}-{:.0}\"><h2>Loop: {} in pid {}</h2>\n\
                  <p class=\"big\"><span class=\"n\">{}</span> calls/s against a baseline of \
-                 <span class=\"n\">{}</span> ({}x), confirmed at {:.1} s · cause: <b>{}</b></p>\n\
+                 <span class=\"n\">{}</span> ({}), confirmed at {:.1} s · cause: <b>{}</b></p>\n\
                  <p>{}</p><p>{}</p>\n",
                 l.pid,
                 l.ts,
@@ -286,7 +286,7 @@ impl Incident {
                 l.pid,
                 thousands(l.rate),
                 thousands(l.baseline),
-                (l.evidence.ratio * 10.0).round() / 10.0,
+                times(l.evidence.ratio),
                 self.at(l.ts),
                 esc(&l.evidence.cause.replace('_', " ")),
                 esc(&l.reason),
@@ -537,55 +537,65 @@ impl Incident {
         s
     }
 
-    /// The Markdown summary for a postmortem.
+    /// The Markdown summary for a postmortem. Text from the recording
+    /// (function names, keys: request data) is escaped, so it cannot break
+    /// the tables or inject markup where Markdown renders HTML.
     pub fn markdown(&self) -> String {
         let mut m = String::new();
         let _ = writeln!(
             m,
-            "## cacheloop: {}\n\nRecording `{}`, {:.0} s from {}, kernel {} ({}).\n",
+            "## cacheloop: {}\n\nRecording {}, {:.0} s from {}, kernel {} ({}).\n",
             if self.loops.is_empty() {
                 "no loop".to_owned()
             } else {
                 format!("{} loop(s)", self.loops.len())
             },
-            self.recording,
+            md(&self.recording),
             self.ended - self.started,
             utc(self.started),
-            self.kernel,
-            self.mode
+            md(&self.kernel),
+            md(&self.mode)
         );
         for l in &self.loops {
             let _ = writeln!(
                 m,
-                "### Loop: {} in pid {}\n\n- {} calls/s against a baseline of {} ({}x), confirmed at {:.1} s; cause: {}\n- Why: {}\n- {}",
-                l.functions.join(", "),
+                "### Loop: {} in pid {}\n\n- {} calls/s against a baseline of {} ({}), confirmed at {:.1} s; cause: {}\n- Why: {}\n- {}",
+                md(&l.functions.join(", ")),
                 l.pid,
                 thousands(l.rate),
                 thousands(l.baseline),
-                (l.evidence.ratio * 10.0).round() / 10.0,
+                times(l.evidence.ratio),
                 self.at(l.ts),
-                l.evidence.cause.replace('_', " "),
-                l.reason,
+                md(&l.evidence.cause.replace('_', " ")),
+                md(&l.reason),
                 match &l.recovered {
-                    Some((ts, why)) => format!("Recovered at {:.1} s: {why}", self.at(*ts)),
+                    Some((ts, why)) => format!("Recovered at {:.1} s: {}", self.at(*ts), md(why)),
                     None => "Still looping when the recording ended".to_owned(),
                 }
             );
+            let cycle = |items: &[String]| {
+                let mut walk: Vec<String> = items.iter().map(|k| md(k)).collect();
+                walk.extend(items.first().map(|k| md(k)));
+                walk.join(" → ")
+            };
             if let Some(keys) = &l.evidence.key_cycle {
-                let _ = writeln!(m, "- Key cycle: `{} → {}`", keys.join(" → "), keys[0]);
+                let _ = writeln!(m, "- Key cycle: {}", cycle(keys));
             }
-            if let Some(cycle) = &l.evidence.cycle {
-                let _ = writeln!(m, "- Call cycle: `{} → {}`", cycle.join(" → "), cycle[0]);
+            if let Some(functions) = &l.evidence.cycle {
+                let _ = writeln!(m, "- Call cycle: {}", cycle(functions));
             }
             if let Some(keys) = &l.evidence.top_keys {
                 let keys: Vec<String> = keys
                     .iter()
-                    .map(|k| format!("`{}` x{}", k.key, thousands(k.count as f64)))
+                    .map(|k| format!("{} x{}", md(&k.key), thousands(k.count as f64)))
                     .collect();
                 let _ = writeln!(m, "- Top keys: {}", keys.join(", "));
             }
             if let Some(stack) = &l.evidence.stack {
-                let _ = writeln!(m, "- Hottest path:\n\n```\n{}\n```", stack.join("\n"));
+                let _ = writeln!(m, "- Hottest path (innermost first):");
+                for frame in stack {
+                    let _ = writeln!(m, "  - {}", md(frame));
+                }
             }
             m.push('\n');
         }
@@ -597,23 +607,38 @@ impl Incident {
                 .map_or_else(|| "-".to_owned(), |b| thousands(*b));
             let _ = writeln!(
                 m,
-                "| {} | `{}` | {} | {baseline} |",
+                "| {} | {} | {} | {baseline} |",
                 key.0,
-                key.1,
+                md(&key.1),
                 thousands(peak)
             );
         }
         m.push_str("\n| time | what |\n|---:|---|\n");
         for (ts, what) in &self.timeline {
-            let _ = writeln!(
-                m,
-                "| {:.1} s | {} |",
-                self.at(*ts),
-                what.replace('|', "\\|")
-            );
+            let _ = writeln!(m, "| {:.1} s | {} |", self.at(*ts), md(what));
         }
         m
     }
+}
+
+/// Text for Markdown: one line, and none of the characters that would make
+/// it a table cell boundary, code, emphasis, a link or markup.
+fn md(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\\' | '`' | '*' | '_' | '[' | ']' | '|' | '#' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '\n' | '\r' => out.push(' '),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 fn record_ts(record: &Record) -> f64 {
@@ -752,14 +777,21 @@ mod tests {
             !html.contains("http://") && !html.contains("https://") && !html.contains("<script")
         );
         let md = i.markdown();
+        // Escaped: a function name or a key cannot break the tables.
         assert!(
-            md.contains("### Loop: Cache<K>::invalidate in pid 7"),
+            md.contains("### Loop: Cache&lt;K&gt;::invalidate in pid 7"),
             "{md}"
         );
         assert!(
-            md.contains("| 7 | `Cache<K>::invalidate` | 95,000 | 100 |"),
+            md.contains("| 7 | Cache&lt;K&gt;::invalidate | 95,000 | 100 |"),
             "{md}"
         );
+        assert!(md.contains("- Key cycle: page:a → frag:b → page:a"), "{md}");
+        assert_eq!(md_escape_check(), "a\\|b \\`c\\` d");
+    }
+
+    fn md_escape_check() -> String {
+        md("a|b `c`\nd")
     }
 
     #[test]
