@@ -712,16 +712,8 @@ impl Controller {
     /// `--name`: probes processes of those names that started since the
     /// last tick (a restart, a new worker).
     fn attach_new_named(&mut self) -> Vec<Record> {
-        let mut records = Vec::new();
-        self.failed.retain(|&(pid, _, _)| target::is_running(pid));
-        for process in target::processes_named(&self.names) {
-            let id = (process.pid, process.start_time, process.exe_id);
-            if self.live.contains_key(&process.pid) || self.failed.contains(&id) {
-                continue;
-            }
-            records.extend(self.attach_process(process));
-        }
-        records
+        let found = target::processes_named(&self.names);
+        self.attach_found(found, false)
     }
 
     /// `cacheloop run`: the command's children (and theirs) not watched
@@ -729,17 +721,26 @@ impl Controller {
     /// another program with none of the functions is left alone quietly (a
     /// shell, a helper): it is not what the gate watches.
     fn attach_new_descendants(&mut self, root: u32) -> Vec<Record> {
+        let found = target::descendants_of(root);
+        self.attach_found(found, true)
+    }
+
+    /// Attaches the processes `found` that are neither watched nor already
+    /// refused; `quiet_unmatched` drops the warning for one with none of
+    /// the functions.
+    fn attach_found(&mut self, found: Vec<Process>, quiet_unmatched: bool) -> Vec<Record> {
         let mut records = Vec::new();
         self.failed.retain(|&(pid, _, _)| target::is_running(pid));
-        for process in target::descendants_of(root) {
+        for process in found {
             let id = (process.pid, process.start_time, process.exe_id);
             if self.live.contains_key(&process.pid) || self.failed.contains(&id) {
                 continue;
             }
             let attached = self.attach_process(process);
             records.extend(attached.into_iter().filter(|r| {
-                !matches!(r, Record::Warning { kind, message, .. }
-                    if kind == "attach_failed" && message.contains(UNMATCHED))
+                !(quiet_unmatched
+                    && matches!(r, Record::Warning { kind, message, .. }
+                        if kind == "attach_failed" && message.contains(UNMATCHED)))
             }));
         }
         records

@@ -26,7 +26,7 @@ use std::{
     io,
     os::unix::process::{CommandExt as _, ExitStatusExt as _},
     process::{Child, Command, ExitStatus, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -188,15 +188,7 @@ fn release(pid: u32) -> anyhow::Result<()> {
 /// `grace` to whatever is left of the group (children included). The
 /// command is left for its parent to reap; says what it took.
 pub fn stop(pid: u32, grace: Duration) -> String {
-    let group = pid as i32;
-    // SAFETY: kill(2) on the group our unreaped child leads.
-    unsafe { libc::kill(-group, libc::SIGTERM) };
-    let deadline = Instant::now() + grace;
-    let ended = target::wait_unreaped(group, || Instant::now() >= deadline);
-    // SAFETY: as above; the leader is not reaped, so the group id is
-    // still this group's.
-    unsafe { libc::kill(-group, libc::SIGKILL) };
-    if ended {
+    if target::stop_group(pid as i32, grace) {
         "it ended on SIGTERM".to_owned()
     } else {
         format!("SIGKILL after {grace:?}: SIGTERM did not end it")

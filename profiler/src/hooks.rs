@@ -264,16 +264,13 @@ fn run_one(due: &Due, deadline: Instant, stop_by: impl Fn() -> Option<Instant>) 
         let now = Instant::now();
         now >= deadline || stop_by().is_some_and(|at| now >= at)
     });
-    if !ended {
-        // SAFETY: kill(2) on the group our unreaped child leads.
-        unsafe { libc::kill(-group, libc::SIGTERM) };
-        let grace = Instant::now() + GRACE;
-        target::wait_unreaped(group, || Instant::now() >= grace);
-    }
     // Whatever is left in its group goes, the hook itself if it is still
-    // there. SAFETY: as above; the leader is not reaped yet, so the group
-    // id is still this group's.
-    unsafe { libc::kill(-group, libc::SIGKILL) };
+    // there (the leader is not reaped yet: the group id is still its).
+    if ended {
+        target::kill_group(group);
+    } else {
+        target::stop_group(group, GRACE);
+    }
     let status = child.wait();
     match (ended, status) {
         (true, Ok(status)) => record(status.code(), status.signal(), false, None),

@@ -373,6 +373,25 @@ pub fn wait_unreaped(pid: i32, give_up: impl Fn() -> bool) -> bool {
     }
 }
 
+/// Stops the process group `leader` leads (our child, not yet reaped, so
+/// the group id is still its group's): SIGTERM, then SIGKILL after `grace`
+/// to whatever is left, children included. Whether the leader ended on the
+/// SIGTERM.
+pub fn stop_group(leader: i32, grace: std::time::Duration) -> bool {
+    // SAFETY: kill(2) on the group our unreaped child leads.
+    unsafe { libc::kill(-leader, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + grace;
+    let ended = wait_unreaped(leader, || std::time::Instant::now() >= deadline);
+    kill_group(leader);
+    ended
+}
+
+/// SIGKILL to the group `leader` (our unreaped child) leads.
+pub fn kill_group(leader: i32) {
+    // SAFETY: as in `stop_group`.
+    unsafe { libc::kill(-leader, libc::SIGKILL) };
+}
+
 /// The live processes descended from `root` (its children, theirs, ...),
 /// by the parent pids in `/proc/PID/stat`.
 pub fn descendants_of(root: u32) -> Vec<Process> {
