@@ -245,3 +245,36 @@ pub struct StackKey {
 #[cfg(feature = "user")]
 // SAFETY: `#[repr(C)]`, four `u32`s, no padding; any bits are valid.
 unsafe impl aya::Pod for StackKey {}
+
+/// Name of the perf-event program that samples the on-CPU user code of
+/// watched processes (discovery: no `--func` given).
+pub const SAMPLE_PROGRAM: &str = "sample_user";
+/// Name of the hash of processes the sampler keeps (tgid -> 1).
+pub const SAMPLED_MAP: &str = "SAMPLED";
+/// Name of the LRU per-CPU map of sampled user stacks, counted.
+pub const SAMPLES_MAP: &str = "SAMPLES";
+/// Processes the sampler can keep.
+pub const SAMPLED_ENTRIES: u32 = 1_024;
+/// Distinct sampled stacks kept between two readings (LRU: the busy ones
+/// stay). At the sampling frequency a reading sees a few hundred at most.
+pub const SAMPLES_ENTRIES: u32 = 4_096;
+/// User frames kept per sample: the on-CPU address and a few callers, so
+/// that time spent in a library (memcpy, malloc) is put down to the
+/// target's own function that called it.
+pub const SAMPLE_FRAMES: usize = 4;
+
+/// Key of `SAMPLES`: a process and its innermost user frames. `depth`
+/// frames of `ips` are set, the rest zero. Two `u32`s then `u64`s: no
+/// padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SampleKey {
+    pub tgid: u32,
+    pub depth: u32,
+    pub ips: [u64; SAMPLE_FRAMES],
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `#[repr(C)]`, two `u32`s then four `u64`s, no padding; any bits
+// are valid.
+unsafe impl aya::Pod for SampleKey {}

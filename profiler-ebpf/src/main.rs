@@ -26,6 +26,10 @@
 //!   a sequence cannot be sampled without breaking it.
 //!
 //! One random draw per hit decides both samples.
+//!
+//! Without `--func`, `sample_user` (a perf-event program on a CPU-clock
+//! tick) samples the watched processes' on-CPU user code, so the loader can
+//! pick the functions worth counting; it counts stacks, nothing more.
 #![no_std]
 #![no_main]
 // For `atomic_xadd`, see `add`. The crate is built with -Z build-std
@@ -39,19 +43,20 @@ use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_probe_read_user,
-        bpf_probe_read_user_str_bytes, generated::bpf_get_attach_cookie,
+        bpf_probe_read_user_str_bytes,
+        generated::{bpf_get_attach_cookie, bpf_get_stack},
     },
-    macros::{map, uprobe},
-    maps::{Array, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, StackTrace},
-    programs::{ProbeContext, tracing::StackIdContext as _},
+    macros::{map, perf_event, uprobe},
+    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, StackTrace},
+    programs::{PerfEventContext, ProbeContext, tracing::StackIdContext as _},
 };
 use aya_log_ebpf::warn;
 use profiler_common::{
     CALIBRATION_COOKIE, CALIBRATION_KEY_SLOT, CALLERS_ENTRIES, COOKIE_SLOT_SHIFT, CallKey,
     CallerKey, DEFAULT_COUNTS_ENTRIES, FuncConfig, KEY_EDGES_ENTRIES, KEY_MORE_CHUNKS, KEY_NONE,
     KEY_STR, KEY_STR_AT, KEY_TEXT_LEN, KEY_TRUNCATED, KEY_U64, KEYS_ENTRIES, KeyEdge, KeyId,
-    KeyText, LAST_KEY_ENTRIES, MAX_CALLER_SHIFT, STACK_ENTRIES, STACK_SAMPLE_EVERY, StackKey,
-    fnv1a, fnv1a_more,
+    KeyText, LAST_KEY_ENTRIES, MAX_CALLER_SHIFT, SAMPLE_FRAMES, SAMPLED_ENTRIES, SAMPLES_ENTRIES,
+    STACK_ENTRIES, STACK_SAMPLE_EVERY, SampleKey, StackKey, fnv1a, fnv1a_more,
 };
 
 /// Calls per (function, process) of pairs with a slot (see
@@ -122,6 +127,18 @@ static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static PAUSED: Array<u32> = Array::with_max_entries(1, 0);
 
+/// The processes whose on-CPU code `sample_user` samples (tgid -> 1), set
+/// by the loader.
+#[map]
+static SAMPLED: HashMap<u32, u32> = HashMap::with_max_entries(SAMPLED_ENTRIES, 0);
+
+/// Sampled user stacks (innermost frames), counted. LRU, so preallocated:
+/// a perf-event program may only use preallocated hashes on some kernels.
+/// The loader reads and empties it each interval.
+#[map]
+static SAMPLES: LruPerCpuHashMap<SampleKey, u64> =
+    LruPerCpuHashMap::with_max_entries(SAMPLES_ENTRIES, 0);
+
 #[uprobe(multi)]
 pub fn count_calls_multi(ctx: ProbeContext) -> u32 {
     count::<false>(&ctx)
@@ -140,6 +157,41 @@ pub fn count_keyed_multi(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn count_keyed(ctx: ProbeContext) -> u32 {
     count::<true>(&ctx)
+}
+
+/// Discovery: runs on a CPU-clock tick on every CPU (a low frequency set
+/// by the loader) and, when the interrupted task belongs to a sampled
+/// process, counts its innermost user frames. With the task in the kernel
+/// at the tick, the helper starts from the registers saved at its entry,
+/// so a loop that spends its time in system calls still names its code.
+#[perf_event]
+pub fn sample_user(ctx: PerfEventContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: the value is only tested for presence.
+    if unsafe { SAMPLED.get(&tgid) }.is_none() {
+        return 0;
+    }
+    let mut key = SampleKey {
+        tgid,
+        depth: 0,
+        ips: [0; SAMPLE_FRAMES],
+    };
+    // SAFETY: the helper writes at most `size` bytes into `key.ips`, which
+    // has exactly that many; the context is the one the kernel passed us.
+    let written = unsafe {
+        bpf_get_stack(
+            ctx.as_ptr(),
+            key.ips.as_mut_ptr().cast(),
+            (SAMPLE_FRAMES * 8) as u32,
+            u64::from(BPF_F_USER_STACK),
+        )
+    };
+    if written <= 0 {
+        return 0;
+    }
+    key.depth = (written / 8) as u32;
+    add_lru(&SAMPLES, &key, 1);
+    0
 }
 
 /// One hit. `KEYS`: read keys where configured; without it the key path is

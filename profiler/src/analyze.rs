@@ -348,6 +348,8 @@ pub struct Analyzer {
     by_key: HashMap<(u32, u32), u64>,
     calls: Vec<u64>,
     is_request: Vec<bool>,
+    /// By function: picked for its heat (see `discover.rs`).
+    is_hot_pick: Vec<bool>,
 }
 
 /// What a reporting period summed so far.
@@ -510,6 +512,7 @@ impl Analyzer {
             by_key: HashMap::new(),
             calls: Vec::new(),
             is_request: Vec::new(),
+            is_hot_pick: Vec::new(),
         }
     }
 
@@ -527,6 +530,13 @@ impl Analyzer {
         self.is_request.clear();
         self.is_request
             .extend((0..catalog.len() as u32).map(|f| catalog.is_request(f)));
+        self.is_hot_pick.clear();
+        self.is_hot_pick.extend(
+            catalog
+                .functions
+                .iter()
+                .map(|f| f.picked == Some(crate::catalog::Picked::Hot)),
+        );
         self.notice_processes(catalog, &snap.processes, snap.elapsed);
         self.kernel_warnings(snap, &mut out);
         let evicted_before = self.evicted;
@@ -686,6 +696,7 @@ impl Analyzer {
                     explained_by_requests: per_request.is_some_and(|r| r.explained),
                     per_request_risen: per_request.is_some_and(|r| r.risen),
                     process_looping,
+                    heat_only: self.is_hot_pick[func as usize],
                 };
                 match self.detector.observe_with(series, rate, seconds, signals) {
                     Some(detect::Event::Loop(v)) => verdicts.entry(pid).or_default().push(v),
@@ -695,9 +706,10 @@ impl Analyzer {
                 any_suspect |= self.detector.suspect(series);
             }
             // All its judged functions together: a loop spread over several
-            // functions adds up here.
+            // functions adds up here. Not the functions picked for their
+            // heat: one picked mid-run would read as the sum running away.
             let judged: Vec<u32> = (0..catalog.len() as u32)
-                .filter(|&f| !self.is_request[f as usize])
+                .filter(|&f| !self.is_request[f as usize] && !self.is_hot_pick[f as usize])
                 .collect();
             let calls: u64 = judged.iter().map(|&f| self.calls[f as usize]).sum();
             let base = Signals {
@@ -1490,6 +1502,7 @@ mod tests {
                     }],
                     key: Some(KeySpec::Str { arg: 0 }),
                     request: n.starts_with("handle"),
+                    picked: n.starts_with("hot_").then_some(crate::catalog::Picked::Hot),
                 })
                 .collect(),
         }

@@ -87,6 +87,22 @@ pub struct Function {
     pub key: Option<KeySpec>,
     /// Marks a request served (`--request-func`): counted, not judged.
     pub request: bool,
+    /// Picked by cacheloop (no `--func`), and how: see `discover.rs`.
+    /// Recordings store it beside the catalog (`Item::PickedCatalog`), so
+    /// that catalogs of format 3 still read.
+    #[serde(skip)]
+    pub picked: Option<Picked>,
+}
+
+/// How a function was picked when none was named.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Picked {
+    /// Its name reads like invalidation.
+    Name,
+    /// It was hot in the on-CPU samples: judged against its process's
+    /// learned CPU when it has no history of its own.
+    Hot,
 }
 
 /// Every probed function, by id (the index).
@@ -157,6 +173,7 @@ mod tests {
             ranges: vec![Range { start, end }],
             key: None,
             request: false,
+            picked: None,
         }
     }
 

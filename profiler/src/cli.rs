@@ -158,12 +158,10 @@ pub struct WatchArgs {
 
     /// Functions to count: a glob (`*`, `?`, `[..]`) over demangled names
     /// (C, C++, Rust), in the executable and the libraries it maps; repeat
-    /// for several.
-    #[arg(
-        long = "func",
-        value_name = "PATTERN",
-        required_unless_present = "preset"
-    )]
+    /// for several. Without --func (or a preset), cacheloop picks them: the
+    /// executable's functions whose names read like invalidation, and those
+    /// its on-CPU samples find hot.
+    #[arg(long = "func", value_name = "PATTERN")]
     pub funcs: Vec<String>,
 
     /// Watch a cache's invalidation functions as Debian packages it: redis
@@ -569,8 +567,9 @@ mod tests {
     }
 
     #[test]
-    fn a_function_or_a_preset_is_required() {
-        assert!(parse(&["watch", "--pid", "1"]).is_err());
+    fn functions_may_be_left_to_cacheloop() {
+        let w = watch(&["watch", "--pid", "1"]);
+        assert!(w.funcs.is_empty() && w.preset.is_none());
         let w = watch(&["watch", "--preset", "redis"]);
         assert_eq!(w.preset.as_deref(), Some("redis"));
         assert!(w.funcs.is_empty());

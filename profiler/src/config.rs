@@ -61,6 +61,8 @@ pub struct WatchConfig {
     pub patterns: Vec<Pattern>,
     /// The `--request-func` patterns (also in `patterns`).
     pub request_patterns: Vec<Pattern>,
+    /// No `--func` and no preset: cacheloop picks the functions.
+    pub discover: bool,
     pub interval: Duration,
     pub duration: Option<Duration>,
     pub rules: Rules,
@@ -310,6 +312,7 @@ impl TryFrom<WatchArgs> for WatchConfig {
             .collect::<Result<_, _>>()?;
         let mut patterns: Vec<Pattern> = patterns;
         patterns.extend(request_patterns.iter().cloned());
+        let discover = args.funcs.is_empty() && preset.is_none();
         let mut pids = args.pid;
         pids.sort_unstable();
         pids.dedup();
@@ -319,6 +322,7 @@ impl TryFrom<WatchArgs> for WatchConfig {
             names,
             patterns,
             request_patterns,
+            discover,
             interval: args.interval,
             duration: args.duration,
             rules: Rules {

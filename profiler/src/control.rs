@@ -23,11 +23,13 @@ use crate::{
     catalog::{Catalog, FileId},
     collect::Collector,
     config::WatchConfig,
+    discover::{self, CodeIndex, HotSet},
     governor::{self, Governor},
     plan::{FileTarget, Planner},
     probes::{AttachMode, AttachRequest, MAX_FUNCTIONS, ProbeError, Probes},
     report::{self, Record, unix_now},
     snapshot::Snapshot,
+    symbols::SymbolTable,
     target::{self, Binary, Process},
 };
 
@@ -80,6 +82,18 @@ pub struct Controller {
     /// time, program: one that runs exec is tried again):
     /// said once, not tried again each tick.
     failed: std::collections::HashSet<(u32, u64, FileId)>,
+    /// Without `--func`: what the on-CPU samples picked so far.
+    discovery: Option<Discovery>,
+}
+
+/// Discovery's state (the picking itself is `discover.rs`'s).
+#[derive(Default)]
+struct Discovery {
+    hot: HotSet,
+    /// Executables' code, by file, to put samples down to functions.
+    indexes: HashMap<FileId, CodeIndex>,
+    /// The last reading of the sampler (reused).
+    samples: Vec<(profiler_common::SampleKey, u64)>,
 }
 
 impl Controller {
@@ -136,7 +150,13 @@ impl Controller {
         } else {
             0
         };
-        let slots = catalog.len().max(1) * (processes.len() + later);
+        // Without --func, room for what the samples may pick later too.
+        let functions = if config.discover {
+            catalog.len() + discover::MAX_HOT
+        } else {
+            catalog.len().max(1)
+        };
+        let slots = functions * (processes.len() + later);
         // Pairs probed in one process count in an array slot each (the
         // cheapest count per hit); with --name, room for processes that
         // restart (a pair's slot is taken back when its process exits).
@@ -146,12 +166,13 @@ impl Controller {
         } else {
             processes.len().max(4)
         };
-        let one_process = catalog.len().max(1) * (processes.len() + restarts);
+        let one_process = functions * (processes.len() + restarts);
         let keys = config.key_arg.is_some() || !config.preset_keys.is_empty();
         let mut probes = Probes::load(
             slots.clamp(1024, 1 << 20) as u32,
             one_process.clamp(64, 1 << 16) as u32,
             keys,
+            config.discover.then_some(discover::SAMPLE_HZ),
         )?;
         for request in &requests {
             if let Err(err) = probes.attach(request) {
@@ -197,15 +218,21 @@ impl Controller {
             pacing: Pacing::default(),
             started,
             failed: std::collections::HashSet::new(),
+            discovery: config.discover.then(Discovery::default),
         };
         controller
             .apply_keys()
             .context("cannot tell the kernel how to read keys")?;
         let attach_seconds = started.elapsed().as_secs_f64();
-        let records = requests
-            .iter()
-            .map(|r| controller.attached_record(r, attach_seconds))
-            .collect();
+        let mut records = controller.picked_records();
+        records.extend(
+            requests
+                .iter()
+                .map(|r| controller.attached_record(r, attach_seconds)),
+        );
+        if let Some(sampler) = controller.probes.sampler() {
+            sampler.set_processes(&controller.live.keys().copied().collect());
+        }
         Ok((controller, records))
     }
 
@@ -457,7 +484,164 @@ impl Controller {
         if follow && let Some(root) = self.command {
             records.extend(self.attach_new_descendants(root));
         }
+        if report && !last {
+            records.extend(self.pick_hot());
+        }
+        records.extend(self.picked_records());
         Ok(records)
+    }
+
+    /// `picked` records for what the planner picked since the last call
+    /// (by name, as executables are planned); their hot set knows them.
+    fn picked_records(&mut self) -> Vec<Record> {
+        let picks = self.planner.take_picks();
+        let mut records = Vec::with_capacity(picks.len());
+        for pick in picks {
+            if let Some(d) = &mut self.discovery {
+                d.hot.counted(pick.file, &pick.name);
+            }
+            records.push(self.picked_record(&pick));
+        }
+        records
+    }
+
+    fn picked_record(&self, pick: &discover::Pick) -> Record {
+        let path = self
+            .live
+            .values()
+            .find(|p| p.exe_id == pick.file)
+            .map(|p| p.exe_name.display().to_string())
+            .or_else(|| self.binary.as_ref().map(|b| b.path.display().to_string()))
+            .unwrap_or_default();
+        let (samples, of) = match pick.why {
+            discover::Why::Hot { samples, of } => (Some(samples), Some(of)),
+            discover::Why::Name(_) => (None, None),
+        };
+        Record::Picked {
+            ts: unix_now(),
+            function: pick.name.clone(),
+            path,
+            why: pick.why.kind().to_owned(),
+            reason: pick.why.describe(),
+            samples,
+            of_samples: of,
+        }
+    }
+
+    /// Without `--func`, at the end of each interval: reads the on-CPU
+    /// samples of the watched processes, puts each down to a function of
+    /// its executable, and attaches the functions newly hot wherever that
+    /// executable runs. Returns the `picked` and `attached` records.
+    fn pick_hot(&mut self) -> Vec<Record> {
+        let Some(mut d) = self.discovery.take() else {
+            return Vec::new();
+        };
+        let records = self.pick_hot_with(&mut d);
+        self.discovery = Some(d);
+        records
+    }
+
+    fn pick_hot_with(&mut self, d: &mut Discovery) -> Vec<Record> {
+        let Some(sampler) = self.probes.sampler() else {
+            return Vec::new();
+        };
+        sampler.set_processes(&self.live.keys().copied().collect());
+        sampler.drain(&mut d.samples);
+        let binary = self.binary.as_ref().map(|b| b.id);
+        // Each process's own code: its executable (or the --binary file),
+        // where it is mapped now.
+        let mut own: HashMap<u32, (FileId, Vec<crate::cycles::Mapping>)> = HashMap::new();
+        let mut functions = Vec::new();
+        let mut total = 0;
+        if d.indexes.len() > 64 {
+            d.indexes.clear();
+        }
+        for (key, n) in &d.samples {
+            total += n;
+            let Some(process) = self.live.get(&key.tgid) else {
+                continue;
+            };
+            let (file, maps) = own.entry(key.tgid).or_insert_with(|| {
+                let file = binary
+                    .filter(|b| *b != FileId::default())
+                    .unwrap_or(process.exe_id);
+                let text = std::fs::read_to_string(format!("/proc/{}/maps", process.pid))
+                    .unwrap_or_default();
+                let maps = crate::cycles::parse_maps(&text)
+                    .into_iter()
+                    .filter(|m| m.inode == file.ino)
+                    .collect();
+                (file, maps)
+            });
+            if maps.is_empty() {
+                continue;
+            }
+            let index = match d.indexes.entry(*file) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    let symbols = match self.planner.symbols(*file) {
+                        Some(symbols) => CodeIndex::new(symbols),
+                        None => {
+                            match SymbolTable::read(&process.exe, &process.exe_name, &process.root)
+                            {
+                                Ok(table) => CodeIndex::new(&table.symbols),
+                                Err(e) => {
+                                    log::debug!(
+                                        "cannot read the symbols of pid {}: {e}",
+                                        process.pid
+                                    );
+                                    CodeIndex::new(&[])
+                                }
+                            }
+                        }
+                    };
+                    e.insert(symbols)
+                }
+            };
+            let depth = (key.depth as usize).min(key.ips.len());
+            if let Some(name) = discover::attribute(&key.ips[..depth], maps, index) {
+                functions.extend(std::iter::repeat_n((*file, name.to_owned()), *n as usize));
+            }
+        }
+        d.hot
+            .observe(self.started.elapsed().as_secs_f64(), functions, total);
+        let picks = d.hot.picks();
+        if picks.is_empty() {
+            return Vec::new();
+        }
+        let mut records: Vec<Record> = picks.iter().map(|p| self.picked_record(p)).collect();
+        let started = Instant::now();
+        let mut files: Vec<FileId> = picks.iter().map(|p| p.file).collect();
+        files.dedup();
+        for file in files {
+            let names: Vec<String> = picks
+                .iter()
+                .filter(|p| p.file == file)
+                .map(|p| p.name.clone())
+                .collect();
+            self.planner.pick_hot(file, &names);
+            let targets: Vec<FileTarget> = match &self.binary {
+                Some(b) if b.id == file => vec![binary_file(b)],
+                _ => self
+                    .live
+                    .values()
+                    .filter(|p| p.exe_id == file)
+                    .filter_map(|p| FileTarget::of_process(p).into_iter().next())
+                    .collect(),
+            };
+            match self.planner.requests_for_picks(&targets, &names) {
+                Ok(requests) => records.extend(self.attach_requests(&requests, started).0),
+                Err(e) => records.push(warning(
+                    None,
+                    "attach_failed",
+                    format!(
+                        "cannot probe the functions picked ({}): {e:#}",
+                        names.join(", ")
+                    ),
+                )),
+            }
+        }
+        records
     }
 
     /// A request the kernel refused on re-attach: that process (or file)
@@ -766,7 +950,9 @@ impl Controller {
             .planner
             .requests(&FileTarget::of_process(&process), false, "")
         {
-            Ok(requests) if requests.is_empty() => {
+            // Without --func, a process with nothing picked yet is still
+            // watched: its samples may pick functions later.
+            Ok(requests) if requests.is_empty() && !self.planner.discovers() => {
                 let none = anyhow::anyhow!("{UNMATCHED}");
                 self.failed
                     .insert((pid, process.start_time, process.exe_id));

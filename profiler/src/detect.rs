@@ -161,6 +161,11 @@ pub struct Signals {
     pub per_request_risen: bool,
     /// Another series of the process is in a loop: learn nothing.
     pub process_looping: bool,
+    /// The function was picked for its heat (no `--func`): with no history
+    /// of its own, a cycle is a loop only if its process's CPU rose above
+    /// what the process learned. Heat is no evidence: a healthy recursive
+    /// parser is hot and calls itself through others all day.
+    pub heat_only: bool,
 }
 
 /// Why a loop was called: the strongest signal that confirmed it.
@@ -653,7 +658,10 @@ fn judge(
         } else {
             // No history: the cycle must be most of what the process does
             // (a busy server emptying a few queues in turn is not a loop).
-            (call_cycle || key_cycle) && cpu_hot && signals.cycle_dominance >= DOMINANT_CYCLE
+            (call_cycle || key_cycle)
+                && cpu_hot
+                && signals.cycle_dominance >= DOMINANT_CYCLE
+                && (!signals.heat_only || signals.cpu_baseline.is_some())
         };
 
     // The rate; corroborated over the window (see `observe_with`).
@@ -939,6 +947,37 @@ mod tests {
         assert!(found[0].1.agreed.no_history);
         // The loop was never learned as the baseline.
         assert_eq!(d.baseline(KEY), None);
+    }
+
+    #[test]
+    fn a_hot_pick_needs_its_process_cpu_to_have_risen() {
+        // Picked for its heat (no --func) with no history of its own: a
+        // busy recursive parser in a process that always burns a core is
+        // not a loop...
+        let cycle = Signals {
+            call_cycle: true,
+            cycle_dominance: 1.0,
+            heat_only: true,
+            cpu: Some(1.0),
+            ..Signals::default()
+        };
+        let mut d = Detector::new(Rules::default());
+        assert_eq!(run(&mut d, &[(40_000.0, 5.0, cycle)]), vec![]);
+        let steady = Signals {
+            cpu_baseline: Some(0.95),
+            ..cycle
+        };
+        let mut d = Detector::new(Rules::default());
+        assert_eq!(run(&mut d, &[(40_000.0, 5.0, steady)]), vec![]);
+        // ...but one picked as its process went from idle to a core is.
+        let risen = Signals {
+            cpu_baseline: Some(0.05),
+            ..cycle
+        };
+        let mut d = Detector::new(Rules::default());
+        let found = loops(&run(&mut d, &[(40_000.0, 2.0, risen)]));
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].1.cause, Cause::CallCycle);
     }
 
     #[test]

@@ -4,12 +4,14 @@
 //!
 //! - kernel-facing: [`control`] (targets, attach/detach, probe windows; the
 //!   only owner of links, through [`probes`], which hands a copy of each to
-//!   the [`custody`] helper process) and [`collect`] (one raw
+//!   the [`custody`] helper process, and, without `--func`, runs the
+//!   on-CPU [`sampler`]) and [`collect`] (one raw
 //!   [`snapshot`] per tick from the kernel's maps, read in batches, and
 //!   `/proc`);
 //! - pure, unit-tested without root: [`analyze`] ((catalog, snapshot,
 //!   settings) -> events, with [`detect`], [`cycles`] and [`governor`]),
-//!   [`catalog`], [`symbols`], [`report`] (records and sinks), [`recording`]
+//!   [`catalog`], [`symbols`], [`discover`] (which functions to count when
+//!   none is named), [`report`] (records and sinks), [`recording`]
 //!   (the `--record` format), [`config`] and [`cli`], [`presets`];
 //! - off the control path: [`enrich`] (names, key texts, [`symbolize`]d
 //!   stacks) and the sinks, on threads run by [`pipeline`];
@@ -29,6 +31,7 @@ pub mod control;
 pub mod custody;
 pub mod cycles;
 pub mod detect;
+pub mod discover;
 pub mod enrich;
 pub mod exporter;
 pub mod gate;
@@ -43,6 +46,7 @@ pub mod probes;
 pub mod recording;
 pub mod replay;
 pub mod report;
+pub mod sampler;
 pub mod snapshot;
 pub mod symbolize;
 pub mod symbols;

@@ -317,7 +317,7 @@ impl Pipeline {
                     match msg {
                         Msg::Catalog(catalog) => {
                             if let Some(rec) = &rec {
-                                rec.send(RecMsg::Item(Box::new(Item::Catalog((*catalog).clone()))));
+                                rec.send(RecMsg::Item(Box::new(Item::catalog(&catalog))));
                             }
                             enricher.set_catalog(catalog);
                         }

@@ -12,7 +12,7 @@ use std::{
 };
 
 use crate::{
-    catalog::{Catalog, FileId, Function, KeySpec, Range},
+    catalog::{Catalog, FileId, Function, KeySpec, Picked, Range},
     cli::KeyArg,
     cli::KeyKind,
     config::WatchConfig,
@@ -61,6 +61,12 @@ pub struct Planner {
     ids: HashMap<(FileId, String), u32>,
     published: Arc<Catalog>,
     changed: bool,
+    /// No `--func`: the functions are picked (`discover.rs`), per
+    /// executable: by name when it is first planned, by heat later.
+    discover: bool,
+    picked: HashMap<FileId, HashMap<String, Picked>>,
+    /// Picks made since the controller last took them, to report.
+    new_picks: Vec<crate::discover::Pick>,
 }
 
 impl Planner {
@@ -76,6 +82,67 @@ impl Planner {
             ids: HashMap::new(),
             published: Arc::new(Catalog::default()),
             changed: false,
+            discover: config.discover,
+            picked: HashMap::new(),
+            new_picks: Vec::new(),
+        }
+    }
+
+    /// Functions are picked, not named (no `--func`).
+    pub fn discovers(&self) -> bool {
+        self.discover
+    }
+
+    /// The picks made since the last call (to report), and how many more
+    /// functions read like invalidation but were left out by the cap.
+    pub fn take_picks(&mut self) -> Vec<crate::discover::Pick> {
+        std::mem::take(&mut self.new_picks)
+    }
+
+    /// Every function picked in file `file` so far.
+    pub fn picked_in(&self, file: FileId) -> impl Iterator<Item = &str> {
+        self.picked
+            .get(&file)
+            .into_iter()
+            .flat_map(|names| names.keys().map(String::as_str))
+    }
+
+    /// A read file's symbols, if it is held.
+    pub fn symbols(&self, file: FileId) -> Option<&[Symbol]> {
+        self.tables.get(&file).map(|(_, t)| t.symbols.as_slice())
+    }
+
+    /// Functions of `file` picked for their heat: planned from now on
+    /// wherever it runs.
+    pub fn pick_hot(&mut self, file: FileId, names: &[String]) {
+        let picked = self.picked.entry(file).or_default();
+        for name in names {
+            picked.entry(name.clone()).or_insert(Picked::Hot);
+        }
+    }
+
+    /// Picks by name in an executable planned for the first time.
+    fn pick_named(&mut self, exe: FileId) {
+        if !self.discover || self.picked.contains_key(&exe) {
+            return;
+        }
+        let table = &self.tables[&exe].1;
+        let (named, left_out) = crate::discover::named(&table.symbols);
+        let picked = self.picked.entry(exe).or_default();
+        for (symbol, word) in named {
+            picked.insert(symbol.name.clone(), Picked::Name);
+            self.new_picks.push(crate::discover::Pick {
+                file: exe,
+                name: symbol.name.clone(),
+                why: crate::discover::Why::Name(word),
+            });
+        }
+        if left_out > 0 {
+            log::warn!(
+                "{left_out} more function(s) of {} read like invalidation but were left out (at most {} are picked by name); name them with --func",
+                table.path.display(),
+                crate::discover::MAX_NAMED
+            );
         }
     }
 
@@ -109,13 +176,24 @@ impl Planner {
             return Ok(Vec::new());
         };
         let exe_id = self.load(exe)?;
+        self.pick_named(exe_id);
         let table = &self.tables[&exe_id].1;
         let (in_exe, elsewhere): (Vec<Pattern>, Vec<Pattern>) = self
             .patterns
             .iter()
             .cloned()
             .partition(|p| table.symbols.iter().any(|s| p.selects(s)));
-        let mut chosen = vec![(exe, exe_id, points_of(table.matching(&in_exe)))];
+        let mut in_exe = points_of(table.matching(&in_exe));
+        if let Some(picked) = self.picked.get(&exe_id) {
+            let more: Vec<Symbol> = table
+                .symbols
+                .iter()
+                .filter(|s| picked.contains_key(&s.name) && !in_exe.contains(s))
+                .cloned()
+                .collect();
+            in_exe.extend(more);
+        }
+        let mut chosen = vec![(exe, exe_id, in_exe)];
         if !elsewhere.is_empty() {
             let found: Vec<(FileId, &FileTarget)> = libraries
                 .iter()
@@ -169,7 +247,13 @@ impl Planner {
                     .request_patterns
                     .iter()
                     .any(|p| p.matches(&symbol.name));
-                let key = if request {
+                let picked = self
+                    .picked
+                    .get(&file_id)
+                    .and_then(|names| names.get(&symbol.name))
+                    .copied()
+                    .filter(|_| !request);
+                let key = if request || picked == Some(Picked::Hot) {
                     None
                 } else {
                     self.key_spec(&symbol.name)
@@ -182,6 +266,7 @@ impl Planner {
                     ranges: Vec::new(),
                     key,
                     request,
+                    picked,
                 });
                 self.changed = true;
                 next
@@ -265,6 +350,46 @@ impl Planner {
         self.tables
             .retain(|_, (file, _)| Arc::strong_count(file) > 1);
         before - self.tables.len()
+    }
+
+    /// The attach requests for functions of an executable picked since it
+    /// was planned (`names`), in each of `files` (that executable, as one
+    /// process or every process maps it). Only those functions: the
+    /// others are attached already.
+    pub fn requests_for_picks(
+        &mut self,
+        files: &[FileTarget],
+        names: &[String],
+    ) -> anyhow::Result<Vec<AttachRequest>> {
+        let mut requests = Vec::new();
+        for file in files {
+            let id = self.load(file)?;
+            let symbols: Vec<Symbol> = self.tables[&id]
+                .1
+                .symbols
+                .iter()
+                .filter(|s| names.contains(&s.name))
+                .cloned()
+                .collect();
+            if symbols.is_empty() {
+                continue;
+            }
+            let mapped = match file.pid {
+                Some(_) => file.shown.clone(),
+                None => crate::cycles::canonical(&file.shown),
+            };
+            let points = symbols
+                .iter()
+                .map(|symbol| (symbol.file_offset, self.add(id, &mapped, symbol)))
+                .collect();
+            requests.push(AttachRequest {
+                file: self.tables[&id].0.clone(),
+                shown: file.shown.clone(),
+                pid: file.pid,
+                points,
+            });
+        }
+        Ok(requests)
     }
 
     /// Drops a file's symbols and retires its function ids: planned again,

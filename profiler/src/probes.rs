@@ -18,7 +18,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{batch::BatchReader, catalog::FileId, custody::Custody, target::OpenFile};
+use crate::{
+    batch::BatchReader, catalog::FileId, custody::Custody, sampler::Sampler, target::OpenFile,
+};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
@@ -38,8 +40,8 @@ use profiler_common::{
     COUNT_SLOTS_MAP, COUNTS_MAP, CallKey, CallerKey, DROPS_MAP, FUNC_CONFIG_MAP, FuncConfig,
     KEY_EDGES_ENTRIES, KEY_EDGES_MAP, KEY_NONE, KEY_TEXT_LEN, KEY_TEXT_MAP, KEY_U64, KEYS_ENTRIES,
     KEYS_MAP, KeyEdge, KeyId, KeyText, LAST_KEY_ENTRIES, LAST_KEY_MAP, MAX_CALLER_SHIFT,
-    PAUSED_MAP, PROG_MULTI, PROG_MULTI_KEYED, PROG_SINGLE, PROG_SINGLE_KEYED, STACK_COUNTS_MAP,
-    STACK_ENTRIES, STACKS_MAP, StackKey,
+    PAUSED_MAP, PROG_MULTI, PROG_MULTI_KEYED, PROG_SINGLE, PROG_SINGLE_KEYED, SAMPLES_MAP,
+    STACK_COUNTS_MAP, STACK_ENTRIES, STACKS_MAP, StackKey,
 };
 
 /// Errors from loading, attaching and reading probes. All of them are about
@@ -73,6 +75,11 @@ pub enum ProbeError {
         path.display()
     )]
     NeedsSysAdmin { path: PathBuf },
+    /// The on-CPU sampler (no `--func`) could not start.
+    #[error(
+        "cannot sample the targets' on-CPU code, which picking functions without --func needs (a perf event on each CPU: CAP_PERFMON or CAP_SYS_ADMIN); name the functions with --func instead"
+    )]
+    Sampling(#[source] aya::programs::ProgramError),
     /// Reading a map failed.
     #[error("cannot read the {name} map")]
     Map {
@@ -169,6 +176,8 @@ pub struct Probes {
     /// The helper holding a copy of every link (`None` if it could not
     /// start, or died: links are then ours alone, as before it existed).
     custody: Option<Custody>,
+    /// Discovery's on-CPU sampler.
+    sampler: Option<Sampler>,
 }
 
 struct Entry {
@@ -280,7 +289,14 @@ impl Probes {
     /// probed in one process, and picks the attach mode this kernel
     /// supports. `keys`: some function may have a key to read (the
     /// program that reads keys is loaded, else the one that cannot).
-    pub fn load(max_entries: u32, slots: u32, keys: bool) -> Result<Self, ProbeError> {
+    /// `sampling`: start the on-CPU sampler too (discovery, at that many
+    /// samples a second per CPU).
+    pub fn load(
+        max_entries: u32,
+        slots: u32,
+        keys: bool,
+        sampling: Option<u64>,
+    ) -> Result<Self, ProbeError> {
         // Kernels >= 5.11 charge BPF memory to the cgroup, not RLIMIT_MEMLOCK;
         // raising the limit can fail without CAP_SYS_RESOURCE and that is fine.
         raise_memlock_limit();
@@ -326,6 +342,10 @@ impl Probes {
                 loader.map_max_entries(map, 1);
             }
         }
+        if sampling.is_none() {
+            // The sampler's LRU map is preallocated, per CPU.
+            loader.map_max_entries(SAMPLES_MAP, 1);
+        }
         let mut ebpf = loader
             .map_max_entries(COUNTS_MAP, max_entries.max(1))
             .map_max_entries(COUNT_SLOTS_MAP, slots)
@@ -355,6 +375,9 @@ impl Probes {
         let stack_counts = take_map(&mut ebpf, STACK_COUNTS_MAP)?;
         let drops = take_map(&mut ebpf, DROPS_MAP)?;
         let paused = take_map(&mut ebpf, PAUSED_MAP)?;
+        let sampler = sampling
+            .map(|hz| Sampler::start(&mut ebpf, hz))
+            .transpose()?;
         Ok(Self {
             counts,
             count_slots,
@@ -386,7 +409,13 @@ impl Probes {
             entries: Vec::new(),
             capacity: max_entries.max(1),
             custody,
+            sampler,
         })
+    }
+
+    /// The on-CPU sampler, when loaded with one.
+    pub fn sampler(&mut self) -> Option<&mut Sampler> {
+        self.sampler.as_mut()
     }
 
     pub fn mode(&self) -> AttachMode {
@@ -1151,7 +1180,7 @@ fn perf_event_refused(program: &str, source: &aya::programs::ProgramError) -> bo
     false
 }
 
-fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, ProbeError>
+pub(crate) fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, ProbeError>
 where
     M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {

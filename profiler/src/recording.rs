@@ -35,7 +35,7 @@ use flate2::{Compression, read::DeflateDecoder, write::DeflateEncoder};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    catalog::Catalog,
+    catalog::{Catalog, Picked},
     enrich::SymbolFact,
     report::Record,
     snapshot::{
@@ -46,7 +46,9 @@ use crate::{
 
 pub const MAGIC: &[u8; 8] = b"CLOOPREC";
 /// The format this build writes and reads.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
+/// The oldest format this build reads: 4 only added an item.
+pub const OLDEST: u16 = 3;
 /// A crash loses at most this much of a recording.
 pub const DURABLE_EVERY: Duration = Duration::from_secs(2);
 /// No item is larger than this; a larger length means a damaged file.
@@ -151,11 +153,29 @@ pub enum Item {
     Gap(u64),
     /// The run ended and the recording is whole.
     End,
+    /// A catalog with functions cacheloop picked (no `--func`): which, and
+    /// how (format 4; a catalog without picks is still `Catalog`).
+    PickedCatalog(Catalog, Vec<(u32, Picked)>),
 }
 
 impl Item {
     pub fn lifecycle(record: &Record) -> Self {
         Self::Lifecycle(serde_json::to_string(record).unwrap_or_default())
+    }
+
+    /// A catalog as stored: its picks beside it, if it has any.
+    pub fn catalog(catalog: &Catalog) -> Self {
+        let picked: Vec<(u32, Picked)> = catalog
+            .functions
+            .iter()
+            .enumerate()
+            .filter_map(|(id, f)| Some((id as u32, f.picked?)))
+            .collect();
+        if picked.is_empty() {
+            Self::Catalog(catalog.clone())
+        } else {
+            Self::PickedCatalog(catalog.clone(), picked)
+        }
     }
 }
 
@@ -483,7 +503,7 @@ impl Reader {
                 found: version,
             });
         }
-        if version != VERSION {
+        if version < OLDEST {
             return Err(RecordingError::OldVersion {
                 path: path.to_owned(),
                 found: version,
@@ -515,6 +535,16 @@ impl Reader {
             return Some(match item {
                 Item::Header(_) => continue,
                 Item::Catalog(c) => {
+                    let c = Arc::new(c);
+                    self.catalogs.insert(c.version, c.clone());
+                    Replayed::Catalog(c)
+                }
+                Item::PickedCatalog(mut c, picked) => {
+                    for (id, how) in picked {
+                        if let Some(f) = c.functions.get_mut(id as usize) {
+                            f.picked = Some(how);
+                        }
+                    }
                     let c = Arc::new(c);
                     self.catalogs.insert(c.version, c.clone());
                     Replayed::Catalog(c)
@@ -681,6 +711,40 @@ mod tests {
         s.call_sites
             .sort_by_key(|c| (c.func, c.pid, c.return_address));
         s
+    }
+
+    #[test]
+    fn picked_functions_come_back_with_their_catalog() {
+        let path = temp("picked");
+        let function = |name: &str, picked| crate::catalog::Function {
+            name: name.into(),
+            paths: vec!["/srv/cache".into()],
+            file_id: FileId { dev: 1, ino: 2 },
+            offsets: vec![0x1000],
+            ranges: vec![],
+            key: None,
+            request: false,
+            picked,
+        };
+        let catalog = Catalog {
+            version: 1,
+            functions: vec![
+                function("cache_invalidate", Some(Picked::Name)),
+                function("handle_request", None),
+                function("rebuild", Some(Picked::Hot)),
+            ],
+        };
+        let mut w = Writer::create(&path).unwrap();
+        w.commit().unwrap();
+        w.item(&Item::Header(header())).unwrap();
+        w.item(&Item::catalog(&catalog)).unwrap();
+        w.finish().unwrap();
+        let mut r = Reader::open(&path).unwrap();
+        let Some(Replayed::Catalog(back)) = r.next_item() else {
+            panic!("no catalog")
+        };
+        assert_eq!(*back, catalog);
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

@@ -96,6 +96,23 @@ pub struct Symbol {
     short: Option<String>,
 }
 
+impl Symbol {
+    /// A function `name` (already demangled) of `size` bytes at file
+    /// offset `offset` and the same virtual address: for tests of code that
+    /// reads symbol tables.
+    pub fn at(name: &str, offset: u64, size: u64) -> Self {
+        Self {
+            name: name.to_owned(),
+            raw: name.to_owned(),
+            address: offset,
+            size,
+            file_offset: offset,
+            fragment: false,
+            short: None,
+        }
+    }
+}
+
 /// The functions of one ELF file, sorted by name.
 #[derive(Clone, Debug)]
 pub struct SymbolTable {

@@ -146,11 +146,6 @@ fn watch_without_target_exits_2() {
 }
 
 #[test]
-fn watch_without_func_exits_2() {
-    refused(&["watch", "--pid", "1"], 2, "--func");
-}
-
-#[test]
 fn watch_as_unprivileged_user_exits_1() {
     require_root();
     if !cacheloop_tests::have_programs(&[("setpriv", "util-linux")]) {

@@ -168,6 +168,14 @@ impl Incident {
                     l.recovered = Some((*ts, reason.clone()));
                 }
             }
+            Record::Picked {
+                ts,
+                function,
+                reason,
+                ..
+            } => self
+                .timeline
+                .push((*ts, format!("picked {function}: {reason}"))),
             Record::Attached {
                 ts,
                 pid,
@@ -646,6 +654,7 @@ fn record_ts(record: &Record) -> f64 {
         Record::Start { ts, .. }
         | Record::Warning { ts, .. }
         | Record::Attached { ts, .. }
+        | Record::Picked { ts, .. }
         | Record::Governor { ts, .. }
         | Record::Sample { ts, .. }
         | Record::Health { ts, .. }

@@ -427,6 +427,7 @@ impl Metrics {
                     })
                     .inc();
             }
+            Record::Picked { .. } => {}
             Record::Detached { .. } => {
                 self.attached.clear();
                 self.count_attached();

@@ -73,6 +73,23 @@ pub enum Record {
         /// Seconds from start-up to this record.
         attach_seconds: f64,
     },
+    /// Without `--func`: a function cacheloop picked to count, and why
+    /// (`discover.rs`). Counted from its `attached` record on.
+    Picked {
+        ts: f64,
+        function: String,
+        /// The executable it is in.
+        path: String,
+        /// `name` (reads like invalidation) or `hot` (on-CPU samples).
+        why: String,
+        /// In words.
+        reason: String,
+        /// With `hot`: its samples in the window, and the window's in all.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        samples: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        of_samples: Option<u64>,
+    },
     /// The overhead governor (`--max-overhead`) changed how much of each
     /// interval the probes stay in.
     Governor {

@@ -226,6 +226,17 @@ impl<W: Write> Sink for TextSink<W> {
                 let at = self.elapsed(*ts);
                 writeln!(self.out, "-- pid {pid} exited at {at:.1}s")
             }
+            Record::Picked {
+                ts,
+                function,
+                path,
+                reason,
+                ..
+            } => {
+                self.elapsed(*ts);
+                let file = crate::symbolize::file_label(std::path::Path::new(path));
+                writeln!(self.out, "picked {function} ({file}): {reason}")
+            }
             Record::Hook {
                 event,
                 pid,
