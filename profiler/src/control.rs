@@ -599,7 +599,7 @@ impl Controller {
                 }
             };
             let depth = (key.depth as usize).min(key.ips.len());
-            if let Some(name) = discover::attribute(&key.ips[..depth], maps, index) {
+            for name in discover::attribute(&key.ips[..depth], maps, index) {
                 functions.extend(std::iter::repeat_n((*file, name.to_owned()), *n as usize));
             }
         }

@@ -183,22 +183,44 @@ const RUNTIME: &[&str] = &[
 /// `std::`, not a C library function a static executable carries. Only
 /// these are picked; a sample elsewhere is put down to its caller.
 pub fn own_code(name: &str) -> bool {
-    let bare = name.trim_start_matches(['<', '&', '*']);
-    let bare = bare.strip_prefix("dyn ").unwrap_or(bare);
-    let runtime_crate = [
-        "std::",
-        "core::",
-        "alloc::",
-        "compiler_builtins::",
-        "__gnu_cxx::",
-    ]
-    .iter()
-    .any(|c| bare.starts_with(c));
     !(name.starts_with('_')
-        || runtime_crate
+        || runtime_path(name)
         || name.starts_with("pthread_")
         || RUNTIME.contains(&name))
 }
+
+/// Rust's and C++'s runtime crates and namespaces.
+const RUNTIME_CRATES: &[&str] = &["std::", "core::", "alloc::", "compiler_builtins::", "__gnu_cxx::"];
+
+/// Whether a path names runtime code: it starts in a runtime crate, or it
+/// is an impl (`<T as Trait>::f`, `<T>::f`) for a type that is the
+/// runtime's (`<u64 as core::iter::Step>::forward_unchecked`,
+/// `<alloc::vec::Vec<u8> as std::io::Write>::flush`), but not an impl of a
+/// runtime trait for the program's own type
+/// (`<fixture::Kind as core::cmp::PartialEq>::eq` is the program's).
+fn runtime_path(name: &str) -> bool {
+    match name.strip_prefix('<') {
+        Some(inner) => {
+            let ty = inner.trim_start_matches(['&', '*', '(', '[']);
+            let ty = ty
+                .strip_prefix("mut ")
+                .or_else(|| ty.strip_prefix("const "))
+                .or_else(|| ty.strip_prefix("dyn "))
+                .unwrap_or(ty);
+            let primitive = ty
+                .split(|c: char| !c.is_ascii_alphanumeric())
+                .next()
+                .is_some_and(|first| PRIMITIVES.contains(&first));
+            primitive || inner.starts_with(['&', '*', '(', '[']) || runtime_path(ty)
+        }
+        None => RUNTIME_CRATES.iter().any(|c| name.starts_with(c)),
+    }
+}
+
+const PRIMITIVES: &[&str] = &[
+    "u8", "u16", "u32", "u64", "u128", "usize", "i8", "i16", "i32", "i64", "i128", "isize", "f32",
+    "f64", "bool", "char", "str",
+];
 
 /// A function picked, and why.
 #[derive(Clone, Debug, PartialEq)]
@@ -288,17 +310,27 @@ impl CodeIndex {
     }
 }
 
-/// The function of the target's own code a sample is put down to: the
-/// first of its frames (innermost first) that lies in `own` (the
-/// executable's mappings) at a named function of its own code
-/// ([`own_code`]: the index holds only those). Frames after the first
-/// are return addresses, looked up one byte back (inside the call).
-pub fn attribute<'a>(ips: &[u64], own: &[Mapping], index: &'a CodeIndex) -> Option<&'a str> {
-    ips.iter().enumerate().find_map(|(i, &ip)| {
+/// The functions of the target's own code a sample is put down to: each
+/// of its frames (innermost first) that lies in `own` (the executable's
+/// mappings) at a named function of its own code ([`own_code`]: the index
+/// holds only those), each once. A function is hot when it is on the CPU
+/// or calls what is (time in memcpy, or in a closure, counts for the
+/// function that called it too). Frames after the first are return
+/// addresses, looked up one byte back (inside the call).
+pub fn attribute<'a>(ips: &[u64], own: &[Mapping], index: &'a CodeIndex) -> Vec<&'a str> {
+    let mut found: Vec<&str> = Vec::new();
+    for (i, &ip) in ips.iter().enumerate() {
         let ip = crate::symbolize::lookup_address(ip, i == 0);
-        let map = own.iter().find(|m| (m.start..m.end).contains(&ip))?;
-        index.function_at(ip - map.start + map.offset)
-    })
+        let Some(map) = own.iter().find(|m| (m.start..m.end).contains(&ip)) else {
+            continue;
+        };
+        if let Some(name) = index.function_at(ip - map.start + map.offset)
+            && !found.contains(&name)
+        {
+            found.push(name);
+        }
+    }
+    found
 }
 
 /// A function of an executable.
@@ -416,6 +448,10 @@ mod tests {
             "main",
             "memcpy",
             "std::__detail::_Map_base::erase",
+            "<u64 as core::iter::range::Step>::forward_unchecked",
+            "<u64>::unchecked_add::precondition_check",
+            "<&str as core::fmt::Display>::fmt",
+            "<[u8]>::copy_from_slice",
         ] {
             assert!(!own_code(name), "{name}");
         }
@@ -463,14 +499,18 @@ mod tests {
             path: "/srv/cache".into(),
         }];
         // memcpy in libc, called from rebuild (return address just after
-        // the call), called from main.
+        // the call), called from main (not own code: the runtime's entry).
         let ips = [0x7f00_0000_1234, 0x5000_1010, 0x5000_2004];
-        assert_eq!(attribute(&ips, &own, &index), Some("rebuild"));
+        assert_eq!(attribute(&ips, &own, &index), ["rebuild"]);
         // A return address right after the function's last call belongs
         // to it, not to whatever follows.
         let ips = [0x7f00_0000_1234, 0x5000_1100];
-        assert_eq!(attribute(&ips, &own, &index), Some("rebuild"));
-        assert_eq!(attribute(&[0x7f00_0000_1234], &own, &index), None);
+        assert_eq!(attribute(&ips, &own, &index), ["rebuild"]);
+        assert!(attribute(&[0x7f00_0000_1234], &own, &index).is_empty());
+        // Recursion counts a function once per sample.
+        let index = CodeIndex::new(&[symbol("rebuild", 0x1000, 0x100), symbol("reload", 0x1100, 0x100)]);
+        let ips = [0x5000_1008, 0x5000_1110, 0x5000_1010, 0x5000_1110];
+        assert_eq!(attribute(&ips, &own, &index), ["rebuild", "reload"]);
     }
 
     #[test]

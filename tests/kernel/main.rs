@@ -11,6 +11,7 @@ mod caches;
 mod counting;
 mod deploys;
 mod detection;
+mod discovery;
 mod exporter;
 mod gate;
 mod hooks;

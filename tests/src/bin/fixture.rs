@@ -10,7 +10,10 @@
 //! each making PER `cache_invalidate` calls. A `slow:RATE:SECONDS:MICROS`
 //! phase does MICROS of work after each call (an expensive invalidation);
 //! a `spread:RATE:SECONDS:KEYS` phase invalidates KEYS keys in a scrambled
-//! order.
+//! order. A `rebuild:RATE:SECONDS` phase calls `rebuild_index(8)`:
+//! `rebuild_index` and `reload_entry` calling each other, a cycle through
+//! functions whose names say nothing of invalidation (only the on-CPU
+//! samples can find it when no `--func` is given).
 //!
 //! A phase's SECONDS may be `hold`: the phase then runs until the fixture
 //! gets SIGUSR1 (`Target::release`), so a test can start the next phase
@@ -82,6 +85,42 @@ pub extern "C" fn invalidate_b(depth: u32) -> u64 {
     black_box(invalidate_a(depth - 1)) + 1
 }
 
+/// A busy-work step, written out so that even a debug build keeps it in
+/// its caller: the on-CPU samples land there.
+macro_rules! work {
+    ($seed:expr) => {{
+        let mut h: u64 = $seed;
+        let mut i: u64 = 0;
+        while i < 64 {
+            h = (h << 5 | h >> 59) ^ i;
+            i += 1;
+        }
+        h
+    }};
+}
+
+/// The same cycle as `invalidate_a`/`invalidate_b` under names that do not
+/// read like invalidation, each call doing a little work.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn rebuild_index(depth: u32) -> u64 {
+    let h = work!(u64::from(depth));
+    if depth == 0 {
+        return h;
+    }
+    black_box(reload_entry(depth - 1)) ^ h
+}
+
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn reload_entry(depth: u32) -> u64 {
+    let h = work!(u64::from(depth) << 1);
+    if depth == 0 {
+        return h;
+    }
+    black_box(rebuild_index(depth - 1)) ^ h
+}
+
 /// Marks one request served, for `--request-func`.
 #[unsafe(no_mangle)]
 #[inline(never)]
@@ -102,6 +141,8 @@ enum Kind {
     Plain,
     /// `invalidate_a` / `invalidate_b` calling each other.
     Cycle,
+    /// `rebuild_index` / `reload_entry` calling each other.
+    Rebuild,
     /// `cache_invalidate` on keys 0, 1, 2 again and again.
     FewKeys,
     /// `handle_request` at the phase's rate, each making this many
@@ -136,6 +177,8 @@ fn main() {
         }
         let (kind, spec) = if let Some(spec) = arg.strip_prefix("cycle:") {
             (Kind::Cycle, spec)
+        } else if let Some(spec) = arg.strip_prefix("rebuild:") {
+            (Kind::Rebuild, spec)
         } else if let Some(spec) = arg.strip_prefix("keys:") {
             (Kind::FewKeys, spec)
         } else if let Some(spec) = arg.strip_prefix("slow:") {
@@ -198,6 +241,10 @@ fn main() {
             };
             while done < owed && kind == Kind::Cycle {
                 black_box(invalidate_a(8));
+                done += 1;
+            }
+            while done < owed && kind == Kind::Rebuild {
+                black_box(rebuild_index(8));
                 done += 1;
             }
             while done < owed && kind == Kind::FewKeys {
