@@ -94,6 +94,8 @@ struct Discovery {
     indexes: HashMap<FileId, CodeIndex>,
     /// The last reading of the sampler (reused).
     samples: Vec<(profiler_common::SampleKey, u64)>,
+    /// The hot picks ran out (said once).
+    exhausted: bool,
 }
 
 impl Controller {
@@ -606,10 +608,18 @@ impl Controller {
         d.hot
             .observe(self.started.elapsed().as_secs_f64(), functions, total);
         let picks = d.hot.picks();
-        if picks.is_empty() {
-            return Vec::new();
-        }
         let mut records: Vec<Record> = picks.iter().map(|p| self.picked_record(p)).collect();
+        if d.hot.exhausted() && !d.exhausted {
+            d.exhausted = true;
+            records.push(warning(
+                None,
+                "picks_exhausted",
+                format!(
+                    "{} functions were picked for their heat, the most a run picks: functions that turn hot from now on are not counted; name them with --func",
+                    discover::MAX_HOT
+                ),
+            ));
+        }
         let started = Instant::now();
         let mut files: Vec<FileId> = picks.iter().map(|p| p.file).collect();
         files.dedup();

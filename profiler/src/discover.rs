@@ -190,7 +190,13 @@ pub fn own_code(name: &str) -> bool {
 }
 
 /// Rust's and C++'s runtime crates and namespaces.
-const RUNTIME_CRATES: &[&str] = &["std::", "core::", "alloc::", "compiler_builtins::", "__gnu_cxx::"];
+const RUNTIME_CRATES: &[&str] = &[
+    "std::",
+    "core::",
+    "alloc::",
+    "compiler_builtins::",
+    "__gnu_cxx::",
+];
 
 /// Whether a path names runtime code: it starts in a runtime crate, or it
 /// is an impl (`<T as Trait>::f`, `<T>::f`) for a type that is the
@@ -369,6 +375,12 @@ impl HotSet {
         }
     }
 
+    /// Whether the run's hot picks are used up: functions that turn hot
+    /// from now on are not picked.
+    pub fn exhausted(&self) -> bool {
+        self.hot_picked >= MAX_HOT
+    }
+
     /// The functions newly hot, hottest first, within what is left of
     /// [`MAX_HOT`]; they count as picked from now on.
     pub fn picks(&mut self) -> Vec<Pick> {
@@ -508,7 +520,10 @@ mod tests {
         assert_eq!(attribute(&ips, &own, &index), ["rebuild"]);
         assert!(attribute(&[0x7f00_0000_1234], &own, &index).is_empty());
         // Recursion counts a function once per sample.
-        let index = CodeIndex::new(&[symbol("rebuild", 0x1000, 0x100), symbol("reload", 0x1100, 0x100)]);
+        let index = CodeIndex::new(&[
+            symbol("rebuild", 0x1000, 0x100),
+            symbol("reload", 0x1100, 0x100),
+        ]);
         let ips = [0x5000_1008, 0x5000_1110, 0x5000_1010, 0x5000_1110];
         assert_eq!(attribute(&ips, &own, &index), ["rebuild", "reload"]);
     }

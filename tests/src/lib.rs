@@ -601,6 +601,18 @@ pub fn http_get(port: u16, path: &str, accept: Option<&str>) -> Option<Http> {
     })
 }
 
+/// The most seconds a verdict may take after a loop begins: `host` on the
+/// host; three times that in a VM-test guest (`CACHELOOP_GUEST`), where
+/// TCG emulation makes every probe hit and attach tens of times slower and
+/// the guest has one CPU.
+pub fn latency_bound(host: f64) -> f64 {
+    if std::env::var_os("CACHELOOP_GUEST").is_some() {
+        3.0 * host
+    } else {
+        host
+    }
+}
+
 /// Runs `cacheloop` on a fixture whose first phase is held (`RATE:hold`):
 /// once cacheloop has attached and watched the held phase for `learn`,
 /// releases the fixture into its next phases, then waits for the run to

@@ -40,6 +40,7 @@ export CACHELOOP_WORKLOAD=/cacheloop/bin/workload
 export CACHELOOP_DEMO=/cacheloop/bin/demo-cache
 export CACHELOOP_NATIVE=/cacheloop/native
 export CACHELOOP_DEMO_CONFIG=/cacheloop/demo-config
+export CACHELOOP_GUEST=1
 cd /tmp
 /cacheloop/bin/kernel "$@"
 echo "cacheloop-vm: exit $?"
