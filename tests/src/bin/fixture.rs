@@ -92,7 +92,7 @@ macro_rules! work {
         let mut h: u64 = $seed;
         let mut i: u64 = 0;
         while i < 64 {
-            h = (h << 5 | h >> 59) ^ i;
+            h = h.wrapping_mul(31).wrapping_add(7) ^ i;
             i += 1;
         }
         h
