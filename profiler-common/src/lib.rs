@@ -278,3 +278,80 @@ pub struct SampleKey {
 // SAFETY: `#[repr(C)]`, two `u32`s then four `u64`s, no padding; any bits
 // are valid.
 unsafe impl aya::Pod for SampleKey {}
+
+/// Name of the program counting the calls of interpreted functions at a
+/// runtime's USDT probe (`py:`, `rb:`, `php:` patterns).
+pub const USDT_PROGRAM: &str = "count_usdt";
+/// Name of the array of USDT probe specs, indexed by the attach cookie.
+pub const USDT_SPECS_MAP: &str = "USDT_SPECS";
+/// Name of the hash of wanted interpreted names: name hash -> function id.
+pub const WANTED_MAP: &str = "WANTED";
+/// Name of the LRU hash of interpreted names seen called: hash -> text.
+pub const SEEN_MAP: &str = "SEEN";
+/// USDT probe sites cacheloop can attach at once.
+pub const USDT_SPECS_ENTRIES: u32 = 256;
+/// Wanted interpreted names, at most.
+pub const WANTED_ENTRIES: u32 = 4_096;
+/// Distinct interpreted names remembered between two readings.
+pub const SEEN_ENTRIES: u32 = 2_048;
+/// Bytes kept of a name's qualifier (Python's file, Ruby's and PHP's class).
+pub const QUAL_LEN: usize = 128;
+/// Bytes kept of an interpreted function's name.
+pub const NAME_LEN: usize = 64;
+
+/// Where a USDT argument is: nowhere (`USDT_ARG_NONE`), in a register
+/// (`USDT_ARG_REG`), or in memory at a register plus `disp`
+/// (`USDT_ARG_MEM`). `reg` is the register's index in the kernel's
+/// `pt_regs` (x86-64: r15 = 0 ... rdi = 14, rip = 16, rsp = 19).
+pub const USDT_ARG_NONE: u32 = 0;
+pub const USDT_ARG_REG: u32 = 1;
+pub const USDT_ARG_MEM: u32 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UsdtArg {
+    pub kind: u32,
+    pub reg: u32,
+    pub disp: i64,
+}
+
+/// One USDT probe site: which of its arguments point at the qualifier and
+/// at the name (both C strings). Two `UsdtArg`s: no padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UsdtSpec {
+    pub qualifier: UsdtArg,
+    pub name: UsdtArg,
+}
+
+/// The text of an interpreted name seen called. `u32`s then bytes, sizes
+/// multiples of 8: no padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct NameText {
+    pub qualifier_len: u32,
+    pub name_len: u32,
+    pub qualifier: [u8; QUAL_LEN],
+    pub name: [u8; NAME_LEN],
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `#[repr(C)]`, `u32`s then `i64`, no padding; any bits are valid.
+unsafe impl aya::Pod for UsdtArg {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for UsdtSpec {}
+#[cfg(feature = "user")]
+// SAFETY: `#[repr(C)]`, two `u32`s then byte arrays, no padding.
+unsafe impl aya::Pod for NameText {}
+
+/// The hash of an interpreted name: its qualifier, a separator no C string
+/// holds, and the name. Both sides compute it.
+pub const fn name_hash(
+    qualifier: &[u8],
+    qualifier_len: usize,
+    name: &[u8],
+    name_len: usize,
+) -> u64 {
+    fnv1a_more(fnv1a(qualifier, qualifier_len) ^ 0xff, name, name_len)
+}

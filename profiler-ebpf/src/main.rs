@@ -55,8 +55,10 @@ use profiler_common::{
     CALIBRATION_COOKIE, CALIBRATION_KEY_SLOT, CALLERS_ENTRIES, COOKIE_SLOT_SHIFT, CallKey,
     CallerKey, DEFAULT_COUNTS_ENTRIES, FuncConfig, KEY_EDGES_ENTRIES, KEY_MORE_CHUNKS, KEY_NONE,
     KEY_STR, KEY_STR_AT, KEY_TEXT_LEN, KEY_TRUNCATED, KEY_U64, KEYS_ENTRIES, KeyEdge, KeyId,
-    KeyText, LAST_KEY_ENTRIES, MAX_CALLER_SHIFT, SAMPLE_FRAMES, SAMPLED_ENTRIES, SAMPLES_ENTRIES,
-    STACK_ENTRIES, STACK_SAMPLE_EVERY, SampleKey, StackKey, fnv1a, fnv1a_more,
+    KeyText, LAST_KEY_ENTRIES, MAX_CALLER_SHIFT, NAME_LEN, NameText, QUAL_LEN, SAMPLE_FRAMES,
+    SAMPLED_ENTRIES, SAMPLES_ENTRIES, SEEN_ENTRIES, STACK_ENTRIES, STACK_SAMPLE_EVERY, SampleKey,
+    StackKey, USDT_ARG_MEM, USDT_ARG_REG, USDT_SPECS_ENTRIES, UsdtArg, UsdtSpec, WANTED_ENTRIES,
+    fnv1a, fnv1a_more, name_hash,
 };
 
 /// Calls per (function, process) of pairs with a slot (see
@@ -139,6 +141,21 @@ static SAMPLED: HashMap<u32, u32> = HashMap::with_max_entries(SAMPLED_ENTRIES, 0
 static SAMPLES: LruPerCpuHashMap<SampleKey, u64> =
     LruPerCpuHashMap::with_max_entries(SAMPLES_ENTRIES, 0);
 
+/// Each USDT probe site attached, by attach cookie: where its name
+/// arguments are. Set by the loader.
+#[map]
+static USDT_SPECS: Array<UsdtSpec> = Array::with_max_entries(USDT_SPECS_ENTRIES, 0);
+
+/// The interpreted names wanted (they matched a `py:`/`rb:`/`php:`
+/// pattern): name hash -> function id. Set by the loader.
+#[map]
+static WANTED: HashMap<u64, u32> = HashMap::with_max_entries(WANTED_ENTRIES, 0);
+
+/// Interpreted names seen called that are not (yet) wanted, with their
+/// text, for the loader to match: each name once, not each call.
+#[map]
+static SEEN: LruHashMap<u64, NameText> = LruHashMap::with_max_entries(SEEN_ENTRIES, 0);
+
 #[uprobe(multi)]
 pub fn count_calls_multi(ctx: ProbeContext) -> u32 {
     count::<false>(&ctx)
@@ -194,6 +211,115 @@ pub fn sample_user(ctx: PerfEventContext) -> u32 {
     0
 }
 
+/// A call of an interpreted function, at its runtime's USDT probe
+/// (`python:function__entry`, `ruby:method__entry`, `php:function__entry`):
+/// reads the function's name (and its file or class) from the probe's
+/// arguments, hashes it, and counts the call only if the loader wants that
+/// name. A name not wanted is written to `SEEN` once, for the loader to
+/// match; calls are never sent to userspace one by one.
+#[uprobe]
+pub fn count_usdt(ctx: ProbeContext) -> u32 {
+    if PAUSED.get(0).is_some_and(|&p| p != 0) {
+        return 0;
+    }
+    // SAFETY: as in `count`.
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let Some(spec) = USDT_SPECS.get(cookie as u32) else {
+        return 0;
+    };
+    // On the stack (200 bytes of the 512): a per-CPU scratch entry could
+    // be overwritten mid-read, uprobe programs being preemptible.
+    let mut text = NameText {
+        qualifier_len: 0,
+        name_len: 0,
+        qualifier: [0; QUAL_LEN],
+        name: [0; NAME_LEN],
+    };
+    text.qualifier_len = read_name(&ctx, &spec.qualifier, &mut text.qualifier);
+    text.name_len = read_name(&ctx, &spec.name, &mut text.name);
+    if text.name_len == 0 {
+        return 0;
+    }
+    let hash = name_hash(
+        &text.qualifier,
+        text.qualifier_len as usize,
+        &text.name,
+        text.name_len as usize,
+    );
+    // SAFETY: a plain lookup; the value is copied out.
+    match unsafe { WANTED.get(&hash) } {
+        Some(&func) => {
+            let key = CallKey {
+                func,
+                tgid: ctx.tgid(),
+            };
+            tally(&ctx, &key);
+        }
+        None => {
+            // SAFETY: only tested for presence.
+            if unsafe { SEEN.get(&hash) }.is_none() {
+                let _ = SEEN.insert(&hash, &text, 0);
+            }
+        }
+    }
+    0
+}
+
+/// Reads the C string a USDT argument points to into `out`; returns its
+/// length without the NUL (0 if absent or unreadable).
+#[inline(always)]
+fn read_name(ctx: &ProbeContext, arg: &UsdtArg, out: &mut [u8]) -> u32 {
+    let ptr = match arg.kind {
+        USDT_ARG_REG => register(ctx, arg.reg),
+        USDT_ARG_MEM => {
+            let at = register(ctx, arg.reg).wrapping_add(arg.disp as u64);
+            // SAFETY: a checked read of user memory; a fault returns Err.
+            match unsafe { bpf_probe_read_user(at as *const u64) } {
+                Ok(p) => p,
+                Err(_) => return 0,
+            }
+        }
+        _ => return 0,
+    };
+    if ptr == 0 {
+        return 0;
+    }
+    // SAFETY: a checked, bounded read of a user string.
+    match unsafe { bpf_probe_read_user_str_bytes(ptr as *const u8, out) } {
+        Ok(read) => read.len() as u32,
+        Err(_) => 0,
+    }
+}
+
+/// Register `index` of the probed task (its place in the kernel's x86-64
+/// `pt_regs`). The verifier wants context reads at constant offsets: one
+/// arm per register.
+#[inline(always)]
+fn register(ctx: &ProbeContext, index: u32) -> u64 {
+    // SAFETY: the context is the kernel's `pt_regs` for this probe.
+    let regs = unsafe { &*ctx.regs };
+    match index {
+        0 => regs.r15,
+        1 => regs.r14,
+        2 => regs.r13,
+        3 => regs.r12,
+        4 => regs.rbp,
+        5 => regs.rbx,
+        6 => regs.r11,
+        7 => regs.r10,
+        8 => regs.r9,
+        9 => regs.r8,
+        10 => regs.rax,
+        11 => regs.rcx,
+        12 => regs.rdx,
+        13 => regs.rsi,
+        14 => regs.rdi,
+        16 => regs.rip,
+        19 => regs.rsp,
+        _ => 0,
+    }
+}
+
 /// One hit. `KEYS`: read keys where configured; without it the key path is
 /// not in the program at all, and the verifier has a fraction of the work.
 #[inline(always)]
@@ -242,14 +368,21 @@ fn count<const KEYS: bool>(ctx: &ProbeContext) -> u32 {
         add(count, 1);
         return 0;
     }
-    if bump(&key) {
-        return 0;
+    tally(ctx, &key);
+    0
+}
+
+/// Counts one call of a (function, process) pair in the hash.
+#[inline(always)]
+fn tally(ctx: &ProbeContext, key: &CallKey) {
+    if bump(key) {
+        return;
     }
     // First hit of this (function, process) on this CPU. Another CPU may
     // create the entry at the same moment; then our insert fails with EEXIST
     // and the lookup after it succeeds.
-    if COUNTS.insert(&key, &1, u64::from(BPF_NOEXIST)).is_ok() || bump(&key) {
-        return 0;
+    if COUNTS.insert(key, &1, u64::from(BPF_NOEXIST)).is_ok() || bump(key) {
+        return;
     }
     if let Some(drops) = DROPS.get_ptr_mut(0) {
         add(drops, 1);
@@ -261,7 +394,6 @@ fn count<const KEYS: bool>(ctx: &ProbeContext) -> u32 {
             warn!(ctx, "cacheloop: counter map full, hits are being dropped");
         }
     }
-    0
 }
 
 /// At a function's first instruction on x86-64 the stack pointer points at

@@ -729,7 +729,12 @@ impl Analyzer {
                     .get(&pid)
                     .map_or(0, |c| c.per_func.values().sum());
                 let signals = Signals {
-                    call_cycle: cycles.contains_key(&pid),
+                    // A cycle of functions picked for heat alone is not
+                    // the sum's: those are judged on their own.
+                    call_cycle: cycles.get(&pid).is_some_and(|c| {
+                        c.iter()
+                            .any(|&f| !self.is_hot_pick.get(f as usize).copied().unwrap_or(false))
+                    }),
                     key_cycle: (along as f64 / calls.max(1) as f64).min(1.0),
                     cycle_dominance: dominance.min(1.0),
                     ..base

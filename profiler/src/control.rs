@@ -486,10 +486,12 @@ impl Controller {
         if follow && let Some(root) = self.command {
             records.extend(self.attach_new_descendants(root));
         }
+        // Name picks of executables planned in this tick first: the hot set
+        // must know them before it picks.
+        records.extend(self.picked_records());
         if report && !last {
             records.extend(self.pick_hot());
         }
-        records.extend(self.picked_records());
         Ok(records)
     }
 
@@ -601,7 +603,7 @@ impl Controller {
                 }
             };
             let depth = (key.depth as usize).min(key.ips.len());
-            for name in discover::attribute(&key.ips[..depth], maps, index) {
+            if let Some(name) = discover::attribute(&key.ips[..depth], maps, index) {
                 functions.extend(std::iter::repeat_n((*file, name.to_owned()), *n as usize));
             }
         }
@@ -621,15 +623,17 @@ impl Controller {
             ));
         }
         let started = Instant::now();
-        let mut files: Vec<FileId> = picks.iter().map(|p| p.file).collect();
-        files.dedup();
+        let files: std::collections::BTreeSet<FileId> = picks.iter().map(|p| p.file).collect();
         for file in files {
             let names: Vec<String> = picks
                 .iter()
                 .filter(|p| p.file == file)
                 .map(|p| p.name.clone())
                 .collect();
-            self.planner.pick_hot(file, &names);
+            let names = self.planner.pick_hot(file, &names);
+            if names.is_empty() {
+                continue;
+            }
             let targets: Vec<FileTarget> = match &self.binary {
                 Some(b) if b.id == file => vec![binary_file(b)],
                 _ => self

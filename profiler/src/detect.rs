@@ -162,9 +162,10 @@ pub struct Signals {
     /// Another series of the process is in a loop: learn nothing.
     pub process_looping: bool,
     /// The function was picked for its heat (no `--func`): with no history
-    /// of its own, a cycle is a loop only if its process's CPU rose above
-    /// what the process learned. Heat is no evidence: a healthy recursive
-    /// parser is hot and calls itself through others all day.
+    /// of its own it is not judged (learned first, then judged like any
+    /// other). Heat is no evidence: a healthy recursive parser is hot and
+    /// calls itself through others all day, and a step in load raises its
+    /// process's CPU.
     pub heat_only: bool,
 }
 
@@ -651,17 +652,18 @@ fn judge(
     // history, a cycle needs the rate up or a burning core, and a few hot
     // keys (a flash sale on one item is healthy) a corroborated runaway;
     // with none, a cycle needs a burning core.
+    // A function picked for its heat has a history of its own before it
+    // is judged: heat is no evidence (a recursive parser is hot and calls
+    // itself through others all day, and a step in load raises the CPU).
     let structural = busy
+        && !(signals.heat_only && !history)
         && if history {
             ((call_cycle || key_cycle) && (rate_up || cpu_hot))
                 || (repeating && rate_up && corroborated)
         } else {
             // No history: the cycle must be most of what the process does
             // (a busy server emptying a few queues in turn is not a loop).
-            (call_cycle || key_cycle)
-                && cpu_hot
-                && signals.cycle_dominance >= DOMINANT_CYCLE
-                && (!signals.heat_only || signals.cpu_baseline.is_some())
+            (call_cycle || key_cycle) && cpu_hot && signals.cycle_dominance >= DOMINANT_CYCLE
         };
 
     // The rate; corroborated over the window (see `observe_with`).
@@ -950,34 +952,31 @@ mod tests {
     }
 
     #[test]
-    fn a_hot_pick_needs_its_process_cpu_to_have_risen() {
-        // Picked for its heat (no --func) with no history of its own: a
-        // busy recursive parser in a process that always burns a core is
-        // not a loop...
+    fn a_hot_pick_is_judged_only_once_it_has_a_history_of_its_own() {
+        // Picked for its heat (no --func), calling others in a cycle, its
+        // process gone from idle to a core: also a healthy recursive parser
+        // under a step in load. Not a loop while it has no history...
         let cycle = Signals {
             call_cycle: true,
             cycle_dominance: 1.0,
             heat_only: true,
             cpu: Some(1.0),
+            cpu_baseline: Some(0.05),
             ..Signals::default()
         };
         let mut d = Detector::new(Rules::default());
         assert_eq!(run(&mut d, &[(40_000.0, 5.0, cycle)]), vec![]);
-        let steady = Signals {
-            cpu_baseline: Some(0.95),
-            ..cycle
+        // ...and once it has one, like any function: a runaway from a
+        // learned calm rate, a core burning more, is one.
+        let calm = Signals {
+            heat_only: true,
+            ..calm_cpu()
         };
         let mut d = Detector::new(Rules::default());
-        assert_eq!(run(&mut d, &[(40_000.0, 5.0, steady)]), vec![]);
-        // ...but one picked as its process went from idle to a core is.
-        let risen = Signals {
-            cpu_baseline: Some(0.05),
-            ..cycle
-        };
-        let mut d = Detector::new(Rules::default());
-        let found = loops(&run(&mut d, &[(40_000.0, 2.0, risen)]));
-        assert_eq!(found.len(), 1);
-        assert_eq!(found[0].1.cause, Cause::CallCycle);
+        run(&mut d, &[(500.0, 10.0, calm)]);
+        assert!(d.baseline(KEY).is_some());
+        let found = loops(&run(&mut d, &[(40_000.0, 3.0, cycle)]));
+        assert_eq!(found.len(), 1, "{found:?}");
     }
 
     #[test]

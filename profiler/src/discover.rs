@@ -264,6 +264,25 @@ impl Why {
     }
 }
 
+/// Words that make a name a check or a lookup that runs on every request
+/// (`keyIsExpired`, `getExpire`, `expireIfNeeded`, `checkEviction`), or an
+/// allocator (`operator delete`): never picked by name, whatever else
+/// they say.
+const NOT_INVALIDATION: &[&str] = &[
+    "get", "is", "has", "should", "can", "check", "lookup", "find", "if", "needed", "maybe",
+    "operator", "test", "count", "stat", "stats", "time", "ttl",
+];
+
+/// Whether a name reads like invalidation and is not a check, a lookup or
+/// an allocator.
+fn invalidation_pick(name: &str) -> Option<&'static str> {
+    let bare = name.split('(').next().unwrap_or(name);
+    if words(bare).any(|w| NOT_INVALIDATION.contains(&w.to_ascii_lowercase().as_str())) {
+        return None;
+    }
+    invalidation_word(name)
+}
+
 /// The functions of an executable picked by name: entries (no `.cold`
 /// fragments), one per name, at most [`MAX_NAMED`], those with the
 /// strongest words first (`invalidate` before `delete`), then by name.
@@ -274,7 +293,7 @@ pub fn named(symbols: &[Symbol]) -> (Vec<(&Symbol, &'static str)>, usize) {
     let mut found: Vec<(&Symbol, &'static str)> = symbols
         .iter()
         .filter(|s| !s.fragment && own_code(&s.name))
-        .filter_map(|s| Some((s, invalidation_word(&s.name)?)))
+        .filter_map(|s| Some((s, invalidation_pick(&s.name)?)))
         .filter(|(s, _)| seen.insert(s.name.as_str()))
         .collect();
     let rank = |word: &str| WORDS.iter().position(|(w, _)| *w == word);
@@ -316,27 +335,22 @@ impl CodeIndex {
     }
 }
 
-/// The functions of the target's own code a sample is put down to: each
-/// of its frames (innermost first) that lies in `own` (the executable's
-/// mappings) at a named function of its own code ([`own_code`]: the index
-/// holds only those), each once. A function is hot when it is on the CPU
-/// or calls what is (time in memcpy, or in a closure, counts for the
-/// function that called it too). Frames after the first are return
-/// addresses, looked up one byte back (inside the call).
-pub fn attribute<'a>(ips: &[u64], own: &[Mapping], index: &'a CodeIndex) -> Vec<&'a str> {
-    let mut found: Vec<&str> = Vec::new();
-    for (i, &ip) in ips.iter().enumerate() {
+/// The function of the target's own code a sample is put down to: the
+/// first of its frames (innermost first) that lies in `own` (the
+/// executable's mappings) at a named function of its own code
+/// ([`own_code`]: the index holds only those), so time in memcpy or in
+/// Rust's generic code counts for the function that called it. Only the
+/// innermost own frame: its callers (a dispatch loop, a request handler)
+/// are on every stack and would fill the picks. Frames after the first
+/// are return addresses, looked up one byte back (inside the call); they
+/// come from frame pointers, which many builds omit, so they matter only
+/// when the innermost frame is not the program's.
+pub fn attribute<'a>(ips: &[u64], own: &[Mapping], index: &'a CodeIndex) -> Option<&'a str> {
+    ips.iter().enumerate().find_map(|(i, &ip)| {
         let ip = crate::symbolize::lookup_address(ip, i == 0);
-        let Some(map) = own.iter().find(|m| (m.start..m.end).contains(&ip)) else {
-            continue;
-        };
-        if let Some(name) = index.function_at(ip - map.start + map.offset)
-            && !found.contains(&name)
-        {
-            found.push(name);
-        }
-    }
-    found
+        let map = own.iter().find(|m| (m.start..m.end).contains(&ip))?;
+        index.function_at(ip - map.start + map.offset)
+    })
 }
 
 /// A function of an executable.
@@ -479,6 +493,26 @@ mod tests {
     }
 
     #[test]
+    fn checks_lookups_and_allocators_are_not_picked_by_name() {
+        let symbols: Vec<Symbol> = [
+            "keyIsExpired",
+            "getExpire",
+            "expireIfNeeded",
+            "operator delete(void*)",
+            "checkEvictionPolicy",
+            "activeExpireCycle",
+            "dictDelete",
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, n)| symbol(n, i as u64 * 16, 16))
+        .collect();
+        let (picked, _) = named(&symbols);
+        let names: Vec<&str> = picked.iter().map(|(s, _)| s.name.as_str()).collect();
+        assert_eq!(names, ["activeExpireCycle", "dictDelete"]);
+    }
+
+    #[test]
     fn named_picks_are_capped_strongest_first() {
         let mut symbols: Vec<Symbol> = (0..40)
             .map(|i| symbol(&format!("del_{i:02}"), i * 16, 16))
@@ -513,19 +547,19 @@ mod tests {
         // memcpy in libc, called from rebuild (return address just after
         // the call), called from main (not own code: the runtime's entry).
         let ips = [0x7f00_0000_1234, 0x5000_1010, 0x5000_2004];
-        assert_eq!(attribute(&ips, &own, &index), ["rebuild"]);
+        assert_eq!(attribute(&ips, &own, &index), Some("rebuild"));
         // A return address right after the function's last call belongs
         // to it, not to whatever follows.
         let ips = [0x7f00_0000_1234, 0x5000_1100];
-        assert_eq!(attribute(&ips, &own, &index), ["rebuild"]);
-        assert!(attribute(&[0x7f00_0000_1234], &own, &index).is_empty());
-        // Recursion counts a function once per sample.
+        assert_eq!(attribute(&ips, &own, &index), Some("rebuild"));
+        assert_eq!(attribute(&[0x7f00_0000_1234], &own, &index), None);
+        // Only the innermost own frame: its callers are not hot for it.
         let index = CodeIndex::new(&[
             symbol("rebuild", 0x1000, 0x100),
-            symbol("reload", 0x1100, 0x100),
+            symbol("dispatch", 0x1100, 0x100),
         ]);
-        let ips = [0x5000_1008, 0x5000_1110, 0x5000_1010, 0x5000_1110];
-        assert_eq!(attribute(&ips, &own, &index), ["rebuild", "reload"]);
+        let ips = [0x5000_1008, 0x5000_1110];
+        assert_eq!(attribute(&ips, &own, &index), Some("rebuild"));
     }
 
     #[test]

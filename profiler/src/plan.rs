@@ -93,18 +93,9 @@ impl Planner {
         self.discover
     }
 
-    /// The picks made since the last call (to report), and how many more
-    /// functions read like invalidation but were left out by the cap.
+    /// The picks made since the last call (to report).
     pub fn take_picks(&mut self) -> Vec<crate::discover::Pick> {
         std::mem::take(&mut self.new_picks)
-    }
-
-    /// Every function picked in file `file` so far.
-    pub fn picked_in(&self, file: FileId) -> impl Iterator<Item = &str> {
-        self.picked
-            .get(&file)
-            .into_iter()
-            .flat_map(|names| names.keys().map(String::as_str))
     }
 
     /// A read file's symbols, if it is held.
@@ -113,12 +104,21 @@ impl Planner {
     }
 
     /// Functions of `file` picked for their heat: planned from now on
-    /// wherever it runs.
-    pub fn pick_hot(&mut self, file: FileId, names: &[String]) {
+    /// wherever it runs. Returns those not picked before (by name, in a
+    /// replan of the same tick), the only ones to attach.
+    pub fn pick_hot(&mut self, file: FileId, names: &[String]) -> Vec<String> {
         let picked = self.picked.entry(file).or_default();
-        for name in names {
-            picked.entry(name.clone()).or_insert(Picked::Hot);
-        }
+        names
+            .iter()
+            .filter(|name| {
+                let new = !picked.contains_key(*name);
+                if new {
+                    picked.insert((*name).clone(), Picked::Hot);
+                }
+                new
+            })
+            .cloned()
+            .collect()
     }
 
     /// Picks by name in an executable planned for the first time.
@@ -188,10 +188,15 @@ impl Planner {
             let more: Vec<Symbol> = table
                 .symbols
                 .iter()
-                .filter(|s| picked.contains_key(&s.name) && !in_exe.contains(s))
+                .filter(|s| {
+                    picked.contains_key(&s.name)
+                        && !in_exe.iter().any(|e| e.file_offset == s.file_offset)
+                })
                 .cloned()
                 .collect();
             in_exe.extend(more);
+            in_exe.sort_by_key(|s| s.file_offset);
+            in_exe.dedup_by_key(|s| s.file_offset);
         }
         let mut chosen = vec![(exe, exe_id, in_exe)];
         if !elsewhere.is_empty() {
@@ -362,15 +367,27 @@ impl Planner {
         names: &[String],
     ) -> anyhow::Result<Vec<AttachRequest>> {
         let mut requests = Vec::new();
+        let mut last_error = None;
         for file in files {
-            let id = self.load(file)?;
-            let symbols: Vec<Symbol> = self.tables[&id]
+            // One process gone since is no reason to leave out the others.
+            let id = match self.load(file) {
+                Ok(id) => id,
+                Err(e) => {
+                    last_error = Some(e);
+                    continue;
+                }
+            };
+            let mut symbols: Vec<Symbol> = self.tables[&id]
                 .1
                 .symbols
                 .iter()
                 .filter(|s| names.contains(&s.name))
                 .cloned()
                 .collect();
+            // One probe per address: C++'s constructor and destructor
+            // variants share a name and an address.
+            symbols.sort_by_key(|s| s.file_offset);
+            symbols.dedup_by_key(|s| s.file_offset);
             if symbols.is_empty() {
                 continue;
             }
@@ -389,7 +406,10 @@ impl Planner {
                 points,
             });
         }
-        Ok(requests)
+        match last_error {
+            Some(e) if requests.is_empty() => Err(e.into()),
+            _ => Ok(requests),
+        }
     }
 
     /// Drops a file's symbols and retires its function ids: planned again,

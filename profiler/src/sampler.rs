@@ -71,12 +71,17 @@ impl Sampler {
             // Already gone from the map (its entry was never made): fine.
             let _ = self.sampled.remove(&gone);
         }
+        let mut now: HashSet<u32> = self.processes.intersection(pids).copied().collect();
         for &pid in pids.difference(&self.processes) {
-            if let Err(e) = self.sampled.insert(&pid, &1, 0) {
-                log::debug!("cannot sample pid {pid}: {e}");
+            // Not kept when refused (the map full): tried again next time.
+            match self.sampled.insert(&pid, &1, 0) {
+                Ok(()) => {
+                    now.insert(pid);
+                }
+                Err(e) => log::debug!("cannot sample pid {pid}: {e}"),
             }
         }
-        self.processes.clone_from(pids);
+        self.processes = now;
     }
 
     /// The samples since the last call, by stack, and empties the map. A
