@@ -316,12 +316,16 @@ pub struct UsdtArg {
 }
 
 /// One USDT probe site: which of its arguments point at the qualifier and
-/// at the name (both C strings). Two `UsdtArg`s: no padding.
+/// at the name (both C strings). Two `UsdtArg`s and two `u32`s: no
+/// padding.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UsdtSpec {
     pub qualifier: UsdtArg,
     pub name: UsdtArg,
+    /// Which runtime fires it (the loader's numbering), carried to `SEEN`.
+    pub runtime: u32,
+    pub _reserved: u32,
 }
 
 /// The text of an interpreted name seen called. `u32`s then bytes, sizes
@@ -329,6 +333,8 @@ pub struct UsdtSpec {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct NameText {
+    pub runtime: u32,
+    pub _reserved: u32,
     pub qualifier_len: u32,
     pub name_len: u32,
     pub qualifier: [u8; QUAL_LEN],

@@ -230,6 +230,8 @@ pub fn count_usdt(ctx: ProbeContext) -> u32 {
     // On the stack (200 bytes of the 512): a per-CPU scratch entry could
     // be overwritten mid-read, uprobe programs being preemptible.
     let mut text = NameText {
+        runtime: spec.runtime,
+        _reserved: 0,
         qualifier_len: 0,
         name_len: 0,
         qualifier: [0; QUAL_LEN],

@@ -33,6 +33,11 @@ pub enum ConfigError {
     /// Nothing to watch.
     #[error("no target: give --pid PID, --binary PATH or --name COMM (or a --preset)")]
     NoTarget,
+    /// `py:`/`rb:`/`php:` with `--binary`.
+    #[error(
+        "py:, rb: and php: functions are counted per process (their probes raise a semaphore in each): give --pid or --name instead of --binary"
+    )]
+    RuntimeBinary,
     /// `run` is given a target of its own.
     #[error("cacheloop run watches the command it starts: leave out --pid, --binary and --name")]
     RunTarget,
@@ -63,6 +68,8 @@ pub struct WatchConfig {
     pub request_patterns: Vec<Pattern>,
     /// No `--func` and no preset: cacheloop picks the functions.
     pub discover: bool,
+    /// The `py:`, `rb:`, `php:` patterns: interpreted functions.
+    pub runtime_patterns: Vec<crate::usdt::RuntimePattern>,
     pub interval: Duration,
     pub duration: Option<Duration>,
     pub rules: Rules,
@@ -298,9 +305,26 @@ impl TryFrom<WatchArgs> for WatchConfig {
         let preset_funcs = preset
             .iter()
             .flat_map(|p| p.functions.iter().map(|(f, _)| *f));
-        let patterns = args
+        let (runtime_funcs, funcs): (Vec<&String>, Vec<&String>) = args
             .funcs
             .iter()
+            .partition(|f| crate::usdt::runtime_pattern(f).is_some());
+        let runtime_patterns = runtime_funcs
+            .into_iter()
+            .map(|text| {
+                let (runtime, glob) = crate::usdt::runtime_pattern(text).expect("partitioned");
+                Ok(crate::usdt::RuntimePattern {
+                    runtime,
+                    glob: Pattern::new(glob)?,
+                    text: text.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        if !runtime_patterns.is_empty() && args.binary.is_some() {
+            return Err(ConfigError::RuntimeBinary);
+        }
+        let patterns = funcs
+            .into_iter()
             .map(String::as_str)
             .chain(preset_funcs)
             .map(Pattern::new)
@@ -323,6 +347,7 @@ impl TryFrom<WatchArgs> for WatchConfig {
             patterns,
             request_patterns,
             discover,
+            runtime_patterns,
             interval: args.interval,
             duration: args.duration,
             rules: Rules {

@@ -84,7 +84,18 @@ pub struct Controller {
     failed: std::collections::HashSet<(u32, u64, FileId)>,
     /// Without `--func`: what the on-CPU samples picked so far.
     discovery: Option<Discovery>,
+    /// `py:`/`rb:`/`php:` patterns: the names the kernel reported seen
+    /// (reused), and the patterns for records.
+    seen: Vec<(u64, profiler_common::NameText)>,
+    runtime_patterns: Vec<String>,
+    /// Whether any runtime probe fired yet; said once if none did within
+    /// [`SILENT_AFTER`] of the start.
+    usdt_fired: bool,
+    usdt_silence_said: bool,
 }
+
+/// How long runtime probes may stay silent before a warning says so.
+const SILENT_AFTER: Duration = Duration::from_secs(5);
 
 /// Discovery's state (the picking itself is `discover.rs`'s).
 #[derive(Default)]
@@ -175,6 +186,7 @@ impl Controller {
             one_process.clamp(64, 1 << 16) as u32,
             keys,
             config.discover.then_some(discover::SAMPLE_HZ),
+            !config.runtime_patterns.is_empty(),
         )?;
         for request in &requests {
             if let Err(err) = probes.attach(request) {
@@ -221,6 +233,14 @@ impl Controller {
             started,
             failed: std::collections::HashSet::new(),
             discovery: config.discover.then(Discovery::default),
+            seen: Vec::new(),
+            runtime_patterns: config
+                .runtime_patterns
+                .iter()
+                .map(|p| p.text.clone())
+                .collect(),
+            usdt_fired: false,
+            usdt_silence_said: false,
         };
         controller
             .apply_keys()
@@ -281,6 +301,7 @@ impl Controller {
             self.collector.forget(pid);
         }
         self.rewritten = self.take_out_rewritten();
+        self.judge_names();
         self.collector.read_kernel(&mut self.probes)?;
         self.discovered = self.discover();
         let mut exes = exes;
@@ -294,6 +315,73 @@ impl Controller {
         snap.report = report;
         self.pace_call_sites(snap.seconds * probed);
         Ok(snap)
+    }
+
+    /// `py:`/`rb:`/`php:` patterns: the interpreted names the kernel saw
+    /// called since the last reading become functions (wanted: counted from
+    /// now on) or are refused (never reported again). Each name once.
+    fn judge_names(&mut self) {
+        if self.runtime_patterns.is_empty() {
+            return;
+        }
+        self.probes.take_seen(&mut self.seen);
+        self.usdt_fired |= !self.seen.is_empty();
+        let mut added = false;
+        for (hash, text) in std::mem::take(&mut self.seen) {
+            let Some(runtime) = crate::usdt::Runtime::from_id(text.runtime) else {
+                continue;
+            };
+            let part = |bytes: &[u8], len: u32| {
+                String::from_utf8_lossy(&bytes[..(len as usize).min(bytes.len())])
+                    .trim_end_matches('\0')
+                    .to_owned()
+            };
+            let display = runtime.display(
+                &part(&text.qualifier, text.qualifier_len),
+                &part(&text.name, text.name_len),
+            );
+            let func = if self.planner.wanted_interpreted(runtime, &display) {
+                added = true;
+                self.planner
+                    .interpreted(&format!("{}:{display}", runtime.prefix()))
+            } else {
+                crate::probes::NOT_WANTED
+            };
+            if let Err(e) = self.probes.want(hash, func) {
+                log::warn!("cannot tell the kernel about {display}: {e:#}");
+            }
+        }
+        if added {
+            self.catalog = self.planner.catalog();
+        }
+    }
+
+    /// A warning, once, when runtime probes are attached and none has fired
+    /// in [`SILENT_AFTER`]: counting zeros without a word would read as a
+    /// healthy cache.
+    fn usdt_silence(&mut self) -> Option<Record> {
+        if self.runtime_patterns.is_empty()
+            || self.usdt_fired
+            || self.usdt_silence_said
+            || self.started.elapsed() < SILENT_AFTER
+        {
+            return None;
+        }
+        // A count of an interpreted function is a probe that fired too.
+        if self.catalog.functions.iter().any(|f| f.offsets.is_empty()) {
+            self.usdt_fired = true;
+            return None;
+        }
+        self.usdt_silence_said = true;
+        Some(warning(
+            None,
+            "probes_silent",
+            format!(
+                "no call reached the {} probes in {} s: Ruby 2.5 and later fire method__entry only while a TracePoint is enabled in the process (Ruby bug #14582; the application can enable one, TracePoint.new(:call) {{}}.enable); PHP only when started with USE_ZEND_DTRACE=1; or the process called no function",
+                self.runtime_patterns.join(", "),
+                SILENT_AFTER.as_secs()
+            ),
+        ))
     }
 
     /// Sets each function's call-site sampling (`governor::caller_shift`)
@@ -485,6 +573,9 @@ impl Controller {
         }
         if follow && let Some(root) = self.command {
             records.extend(self.attach_new_descendants(root));
+        }
+        if let Some(record) = self.usdt_silence() {
+            records.push(record);
         }
         // Name picks of executables planned in this tick first: the hot set
         // must know them before it picks.
@@ -1029,16 +1120,22 @@ impl Controller {
     }
 
     fn attached_record(&self, request: &AttachRequest, attach_seconds: f64) -> Record {
+        let functions = if request.usdt.is_empty() {
+            request
+                .points
+                .iter()
+                .map(|&(_, id)| self.catalog.name(id))
+                .collect()
+        } else {
+            // Interpreted functions are named as they are called.
+            self.runtime_patterns.clone()
+        };
         Record::Attached {
             ts: unix_now(),
             pid: request.pid,
             ns_pid: request.pid.and_then(|pid| self.live.get(&pid)?.ns_pid),
             path: request.shown.display().to_string(),
-            functions: request
-                .points
-                .iter()
-                .map(|&(_, id)| self.catalog.name(id))
-                .collect(),
+            functions,
             mode: self.probes.mode_for(request).as_str().to_owned(),
             attach_seconds,
         }

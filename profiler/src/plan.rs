@@ -67,6 +67,10 @@ pub struct Planner {
     picked: HashMap<FileId, HashMap<String, Picked>>,
     /// Picks made since the controller last took them, to report.
     new_picks: Vec<crate::discover::Pick>,
+    /// The `py:`, `rb:`, `php:` patterns.
+    runtime_patterns: Vec<crate::usdt::RuntimePattern>,
+    /// Each read file's USDT probes.
+    usdt_probes: HashMap<FileId, Vec<crate::usdt::Probe>>,
 }
 
 impl Planner {
@@ -85,7 +89,139 @@ impl Planner {
             discover: config.discover,
             picked: HashMap::new(),
             new_picks: Vec::new(),
+            runtime_patterns: config.runtime_patterns.clone(),
+            usdt_probes: HashMap::new(),
         }
+    }
+
+    /// The function id of an interpreted function (`py:cache.invalidate`),
+    /// made on first sight. Interpreted functions have no file offsets:
+    /// their calls are told apart by name at the runtime's USDT probe.
+    pub fn interpreted(&mut self, name: &str) -> u32 {
+        let next = self.functions.len() as u32;
+        match self.ids.entry((FileId::default(), name.to_owned())) {
+            Entry::Occupied(e) => *e.get(),
+            Entry::Vacant(e) => {
+                e.insert(next);
+                self.functions.push(Function {
+                    name: name.to_owned(),
+                    paths: Vec::new(),
+                    file_id: FileId::default(),
+                    offsets: Vec::new(),
+                    ranges: Vec::new(),
+                    key: None,
+                    request: false,
+                    picked: None,
+                });
+                self.changed = true;
+                next
+            }
+        }
+    }
+
+    /// The pattern an interpreted function of `runtime` called `display`
+    /// matches, if any: its name then reads `prefix:display`.
+    pub fn wanted_interpreted(&self, runtime: crate::usdt::Runtime, display: &str) -> bool {
+        self.runtime_patterns
+            .iter()
+            .any(|p| p.runtime == runtime && p.glob.matches(display))
+    }
+
+    /// The USDT attach requests of a process's files (`py:`, `rb:`, `php:`
+    /// patterns): for each runtime named, the first file (the executable,
+    /// then the libraries) with its call probe. With `strict`, a runtime
+    /// not found is an error naming what it needs.
+    fn usdt_requests(
+        &mut self,
+        files: &[FileTarget],
+        strict: bool,
+    ) -> anyhow::Result<Vec<AttachRequest>> {
+        use crate::usdt::{Runtime, call_sites};
+        let mut runtimes: Vec<(Runtime, String)> = Vec::new();
+        for p in &self.runtime_patterns {
+            if !runtimes.iter().any(|(r, _)| *r == p.runtime) {
+                runtimes.push((p.runtime, p.text.clone()));
+            }
+        }
+        let Some(pid) = files.first().and_then(|f| f.pid) else {
+            return Ok(Vec::new());
+        };
+        let mut requests = Vec::new();
+        for (runtime, pattern) in runtimes {
+            let mut found = None;
+            for file in files {
+                let id = match self.load(file) {
+                    Ok(id) => id,
+                    Err(e) => {
+                        log::debug!("no USDT probes read from {}: {e}", file.shown.display());
+                        continue;
+                    }
+                };
+                let probes = match self.usdt_probes.entry(id) {
+                    Entry::Occupied(e) => e.into_mut(),
+                    Entry::Vacant(e) => {
+                        let data = std::fs::read(self.tables[&id].0.fd_path()).unwrap_or_default();
+                        e.insert(crate::usdt::probes(&data))
+                    }
+                };
+                let sites: Vec<crate::probes::UsdtSite> = call_sites(probes, runtime)
+                    .into_iter()
+                    .filter_map(|p| {
+                        Some(crate::probes::UsdtSite {
+                            offset: p.offset,
+                            semaphore: p.semaphore.unwrap_or(0),
+                            spec: p.spec(runtime)?,
+                        })
+                    })
+                    .collect();
+                log::debug!(
+                    "{}: {} USDT probe(s), {} {} call site(s)",
+                    file.shown.display(),
+                    probes.len(),
+                    sites.len(),
+                    runtime.label()
+                );
+                if !sites.is_empty() {
+                    found = Some((file, id, sites));
+                    break;
+                }
+            }
+            let Some((file, id, sites)) = found else {
+                if strict {
+                    return Err(SymbolError::NoRuntime {
+                        pattern,
+                        pid,
+                        runtime: runtime.label(),
+                        needs: runtime.needs(),
+                    }
+                    .into());
+                }
+                continue;
+            };
+            if runtime == Runtime::Python
+                && let Some((major, minor)) = crate::usdt::silent_python(&file.shown)
+            {
+                anyhow::bail!(
+                    "--func '{pattern}': pid {pid} runs CPython {major}.{minor}, whose python:function__entry probe never fires (CPython issue 98894: since 3.11 the interpreter reaches it only while a trace function is set), so its calls cannot be counted; run the cache under CPython 3.10 or a build with the fix, or watch the interpreter's C functions with --func"
+                );
+            }
+            if runtime == Runtime::Php {
+                let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+                if !crate::usdt::php_probes_on(&environ) {
+                    anyhow::bail!(
+                        "--func '{pattern}': PHP fires its USDT probes only when started with USE_ZEND_DTRACE=1 in its environment, and pid {pid} was not; restart it with USE_ZEND_DTRACE=1"
+                    );
+                }
+            }
+            requests.push(AttachRequest {
+                file: self.tables[&id].0.clone(),
+                shown: file.shown.clone(),
+                pid: Some(pid),
+                points: Vec::new(),
+                usdt: sites,
+            });
+        }
+        Ok(requests)
     }
 
     /// Functions are picked, not named (no `--func`).
@@ -236,8 +372,10 @@ impl Planner {
                 shown: file.shown.clone(),
                 pid: file.pid,
                 points,
+                usdt: Vec::new(),
             });
         }
+        requests.extend(self.usdt_requests(files, strict)?);
         Ok(requests)
     }
 
@@ -404,6 +542,7 @@ impl Planner {
                 shown: file.shown.clone(),
                 pid: file.pid,
                 points,
+                usdt: Vec::new(),
             });
         }
         match last_error {

@@ -12,7 +12,7 @@
 
 use std::{
     num::NonZeroU32,
-    os::fd::{AsFd as _, BorrowedFd},
+    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
@@ -39,9 +39,10 @@ use profiler_common::{
     CALIBRATION_COOKIE, CALIBRATION_KEY_SLOT, CALLERS_ENTRIES, CALLERS_MAP, COOKIE_SLOT_SHIFT,
     COUNT_SLOTS_MAP, COUNTS_MAP, CallKey, CallerKey, DROPS_MAP, FUNC_CONFIG_MAP, FuncConfig,
     KEY_EDGES_ENTRIES, KEY_EDGES_MAP, KEY_NONE, KEY_TEXT_LEN, KEY_TEXT_MAP, KEY_U64, KEYS_ENTRIES,
-    KEYS_MAP, KeyEdge, KeyId, KeyText, LAST_KEY_ENTRIES, LAST_KEY_MAP, MAX_CALLER_SHIFT,
+    KEYS_MAP, KeyEdge, KeyId, KeyText, LAST_KEY_ENTRIES, LAST_KEY_MAP, MAX_CALLER_SHIFT, NameText,
     PAUSED_MAP, PROG_MULTI, PROG_MULTI_KEYED, PROG_SINGLE, PROG_SINGLE_KEYED, SAMPLES_MAP,
-    STACK_COUNTS_MAP, STACK_ENTRIES, STACKS_MAP, StackKey,
+    SEEN_MAP, STACK_COUNTS_MAP, STACK_ENTRIES, STACKS_MAP, StackKey, USDT_PROGRAM, USDT_SPECS_MAP,
+    UsdtSpec, WANTED_MAP,
 };
 
 /// Errors from loading, attaching and reading probes. All of them are about
@@ -80,6 +81,14 @@ pub enum ProbeError {
         "cannot sample the targets' on-CPU code, which picking functions without --func needs (a perf event on each CPU: CAP_PERFMON or CAP_SYS_ADMIN); name the functions with --func instead"
     )]
     Sampling(#[source] aya::programs::ProgramError),
+    /// A USDT probe could not be attached.
+    #[error("cannot attach the USDT probe in {}{}", path.display(), pid.map(|p| format!(" in pid {p}")).unwrap_or_default())]
+    UsdtAttach {
+        path: PathBuf,
+        pid: Option<u32>,
+        #[source]
+        source: std::io::Error,
+    },
     /// Reading a map failed.
     #[error("cannot read the {name} map")]
     Map {
@@ -96,6 +105,9 @@ pub enum AttachMode {
     Multi,
     /// One perf-event link per function (older kernels): slower to attach.
     PerFunction,
+    /// A runtime's USDT probe sites, one perf link each, semaphores raised
+    /// by the kernel.
+    Usdt,
 }
 
 impl AttachMode {
@@ -103,6 +115,7 @@ impl AttachMode {
         match self {
             Self::Multi => "uprobe_multi",
             Self::PerFunction => "perf_link_per_function",
+            Self::Usdt => "usdt",
         }
     }
 }
@@ -122,6 +135,18 @@ pub struct AttachRequest {
     pub pid: Option<u32>,
     /// (file offset, cookie) pairs.
     pub points: Vec<(u64, u32)>,
+    /// Instead of `points`: a runtime's USDT probe sites (`py:`, `rb:`,
+    /// `php:` patterns), counted by the names their calls report.
+    pub usdt: Vec<UsdtSite>,
+}
+
+/// A USDT probe site to attach at: its file offset, its semaphore's (0:
+/// none), and where its name arguments are.
+#[derive(Clone, Copy, Debug)]
+pub struct UsdtSite {
+    pub offset: u64,
+    pub semaphore: u64,
+    pub spec: UsdtSpec,
 }
 
 /// The loaded eBPF object and its links.
@@ -178,7 +203,22 @@ pub struct Probes {
     custody: Option<Custody>,
     /// Discovery's on-CPU sampler.
     sampler: Option<Sampler>,
+    /// The interpreted runtimes' maps (`py:`, `rb:`, `php:` patterns).
+    usdt: Option<UsdtMaps>,
+    /// `USDT_SPECS` slot of each site attached: (file, offset) -> slot.
+    usdt_slots: HashMap<(FileId, u64), u32>,
 }
+
+/// The maps of the USDT program.
+struct UsdtMaps {
+    specs: Array<MapData, UsdtSpec>,
+    wanted: BpfHashMap<MapData, u64, u32>,
+    seen: BpfHashMap<MapData, u64, NameText>,
+}
+
+/// `WANTED`'s value for a name seen and not wanted (so the kernel stops
+/// reporting it).
+pub const NOT_WANTED: u32 = u32::MAX;
 
 struct Entry {
     request: AttachRequest,
@@ -190,11 +230,17 @@ struct Entry {
     link: Option<Held>,
 }
 
+/// A request's links: aya's, or our own (USDT sites, see `perf_uprobe.rs`).
+enum Links {
+    Aya(Result<Vec<FdLink>, UProbeLink>),
+    Own(Vec<OwnedFd>),
+}
+
 /// A link in place, owned here rather than by aya's program, so that its
 /// descriptors can be handed to the custody helper too.
 struct Held {
     /// Ours; closing them detaches nothing while the helper keeps copies.
-    links: Result<Vec<FdLink>, UProbeLink>,
+    links: Links,
     /// The helper's numbers for its copies.
     kept: Vec<u32>,
 }
@@ -290,12 +336,14 @@ impl Probes {
     /// supports. `keys`: some function may have a key to read (the
     /// program that reads keys is loaded, else the one that cannot).
     /// `sampling`: start the on-CPU sampler too (discovery, at that many
-    /// samples a second per CPU).
+    /// samples a second per CPU). `runtimes`: load the USDT program for
+    /// interpreted functions.
     pub fn load(
         max_entries: u32,
         slots: u32,
         keys: bool,
         sampling: Option<u64>,
+        runtimes: bool,
     ) -> Result<Self, ProbeError> {
         // Kernels >= 5.11 charge BPF memory to the cgroup, not RLIMIT_MEMLOCK;
         // raising the limit can fail without CAP_SYS_RESOURCE and that is fine.
@@ -346,6 +394,11 @@ impl Probes {
             // The sampler's LRU map is preallocated, per CPU.
             loader.map_max_entries(SAMPLES_MAP, 1);
         }
+        if !runtimes {
+            loader.map_max_entries(SEEN_MAP, 1);
+            loader.map_max_entries(WANTED_MAP, 1);
+            loader.map_max_entries(USDT_SPECS_MAP, 1);
+        }
         let mut ebpf = loader
             .map_max_entries(COUNTS_MAP, max_entries.max(1))
             .map_max_entries(COUNT_SLOTS_MAP, slots)
@@ -378,6 +431,18 @@ impl Probes {
         let sampler = sampling
             .map(|hz| Sampler::start(&mut ebpf, hz))
             .transpose()?;
+        let usdt = if runtimes {
+            uprobe(&mut ebpf, USDT_PROGRAM)?
+                .load()
+                .map_err(ProbeError::Program)?;
+            Some(UsdtMaps {
+                specs: take_map(&mut ebpf, USDT_SPECS_MAP)?,
+                wanted: take_map(&mut ebpf, WANTED_MAP)?,
+                seen: take_map(&mut ebpf, SEEN_MAP)?,
+            })
+        } else {
+            None
+        };
         Ok(Self {
             counts,
             count_slots,
@@ -410,7 +475,39 @@ impl Probes {
             capacity: max_entries.max(1),
             custody,
             sampler,
+            usdt,
+            usdt_slots: HashMap::new(),
         })
+    }
+
+    /// Tells the kernel what to do with an interpreted name: count it as
+    /// function `func`, or ([`NOT_WANTED`]) never report it again.
+    pub fn want(&mut self, hash: u64, func: u32) -> Result<(), ProbeError> {
+        let Some(usdt) = &mut self.usdt else {
+            return Ok(());
+        };
+        usdt.wanted
+            .insert(&hash, &func, 0)
+            .map_err(|source| ProbeError::Map {
+                name: WANTED_MAP,
+                source,
+            })
+    }
+
+    /// The interpreted names seen called since the last call, not yet
+    /// wanted or refused; each read is removed.
+    pub fn take_seen(&mut self, out: &mut Vec<(u64, NameText)>) {
+        out.clear();
+        let Some(usdt) = &mut self.usdt else {
+            return;
+        };
+        let keys: Vec<u64> = usdt.seen.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            if let Ok(text) = usdt.seen.get(&key, 0) {
+                out.push((key, text));
+            }
+            let _ = usdt.seen.remove(&key);
+        }
     }
 
     /// The on-CPU sampler, when loaded with one.
@@ -500,6 +597,9 @@ impl Probes {
 
     /// How `request` is (or would be) attached here.
     pub fn mode_for(&self, request: &AttachRequest) -> AttachMode {
+        if !request.usdt.is_empty() {
+            return AttachMode::Usdt;
+        }
         if matches!(self.program_for(request), PROG_SINGLE | PROG_SINGLE_KEYED) {
             AttachMode::PerFunction
         } else {
@@ -520,6 +620,9 @@ impl Probes {
         request: &AttachRequest,
         cookies: &[u64],
     ) -> Result<Held, ProbeError> {
+        if !request.usdt.is_empty() {
+            return self.link_usdt(request);
+        }
         let scope = match request.pid.and_then(NonZeroU32::new) {
             Some(pid) => UProbeScope::OneProcess(pid),
             None => UProbeScope::AllProcesses,
@@ -549,22 +652,82 @@ impl Probes {
         let id = prog
             .attach(points, request.file.fd_path(), scope)
             .map_err(failed)?;
-        let links = prog.take_link(id).map_err(failed)?.into_fd_links();
+        let links = Links::Aya(prog.take_link(id).map_err(failed)?.into_fd_links());
         let kept = self.keep(&links);
         Ok(Held { links, kept })
     }
 
+    /// Links a request's USDT sites: a perf uprobe with the site's
+    /// semaphore, for its process only, one per site.
+    fn link_usdt(&mut self, request: &AttachRequest) -> Result<Held, ProbeError> {
+        let failed = |source: std::io::Error| ProbeError::UsdtAttach {
+            path: request.shown.clone(),
+            pid: request.pid,
+            source,
+        };
+        let Some(pid) = request.pid else {
+            return Err(failed(std::io::Error::other(
+                "USDT probes are attached per process",
+            )));
+        };
+        let mut links = Vec::with_capacity(request.usdt.len());
+        for site in &request.usdt {
+            let slot = self.usdt_slot(request.file.id, site)?;
+            let program = uprobe(&mut self.ebpf, USDT_PROGRAM)?;
+            let fd = program.fd().map_err(ProbeError::Program)?;
+            links.push(
+                crate::perf_uprobe::attach(
+                    fd.as_fd(),
+                    &request.file.fd_path(),
+                    site.offset,
+                    site.semaphore,
+                    pid,
+                    u64::from(slot),
+                )
+                .map_err(failed)?,
+            );
+        }
+        let links = Links::Own(links);
+        let kept = self.keep(&links);
+        Ok(Held { links, kept })
+    }
+
+    /// The `USDT_SPECS` slot of a site (its attach cookie), set on first
+    /// use.
+    fn usdt_slot(&mut self, file: FileId, site: &UsdtSite) -> Result<u32, ProbeError> {
+        let next = self.usdt_slots.len() as u32;
+        if let Some(&slot) = self.usdt_slots.get(&(file, site.offset)) {
+            return Ok(slot);
+        }
+        let usdt = self.usdt.as_mut().ok_or(ProbeError::Missing {
+            what: "program",
+            name: USDT_PROGRAM,
+        })?;
+        usdt.specs
+            .set(next, &site.spec, 0)
+            .map_err(|source| ProbeError::Map {
+                name: USDT_SPECS_MAP,
+                source,
+            })?;
+        self.usdt_slots.insert((file, site.offset), next);
+        Ok(next)
+    }
+
     /// Hands the custody helper a copy of each of the link's descriptors.
-    fn keep(&mut self, links: &Result<Vec<FdLink>, UProbeLink>) -> Vec<u32> {
-        let (Some(custody), Ok(links)) = (&mut self.custody, links) else {
+    fn keep(&mut self, links: &Links) -> Vec<u32> {
+        let Some(custody) = &mut self.custody else {
             return Vec::new();
         };
-        let fds: Vec<BorrowedFd<'_>> = links.iter().filter_map(link_fd).collect();
-        if fds.len() < links.len() {
+        let (fds, all): (Vec<BorrowedFd<'_>>, usize) = match links {
+            Links::Aya(Ok(links)) => (links.iter().filter_map(link_fd).collect(), links.len()),
+            Links::Aya(Err(_)) => return Vec::new(),
+            Links::Own(links) => (links.iter().map(|l| l.as_fd()).collect(), links.len()),
+        };
+        if fds.len() < all {
             // Only with an aya that names links otherwise (see `link_fd`).
             log::warn!(
                 "{} probe link(s) could not be handed to the custody helper",
-                links.len() - fds.len()
+                all - fds.len()
             );
         }
         match custody.keep(&fds) {
@@ -1107,6 +1270,7 @@ fn self_probe_request() -> Result<AttachRequest, ProbeError> {
         shown: path,
         pid: Some(std::process::id()),
         points: vec![(address - map.start + map.offset, CALIBRATION_COOKIE)],
+        usdt: Vec::new(),
     })
 }
 

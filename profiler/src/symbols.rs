@@ -51,6 +51,17 @@ pub enum SymbolError {
     /// A `--func` pattern is not a valid glob.
     #[error("invalid --func pattern '{pattern}': {reason}")]
     BadPattern { pattern: String, reason: String },
+    /// A `py:`/`rb:`/`php:` pattern's runtime, with its probes, is not in
+    /// the process.
+    #[error(
+        "--func '{pattern}': pid {pid} runs no {runtime} with USDT probes (it needs {needs}); list what it runs with 'cacheloop symbols --pid {pid}'"
+    )]
+    NoRuntime {
+        pattern: String,
+        pid: u32,
+        runtime: &'static str,
+        needs: &'static str,
+    },
     /// A `--func` pattern matched no function.
     #[error(
         "--func '{pattern}' matches no function in {where_}; list them with 'cacheloop symbols {hint}'"

@@ -36,6 +36,19 @@ pub enum Runtime {
 impl Runtime {
     pub const ALL: [Self; 3] = [Self::Python, Self::Ruby, Self::Php];
 
+    /// The number the kernel carries for it.
+    pub fn id(self) -> u32 {
+        match self {
+            Self::Python => 1,
+            Self::Ruby => 2,
+            Self::Php => 3,
+        }
+    }
+
+    pub fn from_id(id: u32) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.id() == id)
+    }
+
     /// The pattern prefix: `py`, `rb`, `php`.
     pub fn prefix(self) -> &'static str {
         match self {
@@ -68,14 +81,24 @@ impl Runtime {
     pub fn display(self, qualifier: &str, name: &str) -> String {
         match self {
             Self::Python => {
-                let stem = Path::new(qualifier)
-                    .file_stem()
-                    .map_or_else(|| qualifier.to_owned(), |s| s.to_string_lossy().into_owned());
+                let stem = Path::new(qualifier).file_stem().map_or_else(
+                    || qualifier.to_owned(),
+                    |s| s.to_string_lossy().into_owned(),
+                );
                 format!("{stem}.{name}")
             }
             Self::Ruby => format!("{qualifier}#{name}"),
             Self::Php if qualifier.is_empty() => name.to_owned(),
             Self::Php => format!("{qualifier}::{name}"),
+        }
+    }
+
+    /// Its name in messages.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Python => "Python",
+            Self::Ruby => "Ruby",
+            Self::Php => "PHP",
         }
     }
 
@@ -135,8 +158,13 @@ impl Probe {
     pub fn spec(&self, runtime: Runtime) -> Option<UsdtSpec> {
         let (qualifier, name) = runtime.name_args();
         Some(UsdtSpec {
-            qualifier: self.args.get(qualifier).map_or(Some(UsdtArg::default()), |a| parse_arg(a))?,
+            qualifier: self
+                .args
+                .get(qualifier)
+                .map_or(Some(UsdtArg::default()), |a| parse_arg(a))?,
             name: parse_arg(self.args.get(name)?)?,
+            runtime: runtime.id(),
+            _reserved: 0,
         })
     }
 }
@@ -184,7 +212,11 @@ pub fn parse_arg(spec: &str) -> Option<UsdtArg> {
     }
     let (disp, rest) = operand.split_once('(')?;
     let reg = rest.strip_suffix(')')?.strip_prefix('%')?;
-    let disp = if disp.is_empty() { 0 } else { disp.parse().ok()? };
+    let disp = if disp.is_empty() {
+        0
+    } else {
+        disp.parse().ok()?
+    };
     Some(UsdtArg {
         kind: USDT_ARG_MEM,
         reg: register(reg)?,
@@ -230,9 +262,11 @@ pub fn probes(data: &[u8]) -> Vec<Probe> {
         Some(u64::from_le_bytes(b.get(i..i + 8)?.try_into().ok()?))
     };
     let align = |n: usize| (n + 3) & !3;
-    while let (Some(namesz), Some(descsz), Some(kind)) =
-        (u32_at(bytes, at), u32_at(bytes, at + 4), u32_at(bytes, at + 8))
-    {
+    while let (Some(namesz), Some(descsz), Some(kind)) = (
+        u32_at(bytes, at),
+        u32_at(bytes, at + 4),
+        u32_at(bytes, at + 8),
+    ) {
         let name_at = at + 12;
         let desc_at = name_at + align(namesz as usize);
         let next = desc_at + align(descsz as usize);
@@ -275,6 +309,32 @@ pub fn probes(data: &[u8]) -> Vec<Probe> {
     found
 }
 
+/// CPython 3.11 and later (until the fix of CPython issue 98894, merged
+/// for a later release in December 2025) carry `function__entry` but never
+/// fire it: the 3.11 interpreter loop only reaches it while a trace or
+/// profile function is set. Found in the file name of the interpreter
+/// holding the probes (`python3.11`, `libpython3.11.so.1.0`). Returns the
+/// version when it is one of those.
+pub fn silent_python(file: &Path) -> Option<(u32, u32)> {
+    let name = file.file_name()?.to_str()?;
+    let at = name.find("python3.")? + "python3.".len();
+    let minor: String = name[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    let minor: u32 = minor.parse().ok()?;
+    (minor >= 11).then_some((3, minor))
+}
+
+/// Whether a process's environment (`/proc/PID/environ`'s bytes) turns
+/// PHP's probes on: PHP fires them only when started with
+/// `USE_ZEND_DTRACE=1`.
+pub fn php_probes_on(environ: &[u8]) -> bool {
+    environ
+        .split(|&b| b == 0)
+        .any(|v| v == b"USE_ZEND_DTRACE=1")
+}
+
 /// The sites of `runtime`'s call probe among `probes`.
 pub fn call_sites(probes: &[Probe], runtime: Runtime) -> Vec<&Probe> {
     let (provider, name) = runtime.probe();
@@ -315,8 +375,14 @@ mod tests {
 
     #[test]
     fn patterns_name_their_runtime() {
-        assert_eq!(runtime_pattern("py:cache.*"), Some((Runtime::Python, "cache.*")));
-        assert_eq!(runtime_pattern("rb:Cache#invalidate"), Some((Runtime::Ruby, "Cache#invalidate")));
+        assert_eq!(
+            runtime_pattern("py:cache.*"),
+            Some((Runtime::Python, "cache.*"))
+        );
+        assert_eq!(
+            runtime_pattern("rb:Cache#invalidate"),
+            Some((Runtime::Ruby, "Cache#invalidate"))
+        );
         assert_eq!(runtime_pattern("php:*"), Some((Runtime::Php, "*")));
         assert_eq!(runtime_pattern("cache_*"), None);
         assert_eq!(runtime_pattern("py::Store::evict"), None);
@@ -324,11 +390,45 @@ mod tests {
     }
 
     #[test]
+    fn cpython_from_3_11_is_known_silent() {
+        assert_eq!(
+            silent_python(Path::new("/usr/bin/python3.11")),
+            Some((3, 11))
+        );
+        assert_eq!(
+            silent_python(Path::new("/usr/lib/x86_64-linux-gnu/libpython3.12.so.1.0")),
+            Some((3, 12))
+        );
+        assert_eq!(silent_python(Path::new("/usr/bin/python3.10")), None);
+        assert_eq!(silent_python(Path::new("/usr/bin/python3.9")), None);
+        assert_eq!(silent_python(Path::new("/opt/py/bin/python")), None);
+    }
+
+    #[test]
+    fn php_probes_need_their_variable() {
+        assert!(php_probes_on(b"PATH=/bin\0USE_ZEND_DTRACE=1\0"));
+        assert!(!php_probes_on(b"PATH=/bin\0USE_ZEND_DTRACE=0\0"));
+        assert!(!php_probes_on(b""));
+    }
+
+    #[test]
     fn names_read_as_each_language_writes_them() {
-        assert_eq!(Runtime::Python.display("/srv/app/cache.py", "invalidate"), "cache.invalidate");
-        assert_eq!(Runtime::Ruby.display("Cache", "invalidate"), "Cache#invalidate");
-        assert_eq!(Runtime::Php.display("Cache", "invalidate"), "Cache::invalidate");
-        assert_eq!(Runtime::Php.display("", "wp_cache_delete"), "wp_cache_delete");
+        assert_eq!(
+            Runtime::Python.display("/srv/app/cache.py", "invalidate"),
+            "cache.invalidate"
+        );
+        assert_eq!(
+            Runtime::Ruby.display("Cache", "invalidate"),
+            "Cache#invalidate"
+        );
+        assert_eq!(
+            Runtime::Php.display("Cache", "invalidate"),
+            "Cache::invalidate"
+        );
+        assert_eq!(
+            Runtime::Php.display("", "wp_cache_delete"),
+            "wp_cache_delete"
+        );
     }
 
     /// A note section as GCC writes one, in an ELF made by hand is too much

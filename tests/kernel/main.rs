@@ -20,4 +20,5 @@ mod lifecycle;
 mod overhead;
 mod privileges;
 mod recording;
+mod runtimes;
 mod targeting;

@@ -40,6 +40,11 @@ pub const TEST_PACKAGES: &[&str] = &[
     "systemd",
     // Rendering the incident report headless (tests/report.rs).
     "chromium",
+    // Interpreted caches (py:, rb:, php: patterns): Debian's interpreters
+    // carry USDT probes.
+    "python3.11",
+    "ruby",
+    "php8.2-cli",
 ];
 
 /// What `bench` uses: the tools compared, the chroot maker for the newer
