@@ -303,6 +303,17 @@ pub struct SymbolsArgs {
     /// One JSON object per function.
     #[arg(long)]
     pub json: bool,
+
+    /// Instead of ELF symbols, the functions of an interpreted runtime
+    /// (py, rb or php) the process calls: its USDT probe listens for
+    /// --listen and lists each name seen called, as `--func 'rb:…'` takes
+    /// it. Needs --pid and root.
+    #[arg(long, value_name = "RUNTIME", requires = "pid", value_parser = ["py", "rb", "php"])]
+    pub runtime: Option<String>,
+
+    /// How long --runtime listens.
+    #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = parse_duration)]
+    pub listen: Duration,
 }
 
 /// `--key-arg N:u64`, `N:str`, `N:str@OFF` or `N:string`.

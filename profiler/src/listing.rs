@@ -25,6 +25,9 @@ struct Row<'a> {
 
 /// Lists the functions, sorted by name, with a count at the end.
 pub fn run(args: &SymbolsArgs) -> anyhow::Result<()> {
+    if let (Some(runtime), Some(pid)) = (&args.runtime, args.pid) {
+        return run_runtime(args, runtime, pid);
+    }
     // (path to read, path as the process sees it, root for debug files)
     let files: Vec<(PathBuf, PathBuf, PathBuf)> = match (args.pid, &args.binary) {
         (Some(pid), _) => {
@@ -68,6 +71,85 @@ pub fn run(args: &SymbolsArgs) -> anyhow::Result<()> {
     rows.sort_by(|a, b| a.name.cmp(b.name).then(a.file.cmp(&b.file)));
 
     let written = print(&rows, args.json);
+    match written {
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+/// `symbols --pid P --runtime rb`: attaches the runtime's USDT probe,
+/// wanting no name, for `--listen`, and lists every name the kernel saw
+/// called (each reported once), sorted.
+fn run_runtime(args: &SymbolsArgs, runtime: &str, pid: u32) -> anyhow::Result<()> {
+    let runtime = crate::usdt::Runtime::ALL
+        .into_iter()
+        .find(|r| r.prefix() == runtime)
+        .expect("clap checked the runtime");
+    crate::privileges::require_probes()?;
+    let process = Process::from_pid(pid)?;
+    let everything = crate::usdt::RuntimePattern {
+        runtime,
+        glob: Pattern::new("*")?,
+        text: format!("{}:*", runtime.prefix()),
+    };
+    let mut planner = crate::plan::Planner::runtimes_only(vec![everything]);
+    let requests = planner.requests(&crate::plan::FileTarget::of_process(&process), true, "")?;
+    let mut probes = crate::probes::Probes::load(1024, 64, false, None, true)?;
+    for request in &requests {
+        probes.attach(request)?;
+    }
+    let pattern = args.pattern.as_deref().map(Pattern::new).transpose()?;
+    let mut names = std::collections::BTreeSet::new();
+    let mut seen = Vec::new();
+    let until = std::time::Instant::now() + args.listen;
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        probes.take_seen(&mut seen);
+        for (hash, text) in &seen {
+            let part = |bytes: &[u8], len: u32| {
+                String::from_utf8_lossy(&bytes[..(len as usize).min(bytes.len())]).into_owned()
+            };
+            let display = runtime.display(
+                &part(&text.qualifier, text.qualifier_len),
+                &part(&text.name, text.name_len),
+            );
+            names.insert(format!("{}:{display}", runtime.prefix()));
+            // Reported once: never again this run.
+            let _ = probes.want(*hash, crate::probes::NOT_WANTED);
+        }
+        if std::time::Instant::now() >= until {
+            break;
+        }
+    }
+    probes.detach();
+    let names: Vec<String> = names
+        .into_iter()
+        .filter(|n| {
+            let bare = n.split_once(':').map_or(n.as_str(), |(_, b)| b);
+            pattern.as_ref().is_none_or(|p| p.matches(bare))
+        })
+        .collect();
+    let written = (|| -> io::Result<()> {
+        let mut out = io::BufWriter::new(io::stdout().lock());
+        for name in &names {
+            if args.json {
+                serde_json::to_writer(&mut out, &serde_json::json!({ "name": name }))?;
+                writeln!(out)?;
+            } else {
+                writeln!(out, "{name}")?;
+            }
+        }
+        if !args.json {
+            writeln!(
+                out,
+                "{} {} function(s) seen called in {}",
+                names.len(),
+                runtime.label(),
+                humantime::format_duration(args.listen)
+            )?;
+        }
+        out.flush()
+    })();
     match written {
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         other => Ok(other?),

@@ -224,6 +224,27 @@ impl Planner {
         Ok(requests)
     }
 
+    /// A planner for a runtime's functions only (`symbols --runtime`).
+    pub fn runtimes_only(runtime_patterns: Vec<crate::usdt::RuntimePattern>) -> Self {
+        Self {
+            patterns: Vec::new(),
+            request_patterns: Vec::new(),
+            key_arg: None,
+            preset_keys: Vec::new(),
+            tables: HashMap::new(),
+            stamps: HashMap::new(),
+            functions: Vec::new(),
+            ids: HashMap::new(),
+            published: Arc::new(Catalog::default()),
+            changed: false,
+            discover: false,
+            picked: HashMap::new(),
+            new_picks: Vec::new(),
+            runtime_patterns,
+            usdt_probes: HashMap::new(),
+        }
+    }
+
     /// Functions are picked, not named (no `--func`).
     pub fn discovers(&self) -> bool {
         self.discover

@@ -171,3 +171,43 @@ fn a_runtime_pattern_on_a_program_without_that_runtime_exits_2() {
     assert!(run.stderr.contains("runs no Ruby"), "{}", run.stderr);
     assert_eq!(run.stderr.trim().lines().count(), 1, "{}", run.stderr);
 }
+
+#[test]
+fn symbols_lists_the_interpreted_functions_a_process_calls() {
+    require_root();
+    if !have_programs(&[("php8.2", "php8.2-cli")]) {
+        return;
+    }
+    let cache = service(&["USE_ZEND_DTRACE=1"], "php8.2", "cache.php");
+    let pid = cache.pid.to_string();
+    let run = cacheloop(
+        &[
+            "symbols",
+            "--pid",
+            &pid,
+            "--runtime",
+            "php",
+            "--listen",
+            "2s",
+            "--match",
+            "Cache::*",
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    let names: Vec<&str> = run.stdout.lines().collect();
+    for name in [
+        "php:Cache::get",
+        "php:Cache::invalidate",
+        "php:Cache::invalidateAll",
+    ] {
+        assert!(names.contains(&name), "{name}: {}", run.stdout);
+    }
+    assert!(
+        names
+            .iter()
+            .all(|n| n.starts_with("php:Cache::") || n.contains("seen called")),
+        "{}",
+        run.stdout
+    );
+}
