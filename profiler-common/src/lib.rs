@@ -288,6 +288,15 @@ pub const USDT_SPECS_MAP: &str = "USDT_SPECS";
 pub const WANTED_MAP: &str = "WANTED";
 /// Name of the LRU hash of interpreted names seen called: hash -> text.
 pub const SEEN_MAP: &str = "SEEN";
+/// Name of the LRU hash of interpreted names judged and not wanted.
+pub const REFUSED_MAP: &str = "REFUSED";
+/// Names refused, remembered at most (LRU: one forgotten is reported and
+/// refused again, nothing worse).
+pub const REFUSED_ENTRIES: u32 = 16_384;
+/// The function id every run of the USDT program is also counted under,
+/// per process, wanted name or not: what the runtime's probe costs the
+/// process, for the overhead governor. Not a catalog id.
+pub const USDT_HITS: u32 = u32::MAX - 1;
 /// USDT probe sites cacheloop can attach at once.
 pub const USDT_SPECS_ENTRIES: u32 = 256;
 /// Wanted interpreted names, at most.

@@ -55,10 +55,10 @@ use profiler_common::{
     CALIBRATION_COOKIE, CALIBRATION_KEY_SLOT, CALLERS_ENTRIES, COOKIE_SLOT_SHIFT, CallKey,
     CallerKey, DEFAULT_COUNTS_ENTRIES, FuncConfig, KEY_EDGES_ENTRIES, KEY_MORE_CHUNKS, KEY_NONE,
     KEY_STR, KEY_STR_AT, KEY_TEXT_LEN, KEY_TRUNCATED, KEY_U64, KEYS_ENTRIES, KeyEdge, KeyId,
-    KeyText, LAST_KEY_ENTRIES, MAX_CALLER_SHIFT, NAME_LEN, NameText, QUAL_LEN, SAMPLE_FRAMES,
-    SAMPLED_ENTRIES, SAMPLES_ENTRIES, SEEN_ENTRIES, STACK_ENTRIES, STACK_SAMPLE_EVERY, SampleKey,
-    StackKey, USDT_ARG_MEM, USDT_ARG_REG, USDT_SPECS_ENTRIES, UsdtArg, UsdtSpec, WANTED_ENTRIES,
-    fnv1a, fnv1a_more, name_hash,
+    KeyText, LAST_KEY_ENTRIES, MAX_CALLER_SHIFT, NAME_LEN, NameText, QUAL_LEN, REFUSED_ENTRIES,
+    SAMPLE_FRAMES, SAMPLED_ENTRIES, SAMPLES_ENTRIES, SEEN_ENTRIES, STACK_ENTRIES,
+    STACK_SAMPLE_EVERY, SampleKey, StackKey, USDT_ARG_MEM, USDT_ARG_REG, USDT_HITS,
+    USDT_SPECS_ENTRIES, UsdtArg, UsdtSpec, WANTED_ENTRIES, fnv1a, fnv1a_more, name_hash,
 };
 
 /// Calls per (function, process) of pairs with a slot (see
@@ -151,6 +151,11 @@ static USDT_SPECS: Array<UsdtSpec> = Array::with_max_entries(USDT_SPECS_ENTRIES,
 #[map]
 static WANTED: HashMap<u64, u32> = HashMap::with_max_entries(WANTED_ENTRIES, 0);
 
+/// Interpreted names the loader judged and does not want: not reported
+/// again. LRU: one forgotten is reported and refused again.
+#[map]
+static REFUSED: LruHashMap<u64, u8> = LruHashMap::with_max_entries(REFUSED_ENTRIES, 0);
+
 /// Interpreted names seen called that are not (yet) wanted, with their
 /// text, for the loader to match: each name once, not each call.
 #[map]
@@ -227,6 +232,15 @@ pub fn count_usdt(ctx: ProbeContext) -> u32 {
     let Some(spec) = USDT_SPECS.get(cookie as u32) else {
         return 0;
     };
+    // Every run is a trap the process paid for, wanted name or not: the
+    // overhead governor weighs these.
+    tally(
+        &ctx,
+        &CallKey {
+            func: USDT_HITS,
+            tgid: ctx.tgid(),
+        },
+    );
     // On the stack (200 bytes of the 512): a per-CPU scratch entry could
     // be overwritten mid-read, uprobe programs being preemptible.
     let mut text = NameText {
@@ -259,7 +273,7 @@ pub fn count_usdt(ctx: ProbeContext) -> u32 {
         }
         None => {
             // SAFETY: only tested for presence.
-            if unsafe { SEEN.get(&hash) }.is_none() {
+            if unsafe { REFUSED.get(&hash) }.is_none() && unsafe { SEEN.get(&hash) }.is_none() {
                 let _ = SEEN.insert(&hash, &text, 0);
             }
         }

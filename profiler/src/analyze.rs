@@ -350,6 +350,10 @@ pub struct Analyzer {
     is_request: Vec<bool>,
     /// By function: picked for its heat (see `discover.rs`).
     is_hot_pick: Vec<bool>,
+    /// By function: left out of its process's sum (picked for heat, or
+    /// interpreted: both join the catalog mid-run, one by one, and would
+    /// read as the sum running away).
+    unsummed: Vec<bool>,
 }
 
 /// What a reporting period summed so far.
@@ -513,6 +517,7 @@ impl Analyzer {
             calls: Vec::new(),
             is_request: Vec::new(),
             is_hot_pick: Vec::new(),
+            unsummed: Vec::new(),
         }
     }
 
@@ -536,6 +541,14 @@ impl Analyzer {
                 .functions
                 .iter()
                 .map(|f| f.picked == Some(crate::catalog::Picked::Hot)),
+        );
+        self.unsummed.clear();
+        self.unsummed.extend(
+            catalog
+                .functions
+                .iter()
+                .zip(&self.is_hot_pick)
+                .map(|(f, &hot)| hot || f.is_interpreted()),
         );
         self.notice_processes(catalog, &snap.processes, snap.elapsed);
         self.kernel_warnings(snap, &mut out);
@@ -574,9 +587,24 @@ impl Analyzer {
                 let now = self.by_key.get(&(func, pid)).copied().unwrap_or(0);
                 self.calls.push(self.counts.advance((func, pid), now));
             }
-            out.hit_rate = out
-                .hit_rate
-                .max(self.calls.iter().sum::<u64>() as f64 / window);
+            // Every run of a runtime's USDT probe is a trap, wanted name or
+            // not (interpreted functions' calls are among them).
+            let usdt_now = self
+                .by_key
+                .get(&(profiler_common::USDT_HITS, pid))
+                .copied()
+                .unwrap_or(0);
+            let usdt = self
+                .counts
+                .advance((profiler_common::USDT_HITS, pid), usdt_now);
+            let native: u64 = self
+                .calls
+                .iter()
+                .zip(catalog.functions.iter())
+                .filter(|(_, f)| !f.is_interpreted())
+                .map(|(n, _)| n)
+                .sum();
+            out.hit_rate = out.hit_rate.max((native + usdt) as f64 / window);
             for (func, &n) in self.calls.iter().enumerate() {
                 if n > 0 {
                     self.reading_calls.insert((pid, func as u32), n);
@@ -709,7 +737,7 @@ impl Analyzer {
             // functions adds up here. Not the functions picked for their
             // heat: one picked mid-run would read as the sum running away.
             let judged: Vec<u32> = (0..catalog.len() as u32)
-                .filter(|&f| !self.is_request[f as usize] && !self.is_hot_pick[f as usize])
+                .filter(|&f| !self.is_request[f as usize] && !self.unsummed[f as usize])
                 .collect();
             let calls: u64 = judged.iter().map(|&f| self.calls[f as usize]).sum();
             let base = Signals {

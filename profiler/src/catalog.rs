@@ -113,6 +113,14 @@ pub struct Catalog {
     pub functions: Vec<Function>,
 }
 
+impl Function {
+    /// An interpreted function (`php:Cache::invalidate`): counted by name
+    /// at its runtime's USDT probe, with no code of its own in a file.
+    pub fn is_interpreted(&self) -> bool {
+        self.offsets.is_empty()
+    }
+}
+
 impl Catalog {
     pub fn len(&self) -> usize {
         self.functions.len()

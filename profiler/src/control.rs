@@ -92,6 +92,9 @@ pub struct Controller {
     /// [`SILENT_AFTER`] of the start.
     usdt_fired: bool,
     usdt_silence_said: bool,
+    names_full_said: bool,
+    /// Records made during a reading, said after the tick.
+    pending: Vec<Record>,
 }
 
 /// How long runtime probes may stay silent before a warning says so.
@@ -163,11 +166,16 @@ impl Controller {
         } else {
             0
         };
-        // Without --func, room for what the samples may pick later too.
+        // Without --func, room for what the samples may pick later too;
+        // with runtime patterns, for the interpreted names they will match.
         let functions = if config.discover {
             catalog.len() + discover::MAX_HOT
         } else {
             catalog.len().max(1)
+        } + if config.runtime_patterns.is_empty() {
+            0
+        } else {
+            256
         };
         let slots = functions * (processes.len() + later);
         // Pairs probed in one process count in an array slot each (the
@@ -241,6 +249,8 @@ impl Controller {
                 .collect(),
             usdt_fired: false,
             usdt_silence_said: false,
+            names_full_said: false,
+            pending: Vec::new(),
         };
         controller
             .apply_keys()
@@ -340,15 +350,27 @@ impl Controller {
                 &part(&text.qualifier, text.qualifier_len),
                 &part(&text.name, text.name_len),
             );
-            let func = if self.planner.wanted_interpreted(runtime, &display) {
+            let func = self.planner.wanted_interpreted(runtime, &display).then(|| {
                 added = true;
                 self.planner
                     .interpreted(&format!("{}:{display}", runtime.prefix()))
-            } else {
-                crate::probes::NOT_WANTED
-            };
+            });
             if let Err(e) = self.probes.want(hash, func) {
-                log::warn!("cannot tell the kernel about {display}: {e:#}");
+                if func.is_some() && !self.names_full_said {
+                    // Said once as a record: the name's calls are not
+                    // counted, and it is reported again each reading.
+                    self.names_full_said = true;
+                    self.pending.push(warning(
+                        None,
+                        "names_full",
+                        format!(
+                            "cannot count {}:{display}: the kernel's table of wanted names is full ({}); narrow the patterns",
+                            runtime.prefix(),
+                            profiler_common::WANTED_ENTRIES
+                        ),
+                    ));
+                }
+                log::debug!("cannot tell the kernel about {display}: {e:#}");
             }
         }
         if added {
@@ -574,6 +596,7 @@ impl Controller {
         if follow && let Some(root) = self.command {
             records.extend(self.attach_new_descendants(root));
         }
+        records.append(&mut self.pending);
         if let Some(record) = self.usdt_silence() {
             records.push(record);
         }

@@ -115,7 +115,7 @@ fn run_runtime(args: &SymbolsArgs, runtime: &str, pid: u32) -> anyhow::Result<()
             );
             names.insert(format!("{}:{display}", runtime.prefix()));
             // Reported once: never again this run.
-            let _ = probes.want(*hash, crate::probes::NOT_WANTED);
+            let _ = probes.want(*hash, None);
         }
         if std::time::Instant::now() >= until {
             break;

@@ -513,6 +513,9 @@ impl Planner {
         let before = self.tables.len();
         self.tables
             .retain(|_, (file, _)| Arc::strong_count(file) > 1);
+        // USDT offsets go with the file: a later file may get its identity.
+        let tables = &self.tables;
+        self.usdt_probes.retain(|id, _| tables.contains_key(id));
         before - self.tables.len()
     }
 
@@ -579,6 +582,7 @@ impl Planner {
     /// [`crate::catalog::Catalog::function_at`].)
     pub fn forget_file(&mut self, id: FileId) {
         self.tables.remove(&id);
+        self.usdt_probes.remove(&id);
         self.ids.retain(|(file, _), _| *file != id);
     }
 }

@@ -40,9 +40,9 @@ use profiler_common::{
     COUNT_SLOTS_MAP, COUNTS_MAP, CallKey, CallerKey, DROPS_MAP, FUNC_CONFIG_MAP, FuncConfig,
     KEY_EDGES_ENTRIES, KEY_EDGES_MAP, KEY_NONE, KEY_TEXT_LEN, KEY_TEXT_MAP, KEY_U64, KEYS_ENTRIES,
     KEYS_MAP, KeyEdge, KeyId, KeyText, LAST_KEY_ENTRIES, LAST_KEY_MAP, MAX_CALLER_SHIFT, NameText,
-    PAUSED_MAP, PROG_MULTI, PROG_MULTI_KEYED, PROG_SINGLE, PROG_SINGLE_KEYED, SAMPLES_MAP,
-    SEEN_MAP, STACK_COUNTS_MAP, STACK_ENTRIES, STACKS_MAP, StackKey, USDT_PROGRAM, USDT_SPECS_MAP,
-    UsdtSpec, WANTED_MAP,
+    PAUSED_MAP, PROG_MULTI, PROG_MULTI_KEYED, PROG_SINGLE, PROG_SINGLE_KEYED, REFUSED_MAP,
+    SAMPLES_MAP, SEEN_MAP, STACK_COUNTS_MAP, STACK_ENTRIES, STACKS_MAP, StackKey, USDT_PROGRAM,
+    USDT_SPECS_ENTRIES, USDT_SPECS_MAP, UsdtSpec, WANTED_MAP,
 };
 
 /// Errors from loading, attaching and reading probes. All of them are about
@@ -205,20 +205,20 @@ pub struct Probes {
     sampler: Option<Sampler>,
     /// The interpreted runtimes' maps (`py:`, `rb:`, `php:` patterns).
     usdt: Option<UsdtMaps>,
-    /// `USDT_SPECS` slot of each site attached: (file, offset) -> slot.
-    usdt_slots: HashMap<(FileId, u64), u32>,
+    /// `USDT_SPECS` slot of each site attached: (file, offset, spec) ->
+    /// slot. The spec is part of the key: a file replaced under the same
+    /// identity (an inode number reused) may put other arguments at the
+    /// same offset.
+    usdt_slots: Vec<(FileId, u64, UsdtSpec)>,
 }
 
 /// The maps of the USDT program.
 struct UsdtMaps {
     specs: Array<MapData, UsdtSpec>,
     wanted: BpfHashMap<MapData, u64, u32>,
+    refused: BpfHashMap<MapData, u64, u8>,
     seen: BpfHashMap<MapData, u64, NameText>,
 }
-
-/// `WANTED`'s value for a name seen and not wanted (so the kernel stops
-/// reporting it).
-pub const NOT_WANTED: u32 = u32::MAX;
 
 struct Entry {
     request: AttachRequest,
@@ -396,6 +396,7 @@ impl Probes {
         }
         if !runtimes {
             loader.map_max_entries(SEEN_MAP, 1);
+            loader.map_max_entries(REFUSED_MAP, 1);
             loader.map_max_entries(WANTED_MAP, 1);
             loader.map_max_entries(USDT_SPECS_MAP, 1);
         }
@@ -438,6 +439,7 @@ impl Probes {
             Some(UsdtMaps {
                 specs: take_map(&mut ebpf, USDT_SPECS_MAP)?,
                 wanted: take_map(&mut ebpf, WANTED_MAP)?,
+                refused: take_map(&mut ebpf, REFUSED_MAP)?,
                 seen: take_map(&mut ebpf, SEEN_MAP)?,
             })
         } else {
@@ -476,22 +478,32 @@ impl Probes {
             custody,
             sampler,
             usdt,
-            usdt_slots: HashMap::new(),
+            usdt_slots: Vec::new(),
         })
     }
 
     /// Tells the kernel what to do with an interpreted name: count it as
-    /// function `func`, or ([`NOT_WANTED`]) never report it again.
-    pub fn want(&mut self, hash: u64, func: u32) -> Result<(), ProbeError> {
+    /// function `func` (`Some`), or never report it again (`None`).
+    pub fn want(&mut self, hash: u64, func: Option<u32>) -> Result<(), ProbeError> {
         let Some(usdt) = &mut self.usdt else {
             return Ok(());
         };
-        usdt.wanted
-            .insert(&hash, &func, 0)
-            .map_err(|source| ProbeError::Map {
-                name: WANTED_MAP,
-                source,
-            })
+        match func {
+            Some(func) => usdt
+                .wanted
+                .insert(&hash, &func, 0)
+                .map_err(|source| ProbeError::Map {
+                    name: WANTED_MAP,
+                    source,
+                }),
+            None => usdt
+                .refused
+                .insert(&hash, &1, 0)
+                .map_err(|source| ProbeError::Map {
+                    name: REFUSED_MAP,
+                    source,
+                }),
+        }
     }
 
     /// The interpreted names seen called since the last call, not yet
@@ -696,8 +708,21 @@ impl Probes {
     /// use.
     fn usdt_slot(&mut self, file: FileId, site: &UsdtSite) -> Result<u32, ProbeError> {
         let next = self.usdt_slots.len() as u32;
-        if let Some(&slot) = self.usdt_slots.get(&(file, site.offset)) {
-            return Ok(slot);
+        if let Some(slot) = self
+            .usdt_slots
+            .iter()
+            .position(|s| *s == (file, site.offset, site.spec))
+        {
+            return Ok(slot as u32);
+        }
+        if next >= USDT_SPECS_ENTRIES {
+            return Err(ProbeError::UsdtAttach {
+                path: PathBuf::from("(a runtime)"),
+                pid: None,
+                source: std::io::Error::other(format!(
+                    "every one of the {USDT_SPECS_ENTRIES} USDT probe sites cacheloop can hold is taken (interpreter builds seen this run); restart cacheloop"
+                )),
+            });
         }
         let usdt = self.usdt.as_mut().ok_or(ProbeError::Missing {
             what: "program",
@@ -709,7 +734,7 @@ impl Probes {
                 name: USDT_SPECS_MAP,
                 source,
             })?;
-        self.usdt_slots.insert((file, site.offset), next);
+        self.usdt_slots.push((file, site.offset, site.spec));
         Ok(next)
     }
 

@@ -330,9 +330,16 @@ pub fn silent_python(file: &Path) -> Option<(u32, u32)> {
 /// PHP's probes on: PHP fires them only when started with
 /// `USE_ZEND_DTRACE=1`.
 pub fn php_probes_on(environ: &[u8]) -> bool {
-    environ
-        .split(|&b| b == 0)
-        .any(|v| v == b"USE_ZEND_DTRACE=1")
+    // PHP reads it with atoi: any number but 0 turns the probes on.
+    environ.split(|&b| b == 0).any(|v| {
+        v.strip_prefix(b"USE_ZEND_DTRACE=").is_some_and(|n| {
+            let digits: Vec<u8> = n.iter().copied().take_while(u8::is_ascii_digit).collect();
+            std::str::from_utf8(&digits)
+                .ok()
+                .and_then(|d| d.parse::<u64>().ok())
+                .is_some_and(|n| n != 0)
+        })
+    })
 }
 
 /// The sites of `runtime`'s call probe among `probes`.
@@ -408,6 +415,8 @@ mod tests {
     fn php_probes_need_their_variable() {
         assert!(php_probes_on(b"PATH=/bin\0USE_ZEND_DTRACE=1\0"));
         assert!(!php_probes_on(b"PATH=/bin\0USE_ZEND_DTRACE=0\0"));
+        assert!(php_probes_on(b"USE_ZEND_DTRACE=2\0"));
+        assert!(!php_probes_on(b"USE_ZEND_DTRACE=yes\0"));
         assert!(!php_probes_on(b""));
     }
 

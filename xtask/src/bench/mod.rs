@@ -19,12 +19,17 @@
 //! the CPU run. Ratios are cacheloop's over bpftrace's. Nothing here is a
 //! test: the machine is shared and noisy.
 //!
+//! `--interpreters` runs only the interpreters' section (module `interp`:
+//! what counting a PHP or Ruby function costs the interpreter), which a
+//! plain run measures too.
+//!
 //! `--soak DURATION` runs the soak instead (module `soak`): cacheloop
 //! attached to the demo for that long while loops come and go, its RSS, fds
 //! and CPU over time, every loop caught and every recovery reported. It
 //! writes the "Soak" section of BENCHMARKS.md, which a plain run keeps, and
 //! fails on a missed loop or recovery or on growing fds.
 
+mod interp;
 mod soak;
 mod target;
 mod tools;
@@ -55,6 +60,7 @@ const CPU_FUNCTIONS: usize = 1000;
 pub fn run(args: &[String]) -> Result<(), String> {
     let mut runs = 3;
     let mut soak = None;
+    let mut interpreters_only = false;
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -65,13 +71,14 @@ pub fn run(args: &[String]) -> Result<(), String> {
                     .filter(|&n: &usize| n > 0)
                     .ok_or("--runs takes a number above 0")?;
             }
+            "--interpreters" => interpreters_only = true,
             "--soak" => {
                 let d = args.next().ok_or("--soak takes a duration (10m, 1h)")?;
                 soak = Some(soak::parse_duration(d)?);
             }
             other => {
                 return Err(format!(
-                    "bench: unknown argument '{other}'; usage: cargo xtask bench [--runs N] [--soak DURATION]"
+                    "bench: unknown argument '{other}'; usage: cargo xtask bench [--runs N] [--interpreters | --soak DURATION]"
                 ));
             }
         }
@@ -91,6 +98,18 @@ pub fn run(args: &[String]) -> Result<(), String> {
         .join("release");
     if let Some(duration) = soak {
         return soak::run(&root, &release, duration);
+    }
+    let out = root.join("BENCHMARKS.md");
+    if interpreters_only {
+        let section = interp::run(&release.join("cacheloop"), &dir, runs)?;
+        let old = fs::read_to_string(&out).unwrap_or_default();
+        fs::write(
+            &out,
+            soak::replace_section_of(&old, &section, interp::HEADING),
+        )
+        .map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+        println!("{section}");
+        return Ok(());
     }
 
     let chroot = match Chroot::prepare(&dir) {
@@ -219,13 +238,19 @@ pub fn run(args: &[String]) -> Result<(), String> {
         .collect::<Result<_, _>>()?;
     report.rate_only_latency = median(&mut rate_only);
 
+    eprintln!("xtask: bench interpreters");
+    let interpreters = interp::run(&release.join("cacheloop"), &dir, runs)?;
+
     drop(chroot);
     let text = report.markdown(runs);
-    let out = root.join("BENCHMARKS.md");
     // The soak's section comes from its own runs: keep it.
     let old = fs::read_to_string(&out).unwrap_or_default();
-    fs::write(&out, soak::keep_section(&text, &old))
-        .map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+    let text = soak::replace_section_of(
+        &soak::keep_section(&text, &old),
+        &interpreters,
+        interp::HEADING,
+    );
+    fs::write(&out, &text).map_err(|e| format!("cannot write {}: {e}", out.display()))?;
     println!("{text}");
     Ok(())
 }

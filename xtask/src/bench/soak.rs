@@ -1037,12 +1037,12 @@ fn duration_arg(seconds: f64) -> String {
     }
 }
 
-/// `text` without its soak section, and that section.
-fn split_section(text: &str) -> (String, Option<&str>) {
-    let start = if text.starts_with(HEADING) {
+/// `text` without its section `heading`, and that section.
+fn split_section<'a>(text: &'a str, heading: &str) -> (String, Option<&'a str>) {
+    let start = if text.starts_with(heading) {
         Some(0)
     } else {
-        text.find(&format!("\n{HEADING}")).map(|i| i + 1)
+        text.find(&format!("\n{heading}")).map(|i| i + 1)
     };
     let Some(start) = start else {
         return (text.to_owned(), None);
@@ -1058,18 +1058,26 @@ fn join(rest: &str, section: &str) -> String {
     format!("{}\n\n{}\n", rest.trim_end(), section.trim_end())
 }
 
-/// The bench's new `text` with the soak section of the file it replaces
-/// (`old`) kept at the end.
+/// The bench's new `text` with the sections of their own runs (the soak,
+/// the interpreters) of the file it replaces (`old`) kept at the end.
 pub fn keep_section(text: &str, old: &str) -> String {
-    match split_section(old).1 {
-        Some(section) => join(text, section),
-        None => text.to_owned(),
+    let mut text = text.to_owned();
+    for heading in [super::interp::HEADING, HEADING] {
+        if let Some(section) = split_section(old, heading).1 {
+            text = join(&text, section);
+        }
     }
+    text
 }
 
 /// `old` (the file) with its soak section replaced by `section`.
 fn replace_section(old: &str, section: &str) -> String {
-    let (rest, _) = split_section(old);
+    replace_section_of(old, section, HEADING)
+}
+
+/// `old` (the file) with its section `heading` replaced by `section`.
+pub fn replace_section_of(old: &str, section: &str, heading: &str) -> String {
+    let (rest, _) = split_section(old, heading);
     if rest.trim().is_empty() {
         join("# Benchmarks", section)
     } else {
