@@ -96,7 +96,9 @@ fn with_no_names_a_runaway_after_a_healthy_phase_is_caught_within_8_s() {
     assert_eq!(run.code, 3, "{run:?}");
     let start = phase_start(&mut target, 1);
     let record = first_loop(&run);
-    assert_eq!(functions(&record)[0], "cache_invalidate", "{record}");
+    // The runaway calls cache_invalidate and fixture::store::evict_entry
+    // (also picked by name) equally: either may come first.
+    assert!(functions(&record).contains(&"cache_invalidate"), "{record}");
     let after = record["ts"].as_f64().unwrap() - start;
     eprintln!("caught {after:.2} s after the runaway began");
     assert!(

@@ -139,6 +139,51 @@ fn php_without_its_variable_is_refused_saying_which() {
     assert!(run.stdout.is_empty() || run.of_type("loop").is_empty());
 }
 
+/// Debian 11's python3.9 (whose `function__entry` fires) in the chroot
+/// `cargo xtask test` makes, if it is there.
+fn python_chroot() -> Option<PathBuf> {
+    let root = std::env::var_os("CACHELOOP_PY_CHROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/tools/bullseye-python")
+        });
+    if root.join("usr/bin/python3.9").is_file() {
+        return Some(root);
+    }
+    // `cargo xtask test` makes it: there, its absence is a failure.
+    assert!(
+        std::env::var_os("CI").is_none() || std::env::var_os("CACHELOOP_GUEST").is_some(),
+        "no Debian 11 chroot with python3.9 at {}",
+        root.display()
+    );
+    cacheloop_tests::skip("needs Debian 11's python3.9 in a chroot (cargo xtask test makes it)");
+    None
+}
+
+#[test]
+fn a_python_caches_cycle_is_caught_by_its_function_names() {
+    require_root();
+    let Some(root) = python_chroot() else {
+        return;
+    };
+    // The service, copied into the chroot (as cache.py: the module's name
+    // is its file's stem); chroot(8) execs python3.9, so the pid is the
+    // interpreter's.
+    let dir = format!("/tmp/cacheloop-{}", std::process::id());
+    let host_dir = root.join(dir.trim_start_matches('/'));
+    std::fs::create_dir_all(&host_dir).unwrap();
+    std::fs::copy(script("cache.py"), host_dir.join("cache.py")).unwrap();
+    let inside = format!("{dir}/cache.py");
+    let root_arg = root.display().to_string();
+    let cache = Target::spawn(
+        std::path::Path::new("/usr/sbin/chroot"),
+        &[&root_arg, "/usr/bin/python3.9", &inside, "200"],
+        "ready",
+    );
+    cycle_is_caught(cache, "py:cache.invalidate*", "py:cache.invalidate");
+    let _ = std::fs::remove_dir_all(&host_dir);
+}
+
 #[test]
 fn debians_cpython_3_11_is_refused_naming_the_upstream_bug() {
     require_root();

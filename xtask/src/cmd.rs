@@ -62,6 +62,7 @@ pub fn build() -> Result<(), String> {
 /// Unit tests, then the kernel tests against the binaries just built.
 pub fn test(extra: &[String]) -> Result<(), String> {
     let mut cmd = cargo(&["test", "--target", TARGET]);
+    cmd.env("CACHELOOP_PY_CHROOT", crate::setup::python_chroot());
     cmd.args(extra);
     run(cmd)
 }

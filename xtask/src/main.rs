@@ -46,6 +46,7 @@ fn main() -> ExitCode {
             .and_then(|()| demo::run()),
         Some("test") => setup::ensure()
             .and_then(|()| setup::ensure_debian_packages(setup::TEST_PACKAGES))
+            .and_then(|()| setup::ensure_python_chroot())
             .and_then(|()| cmd::build())
             .and_then(|()| deploy::check())
             .and_then(|()| cmd::test(&args[1..])),

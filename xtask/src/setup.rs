@@ -41,11 +41,42 @@ pub const TEST_PACKAGES: &[&str] = &[
     // Rendering the incident report headless (tests/report.rs).
     "chromium",
     // Interpreted caches (py:, rb:, php: patterns): Debian's interpreters
-    // carry USDT probes.
+    // carry USDT probes. Debian 12's CPython 3.11 never fires its call
+    // probe (CPython issue 98894): Debian 11's python3.9 runs from a
+    // chroot made with debootstrap (`python_chroot`).
     "python3.11",
     "ruby",
     "php8.2-cli",
+    "debootstrap",
 ];
+
+/// Where the kernel tests' CPython with a working `function__entry` lives:
+/// Debian 11's python3.9 in a minimal chroot, made once, kept in the
+/// workspace (`target/tools`).
+pub fn python_chroot() -> std::path::PathBuf {
+    crate::cmd::root().join("target/tools/bullseye-python")
+}
+
+/// Makes [`python_chroot`] if it is not there yet (a minute or two, once).
+pub fn ensure_python_chroot() -> Result<(), String> {
+    let root = python_chroot();
+    if root.join("usr/bin/python3.9").is_file() {
+        return Ok(());
+    }
+    eprintln!("xtask: debootstrap Debian 11 with python3.9 for the py: tests (once)");
+    let _ = std::fs::remove_dir_all(&root);
+    let mut cmd = Command::new("debootstrap");
+    cmd.args([
+        "--variant=minbase",
+        "--include=python3.9-minimal",
+        "bullseye",
+    ])
+    .arg(&root)
+    .arg("http://deb.debian.org/debian");
+    crate::cmd::run(cmd).map_err(|e| {
+        format!("cannot make the Debian 11 chroot the py: tests run python3.9 in ({e}); it needs deb.debian.org")
+    })
+}
 
 /// What `bench` uses: the tools compared, the chroot maker for the newer
 /// bpftrace, GNU time for peak RSS, and gcc for the target.
