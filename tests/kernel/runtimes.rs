@@ -11,21 +11,26 @@ use cacheloop_tests::{
     Cacheloop, Target, cacheloop, have_programs, latency_bound, require_root, watch_args,
 };
 
+/// A runtime's cache service script: `CACHELOOP_RUNTIME_FIXTURES` (the VM
+/// runner ships them), or the source tree's.
 fn script(name: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures/runtimes")
+    std::env::var_os("CACHELOOP_RUNTIME_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/runtimes"))
         .join(name)
         .display()
         .to_string()
 }
 
-/// A runtime's cache service, started through `env` (same pid) with
-/// `vars` in its environment.
-fn service(vars: &[&str], program: &str, file: &str) -> Target {
+/// A runtime's cache service, started with `env` in its environment.
+fn service(env: &[(&str, &str)], program: &str, file: &str) -> Target {
     let file = script(file);
-    let mut args: Vec<&str> = vars.to_vec();
-    args.extend([program, file.as_str(), "200"]);
-    Target::spawn(std::path::Path::new("/usr/bin/env"), &args, "ready")
+    Target::spawn_env(
+        std::path::Path::new(program),
+        &[file.as_str(), "200"],
+        env,
+        "ready",
+    )
 }
 
 /// Watches `cache` with `pattern`, lets it run healthy, adds the cycle
@@ -81,7 +86,7 @@ fn a_php_caches_cycle_is_caught_by_its_function_names() {
     if !have_programs(&[("php8.2", "php8.2-cli")]) {
         return;
     }
-    let cache = service(&["USE_ZEND_DTRACE=1"], "php8.2", "cache.php");
+    let cache = service(&[("USE_ZEND_DTRACE", "1")], "php8.2", "cache.php");
     cycle_is_caught(cache, "php:Cache::invalidate*", "php:Cache::invalidate");
 }
 
@@ -91,7 +96,7 @@ fn a_ruby_caches_cycle_is_caught_by_its_method_names() {
     if !have_programs(&[("ruby", "ruby")]) {
         return;
     }
-    let cache = service(&["RUBY_DTRACE_TRACEPOINT=1"], "ruby", "cache.rb");
+    let cache = service(&[("RUBY_DTRACE_TRACEPOINT", "1")], "ruby", "cache.rb");
     cycle_is_caught(cache, "rb:Cache#invalidate*", "rb:Cache#invalidate");
 }
 
@@ -223,7 +228,7 @@ fn symbols_lists_the_interpreted_functions_a_process_calls() {
     if !have_programs(&[("php8.2", "php8.2-cli")]) {
         return;
     }
-    let cache = service(&["USE_ZEND_DTRACE=1"], "php8.2", "cache.php");
+    let cache = service(&[("USE_ZEND_DTRACE", "1")], "php8.2", "cache.php");
     let pid = cache.pid.to_string();
     let run = cacheloop(
         &[

@@ -102,8 +102,14 @@ impl Target {
 
     /// Starts `program` and waits for a stdout line containing `ready`.
     pub fn spawn(program: &Path, args: &[&str], ready: &str) -> Self {
+        Self::spawn_env(program, args, &[], ready)
+    }
+
+    /// As [`Target::spawn`], with `env` added to its environment.
+    pub fn spawn_env(program: &Path, args: &[&str], env: &[(&str, &str)], ready: &str) -> Self {
         let mut child = Command::new(program)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -41,6 +41,7 @@ export CACHELOOP_DEMO=/cacheloop/bin/demo-cache
 export CACHELOOP_NATIVE=/cacheloop/native
 export CACHELOOP_DEMO_CONFIG=/cacheloop/demo-config
 export CACHELOOP_GUEST=1
+export CACHELOOP_RUNTIME_FIXTURES=/cacheloop/runtimes
 cd /tmp
 /cacheloop/bin/kernel "$@"
 echo "cacheloop-vm: exit $?"
@@ -48,7 +49,11 @@ poweroff -f
 "#;
 
 /// Debian programs the tests start, by name on PATH.
-const HOST_PROGRAMS: &[&str] = &["redis-server", "redis-cli", "setpriv", "unshare"];
+/// PHP too: one executable, whose USDT probe (a uprobe with a semaphore,
+/// attached through the perf uprobe PMU) is then tested on each kernel.
+/// Ruby and Python need their standard libraries: their tests skip in
+/// guests.
+const HOST_PROGRAMS: &[&str] = &["redis-server", "redis-cli", "setpriv", "unshare", "php8.2"];
 
 /// What goes in: the build's binaries and the kernel-test executable.
 pub struct Inputs<'a> {
@@ -92,6 +97,13 @@ pub fn build(vm_dir: &Path, inputs: &Inputs) -> Result<PathBuf, String> {
             &config.join(name),
         )?;
     }
+
+    let runtimes = stage.join("cacheloop/runtimes");
+    mkdir(&runtimes)?;
+    copy(
+        &inputs.root.join("tests/fixtures/runtimes/cache.php"),
+        &runtimes.join("cache.php"),
+    )?;
 
     let native = stage.join("cacheloop/native");
     let mut script = Command::new("sh");
