@@ -23,12 +23,13 @@ use crate::{
     catalog::{Catalog, FileId},
     collect::Collector,
     config::WatchConfig,
-    discover::{self, CodeIndex, HotSet},
+    discover::{self, HotSet},
     governor::{self, Governor},
     plan::{FileTarget, Planner},
     probes::{AttachMode, AttachRequest, MAX_FUNCTIONS, ProbeError, Probes},
     report::{self, Record, unix_now},
     snapshot::Snapshot,
+    symbolize::CodeIndex,
     symbols::SymbolTable,
     target::{self, Binary, Process},
 };
@@ -698,17 +699,17 @@ impl Controller {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(e) => {
                     let symbols = match self.planner.symbols(*file) {
-                        Some(symbols) => CodeIndex::new(symbols),
+                        Some(symbols) => discover::own_index(symbols),
                         None => {
                             match SymbolTable::read(&process.exe, &process.exe_name, &process.root)
                             {
-                                Ok(table) => CodeIndex::new(&table.symbols),
+                                Ok(table) => discover::own_index(&table.symbols),
                                 Err(e) => {
                                     log::debug!(
                                         "cannot read the symbols of pid {}: {e}",
                                         process.pid
                                     );
-                                    CodeIndex::new(&[])
+                                    discover::own_index(&[])
                                 }
                             }
                         }

@@ -27,7 +27,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use crate::{catalog::FileId, cycles::Mapping, symbols::Symbol};
+use crate::{catalog::FileId, cycles::Mapping, symbolize::CodeIndex, symbols::Symbol};
 
 /// On-CPU samples per second per CPU: low enough to cost nothing worth
 /// measuring (one perf-event program run per CPU per tick, returning at
@@ -303,36 +303,10 @@ pub fn named(symbols: &[Symbol]) -> (Vec<(&Symbol, &'static str)>, usize) {
     (found, left_out)
 }
 
-/// An executable's functions by code range, to put sampled addresses down
-/// to them.
-pub struct CodeIndex {
-    /// (start, end, name), file offsets, sorted by start.
-    ranges: Vec<(u64, u64, String)>,
-}
-
-impl CodeIndex {
-    pub fn new(symbols: &[Symbol]) -> Self {
-        let mut ranges: Vec<(u64, u64, String)> = symbols
-            .iter()
-            .filter(|s| s.size > 0 && !s.fragment)
-            .map(|s| (s.file_offset, s.file_offset + s.size, s.name.clone()))
-            .filter(|(_, _, name)| own_code(name))
-            .collect();
-        ranges.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
-        Self { ranges }
-    }
-
-    /// The function whose code holds file offset `offset`.
-    pub fn function_at(&self, offset: u64) -> Option<&str> {
-        let after = self.ranges.partition_point(|r| r.0 <= offset);
-        // Aliases may overlap: look back a little.
-        self.ranges[..after]
-            .iter()
-            .rev()
-            .take(8)
-            .find(|r| offset < r.1)
-            .map(|r| r.2.as_str())
-    }
+/// An executable's own functions by code range (entries, no fragments,
+/// [`own_code`] only), to put sampled addresses down to them.
+pub fn own_index(symbols: &[Symbol]) -> CodeIndex {
+    CodeIndex::new(symbols.iter().filter(|s| !s.fragment && own_code(&s.name)))
 }
 
 /// The function of the target's own code a sample is put down to: the
@@ -533,7 +507,7 @@ mod tests {
 
     #[test]
     fn a_sample_in_a_library_counts_for_its_caller_in_own_code() {
-        let index = CodeIndex::new(&[
+        let index = own_index(&[
             symbol("rebuild", 0x1000, 0x100),
             symbol("main", 0x2000, 0x80),
         ]);
@@ -554,7 +528,7 @@ mod tests {
         assert_eq!(attribute(&ips, &own, &index), Some("rebuild"));
         assert_eq!(attribute(&[0x7f00_0000_1234], &own, &index), None);
         // Only the innermost own frame: its callers are not hot for it.
-        let index = CodeIndex::new(&[
+        let index = own_index(&[
             symbol("rebuild", 0x1000, 0x100),
             symbol("dispatch", 0x1100, 0x100),
         ]);

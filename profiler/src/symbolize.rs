@@ -13,7 +13,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{cycles, symbols::SymbolTable};
+use crate::{
+    cycles,
+    symbols::{Symbol, SymbolTable},
+};
 
 /// What an address was found to be.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,17 +50,18 @@ const TABLES: usize = 64;
 /// Processes whose mappings are kept at most.
 const PROCESSES: usize = 256;
 
-/// A function's code in a file, sorted by start for binary search.
-struct Sorted {
+/// Functions' code in a file, sorted by start for binary search: file
+/// offsets to function names.
+pub struct CodeIndex {
     /// (start, end, name).
     ranges: Vec<(u64, u64, String)>,
 }
 
-impl Sorted {
-    fn new(table: &SymbolTable) -> Self {
-        let mut ranges: Vec<(u64, u64, String)> = table
-            .symbols
-            .iter()
+impl CodeIndex {
+    /// The index of `symbols` (those with a size).
+    pub fn new<'a>(symbols: impl IntoIterator<Item = &'a Symbol>) -> Self {
+        let mut ranges: Vec<(u64, u64, String)> = symbols
+            .into_iter()
             .filter(|s| s.size > 0)
             .map(|s| (s.file_offset, s.file_offset + s.size, s.name.clone()))
             .collect();
@@ -65,7 +69,8 @@ impl Sorted {
         Self { ranges }
     }
 
-    fn function_at(&self, offset: u64) -> Option<&str> {
+    /// The function whose code holds file offset `offset`.
+    pub fn function_at(&self, offset: u64) -> Option<&str> {
         let after = self.ranges.partition_point(|r| r.0 <= offset);
         // The nearest starts at or before the offset; a few may overlap
         // (aliases), so look back a little.
@@ -84,7 +89,7 @@ pub struct Symbolizer {
     /// (pid, path) -> the file's identity (device, inode), so that a
     /// library mapped by many processes is read once.
     files: HashMap<(u32, PathBuf), Option<(u64, u64)>>,
-    tables: HashMap<(u64, u64), Option<Sorted>>,
+    tables: HashMap<(u64, u64), Option<CodeIndex>>,
 }
 
 impl Symbolizer {
@@ -129,7 +134,7 @@ impl Symbolizer {
         let table = self.tables.entry(id).or_insert_with(|| {
             SymbolTable::read(&open, &map.path, &root)
                 .ok()
-                .map(|t| Sorted::new(&t))
+                .map(|t| CodeIndex::new(&t.symbols))
         });
         Frame {
             function: table
