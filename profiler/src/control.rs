@@ -339,18 +339,9 @@ impl Controller {
         self.usdt_fired |= !self.seen.is_empty();
         let mut added = false;
         for (hash, text) in std::mem::take(&mut self.seen) {
-            let Some(runtime) = crate::usdt::Runtime::from_id(text.runtime) else {
+            let Some((runtime, display)) = crate::usdt::seen_name(&text) else {
                 continue;
             };
-            let part = |bytes: &[u8], len: u32| {
-                String::from_utf8_lossy(&bytes[..(len as usize).min(bytes.len())])
-                    .trim_end_matches('\0')
-                    .to_owned()
-            };
-            let display = runtime.display(
-                &part(&text.qualifier, text.qualifier_len),
-                &part(&text.name, text.name_len),
-            );
             let func = self.planner.wanted_interpreted(runtime, &display).then(|| {
                 added = true;
                 self.planner

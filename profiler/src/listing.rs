@@ -106,14 +106,9 @@ fn run_runtime(args: &SymbolsArgs, runtime: &str, pid: u32) -> anyhow::Result<()
         std::thread::sleep(std::time::Duration::from_millis(100));
         probes.take_seen(&mut seen);
         for (hash, text) in &seen {
-            let part = |bytes: &[u8], len: u32| {
-                String::from_utf8_lossy(&bytes[..(len as usize).min(bytes.len())]).into_owned()
-            };
-            let display = runtime.display(
-                &part(&text.qualifier, text.qualifier_len),
-                &part(&text.name, text.name_len),
-            );
-            names.insert(format!("{}:{display}", runtime.prefix()));
+            if let Some((runtime, display)) = crate::usdt::seen_name(text) {
+                names.insert(format!("{}:{display}", runtime.prefix()));
+            }
             // Reported once: never again this run.
             let _ = probes.want(*hash, None);
         }

@@ -326,6 +326,22 @@ pub fn silent_python(file: &Path) -> Option<(u32, u32)> {
     (minor >= 11).then_some((3, minor))
 }
 
+/// The runtime and name (as `display` gives it) of a name the kernel
+/// reported seen called; `None` for a runtime this build does not know.
+pub fn seen_name(text: &profiler_common::NameText) -> Option<(Runtime, String)> {
+    let runtime = Runtime::from_id(text.runtime)?;
+    let part = |bytes: &[u8], len: u32| {
+        String::from_utf8_lossy(&bytes[..(len as usize).min(bytes.len())])
+            .trim_end_matches('\0')
+            .to_owned()
+    };
+    let display = runtime.display(
+        &part(&text.qualifier, text.qualifier_len),
+        &part(&text.name, text.name_len),
+    );
+    Some((runtime, display))
+}
+
 /// Whether a process's environment (`/proc/PID/environ`'s bytes) turns
 /// PHP's probes on: PHP fires them only when started with
 /// `USE_ZEND_DTRACE=1`.
