@@ -47,6 +47,7 @@ impl FileTarget {
     }
 }
 
+#[derive(Default)]
 pub struct Planner {
     patterns: Vec<Pattern>,
     request_patterns: Vec<Pattern>,
@@ -80,17 +81,9 @@ impl Planner {
             request_patterns: config.request_patterns.clone(),
             key_arg: config.key_arg,
             preset_keys: config.preset_keys.clone(),
-            tables: HashMap::new(),
-            stamps: HashMap::new(),
-            functions: Vec::new(),
-            ids: HashMap::new(),
-            published: Arc::new(Catalog::default()),
-            changed: false,
             discover: config.discover,
-            picked: HashMap::new(),
-            new_picks: Vec::new(),
             runtime_patterns: config.runtime_patterns.clone(),
-            usdt_probes: HashMap::new(),
+            ..Self::default()
         }
     }
 
@@ -227,21 +220,8 @@ impl Planner {
     /// A planner for a runtime's functions only (`symbols --runtime`).
     pub fn runtimes_only(runtime_patterns: Vec<crate::usdt::RuntimePattern>) -> Self {
         Self {
-            patterns: Vec::new(),
-            request_patterns: Vec::new(),
-            key_arg: None,
-            preset_keys: Vec::new(),
-            tables: HashMap::new(),
-            stamps: HashMap::new(),
-            functions: Vec::new(),
-            ids: HashMap::new(),
-            published: Arc::new(Catalog::default()),
-            changed: false,
-            discover: false,
-            picked: HashMap::new(),
-            new_picks: Vec::new(),
             runtime_patterns,
-            usdt_probes: HashMap::new(),
+            ..Self::default()
         }
     }
 
