@@ -249,6 +249,11 @@ fn since(before: u64, now: u64) -> u64 {
 
 impl<K: std::hash::Hash + Eq + Copy> Deltas<K> {
     fn advance(&mut self, key: K, now: u64) -> u64 {
+        // A counter at zero that never read otherwise holds nothing: most
+        // watched functions are never called.
+        if now == 0 && !self.last.contains_key(&key) {
+            return 0;
+        }
         since(self.last.insert(key, now).unwrap_or(0), now)
     }
 
@@ -317,6 +322,10 @@ pub struct Analyzer {
     /// What series of exited processes learned, by (process name, function
     /// name): a restart starts from it. Bounded.
     inherited: HashMap<(String, String), (Learned, f64)>,
+    /// Per process name, how many of the first catalog functions the last
+    /// process of that name never called but had learned (a zero
+    /// baseline), and when it ended: one entry, not one per function.
+    inherited_quiet: HashMap<String, (u32, f64)>,
     /// Series whose loop was reported (their recovery will be too), with
     /// the pid their records name (a group's: its busiest process).
     announced: HashMap<SeriesKey, u32>,
@@ -499,6 +508,7 @@ impl Analyzer {
             live: BTreeMap::new(),
             comms: HashMap::new(),
             inherited: HashMap::new(),
+            inherited_quiet: HashMap::new(),
             announced: HashMap::new(),
             groups: HashMap::new(),
             period: Period::default(),
@@ -679,6 +689,7 @@ impl Analyzer {
                     .get(&process.comm)
                     .is_some_and(|&id| self.detector.process_in_loop(id));
             let mut any_suspect = false;
+            self.detector.begin_reading(pid, catalog.len() as u32);
             for func in 0..catalog.len() as u32 {
                 let calls = self.calls[func as usize];
                 let series = SeriesKey { pid, func };
@@ -689,15 +700,19 @@ impl Analyzer {
                 } else {
                     calls
                 };
-                let totals = self.totals.entry(series).or_default();
-                totals.calls += reported;
-                totals.peak_rate = totals.peak_rate.max(rate);
                 if calls > 0 || reported > 0 {
+                    let totals = self.totals.entry(series).or_default();
+                    totals.calls += reported;
+                    totals.peak_rate = totals.peak_rate.max(rate);
                     self.fired.insert(series);
                 }
-                let sums = self.period.series.entry(series).or_default();
-                sums.0 += reported;
-                sums.1 += window;
+                // Samples are said for functions that fired (zeros
+                // included, once they have): the others keep no sums.
+                if self.fired.contains(&series) {
+                    let sums = self.period.series.entry(series).or_default();
+                    sums.0 += reported;
+                    sums.1 += window;
+                }
 
                 // Requests are counted, not judged.
                 if self.is_request[func as usize] {
@@ -733,6 +748,7 @@ impl Analyzer {
                 }
                 any_suspect |= self.detector.suspect(series);
             }
+            self.detector.end_reading(pid, seconds, process_looping);
             // All its judged functions together: a loop spread over several
             // functions adds up here. Not the functions picked for their
             // heat: one picked mid-run would read as the sum running away.
@@ -1139,6 +1155,16 @@ impl Analyzer {
                             .inherit(SeriesKey { pid: p.pid, func }, learned);
                     }
                 }
+                // The functions it never called, together (after the
+                // others: those have histories of their own).
+                if let Some(&(functions, _)) = self
+                    .inherited_quiet
+                    .get(&p.comm)
+                    .filter(|(_, at)| elapsed - at <= INHERIT_SECONDS)
+                {
+                    self.detector
+                        .inherit_quiet(p.pid, functions.min(catalog.len() as u32));
+                }
             }
         }
     }
@@ -1365,6 +1391,23 @@ impl Analyzer {
     fn forget_state(&mut self, catalog: &Catalog, pid: u32) {
         // What the process learned is its successor's start (a restart).
         if let Some(comm) = self.comms.get(&pid) {
+            let quiet = self.detector.quiet_learned(pid);
+            if quiet > 0 {
+                if self.inherited_quiet.len() >= MAX_INHERITED
+                    && !self.inherited_quiet.contains_key(comm)
+                {
+                    let oldest = self
+                        .inherited_quiet
+                        .iter()
+                        .min_by(|a, b| a.1.1.total_cmp(&b.1.1))
+                        .map(|(k, _)| k.clone());
+                    if let Some(oldest) = oldest {
+                        self.inherited_quiet.remove(&oldest);
+                    }
+                }
+                self.inherited_quiet
+                    .insert(comm.clone(), (quiet, self.elapsed));
+            }
             for (func, learned) in self.detector.forget_process(pid) {
                 if self.inherited.len() >= MAX_INHERITED {
                     // The one that ended longest ago makes room.

@@ -169,6 +169,14 @@ pub struct Signals {
     pub heat_only: bool,
 }
 
+impl Signals {
+    /// Nothing that could make a reading with no calls suspect or teach
+    /// its series anything but a zero: no cycle, no key share.
+    fn quiet(&self) -> bool {
+        !self.call_cycle && self.key_cycle == 0.0 && self.top_share.is_none()
+    }
+}
+
 /// Why a loop was called: the strongest signal that confirmed it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Cause {
@@ -372,10 +380,41 @@ struct Looping {
 }
 
 /// The per-series state machines.
+///
+/// A series that has seen no call yet holds nothing: its readings are all
+/// calm zeros, and what they taught it (the seconds of its warm-up, then a
+/// baseline of zero) is the same for every such series of a process that
+/// came into the catalog at the same time. So those are kept per process
+/// and stretch of the catalog ([`Quiet`]), and a series is made, with
+/// that history, at its first call. With 10,000 watched functions of which
+/// a few are called, that is a few series, not 10,000 (0.8 KB each).
 #[derive(Debug, Default)]
 pub struct Detector {
     rules: Rules,
     series: HashMap<SeriesKey, Series>,
+    quiet: HashMap<u32, Quiet>,
+}
+
+/// The history the not-yet-called series of one process share.
+#[derive(Debug, Default)]
+struct Quiet {
+    /// Functions below `.0` (catalog ids) that were in the catalog when the
+    /// process was first read, then each later growth of the catalog: the
+    /// seconds their quiet series learned since (oldest first, so each
+    /// stretch covers the ids from the previous one's end).
+    stretches: Vec<(u32, f64)>,
+    /// The first stretch starts from an earlier process of the same name
+    /// whose quiet series had learned their zero baseline (a restart).
+    inherited: bool,
+}
+
+impl Quiet {
+    /// Seconds learned by function `func`'s quiet series, and whether it is
+    /// in the first stretch; `None` when no stretch covers it.
+    fn stretch(&self, func: u32) -> Option<(f64, bool)> {
+        let i = self.stretches.iter().position(|&(end, _)| func < end)?;
+        Some((self.stretches[i].1, i == 0))
+    }
 }
 
 /// Moves `value` toward `target` by weight `w`, rising by at most `w` of
@@ -391,7 +430,74 @@ impl Detector {
         Self {
             rules,
             series: HashMap::new(),
+            quiet: HashMap::new(),
         }
+    }
+
+    /// Starts a reading of process `pid`, whose catalog now has `functions`
+    /// functions: the ones new to it start quiet. Call before its series'
+    /// readings, then [`Detector::end_reading`].
+    pub fn begin_reading(&mut self, pid: u32, functions: u32) {
+        let quiet = self.quiet.entry(pid).or_default();
+        let known = quiet.stretches.last().map_or(0, |&(end, _)| end);
+        if functions > known {
+            quiet.stretches.push((functions, 0.0));
+        }
+    }
+
+    /// Ends a reading of `seconds` of process `pid`: its quiet series learn
+    /// from it as a called one would from a calm zero, unless another series
+    /// of the process is in a loop (`process_looping`, as in [`Signals`]).
+    pub fn end_reading(&mut self, pid: u32, seconds: f64, process_looping: bool) {
+        if process_looping {
+            return;
+        }
+        if let Some(quiet) = self.quiet.get_mut(&pid) {
+            for stretch in &mut quiet.stretches {
+                stretch.1 += seconds;
+            }
+        }
+    }
+
+    /// The new process `pid` starts from an earlier process of its name
+    /// whose first `functions` quiet series had learned (a restart).
+    /// Before its first reading.
+    pub fn inherit_quiet(&mut self, pid: u32, functions: u32) {
+        let quiet = self.quiet.entry(pid).or_default();
+        if quiet.stretches.is_empty() && functions > 0 {
+            quiet.stretches.push((functions, 0.0));
+            quiet.inherited = true;
+        }
+    }
+
+    /// The state of a series with no reading of its own: what its
+    /// process's quiet stretch taught it, or nothing.
+    fn fresh(rules: &Rules, quiet: Option<&Quiet>, func: u32) -> Series {
+        let Some((seconds, first)) = quiet.and_then(|q| q.stretch(func)) else {
+            return Series::default();
+        };
+        if first && quiet.is_some_and(|q| q.inherited) {
+            return Series {
+                learned: Some(Learned::default()),
+                inherited: true,
+                ..Series::default()
+            };
+        }
+        // A warm-up of zeros learns a baseline of zero (`learn_from`), and
+        // zeros after it keep every learned share at zero.
+        Series {
+            warm_seconds: seconds,
+            learned: (seconds + 1e-9 >= rules.warmup).then(Learned::default),
+            ..Series::default()
+        }
+    }
+
+    /// The series `key`, made from its quiet history if it has none yet.
+    fn series_mut(&mut self, key: SeriesKey) -> &mut Series {
+        let (rules, quiet) = (&self.rules, &self.quiet);
+        self.series
+            .entry(key)
+            .or_insert_with(|| Self::fresh(rules, quiet.get(&key.pid), key.func))
     }
 
     pub fn rules(&self) -> &Rules {
@@ -406,7 +512,7 @@ impl Detector {
     /// Starts a series from what an earlier process of the same name
     /// learned (a restart), unless it has history of its own.
     pub fn inherit(&mut self, key: SeriesKey, learned: Learned) {
-        let series = self.series.entry(key).or_default();
+        let series = self.series_mut(key);
         if series.learned.is_none() && series.warm_seconds == 0.0 {
             series.learned = Some(learned);
             series.inherited = true;
@@ -415,7 +521,10 @@ impl Detector {
 
     /// What a series learned, once its warm-up is over.
     pub fn learned(&self, key: SeriesKey) -> Option<Learned> {
-        self.series.get(&key).and_then(|s| s.learned)
+        match self.series.get(&key) {
+            Some(s) => s.learned,
+            None => Self::fresh(&self.rules, self.quiet.get(&key.pid), key.func).learned,
+        }
     }
 
     /// Feeds one reading with the analyzer's other signals.
@@ -426,8 +535,23 @@ impl Detector {
         seconds: f64,
         signals: Signals,
     ) -> Option<Event> {
+        // A calm zero for a series with only calm zeros so far: its quiet
+        // stretch learns it (`end_reading`).
+        if rate == 0.0
+            && signals.quiet()
+            && !self.series.contains_key(&key)
+            && self
+                .quiet
+                .get(&key.pid)
+                .is_some_and(|q| q.stretch(key.func).is_some())
+        {
+            return None;
+        }
+        self.series_mut(key);
         let rules = &self.rules;
-        let series = self.series.entry(key).or_default();
+        let Some(series) = self.series.get_mut(&key) else {
+            return None;
+        };
         let learned = series.learned;
         let (structural, runaway, corroborated, structure) = judge(rules, learned, rate, &signals);
         let suspect = structural.is_some() || runaway.is_some();
@@ -588,9 +712,28 @@ impl Detector {
             .any(|(k, s)| k.pid == pid && s.looping.is_some())
     }
 
+    /// How many of process `pid`'s first catalog functions, never called,
+    /// have learned their (zero) baseline: what a restart of it inherits
+    /// for them ([`Detector::inherit_quiet`]).
+    pub fn quiet_learned(&self, pid: u32) -> u32 {
+        let Some(quiet) = self.quiet.get(&pid) else {
+            return 0;
+        };
+        quiet
+            .stretches
+            .iter()
+            .enumerate()
+            .take_while(|&(i, &(_, seconds))| {
+                (i == 0 && quiet.inherited) || seconds + 1e-9 >= self.rules.warmup
+            })
+            .last()
+            .map_or(0, |(_, &(end, _))| end)
+    }
+
     /// Drops every series of a process that is gone, so that a new process
     /// that reuses its pid starts from scratch. Returns what each learned.
     pub fn forget_process(&mut self, pid: u32) -> Vec<(u32, Learned)> {
+        self.quiet.remove(&pid);
         let mut learned = Vec::new();
         self.series.retain(|key, s| {
             if key.pid != pid {
@@ -741,6 +884,69 @@ mod tests {
     const KEY: SeriesKey = SeriesKey { pid: 42, func: 0 };
     /// The default reading period.
     const READ: f64 = 0.25;
+
+    /// Feeds `seconds` of readings to every function below `functions` of
+    /// process 42 (`rates[f]`, 0 for the others), as the analyzer does.
+    fn feed(d: &mut Detector, functions: u32, rates: &[f64], seconds: f64) -> Vec<Event> {
+        let mut events = Vec::new();
+        let mut t = 0.0;
+        while t + 1e-9 < seconds {
+            d.begin_reading(42, functions);
+            for func in 0..functions {
+                let rate = rates.get(func as usize).copied().unwrap_or(0.0);
+                let key = SeriesKey { pid: 42, func };
+                events.extend(d.observe_with(key, rate, READ, hot()));
+            }
+            d.end_reading(42, READ, false);
+            t += READ;
+        }
+        events
+    }
+
+    #[test]
+    fn never_called_functions_hold_no_series_and_keep_their_history() {
+        let mut d = Detector::new(Rules::default());
+        // 10,000 functions, one called: one series.
+        feed(&mut d, 10_000, &[100.0], 5.0);
+        assert_eq!(d.series.len(), 1);
+        let quiet = SeriesKey { pid: 42, func: 7 };
+        assert_eq!(d.learned(quiet), Some(Learned::default()));
+        // One of them runs away after 5 s of silence: caught on its rate,
+        // as a series fed every zero would be.
+        let mut rates = vec![100.0; 8];
+        rates[7] = 50_000.0;
+        let events = feed(&mut d, 10_000, &rates, 3.0);
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, Event::Loop(v) if v.key == quiet && v.baseline == 0.0)),
+            "{events:?}"
+        );
+        // A function new to the catalog has no history yet: it warms up.
+        feed(&mut d, 10_001, &[], READ);
+        assert_eq!(
+            d.learned(SeriesKey {
+                pid: 42,
+                func: 10_000
+            }),
+            None
+        );
+        feed(&mut d, 10_001, &[], Rules::default().warmup);
+        assert_eq!(
+            d.learned(SeriesKey {
+                pid: 42,
+                func: 10_000
+            }),
+            Some(Learned::default())
+        );
+        // A restart of the process inherits its quiet functions' learning.
+        let learned = d.quiet_learned(42);
+        assert_eq!(learned, 10_001);
+        d.forget_process(42);
+        d.inherit_quiet(42, learned);
+        assert_eq!(d.learned(quiet), Some(Learned::default()));
+        assert!(d.series.is_empty());
+    }
 
     /// A process burning a core more than it learned.
     fn hot() -> Signals {

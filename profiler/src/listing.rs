@@ -62,7 +62,7 @@ pub fn run(args: &SymbolsArgs) -> anyhow::Result<()> {
         .filter(|(_, s)| pattern.as_ref().is_none_or(|p| p.selects(s)))
         .map(|(file, s): (&Path, _)| Row {
             name: &s.name,
-            raw: &s.raw,
+            raw: s.raw(),
             address: format!("{:#x}", s.address),
             size: s.size,
             file: file.display().to_string(),

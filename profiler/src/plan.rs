@@ -58,8 +58,11 @@ pub struct Planner {
     tables: HashMap<FileId, (Arc<OpenFile>, SymbolTable)>,
     /// Each file's size and times when last read.
     stamps: HashMap<FileId, Stamp>,
-    functions: Vec<Function>,
     ids: HashMap<(FileId, String), u32>,
+    /// The catalog, changed in place until it is published
+    /// ([`Planner::catalog`]) and copied on the first change after: one
+    /// copy per version, none while nothing holds the last one (10,000
+    /// functions are about 2 MiB).
     published: Arc<Catalog>,
     changed: bool,
     /// No `--func`: the functions are picked (`discover.rs`), per
@@ -72,6 +75,12 @@ pub struct Planner {
     runtime_patterns: Vec<crate::usdt::RuntimePattern>,
     /// Each read file's USDT probes.
     usdt_probes: HashMap<FileId, Vec<crate::usdt::Probe>>,
+}
+
+/// The functions of `catalog` to change: its own, or a copy of them when
+/// a published version still holds them.
+fn functions_mut(catalog: &mut Arc<Catalog>) -> &mut Vec<Function> {
+    &mut Arc::make_mut(catalog).functions
 }
 
 impl Planner {
@@ -91,12 +100,12 @@ impl Planner {
     /// made on first sight. Interpreted functions have no file offsets:
     /// their calls are told apart by name at the runtime's USDT probe.
     pub fn interpreted(&mut self, name: &str) -> u32 {
-        let next = self.functions.len() as u32;
+        let next = self.published.functions.len() as u32;
         match self.ids.entry((FileId::default(), name.to_owned())) {
             Entry::Occupied(e) => *e.get(),
             Entry::Vacant(e) => {
                 e.insert(next);
-                self.functions.push(Function {
+                functions_mut(&mut self.published).push(Function {
                     name: name.to_owned(),
                     paths: Vec::new(),
                     file_id: FileId::default(),
@@ -288,10 +297,7 @@ impl Planner {
     pub fn catalog(&mut self) -> Arc<Catalog> {
         if self.changed {
             self.changed = false;
-            self.published = Arc::new(Catalog {
-                version: self.published.version + 1,
-                functions: self.functions.clone(),
-            });
+            Arc::make_mut(&mut self.published).version += 1;
         }
         self.published.clone()
     }
@@ -382,7 +388,7 @@ impl Planner {
 
     /// Files a symbol under its function's id (made on first sight).
     fn add(&mut self, file_id: FileId, mapped: &std::path::Path, symbol: &Symbol) -> u32 {
-        let next = self.functions.len() as u32;
+        let next = self.published.functions.len() as u32;
         let id = match self.ids.entry((file_id, symbol.name.clone())) {
             Entry::Occupied(e) => *e.get(),
             Entry::Vacant(e) => {
@@ -402,7 +408,7 @@ impl Planner {
                 } else {
                     self.key_spec(&symbol.name)
                 };
-                self.functions.push(Function {
+                functions_mut(&mut self.published).push(Function {
                     name: symbol.name.clone(),
                     paths: Vec::new(),
                     file_id,
@@ -416,12 +422,17 @@ impl Planner {
                 next
             }
         };
-        let function = &mut self.functions[id as usize];
-        if !function.paths.iter().any(|p| p == mapped) {
-            function.paths.push(mapped.to_owned());
-            self.changed = true;
+        let known = &self.published.functions[id as usize];
+        let new_path = !known.paths.iter().any(|p| p == mapped);
+        let new_offset = !known.offsets.contains(&symbol.file_offset);
+        if !(new_path || new_offset) {
+            return id;
         }
-        if !function.offsets.contains(&symbol.file_offset) {
+        let function = &mut functions_mut(&mut self.published)[id as usize];
+        if new_path {
+            function.paths.push(mapped.to_owned());
+        }
+        if new_offset {
             function.offsets.push(symbol.file_offset);
             if symbol.size > 0 {
                 function.ranges.push(Range {
@@ -429,8 +440,8 @@ impl Planner {
                     end: symbol.file_offset + symbol.size,
                 });
             }
-            self.changed = true;
         }
+        self.changed = true;
         id
     }
 

@@ -92,8 +92,9 @@ impl SymbolError {
 pub struct Symbol {
     /// The name people know: demangled, clone suffix removed.
     pub name: String,
-    /// The name as the symbol table spells it.
-    pub raw: String,
+    /// The name as the symbol table spells it, when not `name` (most C
+    /// names are): 10,000 symbols are held while their file is probed.
+    raw: Option<Box<str>>,
     /// Virtual address in the file (`st_value`).
     pub address: u64,
     /// Size in bytes (`st_size`); 0 when the table does not say.
@@ -104,17 +105,35 @@ pub struct Symbol {
     pub fragment: bool,
     /// The C++ name without its parameter list, for matching
     /// `Cache::invalidate` against `Cache::invalidate(std::string const&)`.
-    short: Option<String>,
+    short: Option<Box<str>>,
 }
 
 impl Symbol {
+    /// `raw` as the symbol table spells it; its `name`, demangled.
+    fn new(raw: &str, names: Names, address: u64, size: u64, file_offset: u64) -> Self {
+        Self {
+            raw: (raw != names.full).then(|| raw.into()),
+            name: names.full,
+            address,
+            size,
+            file_offset,
+            fragment: names.fragment,
+            short: names.short.map(String::into_boxed_str),
+        }
+    }
+
+    /// The name as the symbol table spells it.
+    pub fn raw(&self) -> &str {
+        self.raw.as_deref().unwrap_or(&self.name)
+    }
+
     /// A function `name` (already demangled) of `size` bytes at file
     /// offset `offset` and the same virtual address: for tests of code that
     /// reads symbol tables.
     pub fn at(name: &str, offset: u64, size: u64) -> Self {
         Self {
             name: name.to_owned(),
-            raw: name.to_owned(),
+            raw: None,
             address: offset,
             size,
             file_offset: offset,
@@ -205,23 +224,16 @@ impl SymbolTable {
             }) else {
                 continue;
             };
-            let names = Names::of(raw);
-            symbols.push(Symbol {
-                name: names.full,
-                raw: raw.to_owned(),
-                address,
-                size,
-                file_offset,
-                fragment: names.fragment,
-                short: names.short,
-            });
+            symbols.push(Symbol::new(raw, Names::of(raw), address, size, file_offset));
         }
         // (name, address, raw) triples are unique (deduplicated above): an
         // unstable sort gives one order, without a buffer as large as the
         // table.
         symbols.sort_unstable_by(|a, b| {
-            (&a.name, a.address, &a.raw).cmp(&(&b.name, b.address, &b.raw))
+            (&a.name, a.address, a.raw()).cmp(&(&b.name, b.address, b.raw()))
         });
+        // Held while the file is probed: not the doubling's spare room.
+        symbols.shrink_to_fit();
         Ok(Self {
             path: path.to_owned(),
             symbols,
@@ -429,11 +441,11 @@ impl Pattern {
     /// names the fragment itself (it contains a dot).
     pub fn selects(&self, sym: &Symbol) -> bool {
         if sym.fragment {
-            return self.text.contains('.') && (self.matches(&sym.name) || self.matches(&sym.raw));
+            return self.text.contains('.') && (self.matches(&sym.name) || self.matches(sym.raw()));
         }
         self.matches(&sym.name)
             || sym.short.as_deref().is_some_and(|s| self.matches(s))
-            || self.matches(&sym.raw)
+            || self.matches(sym.raw())
     }
 
     pub fn as_str(&self) -> &str {
@@ -451,16 +463,7 @@ mod tests {
             symbols: names
                 .iter()
                 .map(|&(raw, address)| {
-                    let names = Names::of(raw);
-                    Symbol {
-                        name: names.full,
-                        raw: raw.to_owned(),
-                        address,
-                        size: 16,
-                        file_offset: address - 0x1000,
-                        fragment: names.fragment,
-                        short: names.short,
-                    }
+                    Symbol::new(raw, Names::of(raw), address, 16, address - 0x1000)
                 })
                 .collect(),
         }
@@ -530,7 +533,7 @@ mod tests {
             "cache::Store::invalidate(std::__cxx11::basic_string<char, std::char_traits<char>, std::allocator<char> > const&)"
         );
         let got = t.select(&patterns(&["cache::Store::invalidate"])).unwrap();
-        assert_eq!(got[0].raw, invalidate.raw);
+        assert_eq!(got[0].raw(), invalidate.raw());
         let got = t.select(&patterns(&["cache::Store::get(int)"])).unwrap();
         assert_eq!(got.len(), 1);
         // The raw name works too, for people pasting from nm.
