@@ -547,11 +547,11 @@ impl Detector {
         {
             return None;
         }
-        self.series_mut(key);
-        let rules = &self.rules;
-        let Some(series) = self.series.get_mut(&key) else {
-            return None;
-        };
+        let (rules, quiet) = (&self.rules, &self.quiet);
+        let series = self
+            .series
+            .entry(key)
+            .or_insert_with(|| Self::fresh(rules, quiet.get(&key.pid), key.func));
         let learned = series.learned;
         let (structural, runaway, corroborated, structure) = judge(rules, learned, rate, &signals);
         let suspect = structural.is_some() || runaway.is_some();
