@@ -156,18 +156,19 @@ impl SymbolTable {
     /// file by the name the process ran it as). Debug files are looked for
     /// under `root` (`/`, or `/proc/PID/root` for a process in a container).
     ///
-    /// Read whole, not through object's `ReadCache`: that one reads each
-    /// symbol name with its own read and lseek (23,000 system calls for a
-    /// 10,000-symbol file), which took seconds under TCG emulation in the VM
-    /// tests. Read, not mapped: a file truncated in place by a deploy must
-    /// fail a read, not kill cacheloop with SIGBUS.
+    /// The parts parsing needs are read whole ([`read_symbol_parts`]), not
+    /// through object's `ReadCache`: that one reads each symbol name with
+    /// its own read and lseek (23,000 system calls for a 10,000-symbol
+    /// file), which took seconds under TCG emulation in the VM tests. Read,
+    /// not mapped: a file truncated in place by a deploy must fail a read,
+    /// not kill cacheloop with SIGBUS.
     pub fn read(path: &Path, shown: &Path, root: &Path) -> Result<Self, SymbolError> {
-        let data = fs::read(path).map_err(|e| SymbolError::unreadable(shown, e))?;
+        let data = read_symbol_parts(path).map_err(|e| SymbolError::unreadable(shown, e))?;
         let debug = debug_file_candidates(shown, &data[..])
             .into_iter()
             .find_map(|candidate| {
                 let in_root = root.join(candidate.strip_prefix("/").unwrap_or(&candidate));
-                let bytes = fs::read(&in_root).ok()?;
+                let bytes = read_symbol_parts(&in_root).ok()?;
                 debug_file_matches(&data[..], &bytes).then_some(bytes)
             });
         Self::parse(shown, &data[..], debug.as_deref())
@@ -245,12 +246,20 @@ impl SymbolTable {
     /// [`select`](Self::select), a pattern that matches nothing here is not
     /// an error.
     pub fn matching<'a>(&'a self, patterns: &[Pattern]) -> Vec<&'a Symbol> {
+        self.matching_at(patterns)
+            .into_iter()
+            .map(|i| &self.symbols[i])
+            .collect()
+    }
+
+    /// [`matching`](Self::matching), as indices into `symbols`.
+    pub fn matching_at(&self, patterns: &[Pattern]) -> Vec<usize> {
         let mut offsets = HashMap::new();
         let mut selected = Vec::new();
         for pattern in patterns {
-            for sym in self.symbols.iter().filter(|s| pattern.selects(s)) {
-                if offsets.insert(sym.file_offset, ()).is_none() {
-                    selected.push(sym);
+            for (i, sym) in self.symbols.iter().enumerate() {
+                if pattern.selects(sym) && offsets.insert(sym.file_offset, ()).is_none() {
+                    selected.push(i);
                 }
             }
         }
@@ -304,6 +313,96 @@ pub fn check_matches(
             hint: hint.to_owned(),
         }),
     }
+}
+
+/// An ELF file's bytes as far as reading its functions needs them: the
+/// headers, symbol and string tables and notes (build id) and the debug
+/// link, each read whole at its offset. The rest (code, data, unwind
+/// tables, DWARF) stays zero, in a buffer allocated zeroed and never
+/// written there, so it costs address space, not memory: a static 1.6 MiB
+/// executable is 0.5 MiB of it. A file that is not a 64-bit ELF, or whose
+/// headers do not add up, is read whole.
+fn read_symbol_parts(path: &Path) -> std::io::Result<Vec<u8>> {
+    use object::{
+        Endianness,
+        elf::{FileHeader64, SHT_DYNSYM, SHT_NOTE, SHT_STRTAB, SHT_SYMTAB},
+        read::elf::{FileHeader as _, SectionHeader as _},
+    };
+    use std::os::unix::fs::FileExt as _;
+
+    let file = fs::File::open(path)?;
+    let len = usize::try_from(file.metadata()?.len()).unwrap_or(usize::MAX);
+    let mut data = vec![0u8; len];
+    let read = |data: &mut [u8], at: u64, size: u64| -> std::io::Result<bool> {
+        let (Ok(start), Ok(size)) = (usize::try_from(at), usize::try_from(size)) else {
+            return Ok(false);
+        };
+        let Some(part) = start
+            .checked_add(size)
+            .and_then(|end| data.get_mut(start..end))
+        else {
+            return Ok(false);
+        };
+        file.read_exact_at(part, at)?;
+        Ok(true)
+    };
+    let header_len = std::mem::size_of::<FileHeader64<Endianness>>() as u64;
+    let parts = (|| -> std::io::Result<bool> {
+        if !read(&mut data, 0, header_len.min(len as u64))? {
+            return Ok(false);
+        }
+        let Ok(&header) = FileHeader64::<Endianness>::parse(&data[..]) else {
+            return Ok(false);
+        };
+        let Ok(endian) = header.endian() else {
+            return Ok(false);
+        };
+        let phs = u64::from(header.e_phnum(endian)) * u64::from(header.e_phentsize(endian));
+        let shs = u64::from(header.e_shnum(endian)) * u64::from(header.e_shentsize(endian));
+        // e_shnum 0 with sections: their count is elsewhere (over 65,279).
+        if header.e_shnum(endian) == 0
+            || !read(&mut data, header.e_phoff(endian), phs)?
+            || !read(&mut data, header.e_shoff(endian), shs)?
+        {
+            return Ok(false);
+        }
+        // The section names first, to find the debug link by name.
+        let names = header
+            .section_headers(endian, &data[..])
+            .ok()
+            .zip(header.shstrndx(endian, &data[..]).ok())
+            .and_then(|(headers, i)| headers.get(i as usize))
+            .and_then(|s| s.file_range(endian));
+        let Some((at, size)) = names else {
+            return Ok(false);
+        };
+        if !read(&mut data, at, size)? {
+            return Ok(false);
+        }
+        let Ok(sections) = header.sections(endian, &data[..]) else {
+            return Ok(false);
+        };
+        let mut wanted = Vec::new();
+        for section in sections.iter() {
+            let kind = section.sh_type(endian);
+            let name = sections.section_name(endian, section).unwrap_or_default();
+            if matches!(kind, SHT_SYMTAB | SHT_DYNSYM | SHT_STRTAB | SHT_NOTE)
+                || name == b".gnu_debuglink"
+            {
+                wanted.extend(section.file_range(endian));
+            }
+        }
+        for (at, size) in wanted {
+            if !read(&mut data, at, size)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })()?;
+    if !parts {
+        read(&mut data, 0, len as u64)?;
+    }
+    Ok(data)
 }
 
 /// The names of one raw symbol.
@@ -600,6 +699,31 @@ mod tests {
             candidates[0].starts_with("/usr/lib/debug/.build-id/"),
             "{candidates:?}"
         );
+    }
+
+    #[test]
+    fn the_parts_read_give_the_whole_files_functions() {
+        let path = std::env::current_exe().unwrap();
+        let whole = fs::read(&path).unwrap();
+        let parts = read_symbol_parts(&path).unwrap();
+        assert_eq!(parts.len(), whole.len());
+        // Code is not read.
+        assert!(parts != whole);
+        let shown = Path::new("/usr/bin/cache");
+        let a = SymbolTable::parse(shown, &whole[..], None).unwrap();
+        let b = SymbolTable::parse(shown, &parts[..], None).unwrap();
+        assert!(a.symbols.len() > 100);
+        assert_eq!(a.symbols, b.symbols);
+        assert_eq!(
+            debug_file_candidates(shown, &whole[..]),
+            debug_file_candidates(shown, &parts[..])
+        );
+        assert!(debug_file_matches(&parts[..], &whole));
+        // Not ELF: read whole.
+        let text = std::env::temp_dir().join(format!("cacheloop-parts-{}", std::process::id()));
+        fs::write(&text, b"just text").unwrap();
+        assert_eq!(read_symbol_parts(&text).unwrap(), b"just text");
+        fs::remove_file(&text).unwrap();
     }
 
     #[test]
