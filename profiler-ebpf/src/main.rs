@@ -42,7 +42,7 @@ use aya_ebpf::{
     bindings::BPF_F_USER_STACK,
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_probe_read_user,
+        bpf_get_current_pid_tgid, bpf_probe_read_user,
         bpf_probe_read_user_str_bytes,
         generated::{bpf_get_attach_cookie, bpf_get_stack},
     },
@@ -338,6 +338,14 @@ fn register(ctx: &ProbeContext, index: u32) -> u64 {
 
 /// One hit. `KEYS`: read keys where configured; without it the key path is
 /// not in the program at all, and the verifier has a fraction of the work.
+///
+/// The hit is counted first, and the count before it decides what else
+/// this hit gathers: hashed (Fibonacci hashing, the high bits of the count
+/// times 2^64 / phi), it picks one hit in `1 << shift` for the call site
+/// and one in `STACK_SAMPLE_EVERY << shift` of those for the stack, spread
+/// evenly over any pattern of callers (a period-p pattern's hits fall on
+/// counts p apart, whose hashes are equidistributed). No helper call for a
+/// random number, and the process id is asked for only when it is needed.
 #[inline(always)]
 fn count<const KEYS: bool>(ctx: &ProbeContext) -> u32 {
     // An array lookup at a constant index: the verifier inlines it.
@@ -347,23 +355,45 @@ fn count<const KEYS: bool>(ctx: &ProbeContext) -> u32 {
     // SAFETY: the helper only reads the cookie of the link that ran us; the
     // context pointer is the one the kernel passed to this program.
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
-    let key = CallKey {
-        func: cookie as u32,
-        tgid: ctx.tgid(),
+    let func = cookie as u32;
+    let slot = (cookie >> COOKIE_SLOT_SHIFT) as u32;
+    let before = match COUNT_SLOTS.get_ptr_mut(slot.wrapping_sub(1)) {
+        Some(count) if slot != 0 => fetch_add(count, 1),
+        _ => tally(
+            ctx,
+            &CallKey {
+                func,
+                tgid: ctx.tgid(),
+            },
+        ),
     };
     // Functions past the config table's end get the defaults: no key,
     // every call site.
-    let slot = match key.func {
+    let config_slot = match func {
         CALIBRATION_COOKIE => Some(CALIBRATION_KEY_SLOT),
         func if func < CALIBRATION_KEY_SLOT => Some(func),
         _ => None,
     };
-    let config = slot.and_then(|slot| FUNC_CONFIG.get(slot));
-    // SAFETY: a helper with no arguments.
-    let draw = unsafe { bpf_get_prandom_u32() };
+    let config = config_slot.and_then(|slot| FUNC_CONFIG.get(slot));
     let shift = config.map_or(0, |c| c.caller_shift.min(MAX_CALLER_SHIFT));
-    if draw & ((1 << shift) - 1) == 0 {
+    let hash = before.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let stack_bits = STACK_SAMPLE_EVERY.trailing_zeros() + shift;
+    let caller = shift == 0 || hash >> (64 - shift) == 0;
+    let keyed = KEYS && config.is_some_and(|c| c.key_kind != KEY_NONE);
+    if !(caller || keyed) {
+        return 0;
+    }
+    let key = CallKey {
+        func,
+        tgid: ctx.tgid(),
+    };
+    if caller {
         count_caller(ctx, &key, 1 << shift);
+        // Stacks are sparser still for a hot function, by the same shift:
+        // a stack walk costs microseconds.
+        if hash >> (64 - stack_bits) == 0 {
+            sample_stack(ctx, &key);
+        }
     }
     if KEYS
         && let Some(config) = config
@@ -371,45 +401,33 @@ fn count<const KEYS: bool>(ctx: &ProbeContext) -> u32 {
     {
         count_key(ctx, &key, config);
     }
-    // Stacks are sparser still for a hot function, by the same shift: a
-    // stack walk costs microseconds. The high bits of the same draw,
-    // independent of the call-site bits.
-    if (draw >> 16) & ((STACK_SAMPLE_EVERY << shift) - 1) == 0 {
-        sample_stack(ctx, &key);
-    }
-    let slot = (cookie >> COOKIE_SLOT_SHIFT) as u32;
-    if slot != 0
-        && let Some(count) = COUNT_SLOTS.get_ptr_mut(slot - 1)
-    {
-        add(count, 1);
-        return 0;
-    }
-    tally(ctx, &key);
     0
 }
 
-/// Counts one call of a (function, process) pair in the hash.
+/// Counts one call of a (function, process) pair in the hash; returns the
+/// count before it (on this CPU).
 #[inline(always)]
-fn tally(ctx: &ProbeContext, key: &CallKey) {
-    if bump(key) {
-        return;
+fn tally(ctx: &ProbeContext, key: &CallKey) -> u64 {
+    if let Some(before) = bump(key) {
+        return before;
     }
     // First hit of this (function, process) on this CPU. Another CPU may
     // create the entry at the same moment; then our insert fails with EEXIST
     // and the lookup after it succeeds.
-    if COUNTS.insert(key, &1, u64::from(BPF_NOEXIST)).is_ok() || bump(key) {
-        return;
+    if COUNTS.insert(key, &1, u64::from(BPF_NOEXIST)).is_ok() {
+        return 0;
+    }
+    if let Some(before) = bump(key) {
+        return before;
     }
     if let Some(drops) = DROPS.get_ptr_mut(0) {
-        add(drops, 1);
-        // SAFETY: this CPU's slot, live as in `add`; a racing add only
-        // changes which hit logs.
-        let first = unsafe { core::ptr::read_volatile(drops) } == 1;
-        // Log once per CPU, never per hit: this is the hot path.
-        if first {
+        // Log once per CPU, never per hit: this is the hot path. A racing
+        // add only changes which hit logs.
+        if fetch_add(drops, 1) == 0 {
             warn!(ctx, "cacheloop: counter map full, hits are being dropped");
         }
     }
+    0
 }
 
 /// At a function's first instruction on x86-64 the stack pointer points at
@@ -584,14 +602,8 @@ fn string_hash(ptr: u64, len: usize, hash: u64) -> u64 {
 }
 
 #[inline(always)]
-fn bump(key: &CallKey) -> bool {
-    match COUNTS.get_ptr_mut(key) {
-        Some(count) => {
-            add(count, 1);
-            true
-        }
-        None => false,
-    }
+fn bump(key: &CallKey) -> Option<u64> {
+    COUNTS.get_ptr_mut(key).map(|count| fetch_add(count, 1))
 }
 
 /// Adds `n` to this CPU's slot of a per-CPU map value. A uprobe program
@@ -613,6 +625,17 @@ fn add(slot: *mut u64, n: u64) {
             slot, n,
         )
     };
+}
+
+/// [`add`], then the value this CPU's slot holds (read back, not fetched:
+/// BPF_FETCH needs `-mcpu=v3`, and aya-build builds for the generic CPU).
+/// Another task adding between the two on this CPU (a preempted hit) only
+/// shifts which hit is sampled; the counts stay exact.
+#[inline(always)]
+fn fetch_add(slot: *mut u64, n: u64) -> u64 {
+    add(slot, n);
+    // SAFETY: as in `add`.
+    unsafe { core::ptr::read_volatile(slot) }.wrapping_sub(n)
 }
 
 /// Adds `n` under `key` in an LRU per-CPU map, creating the entry; true
