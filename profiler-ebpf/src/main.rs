@@ -18,14 +18,14 @@
 //! - the call site (return address), counted by (function, process, return
 //!   address) so userspace can see watched functions calling each other in
 //!   a cycle: every hit for a function called at a modest rate, one hit in
-//!   `1 << caller_shift` at random (weighted by as many) for a hot one, as
+//!   `1 << caller_shift` (weighted by as many) for a hot one, as
 //!   the loader sets per function in `FUNC_CONFIG`;
-//! - the user stack, on one hit in `STACK_SAMPLE_EVERY` at random;
+//! - the user stack, on one hit in `STACK_SAMPLE_EVERY`;
 //! - with a key configured, the key on every hit, and which key followed
 //!   which on the same thread (the order a dependency cycle is walked in):
 //!   a sequence cannot be sampled without breaking it.
 //!
-//! One random draw per hit decides both samples.
+//! The count before the hit, hashed, decides both samples (see `count`).
 //!
 //! Without `--func`, `sample_user` (a perf-event program on a CPU-clock
 //! tick) samples the watched processes' on-CPU user code, so the loader can
@@ -42,8 +42,7 @@ use aya_ebpf::{
     bindings::BPF_F_USER_STACK,
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{
-        bpf_get_current_pid_tgid, bpf_probe_read_user,
-        bpf_probe_read_user_str_bytes,
+        bpf_get_current_pid_tgid, bpf_probe_read_user, bpf_probe_read_user_str_bytes,
         generated::{bpf_get_attach_cookie, bpf_get_stack},
     },
     macros::{map, perf_event, uprobe},
