@@ -1143,7 +1143,10 @@ impl Analyzer {
                 // name learned (a restart). A process that ran exec runs
                 // another program: it starts from nothing.
                 self.comms.insert(p.pid, p.comm.clone());
-                for func in 0..catalog.len() as u32 {
+                // Not a (name, function) key made per function when no
+                // predecessor of this name left anything (10,000 of them).
+                let predecessor = self.inherited.keys().any(|(comm, _)| *comm == p.comm);
+                for func in (0..catalog.len() as u32).filter(|_| predecessor) {
                     // Only from a predecessor that ended lately: a restart,
                     // not a process of the same name from hours ago.
                     if let Some(&(learned, _)) = self
@@ -1569,13 +1572,14 @@ mod tests {
                 .enumerate()
                 .map(|(i, n)| Function {
                     name: (*n).into(),
-                    paths: vec!["/srv/cache".into()],
+                    paths: vec!["/srv/cache".into()].into(),
                     file_id: FileId { dev: 1, ino: 2 },
-                    offsets: vec![0x1000 * (i as u64 + 1)],
+                    offsets: vec![0x1000 * (i as u64 + 1)].into(),
                     ranges: vec![Range {
                         start: 0x1000 * (i as u64 + 1),
                         end: 0x1000 * (i as u64 + 1) + 0x100,
-                    }],
+                    }]
+                    .into(),
                     key: Some(KeySpec::Str { arg: 0 }),
                     request: n.starts_with("handle"),
                     picked: n.starts_with("hot_").then_some(crate::catalog::Picked::Hot),

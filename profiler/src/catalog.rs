@@ -14,7 +14,9 @@
 //!
 //! Pure data: no system calls.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, sync::Arc};
+
+use smallvec::SmallVec;
 
 use profiler_common::{FuncConfig, KEY_STR, KEY_STR_AT, KEY_U64};
 use serde::{Deserialize, Serialize};
@@ -77,13 +79,15 @@ pub struct Function {
     /// Demangled name, as records show it.
     pub name: String,
     /// The file as processes map it (links resolved for `--binary`): every
-    /// path it was seen under (bind mounts, hard links, containers).
-    pub paths: Vec<PathBuf>,
+    /// path it was seen under (bind mounts, hard links, containers). One
+    /// list per file, shared by its functions.
+    pub paths: Arc<[PathBuf]>,
     pub file_id: FileId,
-    /// Entry offsets probed in the file: the function and its clones.
-    pub offsets: Vec<u64>,
+    /// Entry offsets probed in the file: the function and its clones. One,
+    /// almost always: held in place, not allocated (10,000 functions).
+    pub offsets: SmallVec<[u64; 1]>,
     /// Code ranges of those entries (where sizes are known).
-    pub ranges: Vec<Range>,
+    pub ranges: SmallVec<[Range; 1]>,
     pub key: Option<KeySpec>,
     /// Marks a request served (`--request-func`): counted, not judged.
     pub request: bool,
@@ -175,10 +179,10 @@ mod tests {
     fn function(name: &str, file: &str, start: u64, end: u64) -> Function {
         Function {
             name: name.into(),
-            paths: vec![file.into()],
+            paths: vec![file.into()].into(),
             file_id: FileId { dev: 1, ino: 2 },
-            offsets: vec![start],
-            ranges: vec![Range { start, end }],
+            offsets: vec![start].into(),
+            ranges: vec![Range { start, end }].into(),
             key: None,
             request: false,
             picked: None,

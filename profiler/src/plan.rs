@@ -59,6 +59,8 @@ pub struct Planner {
     /// Each file's size and times when last read.
     stamps: HashMap<FileId, Stamp>,
     ids: Ids,
+    /// Each file's paths (as its functions list them): one list per file.
+    file_paths: HashMap<FileId, Arc<[PathBuf]>>,
     /// The catalog, changed in place until it is published
     /// ([`Planner::catalog`]) and copied on the first change after: one
     /// copy per version, none while nothing holds the last one (10,000
@@ -107,10 +109,10 @@ impl Planner {
         let id = self.published.functions.len() as u32;
         functions_mut(&mut self.published).push(Function {
             name: name.to_owned(),
-            paths: Vec::new(),
+            paths: Arc::new([]),
             file_id,
-            offsets: Vec::new(),
-            ranges: Vec::new(),
+            offsets: Default::default(),
+            ranges: Default::default(),
             key: None,
             request: false,
             picked: None,
@@ -419,14 +421,12 @@ impl Planner {
                 } else {
                     self.key_spec(&symbol.name)
                 };
-                // One path, offset and range each, almost always: room
-                // for one (a `Vec`'s first growth makes room for four).
                 functions_mut(&mut self.published).push(Function {
                     name: symbol.name.clone(),
-                    paths: Vec::with_capacity(1),
+                    paths: Arc::new([]),
                     file_id,
-                    offsets: Vec::with_capacity(1),
-                    ranges: Vec::with_capacity(usize::from(symbol.size > 0)),
+                    offsets: Default::default(),
+                    ranges: Default::default(),
                     key,
                     request,
                     picked,
@@ -436,15 +436,25 @@ impl Planner {
                 next
             }
         };
+        // The file's paths, with this one.
+        let paths = self
+            .file_paths
+            .entry(file_id)
+            .or_insert_with(|| Arc::new([]));
+        if !paths.iter().any(|p| p == mapped) {
+            let mut more = paths.to_vec();
+            more.push(mapped.to_owned());
+            *paths = more.into();
+        }
         let known = &self.published.functions[id as usize];
-        let new_path = !known.paths.iter().any(|p| p == mapped);
+        let new_paths = !Arc::ptr_eq(&known.paths, paths);
         let new_offset = !known.offsets.contains(&symbol.file_offset);
-        if !(new_path || new_offset) {
+        if !(new_paths || new_offset) {
             return id;
         }
         let function = &mut functions_mut(&mut self.published)[id as usize];
-        if new_path {
-            function.paths.push(mapped.to_owned());
+        if new_paths {
+            function.paths = paths.clone();
         }
         if new_offset {
             function.offsets.push(symbol.file_offset);

@@ -718,10 +718,10 @@ mod tests {
         let path = temp("picked");
         let function = |name: &str, picked| crate::catalog::Function {
             name: name.into(),
-            paths: vec!["/srv/cache".into()],
+            paths: vec!["/srv/cache".into()].into(),
             file_id: FileId { dev: 1, ino: 2 },
-            offsets: vec![0x1000],
-            ranges: vec![],
+            offsets: vec![0x1000].into(),
+            ranges: Default::default(),
             key: None,
             request: false,
             picked,
