@@ -132,8 +132,8 @@ pub struct FuncConfig {
     pub key_arg: u32,
     /// For `KEY_STR_AT`: where the string pointer sits in the struct.
     pub key_offset: u32,
-    /// The call site is read on one hit in `1 << caller_shift` (chosen at
-    /// random) and counted as that many: a function called flat out pays
+    /// The call site is read on one hit in `1 << caller_shift` (chosen by
+    /// the hashed count) and counted as that many: a function called flat out pays
     /// for a user read and a map update on a few hits, not on each.
     /// Capped at [`MAX_CALLER_SHIFT`].
     pub caller_shift: u32,
@@ -225,11 +225,10 @@ pub const STACKS_MAP: &str = "STACKS";
 pub const STACK_COUNTS_MAP: &str = "STACK_COUNTS";
 /// Capacity of `STACKS` and `STACK_COUNTS`.
 pub const STACK_ENTRIES: u32 = 1_024;
-/// A user stack is taken on one hit in this many, chosen at random, and
-/// `1 << caller_shift` times sparser for a hot function: walking a stack
-/// costs far more than counting, and a loop's hot path shows up anyway. A
-/// power of two at most 256 (the kernel draws it from 16 random bits, and
-/// shifts it by at most `MAX_CALLER_SHIFT`).
+/// A user stack is taken on one hit in this many (chosen by the hashed
+/// count, among the hits whose call site is read), and `1 << caller_shift`
+/// times sparser for a hot function: walking a stack costs far more than
+/// counting, and a loop's hot path shows up anyway. A power of two.
 pub const STACK_SAMPLE_EVERY: u32 = 256;
 
 /// Key of `STACK_COUNTS`. Four `u32`s: no padding.
