@@ -325,7 +325,7 @@ pub struct Analyzer {
     /// Per process name, how many of the first catalog functions the last
     /// process of that name never called but had learned (a zero
     /// baseline), and when it ended: one entry, not one per function.
-    inherited_quiet: HashMap<String, (u32, f64)>,
+    inherited_quiet: HashMap<String, (u32, HashSet<u32>, f64)>,
     /// Series whose loop was reported (their recovery will be too), with
     /// the pid their records name (a group's: its busiest process).
     announced: HashMap<SeriesKey, u32>,
@@ -1160,13 +1160,16 @@ impl Analyzer {
                 }
                 // The functions it never called, together (after the
                 // others: those have histories of their own).
-                if let Some(&(functions, _)) = self
+                if let Some((functions, judged, _)) = self
                     .inherited_quiet
                     .get(&p.comm)
-                    .filter(|(_, at)| elapsed - at <= INHERIT_SECONDS)
+                    .filter(|(_, _, at)| elapsed - at <= INHERIT_SECONDS)
                 {
-                    self.detector
-                        .inherit_quiet(p.pid, functions.min(catalog.len() as u32));
+                    self.detector.inherit_quiet(
+                        p.pid,
+                        (*functions).min(catalog.len() as u32),
+                        judged.clone(),
+                    );
                 }
             }
         }
@@ -1402,14 +1405,17 @@ impl Analyzer {
                     let oldest = self
                         .inherited_quiet
                         .iter()
-                        .min_by(|a, b| a.1.1.total_cmp(&b.1.1))
+                        .min_by(|a, b| a.1.2.total_cmp(&b.1.2))
                         .map(|(k, _)| k.clone());
                     if let Some(oldest) = oldest {
                         self.inherited_quiet.remove(&oldest);
                     }
                 }
+                // Functions it called inherit their own histories (below),
+                // or none: never the quiet ones' zero.
+                let judged = self.detector.judged_functions(pid);
                 self.inherited_quiet
-                    .insert(comm.clone(), (quiet, self.elapsed));
+                    .insert(comm.clone(), (quiet, judged, self.elapsed));
             }
             for (func, learned) in self.detector.forget_process(pid) {
                 if self.inherited.len() >= MAX_INHERITED {

@@ -58,7 +58,7 @@
 use std::collections::VecDeque;
 
 // foldhash: see analyze.rs.
-use foldhash::{HashMap, HashMapExt as _};
+use foldhash::{HashMap, HashMapExt as _, HashSet};
 
 /// The thresholds of the rules above. Every field has a command-line flag
 /// but `alpha` and `cpu_cores`.
@@ -401,19 +401,46 @@ struct Quiet {
     /// Functions below `.0` (catalog ids) that were in the catalog when the
     /// process was first read, then each later growth of the catalog: the
     /// seconds their quiet series learned since (oldest first, so each
-    /// stretch covers the ids from the previous one's end).
+    /// stretch covers the ids from the previous one's end). Stretches past
+    /// their warm-up are merged: they hold the same history.
     stretches: Vec<(u32, f64)>,
     /// The first stretch starts from an earlier process of the same name
-    /// whose quiet series had learned their zero baseline (a restart).
-    inherited: bool,
+    /// whose quiet series had learned their zero baseline (a restart),
+    /// except these functions, which had histories of their own there
+    /// (inherited one by one, or not at all).
+    inherited: Option<HashSet<u32>>,
 }
 
 impl Quiet {
-    /// Seconds learned by function `func`'s quiet series, and whether it is
-    /// in the first stretch; `None` when no stretch covers it.
+    /// Seconds learned by function `func`'s quiet series, and whether it
+    /// inherited its zero baseline; `None` when no stretch covers it.
     fn stretch(&self, func: u32) -> Option<(f64, bool)> {
-        let i = self.stretches.iter().position(|&(end, _)| func < end)?;
-        Some((self.stretches[i].1, i == 0))
+        let i = self.stretches.partition_point(|&(end, _)| end <= func);
+        let &(_, seconds) = self.stretches.get(i)?;
+        let inherited = i == 0
+            && self
+                .inherited
+                .as_ref()
+                .is_some_and(|except| !except.contains(&func));
+        Some((seconds, inherited))
+    }
+
+    /// Merges the stretches past `warmup` (after an inherited first one):
+    /// a catalog growing one function at a time (interpreted names, hot
+    /// picks) must not leave a stretch per function for the whole run.
+    fn merge_warm(&mut self, warmup: f64) {
+        let first = usize::from(self.inherited.is_some());
+        let warm = self.stretches[first.min(self.stretches.len())..]
+            .iter()
+            .take_while(|s| s.1 + 1e-9 >= warmup)
+            .count();
+        if warm > 1 {
+            // The oldest's seconds (any warm value learns the same), the
+            // newest's end.
+            let end = self.stretches[first + warm - 1].0;
+            self.stretches[first].0 = end;
+            self.stretches.drain(first + 1..first + warm);
+        }
     }
 }
 
@@ -456,27 +483,29 @@ impl Detector {
             for stretch in &mut quiet.stretches {
                 stretch.1 += seconds;
             }
+            quiet.merge_warm(self.rules.warmup);
         }
     }
 
     /// The new process `pid` starts from an earlier process of its name
-    /// whose first `functions` quiet series had learned (a restart).
-    /// Before its first reading.
-    pub fn inherit_quiet(&mut self, pid: u32, functions: u32) {
+    /// whose first `functions` quiet series had learned (a restart), all
+    /// but those in `except` (they had histories of their own). Before its
+    /// first reading.
+    pub fn inherit_quiet(&mut self, pid: u32, functions: u32, except: HashSet<u32>) {
         let quiet = self.quiet.entry(pid).or_default();
         if quiet.stretches.is_empty() && functions > 0 {
             quiet.stretches.push((functions, 0.0));
-            quiet.inherited = true;
+            quiet.inherited = Some(except);
         }
     }
 
     /// The state of a series with no reading of its own: what its
     /// process's quiet stretch taught it, or nothing.
     fn fresh(rules: &Rules, quiet: Option<&Quiet>, func: u32) -> Series {
-        let Some((seconds, first)) = quiet.and_then(|q| q.stretch(func)) else {
+        let Some((seconds, inherited)) = quiet.and_then(|q| q.stretch(func)) else {
             return Series::default();
         };
-        if first && quiet.is_some_and(|q| q.inherited) {
+        if inherited {
             return Series {
                 learned: Some(Learned::default()),
                 inherited: true,
@@ -520,7 +549,16 @@ impl Detector {
     }
 
     /// What a series learned, once its warm-up is over.
+    /// (A series never judged has none: not one never called, whose
+    /// quiet history is only made into a series at its first call, nor a
+    /// request function, which is counted, not judged.)
     pub fn learned(&self, key: SeriesKey) -> Option<Learned> {
+        self.series.get(&key).and_then(|s| s.learned)
+    }
+
+    /// What series `key` has learned, its quiet history included.
+    #[cfg(test)]
+    fn history(&self, key: SeriesKey) -> Option<Learned> {
         match self.series.get(&key) {
             Some(s) => s.learned,
             None => Self::fresh(&self.rules, self.quiet.get(&key.pid), key.func).learned,
@@ -715,6 +753,9 @@ impl Detector {
     /// How many of process `pid`'s first catalog functions, never called,
     /// have learned their (zero) baseline: what a restart of it inherits
     /// for them ([`Detector::inherit_quiet`]).
+    /// The functions below it with a series of their own are in
+    /// [`Detector::forget_process`]'s list, or learned nothing: a restart
+    /// inherits those one by one, or not at all.
     pub fn quiet_learned(&self, pid: u32) -> u32 {
         let Some(quiet) = self.quiet.get(&pid) else {
             return 0;
@@ -724,10 +765,19 @@ impl Detector {
             .iter()
             .enumerate()
             .take_while(|&(i, &(_, seconds))| {
-                (i == 0 && quiet.inherited) || seconds + 1e-9 >= self.rules.warmup
+                (i == 0 && quiet.inherited.is_some()) || seconds + 1e-9 >= self.rules.warmup
             })
             .last()
             .map_or(0, |(_, &(end, _))| end)
+    }
+
+    /// The functions of process `pid` with a series of their own.
+    pub fn judged_functions(&self, pid: u32) -> HashSet<u32> {
+        self.series
+            .keys()
+            .filter(|k| k.pid == pid)
+            .map(|k| k.func)
+            .collect()
     }
 
     /// Drops every series of a process that is gone, so that a new process
@@ -910,7 +960,9 @@ mod tests {
         feed(&mut d, 10_000, &[100.0], 5.0);
         assert_eq!(d.series.len(), 1);
         let quiet = SeriesKey { pid: 42, func: 7 };
-        assert_eq!(d.learned(quiet), Some(Learned::default()));
+        assert_eq!(d.history(quiet), Some(Learned::default()));
+        // Not judged: nothing to report as its baseline.
+        assert_eq!(d.learned(quiet), None);
         // One of them runs away after 5 s of silence: caught on its rate,
         // as a series fed every zero would be.
         let mut rates = vec![100.0; 8];
@@ -923,28 +975,34 @@ mod tests {
             "{events:?}"
         );
         // A function new to the catalog has no history yet: it warms up.
+        let new = SeriesKey {
+            pid: 42,
+            func: 10_000,
+        };
         feed(&mut d, 10_001, &[], READ);
-        assert_eq!(
-            d.learned(SeriesKey {
-                pid: 42,
-                func: 10_000
-            }),
-            None
-        );
+        assert_eq!(d.history(new), None);
         feed(&mut d, 10_001, &[], Rules::default().warmup);
-        assert_eq!(
-            d.learned(SeriesKey {
-                pid: 42,
-                func: 10_000
-            }),
-            Some(Learned::default())
-        );
-        // A restart of the process inherits its quiet functions' learning.
+        assert_eq!(d.history(new), Some(Learned::default()));
+        // Warm stretches are one: a catalog growing by one function a
+        // reading keeps a few.
+        for functions in 10_002..10_100 {
+            feed(&mut d, functions, &[], READ);
+        }
+        assert!(d.quiet[&42].stretches.len() <= 10, "{:?}", d.quiet[&42]);
+        // A restart of the process inherits its quiet functions' learning,
+        // not the functions it called (their own histories go one by one).
         let learned = d.quiet_learned(42);
-        assert_eq!(learned, 10_001);
+        assert!(learned >= 10_001, "{learned}");
+        let judged = d.judged_functions(42);
+        assert!(judged.contains(&7) && judged.contains(&0));
         d.forget_process(42);
-        d.inherit_quiet(42, learned);
-        assert_eq!(d.learned(quiet), Some(Learned::default()));
+        d.inherit_quiet(42, learned, judged);
+        assert_eq!(d.history(quiet), None);
+        let other = SeriesKey {
+            pid: 42,
+            func: 5000,
+        };
+        assert_eq!(d.history(other), Some(Learned::default()));
         assert!(d.series.is_empty());
     }
 
