@@ -379,8 +379,7 @@ impl Planner {
                 continue;
             };
             let mut points = Vec::with_capacity(symbols.len());
-            for i in symbols {
-                let symbol = &table.symbols[i];
+            for symbol in symbols.into_iter().filter_map(|i| table.symbols.get(i)) {
                 let id = self.add(file_id, &mapped, symbol);
                 points.push((symbol.file_offset, id));
             }
@@ -531,6 +530,7 @@ impl Planner {
         // USDT offsets go with the file: a later file may get its identity.
         let tables = &self.tables;
         self.usdt_probes.retain(|id, _| tables.contains_key(id));
+        self.file_paths.retain(|id, _| tables.contains_key(id));
         before - self.tables.len()
     }
 

@@ -168,7 +168,9 @@ impl SymbolTable {
             .into_iter()
             .find_map(|candidate| {
                 let in_root = root.join(candidate.strip_prefix("/").unwrap_or(&candidate));
-                let bytes = read_symbol_parts(&in_root).ok()?;
+                // Whole: without a build id, the debug link's CRC is
+                // over every byte of it.
+                let bytes = fs::read(&in_root).ok()?;
                 debug_file_matches(&data[..], &bytes).then_some(bytes)
             });
         Self::parse(shown, &data[..], debug.as_deref())
@@ -315,6 +317,29 @@ pub fn check_matches(
     }
 }
 
+/// `len` zero bytes, from the allocator's zeroed memory (fresh pages for a
+/// large buffer: not written, so not resident until read into), or an
+/// error if there is no room: `vec![0; len]` would abort the process.
+fn zeroed(len: usize) -> std::io::Result<Vec<u8>> {
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<u8>(len)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::OutOfMemory, "file too large"))?;
+    // SAFETY: the layout's size is not zero (checked above).
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+    if ptr.is_null() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::OutOfMemory,
+            format!("no memory for {len} bytes"),
+        ));
+    }
+    // SAFETY: `ptr` was allocated by the global allocator with the layout
+    // of `len` bytes of alignment 1, all of them initialized (zero); the
+    // Vec takes it over with that length and capacity.
+    Ok(unsafe { Vec::from_raw_parts(ptr, len, len) })
+}
+
 /// An ELF file's bytes as far as reading its functions needs them: the
 /// headers, symbol and string tables and notes (build id) and the debug
 /// link, each read whole at its offset. The rest (code, data, unwind
@@ -332,7 +357,7 @@ fn read_symbol_parts(path: &Path) -> std::io::Result<Vec<u8>> {
 
     let file = fs::File::open(path)?;
     let len = usize::try_from(file.metadata()?.len()).unwrap_or(usize::MAX);
-    let mut data = vec![0u8; len];
+    let mut data = zeroed(len)?;
     let read = |data: &mut [u8], at: u64, size: u64| -> std::io::Result<bool> {
         let (Ok(start), Ok(size)) = (usize::try_from(at), usize::try_from(size)) else {
             return Ok(false);
