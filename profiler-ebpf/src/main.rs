@@ -339,12 +339,13 @@ fn register(ctx: &ProbeContext, index: u32) -> u64 {
 /// not in the program at all, and the verifier has a fraction of the work.
 ///
 /// The hit is counted first, and the count before it decides what else
-/// this hit gathers: hashed (Fibonacci hashing, the high bits of the count
-/// times 2^64 / phi), it picks one hit in `1 << shift` for the call site
-/// and one in `STACK_SAMPLE_EVERY << shift` of those for the stack, spread
-/// evenly over any pattern of callers (a period-p pattern's hits fall on
-/// counts p apart, whose hashes are equidistributed). No helper call for a
-/// random number, and the process id is asked for only when it is needed.
+/// this hit gathers: salted with the cookie (so the first hit of every
+/// pair and CPU is not the one always sampled) and hashed with
+/// SplitMix64's finalizer (`mix`), its high bits pick one hit in
+/// `1 << shift` for the call site and one in `STACK_SAMPLE_EVERY << shift`
+/// of all hits, among those, for the stack: spread over any pattern of
+/// callers as a random draw would be, without a helper call for one. The
+/// process id is asked for only when it is needed.
 #[inline(always)]
 fn count<const KEYS: bool>(ctx: &ProbeContext) -> u32 {
     // An array lookup at a constant index: the verifier inlines it.
@@ -356,8 +357,8 @@ fn count<const KEYS: bool>(ctx: &ProbeContext) -> u32 {
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
     let func = cookie as u32;
     let slot = (cookie >> COOKIE_SLOT_SHIFT) as u32;
-    let before = match COUNT_SLOTS.get_ptr_mut(slot.wrapping_sub(1)) {
-        Some(count) if slot != 0 => fetch_add(count, 1),
+    let counted = match COUNT_SLOTS.get_ptr_mut(slot.wrapping_sub(1)) {
+        Some(count) if slot != 0 => Some(fetch_add(count, 1)),
         _ => tally(
             ctx,
             &CallKey {
@@ -365,6 +366,11 @@ fn count<const KEYS: bool>(ctx: &ProbeContext) -> u32 {
                 tgid: ctx.tgid(),
             },
         ),
+    };
+    // A hit the full counter map dropped gathers nothing either: it would
+    // stand for calls no count has.
+    let Some(before) = counted else {
+        return 0;
     };
     // Functions past the config table's end get the defaults: no key,
     // every call site.
@@ -375,7 +381,7 @@ fn count<const KEYS: bool>(ctx: &ProbeContext) -> u32 {
     };
     let config = config_slot.and_then(|slot| FUNC_CONFIG.get(slot));
     let shift = config.map_or(0, |c| c.caller_shift.min(MAX_CALLER_SHIFT));
-    let hash = before.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let hash = mix(before.wrapping_add(cookie.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
     let stack_bits = STACK_SAMPLE_EVERY.trailing_zeros() + shift;
     let caller = shift == 0 || hash >> (64 - shift) == 0;
     let keyed = KEYS && config.is_some_and(|c| c.key_kind != KEY_NONE);
@@ -403,21 +409,30 @@ fn count<const KEYS: bool>(ctx: &ProbeContext) -> u32 {
     0
 }
 
-/// Counts one call of a (function, process) pair in the hash; returns the
-/// count before it (on this CPU).
+/// SplitMix64's finalizer: every bit of `x` moves every bit of the result.
 #[inline(always)]
-fn tally(ctx: &ProbeContext, key: &CallKey) -> u64 {
+fn mix(x: u64) -> u64 {
+    let x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// Counts one call of a (function, process) pair in the hash; returns the
+/// count before it (on this CPU), or `None` when the map was full and the
+/// hit is dropped.
+#[inline(always)]
+fn tally(ctx: &ProbeContext, key: &CallKey) -> Option<u64> {
     if let Some(before) = bump(key) {
-        return before;
+        return Some(before);
     }
     // First hit of this (function, process) on this CPU. Another CPU may
     // create the entry at the same moment; then our insert fails with EEXIST
     // and the lookup after it succeeds.
     if COUNTS.insert(key, &1, u64::from(BPF_NOEXIST)).is_ok() {
-        return 0;
+        return Some(0);
     }
     if let Some(before) = bump(key) {
-        return before;
+        return Some(before);
     }
     if let Some(drops) = DROPS.get_ptr_mut(0) {
         // Log once per CPU, never per hit: this is the hot path. A racing
@@ -426,7 +441,7 @@ fn tally(ctx: &ProbeContext, key: &CallKey) -> u64 {
             warn!(ctx, "cacheloop: counter map full, hits are being dropped");
         }
     }
-    0
+    None
 }
 
 /// At a function's first instruction on x86-64 the stack pointer points at
