@@ -722,9 +722,10 @@ impl Report {
              changed in place until shared, indices, and ids hashed through the catalog. The \
              target's file was read whole (1.6 MiB, mostly code): now only its headers, symbol and \
              string tables, notes and debug link, into a zeroed buffer whose other pages are never \
-             touched. What is left at 10,000 functions: the catalog (~1.3 MiB of entries and ~1 \
-             MiB of names, paths and offsets, one allocation each), the symbol table kept for \
-             later attaches (~1.4 MiB), and the attach plan. bpftrace links LLVM and clang.\n"
+             touched. Catalog entries share one path list per file and hold their offset and range in \
+             place (four allocations each, ~1.4 MiB, before). What is left at 10,000 functions: the \
+             catalog (~1.2 MiB of entries, and the names), the symbol table kept for later attaches \
+             (~1.4 MiB), and the attach plan. bpftrace links LLVM and clang.\n"
         );
         let mut detach: Vec<f64> = self
             .detach
@@ -788,19 +789,23 @@ impl Report {
              bpftrace's as well as ours). bpftrace's `@ = count()` is that one update. cacheloop's \
              program counts in a per-CPU array slot the cookie names (probes scoped to one process; a \
              per-CPU hash keyed by (function, process) cost 30-40 ns more, and stays for `--binary` \
-             probes), looks up the function's config and draws one random number, and gathers its \
-             evidence sampled: the call site (an 8-byte user read and an LRU map update; reading it on \
-             every hit measured 260 ns a hit in all, against 150 ns sampled) on every hit only while a \
-             function is called under ~4000 times a second, then on one hit in 2 to 64 at random, \
-             counted with that weight, so a flat-out function has a few thousand read a second; a user \
-             stack on one hit in 256, and 64 times sparser for a hot function; keys (when configured) on \
-             every hit, since a key sequence cannot be sampled. The rest of the gap to bpftrace's \
-             program is that config lookup, the draw and the pid: 40-60 ns, about 1% of a hit's \
-             whole cost here, less than the calls/s vary between runs (the runs alternate tools, so \
-             the machine's drift falls on all of them). Under `--max-overhead` the question goes away: \
-             the hot function is probed in windows. The governed spread comes from the cost of a hit, \
-             calibrated once at start-up on a function of cacheloop's own, and from the first moments \
-             of each window, when the probes are going in.\n"
+             probes), then looks up the function's config and gathers its evidence sampled, the \
+             count before the hit (salted with the cookie, hashed with SplitMix64's finalizer) \
+             choosing which hits: the call site (an 8-byte user read and an LRU map update; reading it \
+             on every hit measured 260 ns a hit in all) on every hit only while a function is called \
+             under ~4000 times a second, then on one hit in 2 to 64, counted with that weight, so a \
+             flat-out function has a few thousand read a second; a user stack on one hit in 256, and \
+             64 times sparser for a hot function; keys (when configured) on every hit, since a key \
+             sequence cannot be sampled. Until this run it drew a random number and asked for the \
+             process id on every hit (two helper calls): 122 ns a hit then, 97-107 ns now. The rest \
+             of the gap to bpftrace's program is the cookie, the config lookup, the atomic add (a \
+             preempted hit on the same CPU must not lose a count) and the sampled call sites: about \
+             0.2% of a hit's whole cost here, far less than the calls/s vary between runs (the runs \
+             alternate tools, so the machine's drift falls on all of them). Under `--max-overhead` the \
+             question goes away: the hot function is probed in windows. The governed spread comes \
+             from the machine (unprobed runs minutes apart differ by several percent), the cost of a \
+             hit, calibrated once at start-up on a function of cacheloop's own, and the first \
+             moments of each window, when the probes are going in.\n"
         );
 
         let _ = writeln!(
