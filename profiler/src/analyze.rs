@@ -262,6 +262,27 @@ impl<K: std::hash::Hash + Eq + Copy> Deltas<K> {
     }
 }
 
+/// Inserts into a map of what ended processes left, bounded by
+/// [`MAX_INHERITED`]: a new key makes room by dropping the entry that
+/// ended longest ago (`ended` reads when).
+fn insert_bounded<K: std::hash::Hash + Eq + Clone, V>(
+    map: &mut HashMap<K, V>,
+    key: K,
+    value: V,
+    ended: impl Fn(&V) -> f64,
+) {
+    if map.len() >= MAX_INHERITED && !map.contains_key(&key) {
+        let oldest = map
+            .iter()
+            .min_by(|a, b| ended(a.1).total_cmp(&ended(b.1)))
+            .map(|(k, _)| k.clone());
+        if let Some(oldest) = oldest {
+            map.remove(&oldest);
+        }
+    }
+    map.insert(key, value);
+}
+
 /// The most (process, function) totals the summary keeps for processes
 /// that are gone.
 const MAX_TOTALS: usize = 4096;
@@ -1399,38 +1420,23 @@ impl Analyzer {
         if let Some(comm) = self.comms.get(&pid) {
             let quiet = self.detector.quiet_learned(pid);
             if quiet > 0 {
-                if self.inherited_quiet.len() >= MAX_INHERITED
-                    && !self.inherited_quiet.contains_key(comm)
-                {
-                    let oldest = self
-                        .inherited_quiet
-                        .iter()
-                        .min_by(|a, b| a.1.2.total_cmp(&b.1.2))
-                        .map(|(k, _)| k.clone());
-                    if let Some(oldest) = oldest {
-                        self.inherited_quiet.remove(&oldest);
-                    }
-                }
                 // Functions it called inherit their own histories (below),
                 // or none: never the quiet ones' zero.
                 let judged = self.detector.judged_functions(pid);
-                self.inherited_quiet
-                    .insert(comm.clone(), (quiet, judged, self.elapsed));
+                insert_bounded(
+                    &mut self.inherited_quiet,
+                    comm.clone(),
+                    (quiet, judged, self.elapsed),
+                    |v| v.2,
+                );
             }
             for (func, learned) in self.detector.forget_process(pid) {
-                if self.inherited.len() >= MAX_INHERITED {
-                    // The one that ended longest ago makes room.
-                    let oldest = self
-                        .inherited
-                        .iter()
-                        .min_by(|a, b| a.1.1.total_cmp(&b.1.1))
-                        .map(|(k, _)| k.clone());
-                    if let Some(oldest) = oldest {
-                        self.inherited.remove(&oldest);
-                    }
-                }
-                self.inherited
-                    .insert((comm.clone(), catalog.name(func)), (learned, self.elapsed));
+                insert_bounded(
+                    &mut self.inherited,
+                    (comm.clone(), catalog.name(func)),
+                    (learned, self.elapsed),
+                    |v| v.1,
+                );
             }
         } else {
             self.detector.forget_process(pid);
