@@ -521,12 +521,15 @@ impl Detector {
         }
     }
 
-    /// The series `key`, made from its quiet history if it has none yet.
-    fn series_mut(&mut self, key: SeriesKey) -> &mut Series {
+    /// The series `key`, made from its quiet history if it has none yet,
+    /// and the rules (borrowed beside it).
+    fn series_mut(&mut self, key: SeriesKey) -> (&Rules, &mut Series) {
         let (rules, quiet) = (&self.rules, &self.quiet);
-        self.series
+        let series = self
+            .series
             .entry(key)
-            .or_insert_with(|| Self::fresh(rules, quiet.get(&key.pid), key.func))
+            .or_insert_with(|| Self::fresh(rules, quiet.get(&key.pid), key.func));
+        (rules, series)
     }
 
     pub fn rules(&self) -> &Rules {
@@ -541,7 +544,7 @@ impl Detector {
     /// Starts a series from what an earlier process of the same name
     /// learned (a restart), unless it has history of its own.
     pub fn inherit(&mut self, key: SeriesKey, learned: Learned) {
-        let series = self.series_mut(key);
+        let (_, series) = self.series_mut(key);
         if series.learned.is_none() && series.warm_seconds == 0.0 {
             series.learned = Some(learned);
             series.inherited = true;
@@ -585,11 +588,7 @@ impl Detector {
         {
             return None;
         }
-        let (rules, quiet) = (&self.rules, &self.quiet);
-        let series = self
-            .series
-            .entry(key)
-            .or_insert_with(|| Self::fresh(rules, quiet.get(&key.pid), key.func));
+        let (rules, series) = self.series_mut(key);
         let learned = series.learned;
         let (structural, runaway, corroborated, structure) = judge(rules, learned, rate, &signals);
         let suspect = structural.is_some() || runaway.is_some();
