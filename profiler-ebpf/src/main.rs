@@ -400,10 +400,7 @@ fn count<const KEYS: bool>(ctx: &ProbeContext) -> u32 {
             sample_stack(ctx, &key);
         }
     }
-    if KEYS
-        && let Some(config) = config
-        && config.key_kind != KEY_NONE
-    {
+    if keyed && let Some(config) = config {
         count_key(ctx, &key, config);
     }
     0
