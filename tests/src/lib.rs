@@ -83,6 +83,56 @@ pub fn require_root() {
         euid, 0,
         "kernel tests attach uprobes and need root: run `cargo xtask test` as root"
     );
+    steady_guest_kernel();
+}
+
+/// In a VM-test guest (`CACHELOOP_GUEST`), keeps one task-bound perf event
+/// open for the rest of the test process's life, so the kernel's
+/// `perf_sched_events` static key is switched on once and stays on.
+///
+/// Every uprobe attached through a perf event with a pid (all of them on
+/// 6.1, USDT probes with a semaphore on 6.12) is such an event: the first
+/// one switches the key on and, a second after the last one closes, the
+/// kernel switches it off again, rewriting a jump in `__schedule` each
+/// time (int3 on the first byte, the new bytes, IPIs to sync the other
+/// CPUs). Under qemu's TCG that can go wrong: seen once on 6.12, an idle
+/// vCPU died with "Oops: int3" at `__schedule` on that very jump, the int3
+/// already gone by the time the trap was read, while a PHP USDT test
+/// attached. Nothing of ours writes kernel text; the tests toggled the key
+/// with most attaches, and now toggle it once.
+fn steady_guest_kernel() {
+    static HELD: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    if std::env::var_os("CACHELOOP_GUEST").is_none() {
+        return;
+    }
+    HELD.get_or_init(|| {
+        // perf_event_attr, first fields: type, size, config; bit 0 of the
+        // flags word (offset 40) is `disabled`: the event never counts.
+        let mut attr = [0u64; 16];
+        attr[0] = 1 | (128 << 32); // PERF_TYPE_SOFTWARE, size 128
+        attr[1] = 9; // PERF_COUNT_SW_DUMMY
+        attr[5] = 1; // disabled
+        // SAFETY: attr is a zeroed perf_event_attr of the size it says;
+        // pid 0 is this thread, cpu -1 any CPU, no group, no flags.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_perf_event_open,
+                attr.as_ptr(),
+                0,
+                -1,
+                -1,
+                8, // PERF_FLAG_FD_CLOEXEC
+            )
+        };
+        // The fd is never closed: the key must stay on until the tests end.
+        if fd < 0 {
+            eprintln!(
+                "cacheloop-tests: could not hold a perf event open in the guest ({}); \
+                 the kernel's perf_sched_events key will toggle with every perf uprobe",
+                std::io::Error::last_os_error()
+            );
+        }
+    });
 }
 
 /// A process under test.
@@ -370,6 +420,7 @@ pub struct Cacheloop {
 
 impl Cacheloop {
     pub fn start<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Self {
+        steady_guest_kernel();
         let mut child = Command::new(cacheloop_bin())
             .args(args)
             .stdin(Stdio::null())
