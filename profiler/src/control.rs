@@ -991,14 +991,20 @@ impl Controller {
         self.binary.is_none() && self.names.is_empty() && self.live.is_empty()
     }
 
-    /// When the current probe window ends, if the probes are windowed.
-    pub fn window_end(&self) -> Option<Instant> {
-        self.windows.end
+    /// When the probes go in or come out next, if they are windowed.
+    pub fn window_change(&self) -> Option<Instant> {
+        self.windows.next_change()
     }
 
-    /// The window is over: probes out until the next tick.
-    pub fn close_window(&mut self) {
-        self.windows.close(&mut self.probes);
+    /// The time [`Controller::window_change`] named has come: a window
+    /// opens or closes. Returns the records of requests the kernel refused
+    /// on the way in (their processes exited while the probes were out).
+    pub fn change_window(&mut self) -> anyhow::Result<Vec<Record>> {
+        let failed = self.windows.change(&mut self.probes)?;
+        Ok(failed
+            .into_iter()
+            .map(|(request, err)| self.unwatch(&request, &err.into()))
+            .collect())
     }
 
     /// Detaches everything. Returns the `detached` record's numbers:
@@ -1223,8 +1229,16 @@ const UNMATCHED: &str = "no --func pattern matches its functions";
 type Refused = Vec<(AttachRequest, ProbeError)>;
 
 /// The overhead governor's probe windows: when probing throughout would
-/// cost a target more than `--max-overhead`, the probes go in at each tick
-/// and come out after the governor's share of the interval.
+/// cost a target more than `--max-overhead`, the probes are in for the
+/// governor's share of each interval only.
+///
+/// Putting a thousand probes in and taking them out again is most of what
+/// the loader does while windowed (the kernel writes each breakpoint into
+/// the target's page, and takes it out again, one by one), so one window
+/// serves two intervals: the probes go in for the last share of one
+/// interval and stay in, across the tick that reads it, for the first
+/// share of the next. Each interval is still probed for its share, and
+/// read at its own tick; the probes go in and out once every two.
 struct Windows {
     budget: f64,
     /// Created once hits are frequent enough to need it: it measures the
@@ -1237,6 +1251,8 @@ struct Windows {
     tick_at: Instant,
     /// When the probes come out in this interval.
     end: Option<Instant>,
+    /// When the probes go in, late in this interval (they are out now).
+    start: Option<Instant>,
 }
 
 /// Calibrating waits until hits could cost this much each and still break
@@ -1253,7 +1269,35 @@ impl Windows {
             probed: Duration::ZERO,
             tick_at: now,
             end: None,
+            start: None,
         }
+    }
+
+    /// When the probes go in or come out next, if they are windowed.
+    fn next_change(&self) -> Option<Instant> {
+        self.start.or(self.end)
+    }
+
+    /// The time [`Windows::next_change`] named has come: the probes go in
+    /// or come out. Returns the requests the kernel refused on the way in.
+    fn change(&mut self, probes: &mut Probes) -> Result<Refused, ProbeError> {
+        if self.start.take().is_some() {
+            self.open(probes)
+        } else {
+            self.close(probes);
+            Ok(Vec::new())
+        }
+    }
+
+    /// Probes in, if they are out; the window starts as the kernel's gate
+    /// opens (once every probe is in), as `resume` returns.
+    fn open(&mut self, probes: &mut Probes) -> Result<Refused, ProbeError> {
+        if self.since.is_some() {
+            return Ok(Vec::new());
+        }
+        let failed = probes.resume()?;
+        self.since = Some(Instant::now());
+        Ok(failed)
     }
 
     /// Share of the interval now ending that the probes were in; starts
@@ -1270,7 +1314,7 @@ impl Windows {
         share.min(1.0)
     }
 
-    /// The window is over: probes out until the next tick.
+    /// The window is over: probes out until the next one.
     fn close(&mut self, probes: &mut Probes) {
         // Counting stops as `pause` starts (its kernel gate), not once the
         // last probe is out: the window ends now.
@@ -1281,9 +1325,9 @@ impl Windows {
         self.end = None;
     }
 
-    /// After a tick: asks the governor about the next interval and puts the
-    /// probes in (for a window, or throughout). Returns records when the
-    /// plan changed or calibration failed.
+    /// After a tick: asks the governor about the next interval and places
+    /// its window (or puts the probes in throughout). Returns records when
+    /// the plan changed or calibration failed.
     fn plan(
         &mut self,
         probes: &mut Probes,
@@ -1325,19 +1369,29 @@ impl Windows {
         };
         let plan = governor.observe(hit_rate);
         let exposure = governor.exposure();
-        if self.since.is_none() {
-            // Counting starts as `resume` ends (its kernel gate opens once
-            // every probe is in): the window starts then.
-            failed = probes.resume()?;
-            self.since = Some(Instant::now());
+        let probe_cost = governor.cost();
+        let now = Instant::now();
+        if exposure >= 1.0 {
+            self.start = None;
+            self.end = None;
+            failed = self.open(probes)?;
+        } else if self.since.is_some() {
+            // In since late in the interval just read (or throughout): the
+            // window goes on into this one, for its share.
+            self.start = None;
+            self.end = Some(now + interval.mul_f64(exposure));
+        } else {
+            // Out: in for the last share of this interval, and on across
+            // the next tick.
+            self.end = None;
+            self.start = Some(now + interval.mul_f64(1.0 - exposure));
         }
-        self.end = (exposure < 1.0).then(|| Instant::now() + interval.mul_f64(exposure));
         records.extend(plan.map(|p| Record::Governor {
             ts: unix_now(),
             probed_percent: report::round1(p.exposure * 100.0),
             full_overhead_percent: report::round1(p.full_overhead * 100.0),
             max_overhead_percent: self.budget * 100.0,
-            probe_cost_us: report::round1(governor.cost() * 1e6),
+            probe_cost_us: report::round1(probe_cost * 1e6),
         }));
         Ok((records, failed))
     }

@@ -185,9 +185,9 @@ async fn watch(
                 None => std::future::pending().await,
             }
         };
-        let window_end = controller.window_end();
-        let until_window_end = async {
-            match window_end {
+        let window_change = controller.window_change();
+        let until_window_change = async {
+            match window_change {
                 Some(at) => tokio::time::sleep_until(at.into()).await,
                 None => std::future::pending().await,
             }
@@ -206,8 +206,14 @@ async fn watch(
             },
             // The last, partial interval still counts.
             () = until_deadline => true,
-            () = until_window_end => {
-                controller.close_window();
+            () = until_window_change => {
+                match controller.change_window() {
+                    Ok(records) => pipeline.lifecycle(records),
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                }
                 continue;
             }
         };
