@@ -37,6 +37,8 @@ pub const COUNT_SLOTS_MAP: &str = "COUNT_SLOTS";
 /// for every process, or no slot left): then the call is counted in
 /// `COUNTS` under (function, process).
 pub const COOKIE_SLOT_SHIFT: u32 = 32;
+/// The eBPF global holding `COUNT_SLOTS`' slots per CPU, set at load.
+pub const SLOT_STRIDE: &str = "SLOT_STRIDE";
 
 /// Name of the LRU per-CPU map of (function, process, return address) call
 /// counts: who called each watched function.

@@ -48,6 +48,7 @@ pub mod recording;
 pub mod replay;
 pub mod report;
 pub mod sampler;
+mod slot_counters;
 pub mod snapshot;
 pub mod symbolize;
 pub mod symbols;

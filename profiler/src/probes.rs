@@ -19,7 +19,12 @@ use std::{
 };
 
 use crate::{
-    batch::BatchReader, catalog::FileId, custody::Custody, sampler::Sampler, target::OpenFile,
+    batch::BatchReader,
+    catalog::FileId,
+    custody::Custody,
+    sampler::Sampler,
+    slot_counters::{self, SlotCounters},
+    target::OpenFile,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -41,8 +46,8 @@ use profiler_common::{
     KEY_EDGES_ENTRIES, KEY_EDGES_MAP, KEY_NONE, KEY_TEXT_LEN, KEY_TEXT_MAP, KEY_U64, KEYS_ENTRIES,
     KEYS_MAP, KeyEdge, KeyId, KeyText, LAST_KEY_ENTRIES, LAST_KEY_MAP, MAX_CALLER_SHIFT, NameText,
     PAUSED_MAP, PROG_MULTI, PROG_MULTI_KEYED, PROG_SINGLE, PROG_SINGLE_KEYED, REFUSED_MAP,
-    SAMPLES_MAP, SEEN_MAP, STACK_COUNTS_MAP, STACK_ENTRIES, STACKS_MAP, StackKey, USDT_PROGRAM,
-    USDT_SPECS_ENTRIES, USDT_SPECS_MAP, UsdtSpec, WANTED_MAP,
+    SAMPLES_MAP, SEEN_MAP, SLOT_STRIDE, STACK_COUNTS_MAP, STACK_ENTRIES, STACKS_MAP, StackKey,
+    USDT_PROGRAM, USDT_SPECS_ENTRIES, USDT_SPECS_MAP, UsdtSpec, WANTED_MAP,
 };
 
 /// Errors from loading, attaching and reading probes. All of them are about
@@ -95,6 +100,13 @@ pub enum ProbeError {
         name: &'static str,
         #[source]
         source: aya::maps::MapError,
+    },
+    /// Mapping a counter map into the loader failed.
+    #[error("cannot map the {name} counters into cacheloop's memory")]
+    Mmap {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
     },
 }
 
@@ -155,13 +167,11 @@ pub struct Probes {
     // file descriptors; `ebpf` owns the programs; the links are in
     // `entries`, detached first by `Drop` (through the helper).
     counts: PerCpuHashMap<MapData, CallKey, u64>,
-    count_slots: PerCpuArray<MapData, u64>,
+    count_slots: SlotCounters,
     /// Which pair counts at which slot of `count_slots`.
     slots: Slots,
     /// Entries read from `counts` at the last reading.
     hashed: u32,
-    /// The last reading of `count_slots`, by slot (reused).
-    slot_values: HashMap<u32, u64>,
     callers: PerCpuHashMap<MapData, CallerKey, u64>,
     func_config: Array<MapData, FuncConfig>,
     /// What `func_config` holds, by slot (absent: all zero).
@@ -365,6 +375,7 @@ impl Probes {
         // count in the hash.
         let cpus = aya::util::nr_cpus().map_or(1, |n| n.get());
         let slots = slots.clamp(1, ((8 << 20) / (8 * cpus)).max(64));
+        let stride = slot_counters::stride(slots);
         let multi = is_uprobe_multi_supported(UProbeMultiFeature::LinkCreation).unwrap_or(false);
         let pid_filter_ok = !multi
             || is_uprobe_multi_supported(UProbeMultiFeature::ProcessScopedPidFilter)
@@ -402,7 +413,8 @@ impl Probes {
         }
         let mut ebpf = loader
             .map_max_entries(COUNTS_MAP, max_entries.max(1))
-            .map_max_entries(COUNT_SLOTS_MAP, slots)
+            .map_max_entries(COUNT_SLOTS_MAP, stride * cpus as u32)
+            .override_global(SLOT_STRIDE, &stride, true)
             .map_max_entries(FUNC_CONFIG_MAP, CALIBRATION_KEY_SLOT + 1)
             // Only the chosen programs are loaded; the others stay in the
             // file.
@@ -418,7 +430,12 @@ impl Probes {
         }
 
         let counts = take_map(&mut ebpf, COUNTS_MAP)?;
-        let count_slots = take_map(&mut ebpf, COUNT_SLOTS_MAP)?;
+        let count_slots =
+            SlotCounters::map(take_map(&mut ebpf, COUNT_SLOTS_MAP)?, stride, cpus as usize)
+                .map_err(|source| ProbeError::Mmap {
+                    name: COUNT_SLOTS_MAP,
+                    source,
+                })?;
         let callers = take_map(&mut ebpf, CALLERS_MAP)?;
         let func_config = take_map(&mut ebpf, FUNC_CONFIG_MAP)?;
         let keys = take_map(&mut ebpf, KEYS_MAP)?;
@@ -450,7 +467,6 @@ impl Probes {
             count_slots,
             slots: Slots::new(slots),
             hashed: 0,
-            slot_values: HashMap::new(),
             callers,
             func_config,
             configs: HashMap::new(),
@@ -585,25 +601,9 @@ impl Probes {
     /// Takes back the counter slots of the pairs `gone` selects, zeroed for
     /// the pairs they will count next. Their links must be gone.
     fn release_slots(&mut self, gone: impl Fn(&CallKey) -> bool) {
-        let slots = self.slots.release(gone);
-        if slots.is_empty() {
-            return;
-        }
-        let Ok(cpus) = aya::util::nr_cpus() else {
-            return;
-        };
-        for slot in slots {
-            let zeroed = match aya::maps::PerCpuValues::try_from(vec![0u64; cpus.get() as usize]) {
-                Ok(zero) => self
-                    .count_slots
-                    .set(slot, zero, 0)
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            match zeroed {
-                Ok(()) => self.slots.recycle(slot),
-                Err(e) => log::debug!("cannot zero counter slot {slot}, not reused: {e}"),
-            }
+        for slot in self.slots.release(gone) {
+            self.count_slots.zero(slot);
+            self.slots.recycle(slot);
         }
     }
 
@@ -1037,7 +1037,7 @@ impl Probes {
             out,
         )?;
         self.hashed = out.len() as u32;
-        self.read_slots(out)?;
+        self.read_slots(out);
         if let Some(logger) = &mut self.logger {
             logger.flush();
         }
@@ -1045,41 +1045,20 @@ impl Probes {
     }
 
     /// Adds the counters of the pairs with a slot, summed over CPUs, to
-    /// `out`.
-    fn read_slots(&mut self, out: &mut HashMap<CallKey, u64>) -> Result<(), ProbeError> {
-        let used = self.slots.used();
-        if used == 0 {
-            return Ok(());
-        }
-        let values = &mut self.slot_values;
-        let batched = match &mut self.batch {
-            Some(reader) => reader
-                .sum_per_cpu(self.count_slots.map().fd().as_fd(), used as usize, values)
-                .inspect_err(|e| log::debug!("batch read of {COUNT_SLOTS_MAP} failed ({e})"))
-                .unwrap_or(false),
-            None => false,
-        };
-        if !batched {
-            values.clear();
-            for slot in (0..used).filter(|&s| self.slots.key(s).is_some()) {
-                let per_cpu = self
-                    .count_slots
-                    .get(&slot, 0)
-                    .map_err(|source| ProbeError::Map {
-                        name: COUNT_SLOTS_MAP,
-                        source,
-                    })?;
-                values.insert(slot, per_cpu.iter().sum());
-            }
-        }
-        // A slot nothing counted in yet is no counter: the hash has no entry
-        // for a pair before its first hit either (`never_called` rests on it).
-        for (&slot, &calls) in values.iter().filter(|(_, calls)| **calls > 0) {
-            if let Some(key) = self.slots.key(slot) {
+    /// `out`: read in place, no system call.
+    fn read_slots(&self, out: &mut HashMap<CallKey, u64>) {
+        for slot in 0..self.slots.used() {
+            let Some(key) = self.slots.key(slot) else {
+                continue;
+            };
+            // A slot nothing counted in yet is no counter: the hash has no
+            // entry for a pair before its first hit either (`never_called`
+            // rests on it).
+            let calls = self.count_slots.sum(slot);
+            if calls > 0 {
                 *out.entry(key).or_default() += calls;
             }
         }
-        Ok(())
     }
 
     /// Reads the per-call-site counters, summed over CPUs, into `out`.
