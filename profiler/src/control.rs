@@ -543,11 +543,14 @@ impl Controller {
     /// the next probe window (unless this was the `last` reading) and, with
     /// `follow`, attaches processes that started under a watched `--name`
     /// or the `--binary`. Returns the records of what it did.
+    /// `due` is when the next interval's reading is expected.
+    #[allow(clippy::too_many_arguments)]
     pub fn after_tick(
         &mut self,
         exited: &[u32],
         hit_rate: f64,
         interval: Duration,
+        due: Instant,
         last: bool,
         follow: bool,
         report: bool,
@@ -573,7 +576,9 @@ impl Controller {
             }
         }
         if report && !last {
-            let (plan, failed) = self.windows.plan(&mut self.probes, hit_rate, interval)?;
+            let (plan, failed) = self
+                .windows
+                .plan(&mut self.probes, hit_rate, interval, due)?;
             records.extend(plan);
             for (request, err) in failed {
                 records.push(self.unwatch(&request, &err.into()));
@@ -991,6 +996,23 @@ impl Controller {
         self.binary.is_none() && self.names.is_empty() && self.live.is_empty()
     }
 
+    /// A reading is due and the window meant to come before it has not
+    /// opened (the tick came first: a late timer, a tick that drifted):
+    /// opens it now and says how long to wait before reading, so that the
+    /// interval is still probed for its share and no reading is ever made
+    /// of no probed time. Also returns the records of requests the kernel
+    /// refused on the way in.
+    pub fn open_overdue_window(&mut self) -> anyhow::Result<Option<(Duration, Vec<Record>)>> {
+        let Some((wait, failed)) = self.windows.open_overdue(&mut self.probes)? else {
+            return Ok(None);
+        };
+        let records = failed
+            .into_iter()
+            .map(|(request, err)| self.unwatch(&request, &err.into()))
+            .collect();
+        Ok(Some((wait, records)))
+    }
+
     /// When the probes go in or come out next, if they are windowed.
     pub fn window_change(&self) -> Option<Instant> {
         self.windows.next_change()
@@ -1253,6 +1275,11 @@ struct Windows {
     end: Option<Instant>,
     /// When the probes go in, late in this interval (they are out now).
     start: Option<Instant>,
+    /// The interval, as of the last plan.
+    interval: Duration,
+    /// How long the last `resume` took: a late window opens that much
+    /// earlier, so that it has its share before the reading.
+    resume_took: Duration,
 }
 
 /// Calibrating waits until hits could cost this much each and still break
@@ -1270,6 +1297,8 @@ impl Windows {
             tick_at: now,
             end: None,
             start: None,
+            interval: Duration::from_secs(1),
+            resume_took: Duration::ZERO,
         }
     }
 
@@ -1295,9 +1324,25 @@ impl Windows {
         if self.since.is_some() {
             return Ok(Vec::new());
         }
+        let resuming = Instant::now();
         let failed = probes.resume()?;
-        self.since = Some(Instant::now());
+        let now = Instant::now();
+        self.resume_took = now - resuming;
+        self.since = Some(now);
         Ok(failed)
+    }
+
+    /// See [`Controller::open_overdue_window`].
+    fn open_overdue(
+        &mut self,
+        probes: &mut Probes,
+    ) -> Result<Option<(Duration, Refused)>, ProbeError> {
+        if self.start.take().is_none() {
+            return Ok(None);
+        }
+        let failed = self.open(probes)?;
+        let exposure = self.governor.as_ref().map_or(1.0, Governor::exposure);
+        Ok(Some((self.interval.mul_f64(exposure), failed)))
     }
 
     /// Share of the interval now ending that the probes were in; starts
@@ -1333,7 +1378,9 @@ impl Windows {
         probes: &mut Probes,
         hit_rate: f64,
         interval: Duration,
+        due: Instant,
     ) -> Result<(Vec<Record>, Refused), ProbeError> {
+        self.interval = interval;
         let mut failed = Vec::new();
         if self.budget >= 1.0 {
             return Ok((Vec::new(), failed));
@@ -1381,10 +1428,20 @@ impl Windows {
             self.start = None;
             self.end = Some(now + interval.mul_f64(exposure));
         } else {
-            // Out: in for the last share of this interval, and on across
-            // the next tick.
+            // Out: in for the last share of this interval (as long before
+            // its reading as putting the probes in took last time, too),
+            // and on across the next tick. Should the reading come first
+            // all the same, `open_overdue` opens the window then.
             self.end = None;
-            self.start = Some(now + interval.mul_f64(1.0 - exposure));
+            let share = due.saturating_duration_since(now).mul_f64(exposure);
+            let start = due
+                .checked_sub(share + self.resume_took)
+                .map_or(now, |at| at.max(now));
+            if start <= now {
+                failed = self.open(probes)?;
+            } else {
+                self.start = Some(start);
+            }
         }
         records.extend(plan.map(|p| Record::Governor {
             ts: unix_now(),

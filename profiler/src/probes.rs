@@ -552,10 +552,22 @@ impl Probes {
         self.entries.iter().map(|e| e.request.points.len()).sum()
     }
 
-    /// Attaches one request.
+    /// Attaches one request. While the probes are out (between two of the
+    /// governor's windows) it goes in with the others, at
+    /// [`Probes::resume`]: linked now, it would trap on every call and count
+    /// none until then. A refusal then comes back from `resume`.
     pub fn attach(&mut self, request: &AttachRequest) -> Result<(), ProbeError> {
         let program = self.program_for(request);
         let (cookies, fresh) = self.cookies(request);
+        if self.gated {
+            self.entries.push(Entry {
+                request: request.clone(),
+                cookies,
+                program,
+                link: None,
+            });
+            return Ok(());
+        }
         let link = match self.link(program, request, &cookies) {
             Ok(link) => link,
             Err(e) => {

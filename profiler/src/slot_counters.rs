@@ -76,7 +76,11 @@ impl SlotCounters {
     }
 
     fn counter(&self, cpu: usize, slot: u32) -> &AtomicU64 {
-        debug_assert!((slot as usize) < self.stride && cpu < self.cpus);
+        // Checked in every build: the pointer arithmetic below rests on it.
+        assert!(
+            (slot as usize) < self.stride && cpu < self.cpus,
+            "counter slot {slot} of CPU {cpu} is outside the mapped array"
+        );
         // SAFETY: cpu < cpus and slot < stride, so the index is inside the
         // `stride * cpus` counters mapped; the mapping lives as long as
         // `self` and its u64s are aligned (page-aligned start).

@@ -228,6 +228,21 @@ async fn watch(
             // interval: the interval's reading is the one to judge.
             continue;
         }
+        if report {
+            match controller.open_overdue_window() {
+                Ok(None) => {}
+                Ok(Some((wait, records))) => {
+                    pipeline.lifecycle(records);
+                    // Signals wait for this (at most the window's share of
+                    // an interval): they are queued, not lost.
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
         let snapshot = match controller.collect(report) {
             Ok(s) => s,
             Err(e) => {
@@ -247,8 +262,17 @@ async fn watch(
             .collect();
         // Output first: following new processes may take a moment.
         pipeline.tick(snapshot, out);
-        let records =
-            controller.after_tick(&exited, hit_rate, config.interval, last, follow, report);
+        // When the next interval's reading is due.
+        let due = deadline.map_or(next_report, |d| d.min(next_report));
+        let records = controller.after_tick(
+            &exited,
+            hit_rate,
+            config.interval,
+            due.into_std(),
+            last,
+            follow,
+            report,
+        );
         match records {
             Ok(records) => pipeline.lifecycle(records),
             Err(e) => {

@@ -415,10 +415,11 @@ fn sigkill_mid_window_leaves_no_breakpoint() {
     let mut target = Target::fixture(&["2000:60"]);
     let addr = target.invalidate_addr();
     // After a tick or two the governor takes the probes out and puts them
-    // back every interval: kills land while links are being closed. Before
-    // the custody helper, the kernel gave up removing a breakpoint then
-    // (see custody.rs): 2 kills in 3 at 3.1 s on 6.1.
-    for wait_ms in [2600, 3100, 3450] {
+    // back once every two intervals (1 s here): kills land while links are
+    // being closed, spread over both intervals of a window. Before the
+    // custody helper, the kernel gave up removing a breakpoint then (see
+    // custody.rs): 2 kills in 3 at 3.1 s on 6.1.
+    for wait_ms in [2600, 3100, 3450, 4100, 4600] {
         let run = kill_and_check(&target, addr, &["--max-overhead", "0.2"], wait_ms);
         assert_windowed(&run);
     }

@@ -72,3 +72,40 @@ fn watch_max_overhead_100_keeps_the_probes_in_throughout() {
         run.stdout
     );
 }
+
+#[test]
+fn windows_probe_every_interval_of_a_flat_out_function_for_its_share() {
+    require_root();
+    let target = Target::fixture(&["max:30"]);
+    let extra = ["--duration", "9s", "--max-overhead", "5"];
+    let run = cacheloop(
+        &watch_fixture_args(target.pid, &extra),
+        Duration::from_secs(60),
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    // A flat-out function stays over budget: once windowed, never probed
+    // throughout again (a reading of no probed time would read as calm and
+    // put the probes back in for a whole interval).
+    let governor = run.of_type("governor");
+    let first = governor.first().expect("the governor stepped in");
+    assert!(
+        governor
+            .iter()
+            .all(|g| g["probed_percent"].as_f64().unwrap() < 100.0),
+        "{}",
+        run.stdout
+    );
+    // One window serves two intervals; each of them, the last partial one
+    // included, is probed for its share and counts calls.
+    let windowed_from = first["ts"].as_f64().unwrap() + 0.5;
+    let samples: Vec<_> = run
+        .of_type("sample")
+        .into_iter()
+        .filter(|s| s["ts"].as_f64().unwrap() > windowed_from)
+        .collect();
+    assert!(samples.len() >= 4, "{}", run.stdout);
+    for sample in &samples {
+        assert_eq!(sample["estimated"], true, "{sample}");
+        assert!(sample["calls"].as_u64().unwrap() > 0, "{sample}");
+    }
+}

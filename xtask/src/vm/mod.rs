@@ -138,8 +138,11 @@ fn self_test_cases(timeout: Duration) -> Vec<Case> {
 fn emulator_crash(report: &Report, outcome: &Outcome, case: &Case) -> Option<String> {
     if report.release.is_none() {
         Some(format!("died before its init ran ({})", outcome.describe()))
-    } else if *outcome == Outcome::Panic && report.int3_oops && case.expected.is_none() {
-        Some("died of an int3 in kernel text (the kernel patching itself under TCG)".to_owned())
+    } else if !outcome.ok() && report.int3_oops && case.expected.is_none() {
+        Some(format!(
+            "trapped on an int3 in kernel text, the kernel patching itself under TCG ({})",
+            outcome.describe()
+        ))
     } else {
         None
     }
@@ -215,11 +218,11 @@ pub fn run(args: &[String]) -> Result<(), String> {
                 // The guest's kernel died of the emulator, not of a test:
                 // one more boot, saying so, and the first console kept.
                 let kept = log.with_extension("first.log");
-                let _ = std::fs::rename(&log, &kept);
-                eprintln!(
-                    "xtask: {name} {why}; booting it once more (its console: {})",
-                    kept.display()
-                );
+                let console = match std::fs::rename(&log, &kept) {
+                    Ok(()) => format!("its console: {}", kept.display()),
+                    Err(e) => format!("its console could not be kept: {e}"),
+                };
+                eprintln!("xtask: {name} {why}; booting it once more ({console})");
                 (report, outcome, took) = guest::boot(&boot)?;
             }
             if !outcome.ok() && case.expected.is_none() {
