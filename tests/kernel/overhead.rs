@@ -96,7 +96,8 @@ fn windows_probe_every_interval_of_a_flat_out_function_for_its_share() {
         run.stdout
     );
     // One window serves two intervals; each of them, the last partial one
-    // included, is probed for its share and counts calls.
+    // included, is probed for its share and counts calls. (The last may
+    // fall inside a window whole, and then is no estimate.)
     let windowed_from = first["ts"].as_f64().unwrap() + 0.5;
     let samples: Vec<_> = run
         .of_type("sample")
@@ -105,7 +106,9 @@ fn windows_probe_every_interval_of_a_flat_out_function_for_its_share() {
         .collect();
     assert!(samples.len() >= 4, "{}", run.stdout);
     for sample in &samples {
-        assert_eq!(sample["estimated"], true, "{sample}");
         assert!(sample["calls"].as_u64().unwrap() > 0, "{sample}");
+    }
+    for sample in &samples[..samples.len() - 1] {
+        assert_eq!(sample["estimated"], true, "{sample}");
     }
 }

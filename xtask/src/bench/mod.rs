@@ -795,9 +795,9 @@ impl Report {
              the cost; the eBPF program adds its own time, which includes the two clock reads the \
              statistics take (a program that only adds one to a per-CPU array measured 55-70 ns here, \
              bpftrace's as well as ours). bpftrace's `@ = count()` is that one update. cacheloop's \
-             program counts in a per-CPU array slot the cookie names (probes scoped to one process; a \
-             per-CPU hash keyed by (function, process) cost 30-40 ns more, and stays for `--binary` \
-             probes), then looks up the function's config and gathers its evidence sampled, the \
+             program counts in the slot the cookie names, in an array of one counter per CPU and slot \
+             that the loader maps and reads in place (probes scoped to one process; a per-CPU hash \
+             keyed by (function, process) cost 30-40 ns more, and stays for `--binary` probes), then looks up the function's config and gathers its evidence sampled, the \
              count before the hit (salted with the cookie, hashed with SplitMix64's finalizer) \
              choosing which hits: the call site (an 8-byte user read and an LRU map update; reading it \
              on every hit measured 260 ns a hit in all) on every hit only while a function is called \
@@ -805,7 +805,8 @@ impl Report {
              flat-out function has a few thousand read a second; a user stack on one hit in 256, and \
              64 times sparser for a hot function; keys (when configured) on every hit, since a key \
              sequence cannot be sampled. Until this run it drew a random number and asked for the \
-             process id on every hit (two helper calls): 122 ns a hit then, 97-107 ns now. The rest \
+             process id on every hit (two helper calls): 122 ns a hit then, 97-107 ns after; the \
+             mapped counters ask for the CPU id, a few ns more. The rest \
              of the gap to bpftrace's program is the cookie, the config lookup, the atomic add (a \
              preempted hit on the same CPU must not lose a count) and the sampled call sites: about \
              0.2% of a hit's whole cost here, far less than the calls/s vary between runs (the runs \
@@ -841,20 +842,27 @@ impl Report {
         }
         let _ = writeln!(
             md,
-            "\nWhere cacheloop's CPU goes (`perf record --call-graph dwarf` at 1000 functions). At \
-             default settings: a hit costs the target tens of microseconds on this VM (the \
-             throughput table above), so 10,000 hits a second would take a quarter of its time, and \
-             the governor (`--max-overhead 10`) probes in windows: the loader reads and judges once \
-             a second, and puts the 1000 probes in and out each second; that is the kernel's \
-             uprobe registration in the target's mappings (`register_for_each_vma`, \
-             `install_breakpoint`), about 45% of the loader's CPU. With every hit counted it \
-             reads four times a second: the kernel's batch copies, about a quarter (the per-CPU \
-             count array element by element, the call-site LRU hash bucket by bucket over all its \
-             8192 buckets); judging every function each reading (the analyzer, the detectors), \
-             about 30%; the sample records (one per function and interval) and the allocator, the \
-             rest. bpftrace prints one number a second. Not done yet: judging only the functions a \
-             reading moved, reading the call sites of suspect functions only, and a counter array \
-             userspace maps instead of copying.\n"
+            "\nWhere cacheloop's CPU goes (`perf record --call-graph dwarf` at 1000 functions, and \
+             `strace -T` for the map reads). At default settings: a hit costs the target tens of \
+             microseconds on this VM (the throughput table above), so 10,000 hits a second would take \
+             a quarter of its time, and the governor (`--max-overhead 10`) probes in windows: the \
+             loader reads and judges once a second, and puts the 1000 probes in and out once every \
+             two seconds (one window serves the end of one interval and the start of the next; it \
+             was every second before this run). Putting them in is the kernel's uprobe registration \
+             in the target's mappings (`register_for_each_vma`, `install_breakpoint`), about a \
+             quarter of the loader's CPU; taking them out happens in the custody helper (counted \
+             here since this run: 0.15% of a core with a window every second, 0.10% with one every \
+             two). The reading is the rest: the call-site LRU hash copied out entry by entry (about \
+             200 ns an entry, 0.2 ms a reading), judging every function (the analyzer, the \
+             detectors: mostly cache misses on per-series hash maps, a microsecond or so a function \
+             a reading) and the sample records (one per function and interval). The per-CPU slot \
+             counters cost 0.19 ms a reading to copy out until this run; they are now mapped into the \
+             loader and summed in place. With every hit counted the same reading happens four times a \
+             second. bpftrace prints one number a second and never windows (its target pays instead). \
+             Not done: dense per-process arrays for the analyzer's and detector's per-series state \
+             (most of the judging cost), reading call sites only where they can matter, and windows \
+             spanning more than two intervals, which the reading-per-interval output does not allow \
+             without intervals of no probed time.\n"
         );
         let _ = writeln!(md, "## Detection latency\n");
         let _ = writeln!(
