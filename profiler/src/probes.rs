@@ -50,6 +50,21 @@ use profiler_common::{
     USDT_PROGRAM, USDT_SPECS_ENTRIES, USDT_SPECS_MAP, UsdtSpec, WANTED_MAP,
 };
 
+/// aya-log's ring buffer of the eBPF program's log lines, and the bytes
+/// it is given (a power of two, and at least a page).
+const AYA_LOGS_MAP: &str = "AYA_LOGS";
+const AYA_LOGS_BYTES: u32 = 16 << 10;
+
+/// The page size (a power of two).
+pub(crate) fn page_size() -> u32 {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u32::try_from(page)
+        .ok()
+        .filter(|p| p.is_power_of_two())
+        .unwrap_or(4096)
+}
+
 /// Errors from loading, attaching and reading probes. All of them are about
 /// the run (exit 1), not about what the user typed.
 #[derive(Debug, thiserror::Error)]
@@ -393,6 +408,10 @@ impl Probes {
         let per_process = (!pid_filter_ok).then_some(single_program);
 
         let mut loader = EbpfLoader::new();
+        // aya-log's ring buffer is 128 KiB, mapped into the loader twice
+        // over (260 KiB of its RSS); the program logs one line per CPU at
+        // most (the counter map full). 16 KiB holds a hundred of those.
+        loader.map_max_entries(AYA_LOGS_MAP, AYA_LOGS_BYTES.max(page_size()));
         if !keys {
             // The program that runs never touches the key maps: one entry
             // each instead of thousands (LRU maps are preallocated, per CPU:

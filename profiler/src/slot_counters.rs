@@ -44,10 +44,7 @@ impl SlotCounters {
     /// Maps `map`, which holds `stride * cpus` counters.
     pub fn map(map: Array<MapData, u64>, stride: u32, cpus: usize) -> io::Result<Self> {
         let counters = stride as usize * cpus;
-        // SAFETY: sysconf has no preconditions.
-        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
-            .unwrap_or(4096)
-            .max(1);
+        let page = crate::probes::page_size() as usize;
         let len = (counters * 8).div_ceil(page) * page;
         // SAFETY: a new shared mapping of the map's descriptor, whose data
         // the kernel page-aligned for this (BPF_F_MMAPABLE); the result is
