@@ -580,9 +580,7 @@ impl Controller {
                 .windows
                 .plan(&mut self.probes, hit_rate, interval, due)?;
             records.extend(plan);
-            for (request, err) in failed {
-                records.push(self.unwatch(&request, &err.into()));
-            }
+            records.extend(self.unwatch_refused(failed));
         }
         if follow && self.binary.is_some() {
             records.extend(self.follow_binary(!exited.is_empty()));
@@ -771,6 +769,15 @@ impl Controller {
 
     /// A request the kernel refused on re-attach: that process (or file)
     /// is no longer watched; the rest of the run goes on.
+    /// [`Controller::unwatch`] for each request the kernel refused as the
+    /// probes went back in.
+    fn unwatch_refused(&mut self, refused: Refused) -> Vec<Record> {
+        refused
+            .into_iter()
+            .map(|(request, err)| self.unwatch(&request, &err.into()))
+            .collect()
+    }
+
     fn unwatch(&mut self, request: &AttachRequest, err: &anyhow::Error) -> Record {
         if let Some(pid) = request.pid {
             self.probes.forget_process(pid);
@@ -1006,11 +1013,7 @@ impl Controller {
         let Some((wait, failed)) = self.windows.open_overdue(&mut self.probes)? else {
             return Ok(None);
         };
-        let records = failed
-            .into_iter()
-            .map(|(request, err)| self.unwatch(&request, &err.into()))
-            .collect();
-        Ok(Some((wait, records)))
+        Ok(Some((wait, self.unwatch_refused(failed))))
     }
 
     /// When the probes go in or come out next, if they are windowed.
@@ -1023,10 +1026,7 @@ impl Controller {
     /// on the way in (their processes exited while the probes were out).
     pub fn change_window(&mut self) -> anyhow::Result<Vec<Record>> {
         let failed = self.windows.change(&mut self.probes)?;
-        Ok(failed
-            .into_iter()
-            .map(|(request, err)| self.unwatch(&request, &err.into()))
-            .collect())
+        Ok(self.unwatch_refused(failed))
     }
 
     /// Detaches everything. Returns the `detached` record's numbers:
