@@ -77,8 +77,7 @@ impl BatchReader {
         // Raised when one bucket held more than was asked for.
         let mut at_least = 1;
         loop {
-            // No more than `bound` still needs: an array's unused tail is
-            // not copied out.
+            // No more than `bound` (the map's capacity) still needs.
             let chunk = (self.chunk as usize)
                 .min(bound.saturating_sub(out.len()))
                 .max(at_least);

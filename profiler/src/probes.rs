@@ -578,29 +578,24 @@ impl Probes {
     pub fn attach(&mut self, request: &AttachRequest) -> Result<(), ProbeError> {
         let program = self.program_for(request);
         let (cookies, fresh) = self.cookies(request);
-        if self.gated {
-            self.entries.push(Entry {
-                request: request.clone(),
-                cookies,
-                program,
-                link: None,
-            });
-            return Ok(());
-        }
-        let link = match self.link(program, request, &cookies) {
-            Ok(link) => link,
-            Err(e) => {
-                // Only the slots given out for this request: a pair may
-                // already count in one for a link still in place.
-                self.release_slots(|k| fresh.contains(k));
-                return Err(e);
+        let link = if self.gated {
+            None
+        } else {
+            match self.link(program, request, &cookies) {
+                Ok(link) => Some(link),
+                Err(e) => {
+                    // Only the slots given out for this request: a pair may
+                    // already count in one for a link still in place.
+                    self.release_slots(|k| fresh.contains(k));
+                    return Err(e);
+                }
             }
         };
         self.entries.push(Entry {
             request: request.clone(),
             cookies,
             program,
-            link: Some(link),
+            link,
         });
         Ok(())
     }
