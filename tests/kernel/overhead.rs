@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use cacheloop_tests::{Target, cacheloop, require_root, watch_fixture_args, watch_held};
+use cacheloop_tests::{Run, Target, cacheloop, require_root, watch_fixture_args, watch_held};
 
 const INT3: u8 = 0xcc;
 
@@ -55,14 +55,7 @@ fn watch_hot_function_under_max_overhead_is_probed_in_windows_and_the_loop_still
 
 #[test]
 fn watch_max_overhead_100_keeps_the_probes_in_throughout() {
-    require_root();
-    let target = Target::fixture(&["max:30"]);
-    let extra = ["--duration", "3s", "--max-overhead", "100"];
-    let run = cacheloop(
-        &watch_fixture_args(target.pid, &extra),
-        Duration::from_secs(30),
-    );
-    assert_eq!(run.code, 0, "{run:?}");
+    let run = watch_flat_out("3s", "100", Duration::from_secs(30));
     assert!(run.of_type("governor").is_empty(), "{}", run.stdout);
     let samples = run.of_type("sample");
     assert!(!samples.is_empty());
@@ -75,14 +68,7 @@ fn watch_max_overhead_100_keeps_the_probes_in_throughout() {
 
 #[test]
 fn windows_probe_every_interval_of_a_flat_out_function_for_its_share() {
-    require_root();
-    let target = Target::fixture(&["max:30"]);
-    let extra = ["--duration", "9s", "--max-overhead", "5"];
-    let run = cacheloop(
-        &watch_fixture_args(target.pid, &extra),
-        Duration::from_secs(60),
-    );
-    assert_eq!(run.code, 0, "{run:?}");
+    let run = watch_flat_out("9s", "5", Duration::from_secs(60));
     // A flat-out function stays over budget: once windowed, never probed
     // throughout again (a reading of no probed time would read as calm and
     // put the probes back in for a whole interval).
@@ -111,4 +97,16 @@ fn windows_probe_every_interval_of_a_flat_out_function_for_its_share() {
     for sample in &samples[..samples.len() - 1] {
         assert_eq!(sample["estimated"], true, "{sample}");
     }
+}
+
+/// Watches a fixture calling `cache_invalidate` flat out for `duration`
+/// under `--max-overhead max_overhead`; the run must end well (exit 0)
+/// within `timeout`.
+fn watch_flat_out(duration: &str, max_overhead: &str, timeout: Duration) -> Run {
+    require_root();
+    let target = Target::fixture(&["max:30"]);
+    let extra = ["--duration", duration, "--max-overhead", max_overhead];
+    let run = cacheloop(&watch_fixture_args(target.pid, &extra), timeout);
+    assert_eq!(run.code, 0, "{run:?}");
+    run
 }
