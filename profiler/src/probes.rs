@@ -203,7 +203,8 @@ pub struct Probes {
     drops: PerCpuArray<MapData, u64>,
     /// The kernel's gate: slot 0 set while the probes go in or out.
     paused: Array<MapData, u32>,
-    /// What slot 0 of `paused` holds.
+    /// The probes are out (`pause`d): what slot 0 of `paused` holds, but
+    /// for a gate that would not close (see `pause`).
     gated: bool,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     ebpf: Ebpf,
@@ -836,9 +837,12 @@ impl Probes {
     /// window the caller measured ends here, not after the last detach.
     pub fn pause(&mut self) {
         // Failing to close it is not expected of a one-entry array; if it
-        // happens, this window also counts while the probes come out.
+        // happens, this window also counts while the probes come out. The
+        // probes are out all the same: an attach meanwhile waits for
+        // `resume`, as with the gate closed.
         if let Err(e) = self.gate(true) {
             log::warn!("{e}");
+            self.gated = true;
         }
         let held: Vec<Held> = self
             .entries
