@@ -782,7 +782,12 @@ impl Controller {
         if let Some(pid) = request.pid {
             self.probes.forget_process(pid);
             self.collector.forget(pid);
-            self.live.remove(&pid);
+            // Refused for good, like a process refused on the way in: a
+            // `--name` process still running is not found, attached and
+            // refused again at every window.
+            if let Some(p) = self.live.remove(&pid) {
+                self.failed.insert((pid, p.start_time, p.exe_id));
+            }
         } else if let Some(b) = &mut self.binary
             && b.id == request.file.id
         {
