@@ -278,18 +278,8 @@ impl Controller {
         self.catalog.clone()
     }
 
-    /// The probes are in for a window of each interval only (the overhead
-    /// governor): read once an interval.
-    pub fn windowed(&self) -> bool {
-        self.windows
-            .governor
-            .as_ref()
-            .is_some_and(|g| g.exposure() < 1.0)
-    }
-
     /// One reading; `report` when it closes a reporting interval.
     pub fn collect(&mut self, report: bool) -> Result<Snapshot, ProbeError> {
-        let probed = self.windows.probed_share();
         // A process that ran exec: its probes (on the old program) and its
         // counters go before the maps are read, so the old program's counts
         // can neither be read as the new one's nor linger as a series of
@@ -314,6 +304,10 @@ impl Controller {
         self.rewritten = self.take_out_rewritten();
         self.judge_names();
         self.collector.read_kernel(&mut self.probes)?;
+        // Probed time is split where the counters were read: hits during
+        // the reading's own work are the next interval's, and so is their
+        // time.
+        let probed = self.windows.probed_share();
         self.discovered = self.discover();
         let mut exes = exes;
         for p in self.live.values() {
@@ -549,7 +543,6 @@ impl Controller {
         &mut self,
         exited: &[u32],
         hit_rate: f64,
-        interval: Duration,
         due: Instant,
         last: bool,
         follow: bool,
@@ -576,9 +569,7 @@ impl Controller {
             }
         }
         if report && !last {
-            let (plan, failed) = self
-                .windows
-                .plan(&mut self.probes, hit_rate, interval, due)?;
+            let (plan, failed) = self.windows.plan(&mut self.probes, hit_rate, due)?;
             records.extend(plan);
             records.extend(self.unwatch_refused(failed));
         }
@@ -1008,25 +999,19 @@ impl Controller {
         self.binary.is_none() && self.names.is_empty() && self.live.is_empty()
     }
 
-    /// A reading is due and the window meant to come before it has not
-    /// opened (the tick came first: a late timer, a tick that drifted):
-    /// opens it now and says how long to wait before reading, so that the
-    /// interval is still probed for its share and no reading is ever made
-    /// of no probed time. Also returns the records of requests the kernel
-    /// refused on the way in.
-    pub fn open_overdue_window(&mut self) -> anyhow::Result<Option<(Duration, Vec<Record>)>> {
-        let Some((wait, failed)) = self.windows.open_overdue(&mut self.probes)? else {
-            return Ok(None);
-        };
-        Ok(Some((wait, self.unwatch_refused(failed))))
+    /// While the governor windows the probes, what comes next and when:
+    /// a window opens or closes ([`Controller::change_window`]), or the
+    /// interval ending at `due` is read. The reading waits, if it must,
+    /// until the probes have been in for the share planned for the
+    /// interval (a window that opened late: a timer that fired late, a
+    /// slow reading before it), so that no reading is ever made of less
+    /// probed time than planned. None: the probes are in throughout, read
+    /// on the tick.
+    pub fn next_wake(&self, due: Instant) -> Option<(Instant, Wake)> {
+        self.windows.next_wake(due)
     }
 
-    /// When the probes go in or come out next, if they are windowed.
-    pub fn window_change(&self) -> Option<Instant> {
-        self.windows.next_change()
-    }
-
-    /// The time [`Controller::window_change`] named has come: a window
+    /// The time [`Controller::next_wake`] named has come: a window
     /// opens or closes. Returns the records of requests the kernel refused
     /// on the way in (their processes exited while the probes were out).
     pub fn change_window(&mut self) -> anyhow::Result<Vec<Record>> {
@@ -1252,6 +1237,15 @@ struct Pacing {
 /// Why a process found later gets no probes.
 const UNMATCHED: &str = "no --func pattern matches its functions";
 
+/// What [`Controller::next_wake`] says comes next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wake {
+    /// A window opens or closes: [`Controller::change_window`].
+    Window,
+    /// The interval is read.
+    Read,
+}
+
 /// Requests the kernel refused on re-attach, with its reasons.
 type Refused = Vec<(AttachRequest, ProbeError)>;
 
@@ -1280,8 +1274,9 @@ struct Windows {
     end: Option<Instant>,
     /// When the probes go in, late in this interval (they are out now).
     start: Option<Instant>,
-    /// The interval, as of the last plan.
-    interval: Duration,
+    /// How long this interval is to be probed for before it is read (set
+    /// by each plan; the reading waits for it).
+    planned: Duration,
     /// How long the last `resume` took: a late window opens that much
     /// earlier, so that it has its share before the reading.
     resume_took: Duration,
@@ -1302,17 +1297,36 @@ impl Windows {
             tick_at: now,
             end: None,
             start: None,
-            interval: Duration::from_secs(1),
+            planned: Duration::ZERO,
             resume_took: Duration::ZERO,
         }
     }
 
-    /// When the probes go in or come out next, if they are windowed.
-    fn next_change(&self) -> Option<Instant> {
-        self.start.or(self.end)
+    /// The probes are in for a window of each interval only.
+    fn windowed(&self) -> bool {
+        self.governor.as_ref().is_some_and(|g| g.exposure() < 1.0)
     }
 
-    /// The time [`Windows::next_change`] named has come: the probes go in
+    /// See [`Controller::next_wake`].
+    fn next_wake(&self, due: Instant) -> Option<(Instant, Wake)> {
+        if !self.windowed() {
+            return None;
+        }
+        // A late window goes in before its reading, however late.
+        if let Some(at) = self.start {
+            return Some((at, Wake::Window));
+        }
+        let read = match self.since {
+            Some(since) => due.max(since + self.planned.saturating_sub(self.probed)),
+            None => due,
+        };
+        Some(match self.end {
+            Some(end) if end <= read => (end, Wake::Window),
+            _ => (read, Wake::Read),
+        })
+    }
+
+    /// The time [`Windows::next_wake`] named for a window has come: the probes go in
     /// or come out. Returns the requests the kernel refused on the way in.
     fn change(&mut self, probes: &mut Probes) -> Result<Refused, ProbeError> {
         if self.start.take().is_some() {
@@ -1335,19 +1349,6 @@ impl Windows {
         self.resume_took = now - resuming;
         self.since = Some(now);
         Ok(failed)
-    }
-
-    /// See [`Controller::open_overdue_window`].
-    fn open_overdue(
-        &mut self,
-        probes: &mut Probes,
-    ) -> Result<Option<(Duration, Refused)>, ProbeError> {
-        if self.start.take().is_none() {
-            return Ok(None);
-        }
-        let failed = self.open(probes)?;
-        let exposure = self.governor.as_ref().map_or(1.0, Governor::exposure);
-        Ok(Some((self.interval.mul_f64(exposure), failed)))
     }
 
     /// Share of the interval now ending that the probes were in; starts
@@ -1382,10 +1383,8 @@ impl Windows {
         &mut self,
         probes: &mut Probes,
         hit_rate: f64,
-        interval: Duration,
         due: Instant,
     ) -> Result<(Vec<Record>, Refused), ProbeError> {
-        self.interval = interval;
         let mut failed = Vec::new();
         if self.budget >= 1.0 {
             return Ok((Vec::new(), failed));
@@ -1423,6 +1422,10 @@ impl Windows {
         let exposure = governor.exposure();
         let probe_cost = governor.cost();
         let now = Instant::now();
+        // The interval runs from the reading's stamp to `due`.
+        self.planned = due
+            .saturating_duration_since(self.tick_at)
+            .mul_f64(exposure);
         if exposure >= 1.0 {
             self.start = None;
             self.end = None;
@@ -1431,16 +1434,16 @@ impl Windows {
             // In since late in the interval just read (or throughout): the
             // window goes on into this one, for its share.
             self.start = None;
-            self.end = Some(now + interval.mul_f64(exposure));
+            // Probed since the reading's stamp: out `planned` after it.
+            self.end = Some(self.tick_at + self.planned);
         } else {
             // Out: in for the last share of this interval (as long before
             // its reading as putting the probes in took last time, too),
-            // and on across the next tick. Should the reading come first
-            // all the same, `open_overdue` opens the window then.
+            // and on across the next tick. Should it open late all the
+            // same, the reading waits for its share (`next_wake`).
             self.end = None;
-            let share = due.saturating_duration_since(now).mul_f64(exposure);
             let start = due
-                .checked_sub(share + self.resume_took)
+                .checked_sub(self.planned + self.resume_took)
                 .map_or(now, |at| at.max(now));
             if start <= now {
                 failed = self.open(probes)?;
@@ -1456,5 +1459,81 @@ impl Windows {
             probe_cost_us: report::round1(probe_cost * 1e6),
         }));
         Ok((records, failed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Windows whose governor keeps the probes in for 5% of each interval
+    /// (a hit rate that would cost ten times the budget).
+    fn windowed(tick_at: Instant) -> Windows {
+        let mut w = Windows::new(0.05);
+        let mut g = Governor::new(0.05, 1e-6);
+        g.observe(500_000.0);
+        assert!(g.exposure() < 1.0);
+        w.governor = Some(g);
+        w.tick_at = tick_at;
+        w.since = None;
+        w.planned = Duration::from_millis(50);
+        w
+    }
+
+    #[test]
+    fn probes_in_throughout_are_read_on_the_tick() {
+        let mut w = Windows::new(0.05);
+        assert_eq!(w.next_wake(Instant::now()), None);
+        let mut g = Governor::new(0.05, 1e-6);
+        g.observe(10.0);
+        w.governor = Some(g);
+        assert_eq!(w.next_wake(Instant::now()), None);
+    }
+
+    #[test]
+    fn a_late_window_opens_first_however_late() {
+        let t = Instant::now();
+        let due = t + Duration::from_secs(1);
+        let mut w = windowed(t);
+        let start = due - Duration::from_millis(60);
+        w.start = Some(start);
+        assert_eq!(w.next_wake(due), Some((start, Wake::Window)));
+        // Its timer fired past the reading's time: it still opens first.
+        assert_eq!(w.next_wake(t), Some((start, Wake::Window)));
+    }
+
+    #[test]
+    fn a_reading_waits_for_a_late_window_to_have_its_share() {
+        let t = Instant::now();
+        let due = t + Duration::from_secs(1);
+        let mut w = windowed(t);
+        // Opened in time: read when due.
+        w.since = Some(due - Duration::from_millis(55));
+        assert_eq!(w.next_wake(due), Some((due, Wake::Read)));
+        // Opened 10 ms before the reading was due: read 40 ms late.
+        let since = due - Duration::from_millis(10);
+        w.since = Some(since);
+        let read = since + Duration::from_millis(50);
+        assert_eq!(w.next_wake(due), Some((read, Wake::Read)));
+        // Probed time already counted in the interval counts too.
+        w.probed = Duration::from_millis(30);
+        let read = since + Duration::from_millis(20);
+        assert_eq!(w.next_wake(due), Some((due.max(read), Wake::Read)));
+    }
+
+    #[test]
+    fn an_early_window_closes_then_the_interval_is_read_when_due() {
+        let t = Instant::now();
+        let due = t + Duration::from_secs(1);
+        let mut w = windowed(t);
+        // In from the reading's stamp, out `planned` after it.
+        w.since = Some(t);
+        let end = t + w.planned;
+        w.end = Some(end);
+        assert_eq!(w.next_wake(due), Some((end, Wake::Window)));
+        w.since = None;
+        w.probed = w.planned;
+        w.end = None;
+        assert_eq!(w.next_wake(due), Some((due, Wake::Read)));
     }
 }

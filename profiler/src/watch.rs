@@ -21,7 +21,7 @@ use crate::{
     analyze::{Analyzer, Settings},
     catalog::Catalog,
     config::{Output, WatchConfig},
-    control::Controller,
+    control::{Controller, Wake},
     enrich::{Enricher, random_seed},
     exporter,
     pipeline::{Pipeline, RecordTo, flush_stdout},
@@ -185,15 +185,20 @@ async fn watch(
                 None => std::future::pending().await,
             }
         };
-        let window_change = controller.window_change();
-        let until_window_change = async {
-            match window_change {
-                Some(at) => tokio::time::sleep_until(at.into()).await,
+        // While the governor windows the probes, the controller says when
+        // to read (at the interval's end, once its window had its share)
+        // and when the probes go in or out; otherwise the tick does.
+        let due = deadline.map_or(next_report, |d| d.min(next_report));
+        let wake = controller.next_wake(due.into_std());
+        let until_wake = async {
+            match wake {
+                Some((at, _)) => tokio::time::sleep_until(at.into()).await,
                 None => std::future::pending().await,
             }
         };
+        let windowed = wake.is_some();
         let last = tokio::select! {
-            _ = ticks.tick() => false,
+            _ = ticks.tick(), if !windowed => false,
             _ = sigint.recv() => match config.command {
                 // `cacheloop run`: the command's to handle; the run ends
                 // when it exits.
@@ -205,42 +210,34 @@ async fn watch(
                 None => break,
             },
             // The last, partial interval still counts.
-            () = until_deadline => true,
-            () = until_window_change => {
-                match controller.change_window() {
-                    Ok(records) => pipeline.lifecycle(records),
-                    Err(e) => {
-                        failure = Some(e);
-                        break;
+            () = until_deadline, if !windowed => true,
+            () = until_wake => {
+                if let Some((_, Wake::Window)) = wake {
+                    match controller.change_window() {
+                        Ok(records) => pipeline.lifecycle(records),
+                        Err(e) => {
+                            failure = Some(e);
+                            break;
+                        }
                     }
+                    continue;
                 }
-                continue;
+                false
             }
         };
         let now = tokio::time::Instant::now();
+        // A reading at or past the deadline (a windowed one waits for its
+        // share) is the last.
+        let last = last || deadline.is_some_and(|d| d <= now);
+        if windowed {
+            // Back on the tick from here, should the governor put the
+            // probes in throughout.
+            ticks.reset();
+        }
         let report = last || now + read_every / 2 >= next_report;
         if report {
             while next_report <= now + read_every / 2 {
                 next_report += config.interval;
-            }
-        } else if controller.windowed() {
-            // The governor keeps the probes in for a window of each
-            // interval: the interval's reading is the one to judge.
-            continue;
-        }
-        if report {
-            match controller.open_overdue_window() {
-                Ok(None) => {}
-                Ok(Some((wait, records))) => {
-                    pipeline.lifecycle(records);
-                    // Signals wait for this (at most the window's share of
-                    // an interval): they are queued, not lost.
-                    tokio::time::sleep(wait).await;
-                }
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
             }
         }
         let snapshot = match controller.collect(report) {
@@ -264,15 +261,8 @@ async fn watch(
         pipeline.tick(snapshot, out);
         // When the next interval's reading is due.
         let due = deadline.map_or(next_report, |d| d.min(next_report));
-        let records = controller.after_tick(
-            &exited,
-            hit_rate,
-            config.interval,
-            due.into_std(),
-            last,
-            follow,
-            report,
-        );
+        let records =
+            controller.after_tick(&exited, hit_rate, due.into_std(), last, follow, report);
         match records {
             Ok(records) => pipeline.lifecycle(records),
             Err(e) => {
