@@ -5,7 +5,10 @@
 
 use std::time::Duration;
 
-use cacheloop_tests::{Run, Target, cacheloop, require_root, watch_fixture_args, watch_held};
+use cacheloop_tests::{
+    Cacheloop, Run, Target, cacheloop, private_fixture, require_root, watch_fixture_args,
+    watch_held,
+};
 
 const INT3: u8 = 0xcc;
 
@@ -97,6 +100,69 @@ fn windows_probe_every_interval_of_a_flat_out_function_for_its_share() {
     for sample in &samples[..samples.len() - 1] {
         assert_eq!(sample["estimated"], true, "{sample}");
     }
+}
+
+/// `--name` processes found while the governor has the probes out wait for
+/// the next window, then are counted in every interval like the others.
+/// One window serves two intervals, so of two processes found at two
+/// readings in a row, one is found while the probes are out.
+#[test]
+fn processes_found_while_the_probes_are_out_go_in_with_the_next_window() {
+    require_root();
+    let comm = format!("clw{}", std::process::id() % 1_000_000);
+    let (dir, binary) = private_fixture(&comm);
+    let _hot = Target::spawn(&binary, &["max:40"], "ready");
+    let watcher = Cacheloop::start(&[
+        "watch",
+        "--name",
+        &comm,
+        "--func",
+        "cache_invalidate",
+        "--json",
+        "--duration",
+        "10s",
+        "--max-overhead",
+        "5",
+    ]);
+    // The governor steps in after the first interval.
+    watcher.wait_record("governor", Duration::from_secs(30));
+    // Each started just after a reading, so found at the next: two
+    // readings in a row, one with the probes in and one with them out.
+    let found: Vec<Target> = (0..2)
+        .map(|_| {
+            watcher.wait_record("interval", Duration::from_secs(10));
+            Target::spawn(&binary, &["2000:40"], "ready")
+        })
+        .collect();
+    let run = watcher.finish(Duration::from_secs(60));
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(!run.of_type("governor").is_empty(), "{}", run.stdout);
+    for target in &found {
+        assert!(
+            run.of_type("attached")
+                .iter()
+                .any(|r| r["pid"] == target.pid),
+            "pid {} attached: {}",
+            target.pid,
+            run.stdout
+        );
+        // After the interval it was found in, every interval counts its
+        // calls (an attach that lands as a window closes may see none).
+        let samples: Vec<_> = run
+            .of_type("sample")
+            .into_iter()
+            .filter(|s| s["pid"] == target.pid)
+            .collect();
+        assert!(samples.len() >= 3, "pid {}: {}", target.pid, run.stdout);
+        for sample in &samples[1..] {
+            assert!(sample["calls"].as_u64().unwrap() > 0, "{sample}");
+            assert_eq!(sample["estimated"], true, "{sample}");
+        }
+        // Nothing left behind in it either.
+        let addr = target.invalidate_addr();
+        assert_ne!(target.code_at(addr, 1)[0], INT3, "probe removed");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Watches a fixture calling `cache_invalidate` flat out for `duration`

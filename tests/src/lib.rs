@@ -450,15 +450,22 @@ impl Cacheloop {
     /// record): attaching takes seconds in a loaded TCG guest, so a fixed
     /// sleep is not enough before making the calls a test counts.
     pub fn wait_attached(&self, timeout: Duration) {
+        self.wait_record("attached", timeout);
+    }
+
+    /// Waits for its next JSON record of type `kind` (records before it
+    /// are passed over).
+    pub fn wait_record(&self, kind: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
+        let marker = format!("\"type\":\"{kind}\"");
         loop {
             let left = deadline
                 .checked_duration_since(Instant::now())
-                .unwrap_or_else(|| panic!("cacheloop did not attach within {timeout:?}"));
+                .unwrap_or_else(|| panic!("cacheloop wrote no {kind} record within {timeout:?}"));
             match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains("\"type\":\"attached\"") => return,
+                Ok(line) if line.contains(&marker) => return,
                 Ok(_) => {}
-                Err(_) => panic!("cacheloop did not attach within {timeout:?}"),
+                Err(_) => panic!("cacheloop wrote no {kind} record within {timeout:?}"),
             }
         }
     }
