@@ -70,14 +70,17 @@ impl Collector {
     }
 
     /// Reads every counter map. Call [`Collector::snapshot`] next.
-    pub fn read_kernel(&mut self, probes: &mut Probes) -> Result<(), ProbeError> {
+    /// Returns when the call counters were read (the other maps follow:
+    /// evidence, not counts).
+    pub fn read_kernel(&mut self, probes: &mut Probes) -> Result<Instant, ProbeError> {
         probes.read_counts(&mut self.counts)?;
+        let counted = Instant::now();
         probes.read_callers(&mut self.callers)?;
         probes.read_keys(&mut self.keys)?;
         probes.read_key_edges(&mut self.key_edges)?;
         probes.read_stacks(&mut self.stacks)?;
         self.rotate_stacks(probes);
-        Ok(())
+        Ok(counted)
     }
 
     /// Stacks sampled no more for [`STACK_IDLE`] leave the kernel's maps:

@@ -580,6 +580,14 @@ impl Probes {
         let program = self.program_for(request);
         let (cookies, fresh) = self.cookies(request);
         let link = if self.gated {
+            log::debug!(
+                "the probes are out: {}{} goes in with the next window",
+                request.shown.display(),
+                request
+                    .pid
+                    .map(|p| format!(" (pid {p})"))
+                    .unwrap_or_default()
+            );
             None
         } else {
             match self.link(program, request, &cookies) {
