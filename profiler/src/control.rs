@@ -83,6 +83,9 @@ pub struct Controller {
     /// time, program: one that runs exec is tried again):
     /// said once, not tried again each tick.
     failed: std::collections::HashSet<(u32, u64, FileId)>,
+    /// Processes found later whose probes wait for the next window: a
+    /// refusal then is a refusal on the way in (see `failed`).
+    deferred: std::collections::HashSet<u32>,
     /// Without `--func`: what the on-CPU samples picked so far.
     discovery: Option<Discovery>,
     /// `py:`/`rb:`/`php:` patterns: the names the kernel reported seen
@@ -241,6 +244,7 @@ impl Controller {
             pacing: Pacing::default(),
             started,
             failed: std::collections::HashSet::new(),
+            deferred: std::collections::HashSet::new(),
             discovery: config.discover.then(Discovery::default),
             seen: Vec::new(),
             runtime_patterns: config
@@ -762,20 +766,27 @@ impl Controller {
     /// [`Controller::unwatch`] for each request the kernel refused as the
     /// probes went back in.
     fn unwatch_refused(&mut self, refused: Refused) -> Vec<Record> {
-        refused
+        let records = refused
             .into_iter()
             .map(|(request, err)| self.unwatch(&request, &err.into()))
-            .collect()
+            .collect();
+        // The probes are in: later refusals are of probes that were in.
+        self.deferred.clear();
+        records
     }
 
     fn unwatch(&mut self, request: &AttachRequest, err: &anyhow::Error) -> Record {
         if let Some(pid) = request.pid {
             self.probes.forget_process(pid);
             self.collector.forget(pid);
-            // Refused for good, like a process refused on the way in: a
-            // `--name` process still running is not found, attached and
-            // refused again at every window.
-            if let Some(p) = self.live.remove(&pid) {
+            // A process whose probes never went in is refused for good,
+            // as one refused on the way in: a `--name` process still
+            // running is not found, attached and refused again at every
+            // window. One whose probes were in (an EMFILE on the way back)
+            // is found and tried again, as before it was ever watched.
+            if let Some(p) = self.live.remove(&pid)
+                && self.deferred.contains(&pid)
+            {
                 self.failed.insert((pid, p.start_time, p.exe_id));
             }
         } else if let Some(b) = &mut self.binary
@@ -1109,6 +1120,9 @@ impl Controller {
                 .insert((pid, process.start_time, process.exe_id));
             self.probes.forget_process(pid);
             return vec![failed(e.into())];
+        }
+        if self.probes.paused() {
+            self.deferred.insert(pid);
         }
         self.live.insert(pid, process);
         let mut records = Vec::new();

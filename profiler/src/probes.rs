@@ -567,6 +567,12 @@ impl Probes {
         self.mode
     }
 
+    /// The probes are out ([`Probes::pause`]): an attach now goes in at
+    /// [`Probes::resume`].
+    pub fn paused(&self) -> bool {
+        self.gated
+    }
+
     /// Functions attached, over all requests (paused ones included).
     pub fn attached(&self) -> usize {
         self.entries.iter().map(|e| e.request.points.len()).sum()
