@@ -226,20 +226,16 @@ async fn watch(
             }
         };
         let now = tokio::time::Instant::now();
-        // A reading at or past the deadline (a windowed one waits for its
-        // share) is the last.
-        let last = last || deadline.is_some_and(|d| d <= now);
+        // A reading at, past or just short of the deadline (a windowed one
+        // waits for its share) is the last: the run ends up to half a
+        // reading early rather than with a last reading of next to nothing.
+        let last = last || deadline.is_some_and(|d| d <= now + read_every / 2);
         if windowed {
             // Back on the tick from here, should the governor put the
             // probes in throughout.
             ticks.reset();
         }
         let report = last || now + read_every / 2 >= next_report;
-        if report {
-            while next_report <= now + read_every / 2 {
-                next_report += config.interval;
-            }
-        }
         let snapshot = match controller.collect(report) {
             Ok(s) => s,
             Err(e) => {
@@ -247,6 +243,15 @@ async fn watch(
                 break;
             }
         };
+        if report {
+            // The next interval ends at least half a reading after this
+            // one was read (a reading late or slow enough merges it with
+            // the next): the governor plans a share of it.
+            let read = tokio::time::Instant::now();
+            while next_report <= read + read_every / 2 {
+                next_report += config.interval;
+            }
+        }
         let out = analyzer.analyze(&catalog, &snapshot);
         let stop_at_loop = out.loop_found && config.fail_on_loop;
         let follow = !(stop_at_loop || last);
