@@ -93,7 +93,10 @@ fn windows_probe_every_interval_of_a_flat_out_function_for_its_share() {
         .into_iter()
         .filter(|s| s["ts"].as_f64().unwrap() > windowed_from)
         .collect();
-    assert!(samples.len() >= 4, "{}", run.stdout);
+    // (Fewer readings than seconds when the kernel held the loader up:
+    // taking probes out waits for an RCU grace period, seconds at worst
+    // on a loaded machine, and a late reading merges two intervals.)
+    assert!(samples.len() >= 3, "{}", run.stdout);
     for sample in &samples {
         assert!(sample["calls"].as_u64().unwrap() > 0, "{sample}");
     }
@@ -104,8 +107,8 @@ fn windows_probe_every_interval_of_a_flat_out_function_for_its_share() {
 
 /// `--name` processes found while the governor has the probes out wait for
 /// the next window, then are counted in every interval like the others.
-/// One window serves two intervals, so of two processes found at two
-/// readings in a row, one is found while the probes are out.
+/// One window serves two intervals, so of processes found at readings in a
+/// row, some are found while the probes are out.
 #[test]
 fn processes_found_while_the_probes_are_out_go_in_with_the_next_window() {
     require_root();
@@ -114,29 +117,46 @@ fn processes_found_while_the_probes_are_out_go_in_with_the_next_window() {
     let _hot = Target::spawn(&binary, &["max:40"], "ready");
     let watcher = Cacheloop::start(&[
         "watch",
+        "-vv",
         "--name",
         &comm,
         "--func",
         "cache_invalidate",
         "--json",
+        "--interval",
+        "2s",
         "--duration",
-        "10s",
+        "16s",
         "--max-overhead",
         "5",
     ]);
-    // The governor steps in after the first interval.
+    // The governor steps in after the first interval. Each process is
+    // started half an interval after a reading found the last (or the
+    // governor stepped in), so found at the next: three readings in a row,
+    // with the probes in and out by turns.
     watcher.wait_record("governor", Duration::from_secs(30));
-    // Each started just after a reading, so found at the next: two
-    // readings in a row, one with the probes in and one with them out.
-    let found: Vec<Target> = (0..2)
+    let found: Vec<Target> = (0..3)
         .map(|_| {
-            watcher.wait_record("interval", Duration::from_secs(10));
-            Target::spawn(&binary, &["2000:40"], "ready")
+            std::thread::sleep(Duration::from_secs(1));
+            let target = Target::spawn(&binary, &["2000:40"], "ready");
+            watcher.wait_record("attached", Duration::from_secs(10));
+            target
         })
         .collect();
     let run = watcher.finish(Duration::from_secs(60));
     assert_eq!(run.code, 0, "{run:?}");
     assert!(!run.of_type("governor").is_empty(), "{}", run.stdout);
+    // At least one was found with the probes out (cacheloop -vv says so).
+    assert!(
+        found.iter().any(|t| run
+            .stderr
+            .lines()
+            .any(|l| l.contains("goes in with the next window")
+                && l.contains(&format!("(pid {})", t.pid)))),
+        "{}\n{}",
+        run.stderr,
+        run.stdout
+    );
     for target in &found {
         assert!(
             run.of_type("attached")
@@ -153,7 +173,7 @@ fn processes_found_while_the_probes_are_out_go_in_with_the_next_window() {
             .into_iter()
             .filter(|s| s["pid"] == target.pid)
             .collect();
-        assert!(samples.len() >= 3, "pid {}: {}", target.pid, run.stdout);
+        assert!(samples.len() >= 2, "pid {}: {}", target.pid, run.stdout);
         for sample in &samples[1..] {
             assert!(sample["calls"].as_u64().unwrap() > 0, "{sample}");
             assert_eq!(sample["estimated"], true, "{sample}");
