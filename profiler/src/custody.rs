@@ -30,7 +30,10 @@
 //! - `K` with up to [`MAX_FDS`] descriptors attached: keep them; the reply
 //!   is one u32 per descriptor, the helper's number for it;
 //! - `R` then u32s: release (close) these; the reply is `D` once closed,
-//!   breakpoints out.
+//!   breakpoints out. The helper answers in order, so a release need not
+//!   be waited for at once (a probe window closing: the kernel's close
+//!   waits for an RCU grace period, ~40 ms here, seconds on a loaded
+//!   machine); its reply is read before the next message's.
 
 use std::{
     io,
@@ -53,6 +56,8 @@ pub const SUBCOMMAND: &str = "__custody";
 pub struct Custody {
     sock: Option<OwnedFd>,
     child: Option<Child>,
+    /// Replies to releases sent and not yet read.
+    owed: usize,
 }
 
 impl Custody {
@@ -92,6 +97,7 @@ impl Custody {
         Ok(Self {
             sock: Some(ours),
             child: Some(child),
+            owed: 0,
         })
     }
 
@@ -105,6 +111,7 @@ impl Custody {
     /// Hands the helper a duplicate of each descriptor; returns its numbers
     /// for them, in order.
     pub fn keep(&mut self, fds: &[BorrowedFd<'_>]) -> io::Result<Vec<u32>> {
+        self.settle()?;
         let mut ids = Vec::with_capacity(fds.len());
         for chunk in fds.chunks(MAX_FDS) {
             let raw: Vec<RawFd> = chunk.iter().map(|fd| fd.as_raw_fd()).collect();
@@ -129,6 +136,15 @@ impl Custody {
     /// has: then, if those were a link's last references, its breakpoints
     /// are out.
     pub fn release(&mut self, ids: &[u32]) -> io::Result<()> {
+        self.release_later(ids)?;
+        self.settle()
+    }
+
+    /// Has the helper close what it keeps under `ids`, without waiting:
+    /// the breakpoints come out in the helper's time, and the next
+    /// [`Custody::keep`] or [`Custody::release`] reads its confirmation
+    /// first.
+    pub fn release_later(&mut self, ids: &[u32]) -> io::Result<()> {
         for chunk in ids.chunks(MAX_IDS) {
             let mut msg = Vec::with_capacity(1 + 4 * chunk.len());
             msg.push(b'R');
@@ -136,9 +152,17 @@ impl Custody {
                 msg.extend_from_slice(&id.to_le_bytes());
             }
             send(self.sock()?, &msg, &[])?;
+            self.owed += 1;
+        }
+        Ok(())
+    }
+
+    /// Reads the confirmations of every release sent so far.
+    fn settle(&mut self) -> io::Result<()> {
+        while self.owed > 0 {
             let mut reply = [0u8; 1];
             match recv(self.sock()?, &mut reply, &mut Vec::new())? {
-                (1, _) if reply == *b"D" => {}
+                (1, _) if reply == *b"D" => self.owed -= 1,
                 _ => return Err(io::Error::other("the custody helper did not confirm")),
             }
         }
@@ -417,6 +441,7 @@ mod tests {
         let custody = Custody {
             sock: Some(ours),
             child: None,
+            owed: 0,
         };
         (custody, helper)
     }
@@ -431,6 +456,32 @@ mod tests {
         assert!(!writers_gone(&reader), "the helper holds the write end");
         custody.release(&ids).unwrap();
         assert!(writers_gone(&reader), "released: closed before the reply");
+        drop(custody);
+        helper.join().unwrap();
+    }
+
+    #[test]
+    fn a_release_not_waited_for_is_confirmed_before_the_next_keep() {
+        let (mut custody, helper) = in_thread();
+        let (reader, writer) = pipe();
+        let (other_reader, other_writer) = pipe();
+        let ids = custody.keep(&[writer.as_fd()]).unwrap();
+        drop(writer);
+        // Two packets' worth: two confirmations owed.
+        let mut many: Vec<u32> = (10_000..10_000 + MAX_IDS as u32)
+            .filter(|n| *n != ids[0])
+            .collect();
+        many.push(ids[0]);
+        custody.release_later(&many).unwrap();
+        assert_eq!(custody.owed, 2);
+        // The next keep reads them first, then its own reply.
+        let other = custody.keep(&[other_writer.as_fd()]).unwrap();
+        assert_eq!(custody.owed, 0);
+        assert!(writers_gone(&reader), "released before the keep's reply");
+        drop(other_writer);
+        assert!(!writers_gone(&other_reader));
+        custody.release(&other).unwrap();
+        assert!(writers_gone(&other_reader));
         drop(custody);
         helper.join().unwrap();
     }

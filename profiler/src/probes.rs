@@ -808,14 +808,26 @@ impl Probes {
     /// Detaches links: closes our descriptors, then has the helper close
     /// its copies and waits until it has, breakpoints out.
     fn unlink(&mut self, held: impl IntoIterator<Item = Held>) {
+        self.unlink_then(held, true);
+    }
+
+    /// [`Probes::unlink`]; without `wait`, the helper closes its copies
+    /// in its own time (see [`Custody::release_later`]).
+    fn unlink_then(&mut self, held: impl IntoIterator<Item = Held>, wait: bool) {
         let mut kept = Vec::new();
         for held in held {
             drop(held.links);
             kept.extend(held.kept);
         }
-        if let Some(custody) = &mut self.custody
-            && let Err(e) = custody.release(&kept)
-        {
+        let Some(custody) = &mut self.custody else {
+            return;
+        };
+        let released = if wait {
+            custody.release(&kept)
+        } else {
+            custody.release_later(&kept)
+        };
+        if let Err(e) = released {
             self.lose_custody(&e);
         }
     }
@@ -863,7 +875,11 @@ impl Probes {
             .iter_mut()
             .filter_map(|e| e.link.take())
             .collect();
-        self.unlink(held);
+        // Not waited for: the gate has stopped the counting, and the
+        // kernel's close waits for an RCU grace period (~40 ms here,
+        // seconds on a loaded machine) that would hold up the readings.
+        // `resume` reads the confirmation before its own links go in.
+        self.unlink_then(held, false);
     }
 
     /// Puts back what [`Probes::pause`] took out. With uprobe_multi this
