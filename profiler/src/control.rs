@@ -1356,6 +1356,9 @@ impl Windows {
         if self.since.is_some() {
             return Ok(Vec::new());
         }
+        // The last window's links closed first (the helper's time, not
+        // waited for then): putting the probes in is timed without it.
+        probes.settle();
         let resuming = Instant::now();
         let failed = probes.resume()?;
         let now = Instant::now();
@@ -1392,7 +1395,7 @@ impl Windows {
         probes.pause();
         self.end = None;
         log::debug!(
-            "window: probes out (taking them out took {:?})",
+            "window: probes out (counting stopped, links released in {:?})",
             pausing.elapsed()
         );
     }

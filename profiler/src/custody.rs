@@ -158,7 +158,7 @@ impl Custody {
     }
 
     /// Reads the confirmations of every release sent so far.
-    fn settle(&mut self) -> io::Result<()> {
+    pub fn settle(&mut self) -> io::Result<()> {
         while self.owed > 0 {
             let mut reply = [0u8; 1];
             match recv(self.sock()?, &mut reply, &mut Vec::new())? {
@@ -204,7 +204,14 @@ impl Drop for Custody {
             }
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
-        // Stopped, it seems: it exits once it runs again, on end of file.
+        // Stopped, it seems: killed, its exit closes what it holds (a
+        // release not waited for may still be queued). Otherwise it exits
+        // once it runs again, on end of file.
+        if process_state(child.id()).is_some_and(|s| s == 'T' || s == 't') {
+            let _ = child.kill();
+            let _ = child.wait();
+            return;
+        }
         log::warn!("the custody helper (pid {}) has not exited", child.id());
     }
 }

@@ -844,7 +844,9 @@ impl Probes {
     }
 
     /// Takes every probe out of the targets, keeping the program, maps and
-    /// counters: until [`Probes::resume`], the targets run unprobed.
+    /// counters: until [`Probes::resume`], the targets run unprobed. The
+    /// counting stops at once; the breakpoints come out in the custody
+    /// helper's time, not waited for here (see [`Probes::settle`]).
     ///
     /// A kernel limit every detach shares, and windows make frequent: the
     /// breakpoints come out in the closing thread as it returns from
@@ -862,6 +864,11 @@ impl Probes {
     /// The kernel stops counting first, at once for every function: the
     /// window the caller measured ends here, not after the last detach.
     pub fn pause(&mut self) {
+        self.pause_then(false);
+    }
+
+    /// [`Probes::pause`], waiting with `wait` until the breakpoints are out.
+    fn pause_then(&mut self, wait: bool) {
         // Failing to close it is not expected of a one-entry array; if it
         // happens, this window also counts while the probes come out. The
         // probes are out all the same: an attach meanwhile waits for
@@ -875,11 +882,22 @@ impl Probes {
             .iter_mut()
             .filter_map(|e| e.link.take())
             .collect();
-        // Not waited for: the gate has stopped the counting, and the
-        // kernel's close waits for an RCU grace period (~40 ms here,
-        // seconds on a loaded machine) that would hold up the readings.
-        // `resume` reads the confirmation before its own links go in.
-        self.unlink_then(held, false);
+        // A window's close is not waited for: the gate has stopped the
+        // counting, and the kernel's close waits for an RCU grace period
+        // (~40 ms here, seconds on a loaded machine) that would hold up
+        // the readings. `resume` reads the confirmation before its own
+        // links go in.
+        self.unlink_then(held, wait);
+    }
+
+    /// Waits until the helper has closed every link [`Probes::pause`]
+    /// released: their breakpoints are out.
+    pub fn settle(&mut self) {
+        if let Some(custody) = &mut self.custody
+            && let Err(e) = custody.settle()
+        {
+            self.lose_custody(&e);
+        }
     }
 
     /// Puts back what [`Probes::pause`] took out. With uprobe_multi this
@@ -890,6 +908,7 @@ impl Probes {
     /// would then trap and count nothing, rates reading 0, so that ends the
     /// run instead.
     pub fn resume(&mut self) -> Result<Vec<(AttachRequest, ProbeError)>, ProbeError> {
+        self.settle();
         let mut entries = std::mem::take(&mut self.entries);
         let mut failed = Vec::new();
         entries.retain_mut(|e| {
@@ -1254,7 +1273,7 @@ impl Probes {
     /// kernel took. After this the targets run exactly as before attach.
     pub fn detach(mut self) -> std::time::Duration {
         let started = Instant::now();
-        self.pause();
+        self.pause_then(true);
         for name in std::iter::once(self.program).chain(self.per_process) {
             if let Ok(prog) = uprobe(&mut self.ebpf, name) {
                 let _ = prog.unload();
@@ -1268,7 +1287,7 @@ impl Drop for Probes {
     /// Any other way out (an error, a panic): the links go first, through
     /// the helper, then the helper itself.
     fn drop(&mut self) {
-        self.pause();
+        self.pause_then(true);
     }
 }
 

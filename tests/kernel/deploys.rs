@@ -363,6 +363,35 @@ fn binary_library_counts_only_processes_that_map_that_file() {
     );
 }
 
+/// A custody helper stopped (a debugger, SIGSTOP) holds the last copy of
+/// each link: at the end of the run cacheloop waits for it (30 s), then
+/// kills it, and its exit takes the breakpoints out. (Probes in throughout,
+/// so the end is the first time cacheloop waits for the helper: a window
+/// putting the probes back in would find it stopped sooner.)
+#[test]
+fn a_stopped_custody_helper_is_killed_at_the_end_and_no_breakpoint_is_left() {
+    require_root();
+    let target = Target::fixture(&["200:120"]);
+    let addr = target.invalidate_addr();
+    let extra = ["--duration", "3s", "--max-overhead", "100"];
+    let watcher = Cacheloop::start(&cacheloop_tests::watch_fixture_args(target.pid, &extra));
+    watcher.wait_attached(Duration::from_secs(60));
+    let helpers = cacheloop_tests::children_of(watcher.pid());
+    assert_eq!(helpers.len(), 1, "one custody helper: {helpers:?}");
+    // SAFETY: kill(2) on the helper our own child started.
+    unsafe { libc::kill(helpers[0], libc::SIGSTOP) };
+    let run = watcher.finish(Duration::from_secs(120));
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(
+        cacheloop_tests::wait_gone(helpers[0], Duration::from_secs(10)),
+        "the stopped custody helper outlived cacheloop"
+    );
+    assert!(
+        !ever_trapped(&target, addr, Duration::from_millis(300)),
+        "a breakpoint left by a stopped custody helper"
+    );
+}
+
 /// Kills cacheloop `wait_ms` after it attached to the fixture, and checks
 /// that no breakpoint is left: its custody helper, which holds a copy of
 /// every link, sees it die and exits, and the kernel closes the links as
