@@ -771,7 +771,9 @@ impl Controller {
             .map(|(request, err)| self.unwatch(&request, &err.into()))
             .collect();
         // The probes are in: later refusals are of probes that were in.
-        self.deferred.clear();
+        if !self.probes.paused() {
+            self.deferred.clear();
+        }
         records
     }
 
