@@ -46,6 +46,9 @@ pub struct Collector {
     /// Per stack id: its samples summed, and when they last grew.
     stack_activity: HashMap<u32, (u64, Instant)>,
     last_read: Instant,
+    /// When [`Collector::read_kernel`] last read the call counters: the
+    /// end of the snapshot's time.
+    counted: Instant,
     started: Instant,
 }
 
@@ -65,6 +68,7 @@ impl Collector {
             stack_activity: HashMap::new(),
             threads: HashMap::new(),
             last_read: Instant::now(),
+            counted: Instant::now(),
             started,
         }
     }
@@ -75,6 +79,7 @@ impl Collector {
     pub fn read_kernel(&mut self, probes: &mut Probes) -> Result<Instant, ProbeError> {
         probes.read_counts(&mut self.counts)?;
         let counted = Instant::now();
+        self.counted = counted;
         probes.read_callers(&mut self.callers)?;
         probes.read_keys(&mut self.keys)?;
         probes.read_key_edges(&mut self.key_edges)?;
@@ -138,8 +143,13 @@ impl Collector {
         exes: &HashMap<u32, FileId>,
         probed: f64,
     ) -> Snapshot {
-        let now = Instant::now();
-        let seconds = now.duration_since(self.last_read).as_secs_f64().max(1e-3);
+        // The counts' time ends where they were read, not after the
+        // evidence maps and the discovery that followed.
+        let now = self.counted;
+        let seconds = now
+            .saturating_duration_since(self.last_read)
+            .as_secs_f64()
+            .max(1e-3);
         self.last_read = now;
         let watched = |pid: &u32| live.contains_key(pid);
 

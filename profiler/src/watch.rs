@@ -226,29 +226,34 @@ async fn watch(
             }
         };
         let now = tokio::time::Instant::now();
-        // A reading at, past or just short of the deadline (a windowed one
-        // waits for its share) is the last: the run ends up to half a
-        // reading early rather than with a last reading of next to nothing.
-        let last = last || deadline.is_some_and(|d| d <= now + read_every / 2);
         if windowed {
             // Back on the tick from here, should the governor put the
             // probes in throughout.
             ticks.reset();
         }
         let report = last || now + read_every / 2 >= next_report;
-        let snapshot = match controller.collect(report) {
+        let mut snapshot = match controller.collect(report) {
             Ok(s) => s,
             Err(e) => {
                 failure = Some(e.into());
                 break;
             }
         };
+        let read = tokio::time::Instant::now();
+        // A reading at, past or just short of the deadline (a windowed one
+        // waits for its share; a slow one may end there) is the last: the
+        // run ends up to half a reading early rather than with a last
+        // reading of next to nothing.
+        let last = last || deadline.is_some_and(|d| d <= read + read_every / 2);
+        let report = report || last;
+        snapshot.report = report;
         if report {
-            // The next interval ends at least half a reading after this
-            // one was read (a reading late or slow enough merges it with
-            // the next): the governor plans a share of it.
-            let read = tokio::time::Instant::now();
-            while next_report <= read + read_every / 2 {
+            // While windowed, the next interval ends at least half a
+            // reading after this one was read (a reading late or slow
+            // enough merges it with the next): the governor plans a share
+            // of it. On the tick, the interval keeps its cadence.
+            let from = if windowed { read } else { now };
+            while next_report <= from + read_every / 2 {
                 next_report += config.interval;
             }
         }

@@ -93,9 +93,9 @@ fn windows_probe_every_interval_of_a_flat_out_function_for_its_share() {
         .into_iter()
         .filter(|s| s["ts"].as_f64().unwrap() > windowed_from)
         .collect();
-    // (Fewer readings than seconds when the kernel held the loader up:
-    // taking probes out waits for an RCU grace period, seconds at worst
-    // on a loaded machine, and a late reading merges two intervals.)
+    // (Fewer readings than seconds when a loaded machine held the loader
+    // up: the kernel's uprobe (un)registration waits for RCU grace
+    // periods, seconds at worst, and a late reading merges two intervals.)
     assert!(samples.len() >= 3, "{}", run.stdout);
     for sample in &samples {
         assert!(sample["calls"].as_u64().unwrap() > 0, "{sample}");
