@@ -814,7 +814,12 @@ impl Report {
              question goes away: the hot function is probed in windows. The governed spread comes \
              from the machine (unprobed runs minutes apart differ by several percent), the cost of a \
              hit, calibrated once at start-up on a function of cacheloop's own, and the first \
-             moments of each window, when the probes are going in.\n"
+             moments of each window, when the probes are going in. Changed in the windows for this \
+             run: a windowed interval is read at its end once its window has had its share (it was \
+             read on the 250 ms tick, whose drift after one late tick lengthened every other window \
+             for the rest of the run), and closing a window no longer holds the loader up while the \
+             kernel takes the probes out (an RCU grace period: ~40 ms a window here, seconds on a \
+             loaded machine).\n"
         );
 
         let _ = writeln!(
