@@ -1397,7 +1397,7 @@ impl Windows {
         probes.pause();
         self.end = None;
         log::debug!(
-            "window: probes out (counting stopped, links released in {:?})",
+            "window: probes out (counting stopped; links handed to the custody helper in {:?})",
             pausing.elapsed()
         );
     }

@@ -47,8 +47,14 @@ const MAX_FDS: usize = 250;
 /// Ids per `R` message: 16 KiB packets, well inside the helper's buffer
 /// and a socket's default send size.
 const MAX_IDS: usize = 4096;
-/// How long a reply may take before the helper is given up on.
+/// How long a reply (or a send) may take before the helper is looked at:
+/// stopped, it is given up on.
 const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a helper still running may take to close what it was asked
+/// to: each close of a perf-event link waits for an RCU grace period
+/// (kernels without uprobe_multi), so thousands of them on a loaded
+/// machine take minutes. Past this, it is given up on all the same.
+const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 /// The hidden subcommand that runs the helper.
 pub const SUBCOMMAND: &str = "__custody";
 
@@ -72,18 +78,22 @@ impl Custody {
             tv_sec: REPLY_TIMEOUT.as_secs() as _,
             tv_usec: 0,
         };
-        // SAFETY: setsockopt reads a timeval of the size given.
-        let rc = unsafe {
-            libc::setsockopt(
-                ours.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&raw const timeout).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
+        // Sends too: releases not waited for fill the socket's buffer
+        // when the helper reads none.
+        for option in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+            // SAFETY: setsockopt reads a timeval of the size given.
+            let rc = unsafe {
+                libc::setsockopt(
+                    ours.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    option,
+                    (&raw const timeout).cast(),
+                    std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
         }
         // No stdout or stderr of ours: a pipe reading cacheloop's output
         // must see its end when cacheloop ends, not when the helper does.
@@ -117,7 +127,7 @@ impl Custody {
             let raw: Vec<RawFd> = chunk.iter().map(|fd| fd.as_raw_fd()).collect();
             send(self.sock()?, b"K", &raw)?;
             let mut reply = vec![0u8; 4 * chunk.len()];
-            let (n, _) = recv(self.sock()?, &mut reply, &mut Vec::new())?;
+            let (n, _) = self.reply(&mut reply)?;
             if n != reply.len() {
                 return Err(io::Error::other("the custody helper answered short"));
             }
@@ -161,7 +171,7 @@ impl Custody {
     pub fn settle(&mut self) -> io::Result<()> {
         while self.owed > 0 {
             let mut reply = [0u8; 1];
-            match recv(self.sock()?, &mut reply, &mut Vec::new())? {
+            match self.reply(&mut reply)? {
                 (1, _) if reply == *b"D" => self.owed -= 1,
                 _ => return Err(io::Error::other("the custody helper did not confirm")),
             }
@@ -169,13 +179,47 @@ impl Custody {
         Ok(())
     }
 
-    /// Gives the helper up after it failed to answer. A stopped helper (a
-    /// debugger, SIGSTOP) is in no close: killing it now makes its exit
-    /// close what it holds, breakpoints out. A running one is left to
-    /// finish and exit at end of file.
+    /// Reads the helper's next reply. A helper that has not answered
+    /// within [`REPLY_TIMEOUT`] but is running (closing links one grace
+    /// period at a time) is waited for, up to [`CLOSE_TIMEOUT`]: given up
+    /// on, it would still hold the old links as the next window's go in,
+    /// and both would count.
+    fn reply(&mut self, buf: &mut [u8]) -> io::Result<(usize, bool)> {
+        let started = std::time::Instant::now();
+        loop {
+            match recv(self.sock()?, buf, &mut Vec::new()) {
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        && started.elapsed() < CLOSE_TIMEOUT
+                        && self.helper_busy() =>
+                {
+                    log::warn!(
+                        "the custody helper has been closing probe links for {:.0?}; waiting",
+                        started.elapsed()
+                    );
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// The helper runs (or waits in the kernel), neither stopped nor gone.
+    fn helper_busy(&self) -> bool {
+        self.child
+            .as_ref()
+            .and_then(|c| process_state(c.id()))
+            .is_some_and(|s| matches!(s, 'R' | 'S' | 'D'))
+    }
+
+    /// Gives the helper up after it failed to answer. A stopped helper
+    /// (SIGSTOP) is in no close: killing it now makes its exit close what
+    /// it holds, breakpoints out. A running one is left to finish and exit
+    /// at end of file; so is one stopped by a tracer ('t': it may be
+    /// stopped inside a close, which a kill would cut short, leaving a
+    /// breakpoint in).
     pub fn abandon(mut self) {
         if let Some(child) = &mut self.child
-            && process_state(child.id()).is_some_and(|s| s == 'T' || s == 't')
+            && process_state(child.id()) == Some('T')
         {
             let _ = child.kill();
             let _ = child.wait();
@@ -197,21 +241,21 @@ impl Drop for Custody {
         let Some(child) = &mut self.child else {
             return;
         };
-        let deadline = std::time::Instant::now() + REPLY_TIMEOUT;
+        let deadline = std::time::Instant::now() + CLOSE_TIMEOUT;
         while std::time::Instant::now() < deadline {
             if !matches!(child.try_wait(), Ok(None)) {
                 return;
             }
-            std::thread::sleep(std::time::Duration::from_millis(2));
+            // Stopped (SIGSTOP): it closes nothing until it runs again;
+            // killed, its exit closes what it holds (see `abandon`).
+            if process_state(child.id()) == Some('T') {
+                let _ = child.kill();
+                let _ = child.wait();
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        // Stopped, it seems: killed, its exit closes what it holds (a
-        // release not waited for may still be queued). Otherwise it exits
-        // once it runs again, on end of file.
-        if process_state(child.id()).is_some_and(|s| s == 'T' || s == 't') {
-            let _ = child.kill();
-            let _ = child.wait();
-            return;
-        }
+        // It exits once it runs again, on end of file.
         log::warn!("the custody helper (pid {}) has not exited", child.id());
     }
 }
