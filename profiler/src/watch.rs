@@ -248,12 +248,11 @@ async fn watch(
         let report = report || last;
         snapshot.report = report;
         if report {
-            // While windowed, the next interval ends at least half a
-            // reading after this one was read (a reading late or slow
-            // enough merges it with the next): the governor plans a share
-            // of it. On the tick, the interval keeps its cadence.
-            let from = if windowed { read } else { now };
-            while next_report <= from + read_every / 2 {
+            // The next interval ends at least half a reading after this
+            // one was read (a reading late or slow enough merges it with
+            // the next): never a report of a few ms, and the governor can
+            // plan a share of it.
+            while next_report <= read + read_every / 2 {
                 next_report += config.interval;
             }
         }
