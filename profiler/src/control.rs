@@ -282,8 +282,10 @@ impl Controller {
         self.catalog.clone()
     }
 
-    /// One reading; `report` when it closes a reporting interval.
-    pub fn collect(&mut self, report: bool) -> Result<Snapshot, ProbeError> {
+    /// One reading. Whether it closes a reporting interval
+    /// (`Snapshot::report`) is the caller's to say: only known once it
+    /// was read.
+    pub fn collect(&mut self) -> Result<Snapshot, ProbeError> {
         // A process that ran exec: its probes (on the old program) and its
         // counters go before the maps are read, so the old program's counts
         // can neither be read as the new one's nor linger as a series of
@@ -317,10 +319,9 @@ impl Controller {
             // Found in this reading: as found.
             exes.entry(p.pid).or_insert(p.exe_id);
         }
-        let mut snap =
-            self.collector
-                .snapshot(&self.probes, &self.catalog, &self.live, &exes, probed);
-        snap.report = report;
+        let snap = self
+            .collector
+            .snapshot(&self.probes, &self.catalog, &self.live, &exes, probed);
         self.pace_call_sites(snap.seconds * probed);
         Ok(snap)
     }

@@ -232,7 +232,7 @@ async fn watch(
             ticks.reset();
         }
         let report = last || now + read_every / 2 >= next_report;
-        let mut snapshot = match controller.collect(report) {
+        let mut snapshot = match controller.collect() {
             Ok(s) => s,
             Err(e) => {
                 failure = Some(e.into());
