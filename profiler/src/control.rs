@@ -762,8 +762,6 @@ impl Controller {
         records
     }
 
-    /// A request the kernel refused on re-attach: that process (or file)
-    /// is no longer watched; the rest of the run goes on.
     /// [`Controller::unwatch`] for each request the kernel refused as the
     /// probes went back in.
     fn unwatch_refused(&mut self, refused: Refused) -> Vec<Record> {
@@ -778,6 +776,8 @@ impl Controller {
         records
     }
 
+    /// A request the kernel refused on re-attach: that process (or file)
+    /// is no longer watched; the rest of the run goes on.
     fn unwatch(&mut self, request: &AttachRequest, err: &anyhow::Error) -> Record {
         if let Some(pid) = request.pid {
             self.probes.forget_process(pid);
@@ -812,12 +812,8 @@ impl Controller {
             request.pid,
             "attach_failed",
             format!(
-                "cannot put the probes back in {}{}: {err:#}; it is no longer watched",
-                request.shown.display(),
-                request
-                    .pid
-                    .map(|p| format!(" (pid {p})"))
-                    .unwrap_or_default()
+                "cannot put the probes back in {}: {err:#}; it is no longer watched",
+                request.described()
             ),
         )
     }

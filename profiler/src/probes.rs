@@ -167,6 +167,17 @@ pub struct AttachRequest {
     pub usdt: Vec<UsdtSite>,
 }
 
+impl AttachRequest {
+    /// Its file as the user knows it, and its process if it has one, for
+    /// messages: "/usr/bin/redis-server (pid 42)".
+    pub fn described(&self) -> String {
+        match self.pid {
+            Some(pid) => format!("{} (pid {pid})", self.shown.display()),
+            None => self.shown.display().to_string(),
+        }
+    }
+}
+
 /// A USDT probe site to attach at: its file offset, its semaphore's (0:
 /// none), and where its name arguments are.
 #[derive(Clone, Copy, Debug)]
@@ -587,12 +598,8 @@ impl Probes {
         let (cookies, fresh) = self.cookies(request);
         let link = if self.gated {
             log::debug!(
-                "the probes are out: {}{} goes in with the next window",
-                request.shown.display(),
-                request
-                    .pid
-                    .map(|p| format!(" (pid {p})"))
-                    .unwrap_or_default()
+                "the probes are out: {} goes in with the next window",
+                request.described()
             );
             None
         } else {
