@@ -9,7 +9,9 @@
 //! target file: the whole-process time to attach, count for 1 s, detach and
 //! exit with 1, 100, 1000 and 10,000 functions, and its peak RSS; the
 //! target's throughput while its hot function is probed (and under
-//! `--max-overhead 5`, over at least 5 runs for the spread), with each
+//! `--max-overhead 5`), in at least 5 rounds on one target process where
+//! each tool takes its turn, so that ratios compare seconds a few seconds
+//! apart, with each
 //! tool's eBPF program time per hit from the kernel's own statistics
 //! (`kernel.bpf_stats_enabled`, on for those runs only); the loader's CPU
 //! with 1000 functions all called, at the default 1 s interval; cacheloop's
@@ -47,8 +49,12 @@ use std::{
 use crate::cmd;
 use tools::{Chroot, Setup, Tool};
 
-const HOT_SECONDS: u32 = 8;
-/// Governed throughput runs at least (the spread is a goal).
+/// Seconds each case has the hot target in a throughput round, and the
+/// first seconds of them not counted (attaching; the governor's first
+/// windows).
+const PHASE_SECONDS: u32 = 8;
+const SETTLE_SECONDS: f64 = 3.0;
+/// Throughput rounds at least (the governor's spread is a goal).
 const GOVERNED_RUNS: usize = 5;
 /// Throughput rows, named as the goals look them up.
 const CACHELOOP_ALL_HITS: &str = "cacheloop --max-overhead 100";
@@ -168,51 +174,60 @@ pub fn run(args: &[String]) -> Result<(), String> {
 
     eprintln!("xtask: bench target throughput");
     let stats = BpfStats::enable();
-    // Unprobed, then cacheloop twice: governor off (the per-hit cost
-    // against bpftrace's) and at 5% (what a flat-out target keeps).
-    type Case<'a> = (String, Option<(Tool, &'a [&'a str])>, usize);
+    // Unprobed and cacheloop at 5% side by side (what a flat-out target
+    // keeps), then cacheloop with the governor off and the bpftraces (the
+    // per-hit cost), in rounds on one target.
+    type Case<'a> = (String, Option<(Tool, &'a [&'a str])>);
     let mut cases: Vec<Case> = vec![
-        ("unprobed".to_owned(), None, runs.max(GOVERNED_RUNS)),
-        (
-            CACHELOOP_ALL_HITS.to_owned(),
-            Some((Tool::Cacheloop, &["--max-overhead", "100"])),
-            runs,
-        ),
+        ("unprobed".to_owned(), None),
         (
             CACHELOOP_GOVERNED.to_owned(),
             Some((Tool::Cacheloop, &["--max-overhead", "5"])),
-            runs.max(GOVERNED_RUNS),
+        ),
+        (
+            CACHELOOP_ALL_HITS.to_owned(),
+            Some((Tool::Cacheloop, &["--max-overhead", "100"])),
         ),
     ];
     cases.extend(
         tools
             .iter()
-            .filter(|t| matches!(t, Tool::Bpftrace17 | Tool::Bpftrace23))
-            .map(|&t| (t.name().to_owned(), Some((t, &[][..])), runs)),
+            .filter(|t| matches!(t, Tool::Bpftrace23 | Tool::Bpftrace17))
+            .rev()
+            .map(|&t| (t.name().to_owned(), Some((t, &[][..])))),
     );
-    // Round robin, one run of each case per round: the machine's load
-    // drifts over minutes, and must not land on one case's runs only.
-    let mut measured: Vec<Vec<(f64, Option<f64>)>> = vec![Vec::new(); cases.len()];
-    let rounds = cases.iter().map(|c| c.2).max().unwrap_or(0);
-    for round in 0..rounds {
-        for (i, (_, probe, n)) in cases.iter().enumerate() {
-            if round < *n {
-                measured[i].push(throughput(&setup, *probe)?);
-            }
+    let rounds = runs.max(GOVERNED_RUNS);
+    let probes: Vec<_> = cases.iter().map(|c| c.1).collect();
+    let measured = throughput_rounds(&setup, &probes, rounds)?;
+    let column = |label: &str| {
+        let i = cases.iter().position(|c| c.0 == label)?;
+        Some(
+            measured
+                .iter()
+                .map(|round| round[i].rate)
+                .collect::<Vec<_>>(),
+        )
+    };
+    // Each round's ratio of two cases: seconds apart in one process.
+    let paired = |a: &str, b: &str| -> Vec<f64> {
+        match (column(a), column(b)) {
+            (Some(a), Some(b)) => a.iter().zip(&b).map(|(a, b)| a / b).collect(),
+            _ => Vec::new(),
         }
-    }
-    for ((label, ..), measured) in cases.iter().zip(&measured) {
-        let mut rates: Vec<f64> = measured.iter().map(|m| m.0).collect();
-        let mut ns: Vec<f64> = measured.iter().filter_map(|m| m.1).collect();
-        if label == CACHELOOP_GOVERNED {
-            report.governed = rates.clone();
-        }
+    };
+    for (i, (label, _)) in cases.iter().enumerate() {
+        let mut rates: Vec<f64> = measured.iter().map(|r| r[i].rate).collect();
+        let mut ns: Vec<f64> = measured.iter().filter_map(|r| r[i].ns_per_hit).collect();
         report.throughput.push(Throughput {
             label: label.clone(),
             rate: median(&mut rates),
+            of_unprobed: median(&mut paired(label, "unprobed")),
             ns_per_hit: (!ns.is_empty()).then(|| median(&mut ns)),
         });
     }
+    report.rounds = rounds;
+    report.governed = paired(CACHELOOP_GOVERNED, "unprobed");
+    report.per_hit = paired(CACHELOOP_ALL_HITS, Tool::Bpftrace23.name());
     report.bpf_stats = stats.on();
     drop(stats);
 
@@ -357,50 +372,88 @@ fn attach_count_detach(setup: &Setup, tool: Tool, glob: &str) -> Result<Measured
     })
 }
 
-/// The hot function's calls per second (median of the steady seconds),
-/// unprobed or while `tool` probes it, and the tool's eBPF program time per
-/// hit as the kernel measured it (with `BpfStats` on).
-fn throughput(setup: &Setup, tool: Option<(Tool, &[&str])>) -> Result<(f64, Option<f64>), String> {
-    let (target, out) = Target::start(&setup.target, &["hot", &HOT_SECONDS.to_string()])?;
-    let probe = match tool {
-        Some((tool, extra)) => Some(
-            setup
-                .command(tool, "bench_hot", target.1, None, false, extra)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .map_err(|e| format!("cannot start {}: {e}", tool.name()))?,
-        ),
-        None => None,
-    };
-    let mut rates = Vec::new();
-    let mut ns_per_hit = None;
-    for line in out.lines().map_while(Result::ok) {
-        let mut w = line.split_whitespace().skip(1);
-        let (Some(Ok(second)), Some(Ok(calls))) = (
-            w.next().map(str::parse::<u32>),
-            w.next().map(str::parse::<f64>),
-        ) else {
-            continue;
-        };
-        // The first seconds include attaching.
-        if second >= 3 {
-            rates.push(calls);
-        }
-        if second + 2 == HOT_SECONDS
-            && let Some(p) = &probe
-        {
-            ns_per_hit = program_ns_per_hit(p.id());
+/// One tool's turn at the hot target in a throughput round.
+struct Phase {
+    /// The target's calls/s over the phase's steady seconds.
+    rate: f64,
+    /// The tool's eBPF program time per hit (with `BpfStats` on).
+    ns_per_hit: Option<f64>,
+}
+
+/// Rounds of phases on one hot target: in each round every case in turn
+/// probes it (or leaves it alone) for [`PHASE_SECONDS`], so each ratio
+/// compares seconds a few seconds apart in one process. Separate targets
+/// minutes apart differed by more than the tools do: the process's
+/// placement on this VM's CPUs and the machine's load drift.
+/// Returns, per round, each case's phase.
+fn throughput_rounds(
+    setup: &Setup,
+    cases: &[Option<(Tool, &[&str])>],
+    rounds: usize,
+) -> Result<Vec<Vec<Phase>>, String> {
+    // Long enough for every round; stopped (by its pid) when dropped.
+    let seconds = (rounds * cases.len()) as u32 * (PHASE_SECONDS + 2) + 10;
+    let (target, out) = Target::start(&setup.target, &["hot", &seconds.to_string()])?;
+    // The target says each second's calls as it ends: stamped on arrival.
+    let reader = thread::spawn(move || {
+        out.lines()
+            .map_while(Result::ok)
+            .filter_map(|line| {
+                let calls = line.split_whitespace().nth(2)?.parse::<f64>().ok()?;
+                Some((Instant::now(), calls))
+            })
+            .collect::<Vec<_>>()
+    });
+    let mut spans = Vec::new();
+    for _ in 0..rounds {
+        for probe in cases {
+            let started = Instant::now();
+            let tool = match probe {
+                Some((tool, extra)) => Some(
+                    setup
+                        .command(*tool, "bench_hot", target.1, None, false, extra)
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .spawn()
+                        .map_err(|e| format!("cannot start {}: {e}", tool.name()))?,
+                ),
+                None => None,
+            };
+            thread::sleep(Duration::from_secs(u64::from(PHASE_SECONDS) - 1));
+            let ns = tool.as_ref().and_then(|t| program_ns_per_hit(t.id()));
+            thread::sleep(Duration::from_secs(1));
+            spans.push((started, Instant::now(), ns));
+            if let Some(tool) = tool {
+                stop(tool);
+            }
         }
     }
     drop(target);
-    if let Some(p) = probe {
-        stop(p);
+    let seconds = reader
+        .join()
+        .map_err(|_| "the bench target's reader panicked")?;
+    let mut phases = spans.into_iter().map(|(from, to, ns_per_hit)| {
+        let steady = from + Duration::from_secs_f64(SETTLE_SECONDS);
+        let calls: Vec<f64> = seconds
+            .iter()
+            .filter(|(end, _)| {
+                *end <= to && end.checked_sub(Duration::from_secs(1)) >= Some(steady)
+            })
+            .map(|&(_, calls)| calls)
+            .collect();
+        // The mean: each second's count is rounded to 1000 calls.
+        let rate = calls.iter().sum::<f64>() / calls.len() as f64;
+        Phase { rate, ns_per_hit }
+    });
+    let mut by_round = Vec::new();
+    for _ in 0..rounds {
+        let round: Vec<Phase> = phases.by_ref().take(cases.len()).collect();
+        if round.iter().any(|p| !p.rate.is_finite()) {
+            return Err("the bench target printed no rates in a phase".to_owned());
+        }
+        by_round.push(round);
     }
-    if rates.is_empty() {
-        return Err("the bench target printed no rates".to_owned());
-    }
-    Ok((median(&mut rates), ns_per_hit))
+    Ok(by_round)
 }
 
 /// `kernel.bpf_stats_enabled` on while this lives (the kernel then times
@@ -584,8 +637,12 @@ struct Report {
     /// (functions, cacheloop --pid's detach seconds)
     detach: Vec<(usize, f64)>,
     throughput: Vec<Throughput>,
-    /// Each governed run's calls/s.
+    /// Throughput rounds.
+    rounds: usize,
+    /// Each round's governed calls/s over its unprobed calls/s.
     governed: Vec<f64>,
+    /// Each round's calls/s under cacheloop (every hit) over bpftrace 0.23's.
+    per_hit: Vec<f64>,
     /// The kernel's eBPF statistics were on for the throughput runs.
     bpf_stats: bool,
     cpu: Vec<(Tool, f64)>,
@@ -597,7 +654,10 @@ struct Report {
 
 struct Throughput {
     label: String,
+    /// Median calls/s over the rounds.
     rate: f64,
+    /// Median over the rounds of calls/s over the round's unprobed calls/s.
+    of_unprobed: f64,
     ns_per_hit: Option<f64>,
 }
 
@@ -750,9 +810,15 @@ impl Report {
         let _ = writeln!(md, "## Target throughput with its hot function probed\n");
         let _ = writeln!(
             md,
-            "`bench_hot` called flat out; calls per second, median of the steady seconds. Program time per \
-             hit: the eBPF program's own run time over its runs, as the kernel counts it \
-             (`kernel.bpf_stats_enabled`, on for these runs only{}).\n",
+            "`bench_hot` called flat out by one target process, in {} rounds: in each, every row in \
+             turn probes it (or leaves it alone) for {PHASE_SECONDS} s, and its calls per second are \
+             averaged over the whole seconds of the last {:.0} s of that (attaching and the governor's first windows left \
+             out). Calls/s: the median over the rounds; of unprobed: the median of each round's \
+             ratio to that round's unprobed seconds. Program time per hit: the eBPF program's own run \
+             time over its runs, as the kernel counts it (`kernel.bpf_stats_enabled`, on for these \
+             runs only{}).\n",
+            self.rounds,
+            f64::from(PHASE_SECONDS) - SETTLE_SECONDS,
             if self.bpf_stats {
                 ""
             } else {
@@ -763,7 +829,6 @@ impl Report {
             md,
             "| probed by | calls/s | of unprobed | program time per hit |\n|---|---:|---:|---:|"
         );
-        let unprobed = self.throughput.first().map_or(f64::NAN, |t| t.rate);
         for t in &self.throughput {
             let ns = t
                 .ns_per_hit
@@ -771,22 +836,32 @@ impl Report {
             let _ = writeln!(
                 md,
                 "| {} | {:.0} | {:.4}x | {ns} |",
-                t.label,
-                t.rate,
-                t.rate / unprobed
+                t.label, t.rate, t.of_unprobed
             );
         }
-        let mut governed: Vec<f64> = self.governed.iter().map(|r| r / unprobed).collect();
-        governed.sort_by(f64::total_cmp);
-        let worst_governed = governed.first().copied();
-        if let (Some(lo), Some(hi)) = (governed.first(), governed.last()) {
+        let spread = |ratios: &[f64]| {
+            let mut sorted = ratios.to_vec();
+            sorted.sort_by(f64::total_cmp);
+            let (lo, hi) = (sorted.first().copied()?, sorted.last().copied()?);
+            Some((lo, hi, median(&mut sorted)))
+        };
+        let worst_governed = spread(&self.governed).map(|s| s.0);
+        if let Some((lo, hi, mid)) = spread(&self.governed) {
             let _ = writeln!(
                 md,
-                "\nUnder `--max-overhead 5`, over {} runs: {:.1}% to {:.1}% of unprobed (median {:.1}%).",
-                governed.len(),
+                "\nUnder `--max-overhead 5`, each round's over its unprobed seconds: {:.1}% to {:.1}% \
+                 (median {:.1}%, {} rounds).",
                 lo * 100.0,
                 hi * 100.0,
-                median(&mut governed.clone()) * 100.0
+                mid * 100.0,
+                self.governed.len()
+            );
+        }
+        if let Some((lo, hi, mid)) = spread(&self.per_hit) {
+            let _ = writeln!(
+                md,
+                "\nEvery hit counted, each round's cacheloop over its bpftrace 0.23: {lo:.3}x to \
+                 {hi:.3}x (median {mid:.3}x)."
             );
         }
         let _ = writeln!(
@@ -886,12 +961,6 @@ impl Report {
         let _ = writeln!(md, "| goal | measured | |\n|---|---:|---|");
         let t = |count, tool| Self::get(&attach, count, tool);
         let r = |count, tool| Self::get(&self.rss, count, tool);
-        let thr = |label: &str| {
-            self.throughput
-                .iter()
-                .find(|x| x.label == label)
-                .map(|x| x.rate)
-        };
         let mut goal = |name: &str,
                         value: Option<f64>,
                         limit: f64,
@@ -950,8 +1019,8 @@ impl Report {
             &times,
         );
         goal(
-            "per hit: throughput probed at least 1.0x of bpftrace 0.23's",
-            ratio(thr(CACHELOOP_ALL_HITS), thr(Tool::Bpftrace23.name())),
+            "per hit: throughput probed at least 1.0x of bpftrace 0.23's (median of the rounds' ratios)",
+            (!self.per_hit.is_empty()).then(|| median(&mut self.per_hit.clone())),
             1.0,
             false,
             &times,
@@ -968,8 +1037,8 @@ impl Report {
         );
         goal(
             &format!(
-                "flat-out target keeps at least 90% of unprobed throughput under --max-overhead 5 (worst of {} runs)",
-                governed.len()
+                "flat-out target keeps at least 90% of unprobed throughput under --max-overhead 5 (worst of {} rounds)",
+                self.governed.len()
             ),
             worst_governed,
             0.9,
