@@ -23,7 +23,7 @@ use crate::{
         self, ALL_FUNCTIONS, Detector, Learned, LoopVerdict, Recovery, Rules, SeriesKey, Signals,
     },
     report::{Health, round1},
-    snapshot::{ProcessFacts, Snapshot},
+    snapshot::{Glance, ProcessFacts, Snapshot},
 };
 
 /// The analyzer's settings: the detector's rules (every one a flag of
@@ -376,6 +376,8 @@ pub struct Analyzer {
     /// Scratch: this snapshot's counters by (func, pid), and this
     /// reading's calls per function of one process.
     by_key: HashMap<(u32, u32), u64>,
+    /// Scratch: the calls in this snapshot's fresh part, by (func, pid).
+    fresh_calls: HashMap<(u32, u32), u64>,
     calls: Vec<u64>,
     is_request: Vec<bool>,
     /// By function: picked for its heat (see `discover.rs`).
@@ -384,7 +386,28 @@ pub struct Analyzer {
     /// interpreted: both join the catalog mid-run, one by one, and would
     /// read as the sum running away).
     unsummed: Vec<bool>,
+    /// What [`Analyzer::quiet`] holds a glance to, as of the last reading:
+    /// per process, the least rate each function (by catalog index) and
+    /// their sum could be judged a runaway at
+    /// ([`Detector::alarm_rate`]); the same per name group, by name; and
+    /// whether some series was in a loop or suspect.
+    alarms: HashMap<u32, Alarms>,
+    group_alarms: HashMap<String, f64>,
+    hold: bool,
 }
+
+/// A process's alarm rates (see `Analyzer::alarms`).
+#[derive(Debug, Default)]
+struct Alarms {
+    funcs: Vec<f64>,
+    all: f64,
+}
+
+/// A glance is quiet while every rate in it stays under this share of the
+/// rate it could be judged a runaway at, and the CPU under this share of a
+/// loop's core: the margin keeps a loop starting between two glances from
+/// going unread.
+const GLANCE_MARGIN: f64 = 0.5;
 
 /// What a reporting period summed so far.
 #[derive(Debug, Default)]
@@ -403,10 +426,139 @@ struct Period {
     evicted: u64,
 }
 
+/// A part of a reading, judged on its own. A reading that folded in
+/// readings let go (`Snapshot::fresh`) is judged as two, as if they had
+/// been read apart: the part up to the last glance that let one go (calm
+/// by that glance, which the detector learns) and its fresh part, each on
+/// its own calls, seconds and CPU. A burst in the fresh part is then
+/// neither diluted by the quiet seconds before it nor credited with them.
+/// Otherwise the reading is one part.
+#[derive(Clone, Copy, Debug)]
+struct Part {
+    kind: PartKind,
+    /// Seconds of it, and those the probes were in: rates are over these.
+    seconds: f64,
+    window: f64,
+    /// The process's CPU in it, and its busiest thread's, in cores.
+    cores: Option<f64>,
+    thread_cores: Option<f64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum PartKind {
+    Whole,
+    Quiet,
+    Fresh,
+}
+
+impl Part {
+    /// The parts of `process`'s reading in `snap`, with `cores` and
+    /// `thread_cores` over the whole of it, `window` of its seconds probed.
+    fn of(
+        snap: &Snapshot,
+        process: &ProcessFacts,
+        cores: Option<f64>,
+        thread_cores: Option<f64>,
+        window: f64,
+    ) -> Vec<Self> {
+        let seconds = snap.seconds.max(1e-3);
+        let whole = Self {
+            kind: PartKind::Whole,
+            seconds,
+            window,
+            cores,
+            thread_cores,
+        };
+        let Some(fresh) = &snap.fresh else {
+            return vec![whole];
+        };
+        let f = fresh.seconds.clamp(1e-3, seconds);
+        let q = seconds - f;
+        // Readings are let go only while the probes are in throughout.
+        if q < 1e-3 || snap.probed < 1.0 {
+            return vec![whole];
+        }
+        let at = fresh.processes.iter().find(|p| p.pid == process.pid);
+        let per = |nanos: u64, s: f64| nanos as f64 / (s * 1e9);
+        let (q_cores, f_cores) = match (
+            at.and_then(|a| a.cpu_start),
+            at.and_then(|a| a.cpu_nanos),
+            process.cpu_nanos,
+        ) {
+            (Some(b), Some(a), Some(n)) => (
+                Some(per(a.saturating_sub(b), q)),
+                Some(per(n.saturating_sub(a), f)),
+            ),
+            _ => (cores, cores),
+        };
+        let part = |kind, s: f64, cores: Option<f64>, hot: Option<u64>| Self {
+            kind,
+            seconds: s,
+            window: s,
+            cores,
+            thread_cores: hot.map(|n| per(n, s)).or(cores),
+        };
+        vec![
+            part(
+                PartKind::Quiet,
+                q,
+                q_cores,
+                at.and_then(|a| a.hot_thread_before),
+            ),
+            part(
+                PartKind::Fresh,
+                f,
+                f_cores,
+                at.and_then(|a| a.hot_thread_nanos),
+            ),
+        ]
+    }
+
+    /// Calls in this part, of a function (or sum) with `whole` calls in
+    /// the reading and `fresh` in its fresh part.
+    fn calls(&self, whole: u64, fresh: u64) -> u64 {
+        match self.kind {
+            PartKind::Whole => whole,
+            PartKind::Quiet => whole.saturating_sub(fresh),
+            PartKind::Fresh => fresh.min(whole),
+        }
+    }
+
+    fn rate(&self, whole: u64, fresh: u64) -> f64 {
+        self.calls(whole, fresh) as f64 / self.window.max(1e-3)
+    }
+
+    /// A series' `signals` for this part: its CPU and invalidations per
+    /// request; in a quiet part, no structure (its call sites span the
+    /// whole reading: see [`Signals::no_evidence`]).
+    fn signals(&self, signals: Signals, requests: Option<PerRequest>) -> Signals {
+        let signals = Signals {
+            cpu: self.thread_cores,
+            explained_by_requests: requests.is_some_and(|r| r.explained),
+            per_request_risen: requests.is_some_and(|r| r.risen),
+            ..signals
+        };
+        if self.kind != PartKind::Quiet {
+            return signals;
+        }
+        Signals {
+            call_cycle: false,
+            key_cycle: 0.0,
+            cycle_dominance: 0.0,
+            top_share: None,
+            reinvalidation: None,
+            no_evidence: true,
+            ..signals
+        }
+    }
+}
+
 /// What the processes of one name did together in a reading.
 #[derive(Debug, Default)]
 struct GroupSum {
     calls: u64,
+    /// Per part of the reading ([`Part`]): its calls and CPU summed.
+    parts: Vec<(Part, u64, Option<f64>)>,
     window: f64,
     /// (pid, calls), in pid order.
     pids: Vec<(u32, u64)>,
@@ -545,11 +697,86 @@ impl Analyzer {
             evictions_warned: false,
             elapsed: 0.0,
             by_key: HashMap::new(),
+            fresh_calls: HashMap::new(),
             calls: Vec::new(),
             is_request: Vec::new(),
             is_hot_pick: Vec::new(),
             unsummed: Vec::new(),
+            alarms: HashMap::new(),
+            group_alarms: HashMap::new(),
+            // Nothing is known before the first reading.
+            hold: true,
         }
+    }
+
+    /// Whether the last reading left something to watch at every reading
+    /// (a series in a loop or suspect, or none read yet): then no glance
+    /// is [`Analyzer::quiet`].
+    pub fn holds(&self) -> bool {
+        self.hold
+    }
+
+    /// Calls of `func` in process `pid` in the fresh part of the snapshot
+    /// being judged (0 when it has none: see `fresh_calls`).
+    fn fresh_of(&self, func: u32, pid: u32) -> u64 {
+        self.fresh_calls.get(&(func, pid)).copied().unwrap_or(0)
+    }
+
+    /// Whether a glance between readings shows nothing that could move a
+    /// verdict, so that the reading can be let go (the next one covers its
+    /// time): no series in a loop or suspect at the last reading; the CPU
+    /// of every watched process together under half of what a loop burns
+    /// (`cpu_cores`); and every function, process (its functions summed,
+    /// as judged) and name group calling at under half the rate it could
+    /// be judged a runaway at ([`Detector::alarm_rate`]). A function or
+    /// process the last reading did not judge is held to `min_rate`.
+    ///
+    /// A verdict needs such a rate or a burning core (`detect::judge`): a
+    /// reading that had neither could only have learned calm traffic. The
+    /// next reading covers its time, and is judged as two parts ([`Part`]):
+    /// up to the last glance that let one go, learned as calm, then the
+    /// rest.
+    pub fn quiet(&self, glance: &Glance) -> bool {
+        let rules = self.detector.rules();
+        let burning =
+            |cores: Option<f64>| cores.is_none_or(|c| c >= GLANCE_MARGIN * rules.cpu_cores);
+        if self.hold || burning(glance.cores) || burning(glance.hottest_thread) {
+            return false;
+        }
+        let loud = |calls: u64, alarm: f64| calls as f64 >= GLANCE_MARGIN * alarm * glance.seconds;
+        let mut sums: HashMap<u32, u64> = HashMap::new();
+        for c in &glance.calls {
+            let alarms = self.alarms.get(&c.pid);
+            let alarm = alarms
+                .and_then(|a| a.funcs.get(c.func as usize))
+                .copied()
+                .unwrap_or(rules.min_rate);
+            if loud(c.calls, alarm) {
+                return false;
+            }
+            let f = c.func as usize;
+            let summed = !(self.is_request.get(f).copied().unwrap_or(false)
+                || self.unsummed.get(f).copied().unwrap_or(false));
+            if summed {
+                *sums.entry(c.pid).or_default() += c.calls;
+            }
+        }
+        let mut groups: HashMap<&str, u64> = HashMap::new();
+        for (pid, calls) in sums {
+            let alarm = self.alarms.get(&pid).map_or(rules.min_rate, |a| a.all);
+            if loud(calls, alarm) {
+                return false;
+            }
+            if let Some(comm) = self.comms.get(&pid) {
+                *groups.entry(comm.as_str()).or_default() += calls;
+            }
+        }
+        groups.into_iter().all(|(comm, calls)| {
+            // Only groups of two or more are judged as one.
+            self.group_alarms
+                .get(comm)
+                .is_none_or(|&alarm| !loud(calls, alarm))
+        })
     }
 
     /// Judges one snapshot, taken under `catalog`.
@@ -588,6 +815,12 @@ impl Analyzer {
         self.by_key.clear();
         self.by_key
             .extend(snap.counts.iter().map(|c| ((c.func, c.pid), c.calls)));
+        // A reading that folded in readings let go is judged in two parts.
+        self.fresh_calls.clear();
+        if let Some(f) = &snap.fresh {
+            self.fresh_calls
+                .extend(f.calls.iter().map(|c| ((c.func, c.pid), c.calls)));
+        }
         self.reading_calls.clear();
         let (cycles, callee_edges) = self.cycles(snap);
         let keys = self.keys(catalog, snap);
@@ -636,14 +869,57 @@ impl Analyzer {
                 .map(|(n, _)| n)
                 .sum();
             out.hit_rate = out.hit_rate.max((native + usdt) as f64 / window);
+            if let Some(f) = &snap.fresh {
+                // A burst in the fresh part, at its own rate.
+                let fresh: u64 = (0..catalog.len() as u32)
+                    .filter(|&func| !catalog.functions[func as usize].is_interpreted())
+                    .chain([profiler_common::USDT_HITS])
+                    .map(|func| self.fresh_of(func, pid))
+                    .sum();
+                out.hit_rate = out.hit_rate.max(fresh as f64 / f.seconds.max(1e-3));
+            }
             for (func, &n) in self.calls.iter().enumerate() {
                 if n > 0 {
                     self.reading_calls.insert((pid, func as u32), n);
                 }
             }
-            let per_request = self
-                .requests
-                .observe(pid, &self.calls, &self.is_request, window);
+            let mut cores = None;
+            if let Some(cpu_nanos) = process.cpu_nanos {
+                let before = self.cpu.insert(pid, cpu_nanos);
+                // The first reading of a process has nothing to diff against.
+                if let Some(before) = before {
+                    let used = cpu_nanos.saturating_sub(before);
+                    let sums = self.period.cpu.entry(pid).or_default();
+                    sums.0 += used;
+                    sums.1 += seconds;
+                    cores = Some(used as f64 / (seconds * 1e9));
+                }
+            }
+            // A loop pins a thread: judged on the busiest thread's CPU where
+            // there is one to read, the process's otherwise.
+            let thread_cores = process
+                .hot_thread_nanos
+                .map(|n| n as f64 / (seconds * 1e9))
+                .or(cores);
+            let parts = Part::of(snap, process, cores, thread_cores, window);
+            // Invalidations per request, part by part (learned from each
+            // calm one); the last part's is the reading's.
+            let part_requests: Vec<Option<PerRequest>> = parts
+                .iter()
+                .map(|part| {
+                    if part.kind == PartKind::Whole {
+                        return self
+                            .requests
+                            .observe(pid, &self.calls, &self.is_request, window);
+                    }
+                    let calls: Vec<u64> = (0..catalog.len())
+                        .map(|f| part.calls(self.calls[f], self.fresh_of(f as u32, pid)))
+                        .collect();
+                    self.requests
+                        .observe(pid, &calls, &self.is_request, part.window)
+                })
+                .collect();
+            let per_request = part_requests.last().copied().flatten();
             if per_request.is_some() {
                 let (mut req, mut inv) = (0u64, 0u64);
                 for (func, &n) in self.calls.iter().enumerate() {
@@ -659,29 +935,16 @@ impl Analyzer {
                 sums.2 += window;
             }
 
-            let mut cores = None;
-            if let Some(cpu_nanos) = process.cpu_nanos {
-                let before = self.cpu.insert(pid, cpu_nanos);
-                // The first reading of a process has nothing to diff against.
-                if let Some(before) = before {
-                    let used = cpu_nanos.saturating_sub(before);
-                    let sums = self.period.cpu.entry(pid).or_default();
-                    sums.0 += used;
-                    sums.1 += seconds;
-                    let c = used as f64 / (seconds * 1e9);
-                    cores = Some(c);
-                    health.insert(
-                        pid,
-                        Health {
-                            cpu_percent: round1(c * 100.0),
-                            rss_bytes: process.rss_bytes,
-                            requests_rate: per_request.map(|r| round1(r.requests_rate)),
-                            invalidations_per_request: per_request
-                                .and_then(|r| r.ratio)
-                                .map(round1),
-                        },
-                    );
-                }
+            if let Some(c) = cores {
+                health.insert(
+                    pid,
+                    Health {
+                        cpu_percent: round1(c * 100.0),
+                        rss_bytes: process.rss_bytes,
+                        requests_rate: per_request.map(|r| round1(r.requests_rate)),
+                        invalidations_per_request: per_request.and_then(|r| r.ratio).map(round1),
+                    },
+                );
             }
             // How much of the process's watched calls walked its cycles in
             // this reading: a loop running since before attach is most of
@@ -698,23 +961,20 @@ impl Analyzer {
                 .get(&pid)
                 .map_or(0, |c| c.iter().map(|&f| self.calls[f as usize]).sum());
             let dominance = along_keys.max(along_calls) as f64 / all_calls.max(1) as f64;
-            // A loop pins a thread: judged on the busiest thread's CPU where
-            // there is one to read, the process's otherwise.
-            let thread_cores = process
-                .hot_thread_nanos
-                .map(|n| n as f64 / (seconds * 1e9))
-                .or(cores);
             let process_looping = self.detector.process_in_loop(pid)
                 || self
                     .groups
                     .get(&process.comm)
                     .is_some_and(|&id| self.detector.process_in_loop(id));
             let mut any_suspect = false;
+            let mut alarms = self.alarms.remove(&pid).unwrap_or_default();
+            alarms.funcs.clear();
             self.detector.begin_reading(pid, catalog.len() as u32);
             for func in 0..catalog.len() as u32 {
                 let calls = self.calls[func as usize];
                 let series = SeriesKey { pid, func };
                 let rate = calls as f64 / window;
+                let fresh_calls = self.fresh_of(func, pid);
                 // Outside a probe window nothing is counted: scale up.
                 let reported = if estimated {
                     (rate * seconds).round() as u64
@@ -724,7 +984,8 @@ impl Analyzer {
                 if calls > 0 || reported > 0 {
                     let totals = self.totals.entry(series).or_default();
                     totals.calls += reported;
-                    totals.peak_rate = totals.peak_rate.max(rate);
+                    let peak = parts.iter().map(|p| p.rate(calls, fresh_calls));
+                    totals.peak_rate = peak.fold(totals.peak_rate, f64::max);
                     self.fired.insert(series);
                 }
                 // Samples are said for functions that fired (zeros
@@ -737,6 +998,7 @@ impl Analyzer {
 
                 // Requests are counted, not judged.
                 if self.is_request[func as usize] {
+                    alarms.funcs.push(f64::INFINITY);
                     continue;
                 }
                 let stats = keys.get(&series);
@@ -761,13 +1023,22 @@ impl Analyzer {
                     per_request_risen: per_request.is_some_and(|r| r.risen),
                     process_looping,
                     heat_only: self.is_hot_pick[func as usize],
+                    no_evidence: false,
                 };
-                match self.detector.observe_with(series, rate, seconds, signals) {
-                    Some(detect::Event::Loop(v)) => verdicts.entry(pid).or_default().push(v),
-                    Some(detect::Event::Recovered(r)) => self.recovered(r, &mut out),
-                    None => {}
+                for (part, requests) in parts.iter().zip(&part_requests) {
+                    let signals = part.signals(signals, *requests);
+                    let rate = part.rate(calls, fresh_calls);
+                    match self
+                        .detector
+                        .observe_with(series, rate, part.seconds, signals)
+                    {
+                        Some(detect::Event::Loop(v)) => verdicts.entry(pid).or_default().push(v),
+                        Some(detect::Event::Recovered(r)) => self.recovered(r, &mut out),
+                        None => {}
+                    }
                 }
                 any_suspect |= self.detector.suspect(series);
+                alarms.funcs.push(self.detector.alarm_rate(series));
             }
             self.detector.end_reading(pid, seconds, process_looping);
             // All its judged functions together: a loop spread over several
@@ -777,6 +1048,7 @@ impl Analyzer {
                 .filter(|&f| !self.is_request[f as usize] && !self.unsummed[f as usize])
                 .collect();
             let calls: u64 = judged.iter().map(|&f| self.calls[f as usize]).sum();
+            let fresh_calls: u64 = judged.iter().map(|&f| self.fresh_of(f, pid)).sum();
             let base = Signals {
                 cpu: thread_cores,
                 cpu_baseline: self.cpu_baseline.get(&pid).copied(),
@@ -804,16 +1076,24 @@ impl Analyzer {
                     cycle_dominance: dominance.min(1.0),
                     ..base
                 };
-                match self
-                    .detector
-                    .observe_with(series, calls as f64 / window, seconds, signals)
-                {
-                    Some(detect::Event::Loop(v)) => verdicts.entry(pid).or_default().push(v),
-                    Some(detect::Event::Recovered(r)) => self.recovered(r, &mut out),
-                    None => {}
+                for (part, requests) in parts.iter().zip(&part_requests) {
+                    let signals = part.signals(signals, *requests);
+                    let rate = part.rate(calls, fresh_calls);
+                    match self
+                        .detector
+                        .observe_with(series, rate, part.seconds, signals)
+                    {
+                        Some(detect::Event::Loop(v)) => verdicts.entry(pid).or_default().push(v),
+                        Some(detect::Event::Recovered(r)) => self.recovered(r, &mut out),
+                        None => {}
+                    }
                 }
                 any_suspect |= self.detector.suspect(series);
+                alarms.all = self.detector.alarm_rate(series);
+            } else {
+                alarms.all = f64::INFINITY;
             }
+            self.alarms.insert(pid, alarms);
             let group = groups.entry(process.comm.clone()).or_default();
             group.calls += calls;
             group.window = group.window.max(window);
@@ -823,6 +1103,14 @@ impl Analyzer {
                 (Some(sum), Some(c), _) => Some(sum + c),
                 _ => None,
             };
+            // Its parts line up with the other processes' (one snapshot).
+            if group.parts.is_empty() {
+                group.parts = parts.iter().map(|&p| (p, 0, Some(0.0))).collect();
+            }
+            for (sum, part) in group.parts.iter_mut().zip(&parts) {
+                sum.1 += part.calls(calls, fresh_calls);
+                sum.2 = sum.2.zip(part.cores).map(|(a, c)| a + c);
+            }
             group.suspect |= any_suspect;
             group.looping |= process_looping;
             group.explained |= base.explained_by_requests;
@@ -840,33 +1128,41 @@ impl Analyzer {
         // Processes of one name together: a loop spread over a pool of
         // workers adds up here, its CPU summed over them.
         let mut group_verdicts: Vec<(LoopVerdict, Vec<u32>)> = Vec::new();
+        self.group_alarms.clear();
         for (comm, group) in groups {
             if group.pids.len() < 2 {
                 continue;
             }
             let next = GROUP_IDS + self.groups.len() as u32;
-            let id = *self.groups.entry(comm).or_insert(next);
+            let id = *self.groups.entry(comm.clone()).or_insert(next);
             let series = SeriesKey {
                 pid: id,
                 func: ALL_FUNCTIONS,
             };
-            let signals = Signals {
-                cpu: group.cpu,
-                cpu_baseline: self.cpu_baseline.get(&id).copied(),
-                explained_by_requests: group.explained,
-                per_request_risen: group.risen,
-                process_looping: group.looping,
-                ..Signals::default()
-            };
-            let rate = group.calls as f64 / group.window.max(1e-3);
-            match self.detector.observe_with(series, rate, seconds, signals) {
-                Some(detect::Event::Loop(v)) => {
-                    let pids = group.pids.iter().map(|&(p, _)| p).collect();
-                    group_verdicts.push((v, pids));
+            for &(part, calls, cpu) in &group.parts {
+                let signals = Signals {
+                    cpu,
+                    cpu_baseline: self.cpu_baseline.get(&id).copied(),
+                    explained_by_requests: group.explained,
+                    per_request_risen: group.risen,
+                    process_looping: group.looping,
+                    ..Signals::default()
+                };
+                let rate = calls as f64 / part.window.max(1e-3);
+                match self
+                    .detector
+                    .observe_with(series, rate, part.seconds, signals)
+                {
+                    Some(detect::Event::Loop(v)) => {
+                        let pids = group.pids.iter().map(|&(p, _)| p).collect();
+                        group_verdicts.push((v, pids));
+                    }
+                    Some(detect::Event::Recovered(r)) => self.recovered(r, &mut out),
+                    None => {}
                 }
-                Some(detect::Event::Recovered(r)) => self.recovered(r, &mut out),
-                None => {}
             }
+            self.group_alarms
+                .insert(comm, self.detector.alarm_rate(series));
             // The pool's usual CPU, summed, learned while nothing is suspect.
             if let Some(c) = group.cpu
                 && !group.suspect
@@ -961,6 +1257,10 @@ impl Analyzer {
             out.events.push(Event::TargetExit { pid: process.pid });
             self.forget(catalog, process.pid);
         }
+        // Processes no longer read hold no alarms.
+        self.alarms
+            .retain(|pid, _| snap.processes.iter().any(|p| p.pid == *pid && p.alive));
+        self.hold = self.detector.active();
         out
     }
 
@@ -1255,11 +1555,20 @@ impl Analyzer {
         self.evicted += self.vanished(&last, |s, k| s.call_sites.contains_key(k));
         let mut graphs: HashMap<u32, BTreeSet<(u32, u32)>> = HashMap::new();
         let mut strong = HashSet::new();
+        // A reading that folded in readings let go holds their call sites
+        // too: an edge must be as busy as in a reading of its fresh part's
+        // length (a rare, healthy recursion is not a cycle for being read
+        // over more time).
+        let least = snap
+            .fresh
+            .as_ref()
+            .map_or(1.0, |f| (snap.seconds / f.seconds.max(1e-3)).max(1.0))
+            * MIN_KEYED as f64;
         for ((pid, caller, callee), n) in edges {
             let calls = self.by_key.get(&(callee, pid)).copied().unwrap_or(0);
             let before = self.counts.last.get(&(callee, pid)).copied().unwrap_or(0);
             let callee_calls = since(before, calls).max(1);
-            if n >= MIN_KEYED && n as f64 >= CALL_EDGE_SHARE * callee_calls as f64 {
+            if n as f64 >= least && n as f64 >= CALL_EDGE_SHARE * callee_calls as f64 {
                 graphs.entry(pid).or_default().insert((caller, callee));
                 strong.insert((pid, callee));
             }
@@ -1571,7 +1880,7 @@ mod tests {
     use super::*;
     use crate::{
         catalog::{FileId, Function, KeySpec, Range},
-        snapshot::{CallSite, Count, KeyCount, KeyEdgeCount},
+        snapshot::{CallSite, Count, Fresh, KeyCount, KeyEdgeCount},
     };
 
     const PID: u32 = 42;
@@ -1626,6 +1935,10 @@ mod tests {
         /// CPU the process burns in the next ticks, in cores.
         cores: f64,
         cpu_nanos: u64,
+        /// The next tick folds in readings let go: its fresh seconds, the
+        /// calls of each function in them, and the cores the process burnt
+        /// before them (`cores` in them).
+        fresh: Option<(f64, Vec<u64>, f64)>,
     }
 
     impl Stream {
@@ -1640,6 +1953,7 @@ mod tests {
                 tick: 0,
                 cores: 0.1,
                 cpu_nanos: 0,
+                fresh: None,
             }
         }
 
@@ -1659,7 +1973,18 @@ mod tests {
             sites: &[(u32, u32, u64)],
         ) -> Output {
             self.tick += 1;
-            self.cpu_nanos += (self.cores * 1e9) as u64;
+            let fresh = self.fresh.take();
+            let start_cpu = self.cpu_nanos;
+            let mut let_go_cpu = None;
+            match &fresh {
+                Some((f, _, before)) => {
+                    let (f, before) = (*f, *before);
+                    self.cpu_nanos += (before * (1.0 - f) * 1e9) as u64;
+                    let_go_cpu = Some(self.cpu_nanos);
+                    self.cpu_nanos += (self.cores * f * 1e9) as u64;
+                }
+                None => self.cpu_nanos += (self.cores * 1e9) as u64,
+            }
             let mut facts = process(true);
             facts.cpu_nanos = Some(self.cpu_nanos);
             let mut snap = Snapshot {
@@ -1670,6 +1995,24 @@ mod tests {
                 probed: 1.0,
                 processes: vec![facts],
                 report: true,
+                fresh: fresh.map(|(seconds, calls, _)| Fresh {
+                    seconds,
+                    calls: calls
+                        .iter()
+                        .enumerate()
+                        .map(|(func, &calls)| Count {
+                            func: func as u32,
+                            pid: PID,
+                            calls,
+                        })
+                        .collect(),
+                    processes: vec![crate::snapshot::FreshProcess {
+                        pid: PID,
+                        cpu_start: Some(start_cpu),
+                        cpu_nanos: let_go_cpu,
+                        ..Default::default()
+                    }],
+                }),
                 ..Snapshot::default()
             };
             snap.key_edges = self
@@ -1758,6 +2101,138 @@ mod tests {
                 if *rate == 40_000.0 && *b == 200.0
         )));
         assert_eq!(outs[1].hit_rate, 40_000.0);
+    }
+
+    fn glance(calls: &[(u32, u32, u64)], cores: f64) -> Glance {
+        Glance {
+            seconds: 0.25,
+            calls: calls
+                .iter()
+                .map(|&(pid, func, calls)| Count { func, pid, calls })
+                .collect(),
+            cores: Some(cores),
+            hottest_thread: Some(cores),
+        }
+    }
+
+    #[test]
+    fn a_glance_at_calm_traffic_is_quiet_and_half_a_runaway_is_not() {
+        let mut s = Stream::new(&["inv_a", "inv_b", "inv_c"]);
+        // Nothing judged yet: nothing is quiet.
+        assert!(!s.analyzer.quiet(&glance(&[], 0.0)));
+        for _ in 0..5 {
+            s.tick(&[200, 100, 0], &[], &[]);
+        }
+        let calm = [(PID, 0, 50), (PID, 1, 25)];
+        assert!(s.analyzer.quiet(&glance(&calm, 0.1)));
+        // inv_a could run away from 10 x 200 calls/s: half of that, for a
+        // quarter of a second, is 250 calls.
+        assert!(s.analyzer.quiet(&glance(&[(PID, 0, 240)], 0.1)));
+        assert!(!s.analyzer.quiet(&glance(&[(PID, 0, 250)], 0.1)));
+        // Never called: held to the least runaway rate, 1000 calls/s.
+        assert!(s.analyzer.quiet(&glance(&[(PID, 2, 120)], 0.1)));
+        assert!(!s.analyzer.quiet(&glance(&[(PID, 2, 125)], 0.1)));
+        // Together: 10 x 300 calls/s for the process's sum.
+        assert!(
+            !s.analyzer
+                .quiet(&glance(&[(PID, 0, 240), (PID, 1, 140)], 0.1))
+        );
+        // A process the last reading did not judge: the least runaway rate.
+        assert!(s.analyzer.quiet(&glance(&[(PID + 1, 0, 120)], 0.1)));
+        assert!(!s.analyzer.quiet(&glance(&[(PID + 1, 0, 130)], 0.1)));
+        // Half a loop's core, in all or on one thread, or not known.
+        assert!(!s.analyzer.quiet(&glance(&calm, 0.45)));
+        let mut g = glance(&calm, 0.1);
+        g.hottest_thread = Some(0.45);
+        assert!(!s.analyzer.quiet(&g));
+        g.hottest_thread = None;
+        assert!(!s.analyzer.quiet(&g));
+    }
+
+    #[test]
+    fn a_reading_that_folded_in_quiet_ones_is_judged_as_two() {
+        // 200 calls/s on a calm core, then a second whose first three
+        // quarters a glance found quiet (150 calls, 0.1 core) and whose
+        // last quarter ran at 4000 calls/s burning a core: 1150 calls/s and
+        // 0.33 core over the second, a fifth of a runaway on no burning
+        // core; 4000/s on a burning core over its fresh quarter, a runaway.
+        let folded = |fresh: bool| {
+            let mut s = Stream::new(&["cache_invalidate"]);
+            for _ in 0..5 {
+                s.tick(&[200], &[], &[]);
+            }
+            s.cores = 1.0;
+            if fresh {
+                s.fresh = Some((0.25, vec![1000], 0.1));
+            } else {
+                s.cores = 0.325;
+            }
+            s.tick(&[1150], &[], &[]);
+            let key = SeriesKey { pid: PID, func: 0 };
+            (
+                s.analyzer.detector.suspect(key),
+                s.analyzer.detector.baseline(key).unwrap(),
+            )
+        };
+        // The quiet three quarters learnt their 200/s; the fresh one is
+        // suspect and learnt nothing.
+        let (suspect, baseline) = folded(true);
+        assert!(suspect);
+        assert!((baseline - 200.0).abs() < 1e-6, "{baseline}");
+        // Judged whole, the same second would have been learned as traffic.
+        let (suspect, baseline) = folded(false);
+        assert!(!suspect && baseline > 200.0, "{baseline}");
+    }
+
+    #[test]
+    fn a_folded_reading_catches_an_expensive_loop_and_learns_a_blip_for_its_quarter_only() {
+        let key = SeriesKey { pid: PID, func: 0 };
+        // 10 calls/s; then 110/s burning 0.9 core in the fresh quarter
+        // only (0.3 core over the second): an expensive loop.
+        let mut s = Stream::new(&["cache_invalidate"]);
+        for _ in 0..5 {
+            s.tick(&[10], &[], &[]);
+        }
+        s.cores = 0.9;
+        s.fresh = Some((0.25, vec![27], 0.1));
+        s.tick(&[35], &[], &[]);
+        assert!(s.analyzer.detector.suspect(key));
+        assert!(s.analyzer.detector.baseline(key).unwrap() < 11.0);
+        // 200 calls/s; then six times that in the fresh quarter: traffic,
+        // learned for a quarter of a second (at most 5.4% up), not as a
+        // second of 450 calls/s (20% up).
+        let mut s = Stream::new(&["cache_invalidate"]);
+        for _ in 0..5 {
+            s.tick(&[200], &[], &[]);
+        }
+        s.fresh = Some((0.25, vec![300], 0.1));
+        s.tick(&[450], &[], &[]);
+        assert!(!s.analyzer.detector.suspect(key));
+        let baseline = s.analyzer.detector.baseline(key).unwrap();
+        assert!(baseline > 200.0 && baseline < 211.0, "{baseline}");
+    }
+
+    #[test]
+    fn no_glance_is_quiet_from_a_suspect_reading_until_the_recovery() {
+        let mut s = Stream::new(&["cache_invalidate"]);
+        for _ in 0..5 {
+            s.tick(&[200], &[], &[]);
+        }
+        let calm = glance(&[(PID, 0, 50)], 0.1);
+        assert!(s.analyzer.quiet(&calm));
+        s.cores = 1.0;
+        assert!(!s.tick(&[40_000], &[], &[]).loop_found);
+        assert!(!s.analyzer.quiet(&calm), "suspect");
+        assert!(s.tick(&[40_000], &[], &[]).loop_found);
+        assert!(!s.analyzer.quiet(&calm), "in a loop");
+        s.cores = 0.1;
+        let mut recovered = false;
+        for _ in 0..4 {
+            let out = s.tick(&[200], &[], &[]);
+            recovered |= out.events.iter().any(|e| matches!(e, Event::Recovered(_)));
+            assert_eq!(s.analyzer.quiet(&calm), recovered);
+        }
+        assert!(recovered);
     }
 
     #[test]

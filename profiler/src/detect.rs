@@ -167,6 +167,11 @@ pub struct Signals {
     /// calls itself through others all day, and a step in load raises its
     /// process's CPU.
     pub heat_only: bool,
+    /// The reading had no evidence of its own (the quiet part of a reading
+    /// that folded in readings let go: its call sites span the whole
+    /// reading). Its structure is neither judged nor learned: the shares a
+    /// series learned stand.
+    pub no_evidence: bool,
 }
 
 impl Signals {
@@ -346,6 +351,8 @@ struct Series {
     /// Calls, seconds and shares of the warm-up, then what was learned.
     warm_calls: f64,
     warm_seconds: f64,
+    /// Of `warm_seconds`, those with evidence (see [`Signals::no_evidence`]).
+    warm_evidence_seconds: f64,
     warm_shares: Learned,
     learned: Option<Learned>,
     inherited: bool,
@@ -370,6 +377,14 @@ struct Reading {
     /// Structure was seen with no history to judge it by: a loop already
     /// running at attach, not corroborated yet. Never learned as normal.
     unlearnable: bool,
+}
+
+impl Reading {
+    /// Suspect in any way: on structure, on the rate (corroborated or
+    /// not), or structure seen before any history.
+    fn watchful(&self) -> bool {
+        self.structural.is_some() || self.runaway.is_some() || self.unlearnable
+    }
 }
 
 #[derive(Debug)]
@@ -516,6 +531,7 @@ impl Detector {
         // zeros after it keep every learned share at zero.
         Series {
             warm_seconds: seconds,
+            warm_evidence_seconds: seconds,
             learned: (seconds + 1e-9 >= rules.warmup).then(Learned::default),
             ..Series::default()
         }
@@ -742,6 +758,35 @@ impl Detector {
             })
     }
 
+    /// The least rate, in calls/s, at which series `key` could be judged a
+    /// runaway at its next reading without a core burning: a verdict on
+    /// the rate needs `factor` times its baseline and `min_rate`; one on
+    /// structure the same with history, a burning core without (see
+    /// [`judge`]). 0 while it is in a loop or its last reading was suspect
+    /// in any way (a rise not corroborated yet, structure before any
+    /// history): every reading counts then. A series with no call yet has
+    /// its process's quiet history: a baseline of zero, or none.
+    pub fn alarm_rate(&self, key: SeriesKey) -> f64 {
+        let min_rate = self.rules.min_rate;
+        let Some(series) = self.series.get(&key) else {
+            return min_rate;
+        };
+        if series.looping.is_some() || series.recent.back().is_some_and(Reading::watchful) {
+            return 0.0;
+        }
+        series.learned.map_or(min_rate, |l| {
+            min_rate.max(self.rules.factor * l.baseline.max(l.level).max(BASELINE_FLOOR))
+        })
+    }
+
+    /// Whether some series is in a loop, or its last reading was suspect
+    /// in any way (see [`Detector::alarm_rate`]).
+    pub fn active(&self) -> bool {
+        self.series
+            .values()
+            .any(|s| s.looping.is_some() || s.recent.back().is_some_and(Reading::watchful))
+    }
+
     /// Whether any series of a process is in a confirmed loop now.
     pub fn process_in_loop(&self, pid: u32) -> bool {
         self.series
@@ -897,28 +942,36 @@ fn learn_from(rules: &Rules, series: &mut Series, rate: f64, seconds: f64, signa
             if known {
                 l.top_share = remember(l.top_share, top);
             }
-            l.top_known |= known;
-            l.key_cycle = remember(l.key_cycle, signals.key_cycle);
-            l.call_cycle = remember(l.call_cycle, cycle);
+            if !signals.no_evidence {
+                l.top_known |= known;
+                l.key_cycle = remember(l.key_cycle, signals.key_cycle);
+                l.call_cycle = remember(l.call_cycle, cycle);
+            }
         }
         None => {
-            // The warm-up's shares are its averages.
+            // The warm-up's shares are its averages (over its seconds with
+            // evidence).
             series.warm_calls += rate * seconds;
             series.warm_seconds += seconds;
-            let shares = &mut series.warm_shares;
-            shares.top_share += top * seconds;
-            shares.top_known |= known;
-            shares.key_cycle += signals.key_cycle * seconds;
-            shares.call_cycle += cycle * seconds;
+            if !signals.no_evidence {
+                series.warm_evidence_seconds += seconds;
+                let shares = &mut series.warm_shares;
+                shares.top_share += top * seconds;
+                shares.top_known |= known;
+                shares.key_cycle += signals.key_cycle * seconds;
+                shares.call_cycle += cycle * seconds;
+            }
             if series.warm_seconds + 1e-9 >= rules.warmup {
                 let t = series.warm_seconds;
                 let baseline = series.warm_calls / t;
+                let shares = &series.warm_shares;
+                let e = series.warm_evidence_seconds.max(1e-9);
                 series.learned = Some(Learned {
                     baseline,
                     level: baseline,
-                    top_share: shares.top_share / t,
-                    key_cycle: shares.key_cycle / t,
-                    call_cycle: shares.call_cycle / t,
+                    top_share: shares.top_share / e,
+                    key_cycle: shares.key_cycle / e,
+                    call_cycle: shares.call_cycle / e,
                     top_known: shares.top_known,
                 });
             }
@@ -1212,6 +1265,34 @@ mod tests {
         assert!(found[0].1.agreed.no_history);
         // The loop was never learned as the baseline.
         assert_eq!(d.baseline(KEY), None);
+    }
+
+    #[test]
+    fn readings_without_evidence_neither_teach_nor_unteach_structure() {
+        let mut d = Detector::new(Rules::default());
+        let cycle = Signals {
+            call_cycle: true,
+            ..calm_cpu()
+        };
+        let blind = Signals {
+            no_evidence: true,
+            ..calm_cpu()
+        };
+        // A healthy cycle, learned as normal once it ran calm for longer
+        // than a loop would; half the warm-up without evidence.
+        run(
+            &mut d,
+            &[
+                (100.0, 21.0, cycle),
+                (100.0, 1.0, blind),
+                (100.0, 1.0, cycle),
+            ],
+        );
+        assert_eq!(d.learned(KEY).unwrap().call_cycle, 1.0);
+        // A minute of readings without evidence forgets nothing.
+        run(&mut d, &[(100.0, 60.0, blind)]);
+        assert_eq!(d.learned(KEY).unwrap().call_cycle, 1.0);
+        assert_eq!(d.baseline(KEY), Some(100.0));
     }
 
     #[test]

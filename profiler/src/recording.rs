@@ -279,6 +279,8 @@ impl Codec {
             seconds: s.seconds,
             elapsed: s.elapsed,
             probed: s.probed,
+            // Never recorded: readings are not let go while recording.
+            fresh: None,
             counts: self
                 .counts
                 .decode(&s.counts)

@@ -18,6 +18,51 @@ pub struct Count {
     pub calls: u64,
 }
 
+/// A glance at the call counters between readings: what came since the
+/// last glance or reading. Not recorded: a reading it lets go is folded
+/// into the next.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Glance {
+    /// Seconds since the last glance or reading.
+    pub seconds: f64,
+    /// Calls since then, of each (function, process) that had any.
+    pub calls: Vec<Count>,
+    /// CPU every watched process used since then, in cores, summed; None
+    /// when not known for one of them.
+    pub cores: Option<f64>,
+    /// The busiest thread's busy time (running or waiting to run) since
+    /// then, in cores; None when not known for one of them.
+    pub hottest_thread: Option<f64>,
+}
+
+/// The part of a reading after the last glance that let the readings
+/// before it go (that glance found nothing that could move a verdict):
+/// the reading is judged as two, the part before it (calm) and this one,
+/// each on its own calls, seconds and CPU, as if they had been read
+/// apart; the evidence (call sites, stacks) spans the whole reading.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Fresh {
+    pub seconds: f64,
+    /// Calls in it, of each (function, process) that had any.
+    pub calls: Vec<Count>,
+    /// What each watched process had used as of its start.
+    pub processes: Vec<FreshProcess>,
+}
+
+/// A process at the start of a reading's fresh part ([`Fresh`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct FreshProcess {
+    pub pid: u32,
+    /// CPU used so far at the reading's start and at its fresh part's,
+    /// nanoseconds (as `ProcessFacts::cpu_nanos`).
+    pub cpu_start: Option<u64>,
+    pub cpu_nanos: Option<u64>,
+    /// The busiest thread's busy nanoseconds from the last reading to
+    /// then, and in the fresh part (as `ProcessFacts::hot_thread_nanos`).
+    pub hot_thread_before: Option<u64>,
+    pub hot_thread_nanos: Option<u64>,
+}
+
 /// Calls of a function from one call site (return address) in a process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct CallSite {
@@ -116,6 +161,12 @@ pub struct Snapshot {
     /// Share of those seconds the probes were in (1 unless the overhead
     /// governor windowed them).
     pub probed: f64,
+    /// When readings before this one were let go as quiet (see
+    /// `Analyzer::quiet`) and folded into it: its fresh part. Not
+    /// recorded: readings are not let go while recording, so that a
+    /// replay under other rules judges every reading.
+    #[serde(skip)]
+    pub fresh: Option<Fresh>,
     pub counts: Vec<Count>,
     pub call_sites: Vec<CallSite>,
     pub keys: Vec<KeyCount>,
