@@ -20,14 +20,33 @@ use crate::{
     probes::{ProbeError, Probes},
     report::unix_now,
     snapshot::{
-        CallSite, Count, KeyCount, KeyEdgeCount, KeyText, NewStack, ProcessFacts, Snapshot,
-        StackCount,
+        CallSite, Count, Fresh, FreshProcess, Glance, KeyCount, KeyEdgeCount, KeyText, NewStack,
+        ProcessFacts, Snapshot, StackCount,
     },
     target::Process,
 };
 
 /// A stack not sampled for this long leaves the kernel's maps.
 const STACK_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// What the last glance that let its reading go saw: where the next
+/// snapshot's fresh part starts ([`Fresh`]).
+#[derive(Default)]
+struct LetGo {
+    at: Option<Instant>,
+    counts: HashMap<CallKey, u64>,
+    processes: HashMap<u32, LetGoProcess>,
+}
+
+/// A process as a glance that let its reading go saw it.
+#[derive(Default)]
+struct LetGoProcess {
+    cpu_nanos: Option<u64>,
+    /// The busiest thread's busy nanoseconds since the last snapshot.
+    hot_thread_before: Option<u64>,
+    /// Each thread's busy nanoseconds.
+    threads: Option<HashMap<u32, u64>>,
+}
 
 pub struct Collector {
     counts: HashMap<CallKey, u64>,
@@ -46,10 +65,20 @@ pub struct Collector {
     /// Per stack id: its samples summed, and when they last grew.
     stack_activity: HashMap<u32, (u64, Instant)>,
     last_read: Instant,
-    /// When [`Collector::read_kernel`] last read the call counters: the
-    /// end of the snapshot's time.
+    /// When the call counters were last read: the end of the snapshot's
+    /// time.
     counted: Instant,
     started: Instant,
+    /// The counters, each process's CPU time and when, at the last glance
+    /// or snapshot: a glance sees what came since.
+    glanced_counts: HashMap<CallKey, u64>,
+    glanced_cpu: HashMap<u32, u64>,
+    glanced_threads: HashMap<u32, HashMap<u32, u64>>,
+    glanced: Instant,
+    /// The last glance since the last snapshot that let its reading go.
+    let_go: Option<LetGo>,
+    /// Each process's CPU nanoseconds at the last snapshot.
+    read_cpu: HashMap<u32, u64>,
 }
 
 impl Collector {
@@ -70,22 +99,126 @@ impl Collector {
             last_read: Instant::now(),
             counted: Instant::now(),
             started,
+            glanced_counts: HashMap::new(),
+            glanced_cpu: HashMap::new(),
+            glanced_threads: HashMap::new(),
+            glanced: Instant::now(),
+            let_go: None,
+            read_cpu: HashMap::new(),
         }
     }
 
-    /// Reads every counter map. Call [`Collector::snapshot`] next.
-    /// Returns when the call counters were read (the other maps follow:
-    /// evidence, not counts).
-    pub fn read_kernel(&mut self, probes: &mut Probes) -> Result<Instant, ProbeError> {
+    /// Reads the call counters; returns when. Then
+    /// [`Collector::read_evidence`] and [`Collector::snapshot`], or a
+    /// [`Collector::glance`] only.
+    pub fn read_counts(&mut self, probes: &mut Probes) -> Result<Instant, ProbeError> {
         probes.read_counts(&mut self.counts)?;
         let counted = Instant::now();
         self.counted = counted;
+        Ok(counted)
+    }
+
+    /// What the counters just read ([`Collector::read_counts`]) and `/proc`
+    /// say of the processes in `live` since the last glance or snapshot,
+    /// for the analyzer to judge whether a full reading is needed
+    /// ([`crate::analyze::Analyzer::quiet`]). None when a process ended
+    /// (its last calls go out in a reading). The next snapshot still
+    /// covers all the time since the last one.
+    pub fn glance(&mut self, live: &BTreeMap<u32, Process>) -> Option<Glance> {
+        let seconds = self
+            .counted
+            .saturating_duration_since(self.glanced)
+            .as_secs_f64()
+            .max(1e-3);
+        self.glanced = self.counted;
+        let mut calls = Vec::new();
+        for (key, &now) in &self.counts {
+            if !live.contains_key(&key.tgid) {
+                continue;
+            }
+            let before = self.glanced_counts.insert(*key, now).unwrap_or(0);
+            // A counter made again (its process exec'd) counts from zero.
+            let n = if now >= before { now - before } else { now };
+            if n > 0 {
+                calls.push(Count {
+                    func: key.func,
+                    pid: key.tgid,
+                    calls: n,
+                });
+            }
+        }
+        // Every watched process's CPU, summed (a pool of processes burning
+        // a core shows in it), and the busiest thread's busy time (run
+        // plus run-queue wait: a loop on a contended core, as judged).
+        // Unknown (a process or thread new since the last glance) is not
+        // quiet.
+        let mut nanos = 0u64;
+        let mut busiest = 0u64;
+        let mut known = true;
+        for p in live.values() {
+            // Gone: its last calls go out in a reading.
+            let usage = p.usage_if_alive()?;
+            let before = self.glanced_cpu.insert(p.pid, usage.cpu_nanos);
+            known &= before.is_some();
+            nanos += usage
+                .cpu_nanos
+                .saturating_sub(before.unwrap_or(usage.cpu_nanos));
+            let Some(threads) = p.thread_busy() else {
+                known = false;
+                self.glanced_threads.remove(&p.pid);
+                continue;
+            };
+            let before = self.glanced_threads.entry(p.pid).or_default();
+            for &(tid, busy) in &threads {
+                // A thread new since: all its time is.
+                let b = before.get(&tid).copied().unwrap_or(0);
+                busiest = busiest.max(busy.saturating_sub(b));
+            }
+            *before = threads.into_iter().collect();
+        }
+        let cores = |n: u64| n as f64 / (seconds * 1e9);
+        Some(Glance {
+            seconds,
+            calls,
+            cores: known.then(|| cores(nanos)),
+            hottest_thread: known.then(|| cores(busiest)),
+        })
+    }
+
+    /// The reading of the last glance is let go: the next snapshot covers
+    /// its time, and its fresh part starts here.
+    pub fn let_go(&mut self) {
+        let mut l = self.let_go.take().unwrap_or_default();
+        l.at = Some(self.glanced);
+        l.counts.clone_from(&self.glanced_counts);
+        l.processes.clear();
+        for (&pid, &cpu) in &self.glanced_cpu {
+            let threads = self.glanced_threads.get(&pid);
+            let hottest = match (threads, self.threads.get(&pid)) {
+                (Some(now), Some(before)) if !before.is_empty() => Some(hottest(now, before)),
+                _ => None,
+            };
+            l.processes.insert(
+                pid,
+                LetGoProcess {
+                    cpu_nanos: Some(cpu),
+                    hot_thread_before: hottest,
+                    threads: threads.cloned(),
+                },
+            );
+        }
+        self.let_go = Some(l);
+    }
+
+    /// Reads the evidence maps (call sites, keys, stacks) after the call
+    /// counters. Call [`Collector::snapshot`] next.
+    pub fn read_evidence(&mut self, probes: &mut Probes) -> Result<(), ProbeError> {
         probes.read_callers(&mut self.callers)?;
         probes.read_keys(&mut self.keys)?;
         probes.read_key_edges(&mut self.key_edges)?;
         probes.read_stacks(&mut self.stacks)?;
         self.rotate_stacks(probes);
-        Ok(counted)
+        Ok(())
     }
 
     /// Stacks sampled no more for [`STACK_IDLE`] leave the kernel's maps:
@@ -132,7 +265,7 @@ impl Collector {
         per_pid.into_iter()
     }
 
-    /// The snapshot of what [`Collector::read_kernel`] read, for the
+    /// The snapshot of what was read, for the
     /// processes in `live`, whose executables were `exes` just before.
     /// `probed` is the share of the interval the probes were in.
     pub fn snapshot(
@@ -243,34 +376,87 @@ impl Collector {
         }
 
         self.threads.retain(|pid, _| live.contains_key(pid));
+        // Not for a process found since (under --binary, in this reading's
+        // counters): all its calls would read as fresh ones.
+        let let_go = self
+            .let_go
+            .take()
+            .filter(|l| l.at.is_some() && live.keys().all(|pid| l.processes.contains_key(pid)));
+        let mut fresh = let_go.as_ref().map(|l| Fresh {
+            seconds: now
+                .saturating_duration_since(l.at.unwrap_or(now))
+                .as_secs_f64()
+                .clamp(1e-3, seconds),
+            calls: self
+                .counts
+                .iter()
+                .filter(|(k, _)| watched(&k.tgid))
+                .filter_map(|(k, &now)| {
+                    let then = l.counts.get(k).copied().unwrap_or(0);
+                    // A counter made again counts from zero.
+                    let calls = if now >= then { now - then } else { now };
+                    (calls > 0).then_some(Count {
+                        func: k.func,
+                        pid: k.tgid,
+                        calls,
+                    })
+                })
+                .collect(),
+            processes: Vec::new(),
+        });
         snap.processes = live
             .values()
             .map(|p| {
                 let mut f = facts(p, exes.get(&p.pid).copied().unwrap_or_default());
-                f.hot_thread_nanos = self.hottest_thread(p);
+                let at = let_go.as_ref().and_then(|l| l.processes.get(&p.pid));
+                let (all, since) = self.hottest_thread(p, at.and_then(|a| a.threads.as_ref()));
+                f.hot_thread_nanos = all;
+                if let Some(fresh) = &mut fresh {
+                    fresh.processes.push(FreshProcess {
+                        pid: p.pid,
+                        cpu_start: self.read_cpu.get(&p.pid).copied(),
+                        cpu_nanos: at.and_then(|a| a.cpu_nanos),
+                        hot_thread_before: at.and_then(|a| a.hot_thread_before),
+                        hot_thread_nanos: since,
+                    });
+                }
                 f
             })
             .collect();
+        snap.fresh = fresh;
+        // The next glance sees what comes after this reading.
+        self.glanced_counts.clone_from(&self.counts);
+        self.glanced_cpu = snap
+            .processes
+            .iter()
+            .filter_map(|p| Some((p.pid, p.cpu_nanos?)))
+            .collect();
+        self.read_cpu.clone_from(&self.glanced_cpu);
+        self.glanced_threads.clone_from(&self.threads);
+        self.glanced = now;
         snap
     }
 
     /// Nanoseconds the busiest thread of `p` ran or waited to run since the
-    /// last reading (threads new since are not counted).
-    fn hottest_thread(&mut self, p: &Process) -> Option<u64> {
+    /// last reading (threads new since are not counted), and since
+    /// `since` (each thread's busy nanoseconds then).
+    fn hottest_thread(
+        &mut self,
+        p: &Process,
+        since: Option<&HashMap<u32, u64>>,
+    ) -> (Option<u64>, Option<u64>) {
         let Some(now) = p.thread_busy() else {
             self.threads.remove(&p.pid);
-            return None;
+            return (None, None);
         };
+        let now: HashMap<u32, u64> = now.into_iter().collect();
         let before = self.threads.entry(p.pid).or_default();
         let first = before.is_empty();
-        let hottest = now
-            .iter()
-            .filter_map(|(tid, n)| Some(n.saturating_sub(*before.get(tid)?)))
-            .max()
-            .unwrap_or(0);
+        let all = (!first).then(|| hottest(&now, before));
+        let since = since.map(|then| hottest(&now, then));
         // Threads that ended go with this reading.
-        *before = now.into_iter().collect();
-        (!first).then_some(hottest)
+        *before = now;
+        (all, since)
     }
 
     /// Call sites with the watched function each lies in, if any.
@@ -318,6 +504,15 @@ impl Collector {
     pub fn forget(&mut self, pid: u32) {
         self.resolved.retain(|&(p, _), _| p != pid);
     }
+}
+
+/// The most busy nanoseconds one thread added from `before` to `now` (each
+/// thread's busy nanoseconds); threads not in `before` are not counted.
+fn hottest(now: &HashMap<u32, u64>, before: &HashMap<u32, u64>) -> u64 {
+    now.iter()
+        .filter_map(|(tid, n)| Some(n.saturating_sub(*before.get(tid)?)))
+        .max()
+        .unwrap_or(0)
 }
 
 /// What `/proc` says of a process now.

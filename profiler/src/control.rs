@@ -28,7 +28,7 @@ use crate::{
     plan::{FileTarget, Planner},
     probes::{AttachMode, AttachRequest, MAX_FUNCTIONS, ProbeError, Probes},
     report::{self, Record, unix_now},
-    snapshot::Snapshot,
+    snapshot::{Glance, Snapshot},
     symbolize::CodeIndex,
     symbols::SymbolTable,
     target::{self, Binary, Process},
@@ -99,6 +99,9 @@ pub struct Controller {
     names_full_said: bool,
     /// Records made during a reading, said after the tick.
     pending: Vec<Record>,
+    /// Readings taken, and let go as quiet ([`Controller::collect`]).
+    readings: u64,
+    quiet_readings: u64,
 }
 
 /// How long runtime probes may stay silent before a warning says so.
@@ -256,6 +259,8 @@ impl Controller {
             usdt_silence_said: false,
             names_full_said: false,
             pending: Vec::new(),
+            readings: 0,
+            quiet_readings: 0,
         };
         controller
             .apply_keys()
@@ -285,7 +290,20 @@ impl Controller {
     /// One reading. Whether it closes a reporting interval
     /// (`Snapshot::report`) is the caller's to say: only known once it
     /// was read.
-    pub fn collect(&mut self) -> Result<Snapshot, ProbeError> {
+    ///
+    /// With `quiet`, a reading between reports may be let go: when nothing
+    /// changed among the processes and files, and `quiet` finds nothing in
+    /// a glance at the call counters and CPU since the last glance that
+    /// could move a verdict, only the counters are read (no evidence maps,
+    /// no snapshot, nothing to judge) and None is returned; the next
+    /// reading covers the time since the last one. Not while keys are
+    /// read: the key maps would hold several readings' keys, and their
+    /// sequences and shares are judged per reading.
+    pub fn collect(
+        &mut self,
+        quiet: Option<&dyn Fn(&Glance) -> bool>,
+    ) -> Result<Option<Snapshot>, ProbeError> {
+        let version = self.catalog.version;
         // A process that ran exec: its probes (on the old program) and its
         // counters go before the maps are read, so the old program's counts
         // can neither be read as the new one's nor linger as a series of
@@ -309,11 +327,35 @@ impl Controller {
         }
         self.rewritten = self.take_out_rewritten();
         self.judge_names();
+        let changed = !(self.execed.is_empty()
+            && self.rewritten.is_empty()
+            && self.pending.is_empty()
+            && self.catalog.version == version);
+        let counted = self.collector.read_counts(&mut self.probes)?;
+        let quiet = quiet.filter(|_| !changed && !self.probes.uses_keys());
+        let glanced = quiet.is_some_and(|quiet| {
+            self.collector
+                .glance(&self.live)
+                .is_some_and(|glance| quiet(&glance))
+        });
+        if glanced {
+            // Quiet, unless a process was found (under --binary, in the
+            // counters just read).
+            let watched = self.live.len();
+            self.discovered = self.discover();
+            if self.discovered.is_empty() && self.live.len() == watched {
+                self.collector.let_go();
+                self.quiet_readings += 1;
+                return Ok(None);
+            }
+            self.collector.read_evidence(&mut self.probes)?;
+        } else {
+            self.collector.read_evidence(&mut self.probes)?;
+            self.discovered = self.discover();
+        }
         // Probed time is split where the call counters were read: hits
         // after it are the next interval's, and so is their time.
-        let counted = self.collector.read_kernel(&mut self.probes)?;
         let probed = self.windows.probed_share(counted);
-        self.discovered = self.discover();
         let mut exes = exes;
         for p in self.live.values() {
             // Found in this reading: as found.
@@ -323,7 +365,8 @@ impl Controller {
             .collector
             .snapshot(&self.probes, &self.catalog, &self.live, &exes, probed);
         self.pace_call_sites(snap.seconds * probed);
-        Ok(snap)
+        self.readings += 1;
+        Ok(Some(snap))
     }
 
     /// `py:`/`rb:`/`php:` patterns: the interpreted names the kernel saw
@@ -1031,6 +1074,11 @@ impl Controller {
     /// Detaches everything. Returns the `detached` record's numbers:
     /// functions, how long the kernel took.
     pub fn finish(self) -> (usize, Duration) {
+        log::debug!(
+            "{} readings judged; {} quiet ones between reports let go",
+            self.readings,
+            self.quiet_readings
+        );
         let functions = self.probes.attached();
         let detach = self.probes.detach();
         (functions, detach)

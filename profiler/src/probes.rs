@@ -1113,6 +1113,11 @@ impl Probes {
         Ok(probed.saturating_sub(bare) / CALLS)
     }
 
+    /// Whether some function's keys are read (`--key-arg`, a preset).
+    pub fn uses_keys(&self) -> bool {
+        self.uses_keys
+    }
+
     /// Reads every counter, summed over CPUs, into `out` (cleared first).
     pub fn read_counts(&mut self, out: &mut HashMap<CallKey, u64>) -> Result<(), ProbeError> {
         sum_per_cpu(

@@ -560,21 +560,33 @@ pub struct Usage {
 impl Process {
     /// CPU time and resident memory now, from `/proc/PID/stat`.
     pub fn usage(&self) -> Option<Usage> {
-        let stat = read_stat(self.pid)?;
-        // SAFETY: sysconf only reads system configuration.
-        let (tick_hz, page) = unsafe {
-            (
-                libc::sysconf(libc::_SC_CLK_TCK),
-                libc::sysconf(libc::_SC_PAGESIZE),
-            )
-        };
-        let tick_hz = u64::try_from(tick_hz).ok().filter(|&t| t > 0)?;
-        let page = u64::try_from(page).ok()?;
-        Some(Usage {
-            cpu_nanos: stat.cpu_ticks * (1_000_000_000 / tick_hz),
-            rss_bytes: stat.rss_pages * page,
-        })
+        usage(&read_stat(self.pid)?)
     }
+
+    /// [`Process::usage`], from the same read as [`Process::is_alive`]:
+    /// None when the process is gone (or its usage cannot be read).
+    pub fn usage_if_alive(&self) -> Option<Usage> {
+        read_stat(self.pid)
+            .filter(|s| s.start_time == self.start_time && s.state != 'Z' && s.state != 'X')
+            .as_ref()
+            .and_then(usage)
+    }
+}
+
+fn usage(stat: &Stat) -> Option<Usage> {
+    // SAFETY: sysconf only reads system configuration.
+    let (tick_hz, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_CLK_TCK),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    let tick_hz = u64::try_from(tick_hz).ok().filter(|&t| t > 0)?;
+    let page = u64::try_from(page).ok()?;
+    Some(Usage {
+        cpu_nanos: stat.cpu_ticks * (1_000_000_000 / tick_hz),
+        rss_bytes: stat.rss_pages * page,
+    })
 }
 
 /// Threads read one by one at most: a process with more is judged on its

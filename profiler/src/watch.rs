@@ -29,6 +29,7 @@ use crate::{
     report::{
         Record, Sink, StartSettings, json::JsonSink, metrics::Metrics, text::TextSink, unix_now,
     },
+    snapshot::Glance,
     target,
 };
 
@@ -232,8 +233,21 @@ async fn watch(
             ticks.reset();
         }
         let report = last || now + read_every / 2 >= next_report;
-        let mut snapshot = match controller.collect() {
-            Ok(s) => s,
+        // Between reports, a reading whose glance shows nothing that could
+        // move a verdict is let go, the next covering its time: most of the
+        // loader's work is the reading, four times a second otherwise.
+        // Not while recording: a replay under other rules must have every
+        // reading to judge.
+        let quiet = |glance: &Glance| analyzer.quiet(glance);
+        let may_skip = !(report
+            || windowed
+            || deadline.is_some_and(|d| d <= now + read_every)
+            || config.record.is_some()
+            || analyzer.holds());
+        let quiet: Option<&dyn Fn(&Glance) -> bool> = may_skip.then_some(&quiet);
+        let mut snapshot = match controller.collect(quiet) {
+            Ok(Some(s)) => s,
+            Ok(None) => continue,
             Err(e) => {
                 failure = Some(e.into());
                 break;

@@ -24,7 +24,7 @@ fn expect_loop(pid: u32, funcs: &[&str], extra: &[&str]) -> serde_json::Value {
 fn watch_loop_after_healthy_phase_exits_3_naming_the_function() {
     require_root();
     let mut target = Target::fixture(&["200:hold", "max:40"]);
-    let extra = ["--fail-on-loop", "--duration", "40s"];
+    let extra = ["--fail-on-loop", "--duration", "40s", "-vv"];
     let run = watch_held(
         &target,
         &watch_fixture_args(target.pid, &extra),
@@ -93,6 +93,21 @@ fn watch_loop_after_healthy_phase_exits_3_naming_the_function() {
     // --fail-on-loop stopped at the verdict and detached.
     assert_eq!(records.last().unwrap()["type"], "detached");
     assert!(target.is_running(), "the target survived");
+    // The healthy seconds were glanced at between reports, not read in
+    // full four times a second; the runaway was still caught in time.
+    let let_go: u32 = run
+        .stderr
+        .lines()
+        .find_map(|l| {
+            l.split_once("readings judged; ")?
+                .1
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .expect("the count of readings let go, at -vv");
+    assert!(let_go > 0, "{}", run.stderr);
 }
 
 #[test]
