@@ -169,8 +169,9 @@ pub struct Signals {
     pub heat_only: bool,
     /// The reading had no evidence of its own (the quiet part of a reading
     /// that folded in readings let go: its call sites span the whole
-    /// reading). Its structure is neither judged nor learned: the shares a
-    /// series learned stand.
+    /// reading). Its structure is neither judged nor taught: the shares a
+    /// series learned are only forgotten, at the usual pace, and a warm-up
+    /// averages its shares over its readings with evidence.
     pub no_evidence: bool,
 }
 
@@ -942,7 +943,11 @@ fn learn_from(rules: &Rules, series: &mut Series, rate: f64, seconds: f64, signa
             if known {
                 l.top_share = remember(l.top_share, top);
             }
-            if !signals.no_evidence {
+            if signals.no_evidence {
+                // Forgotten at the usual pace, never taught.
+                l.key_cycle *= keep;
+                l.call_cycle *= keep;
+            } else {
                 l.top_known |= known;
                 l.key_cycle = remember(l.key_cycle, signals.key_cycle);
                 l.call_cycle = remember(l.call_cycle, cycle);
@@ -1268,7 +1273,7 @@ mod tests {
     }
 
     #[test]
-    fn readings_without_evidence_neither_teach_nor_unteach_structure() {
+    fn readings_without_evidence_forget_structure_at_the_usual_pace_and_never_teach_it() {
         let mut d = Detector::new(Rules::default());
         let cycle = Signals {
             call_cycle: true,
@@ -1288,10 +1293,17 @@ mod tests {
                 (100.0, 1.0, cycle),
             ],
         );
-        assert_eq!(d.learned(KEY).unwrap().call_cycle, 1.0);
-        // A minute of readings without evidence forgets nothing.
-        run(&mut d, &[(100.0, 60.0, blind)]);
-        assert_eq!(d.learned(KEY).unwrap().call_cycle, 1.0);
+        let learned = d.learned(KEY).unwrap().call_cycle;
+        assert!(learned > 0.999, "{learned}");
+        // A minute of readings without evidence forgets at the usual pace
+        // (halving every MEMORY_SECONDS), whatever they say.
+        let blind_cycle = Signals {
+            call_cycle: true,
+            ..blind
+        };
+        run(&mut d, &[(100.0, 30.0, blind), (100.0, 30.0, blind_cycle)]);
+        let forgot = learned * 0.5f64.powf(60.0 / MEMORY_SECONDS);
+        assert!((d.learned(KEY).unwrap().call_cycle - forgot).abs() < 1e-9);
         assert_eq!(d.baseline(KEY), Some(100.0));
     }
 
