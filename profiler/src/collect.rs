@@ -79,6 +79,8 @@ pub struct Collector {
     let_go: Option<LetGo>,
     /// Each process's CPU nanoseconds at the last snapshot.
     read_cpu: HashMap<u32, u64>,
+    /// [`Collector::read_processes`]' facts for the next snapshot.
+    processes_read: HashMap<u32, (ProcessFacts, Option<u64>)>,
 }
 
 impl Collector {
@@ -105,6 +107,7 @@ impl Collector {
             glanced: Instant::now(),
             let_go: None,
             read_cpu: HashMap::new(),
+            processes_read: HashMap::new(),
         }
     }
 
@@ -404,13 +407,18 @@ impl Collector {
                 .collect(),
             processes: Vec::new(),
         });
+        // Read right after the counters where it could be (see
+        // `read_processes`); a process found since, now.
+        let mut read = std::mem::take(&mut self.processes_read);
         snap.processes = live
             .values()
             .map(|p| {
-                let mut f = facts(p, exes.get(&p.pid).copied().unwrap_or_default());
                 let at = let_go.as_ref().and_then(|l| l.processes.get(&p.pid));
-                let (all, since) = self.hottest_thread(p, at.and_then(|a| a.threads.as_ref()));
-                f.hot_thread_nanos = all;
+                let (mut f, since) = match read.remove(&p.pid) {
+                    Some(read) => read,
+                    None => self.process_facts(p, at.and_then(|a| a.threads.as_ref())),
+                };
+                f.exe = exes.get(&p.pid).copied().unwrap_or_default();
                 if let Some(fresh) = &mut fresh {
                     fresh.processes.push(FreshProcess {
                         pid: p.pid,
@@ -435,6 +443,38 @@ impl Collector {
         self.glanced_threads.clone_from(&self.threads);
         self.glanced = now;
         snap
+    }
+
+    /// What `/proc` says of the processes in `live` now, for the next
+    /// snapshot: read right after the counters, so that a reading's CPU
+    /// spans the same time as its calls (the evidence maps, read next,
+    /// take a while). With the busiest thread's busy time since the last
+    /// glance that let its reading go, if one did.
+    pub fn read_processes(&mut self, live: &BTreeMap<u32, Process>) {
+        let mut read = std::mem::take(&mut self.processes_read);
+        read.clear();
+        for p in live.values() {
+            let since = self
+                .let_go
+                .as_ref()
+                .and_then(|l| l.processes.get(&p.pid))
+                .and_then(|a| a.threads.clone());
+            read.insert(p.pid, self.process_facts(p, since.as_ref()));
+        }
+        self.processes_read = read;
+    }
+
+    /// `p`'s facts (its executable left to the caller), and its busiest
+    /// thread's busy nanoseconds since `since` (each thread's then).
+    fn process_facts(
+        &mut self,
+        p: &Process,
+        since: Option<&HashMap<u32, u64>>,
+    ) -> (ProcessFacts, Option<u64>) {
+        let mut f = facts(p, FileId::default());
+        let (all, since) = self.hottest_thread(p, since);
+        f.hot_thread_nanos = all;
+        (f, since)
     }
 
     /// Nanoseconds the busiest thread of `p` ran or waited to run since the

@@ -348,8 +348,10 @@ impl Controller {
                 self.quiet_readings += 1;
                 return Ok(None);
             }
+            self.collector.read_processes(&self.live);
             self.collector.read_evidence(&mut self.probes)?;
         } else {
+            self.collector.read_processes(&self.live);
             self.collector.read_evidence(&mut self.probes)?;
             self.discovered = self.discover();
         }
