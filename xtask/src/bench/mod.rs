@@ -391,9 +391,9 @@ fn throughput_rounds(
     cases: &[Option<(Tool, &[&str])>],
     rounds: usize,
 ) -> Result<Vec<Vec<Phase>>, String> {
-    // Long enough for every round; stopped (by its pid) when dropped.
-    let seconds = (rounds * cases.len()) as u32 * (PHASE_SECONDS + 2) + 10;
-    let (target, out) = Target::start(&setup.target, &["hot", &seconds.to_string()])?;
+    // Longer than any section (a tool's attach and detach take seconds
+    // more than its turn); stopped by its pid when dropped.
+    let (target, out) = Target::start(&setup.target, &["hot", "36000"])?;
     // The target says each second's calls as it ends: stamped on arrival.
     let reader = thread::spawn(move || {
         out.lines()
@@ -884,8 +884,10 @@ impl Report {
              mapped counters ask for the CPU id, a few ns more. The rest \
              of the gap to bpftrace's program is the cookie, the config lookup, the atomic add (a \
              preempted hit on the same CPU must not lose a count) and the sampled call sites: about \
-             0.2% of a hit's whole cost here, far less than the calls/s vary between runs (the runs \
-             alternate tools, so the machine's drift falls on all of them). Under `--max-overhead` the \
+             0.2% of a hit's whole cost here, less than the calls/s vary from one second to the next. \
+             Until this run each tool had targets of its own, minutes apart, and the per-hit row read \
+             0.85-0.96x across runs; taking turns on one target in rounds, a few seconds apart, \
+             measures the tools rather than the machine's drift. Under `--max-overhead` the \
              question goes away: the hot function is probed in windows. The governed spread comes \
              from the machine (unprobed runs minutes apart differ by several percent), the cost of a \
              hit, calibrated once at start-up on a function of cacheloop's own, and the first \
@@ -937,8 +939,17 @@ impl Report {
              detectors: mostly cache misses on per-series hash maps, a microsecond or so a function \
              a reading) and the sample records (one per function and interval). The per-CPU slot \
              counters cost 0.19 ms a reading to copy out until this run; they are now mapped into the \
-             loader and summed in place. With every hit counted the same reading happens four times a \
-             second. bpftrace prints one number a second and never windows (its target pays instead). \
+             loader and summed in place. With every hit counted the probes are in throughout and the \
+             counters are read four times a second; until this run each of those readings was a full \
+             one. Now a reading between two reports is let go when a glance finds nothing that could \
+             move a verdict (no series suspect, the CPU under half a loop's core, every rate under half \
+             of what could be a runaway: README, \"What counts as a loop\"), and the next one is judged \
+             as two parts: the healthy target here is read in full once a second and glanced at three \
+             times (the mapped counters summed in place, `/proc/PID/stat` and the threads' \
+             `schedstat`). Measured before and after on this VM, every hit counted: 0.80% and 0.43-0.53% \
+             of a core. What is left of it: the full reading once a second (the call-site hash, the \
+             analyzer and detectors, 1000 sample records as JSON), the glances, and the runtime's \
+             timer wakeups. bpftrace prints one number a second and never windows (its target pays instead). \
              Not done: dense per-process arrays for the analyzer's and detector's per-series state \
              (most of the judging cost), reading call sites only where they can matter, and windows \
              spanning more than two intervals, which the reading-per-interval output does not allow \
