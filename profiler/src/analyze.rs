@@ -23,7 +23,7 @@ use crate::{
         self, ALL_FUNCTIONS, Detector, Learned, LoopVerdict, Recovery, Rules, SeriesKey, Signals,
     },
     report::{Health, round1},
-    snapshot::{Glance, ProcessFacts, Snapshot},
+    snapshot::{Glance, ProcessFacts, Snapshot, since},
 };
 
 /// The analyzer's settings: the detector's rules (every one a flag of
@@ -239,12 +239,6 @@ impl<K> Default for Deltas<K> {
             last: HashMap::new(),
         }
     }
-}
-
-/// Calls between two readings of a cumulative counter; one that went
-/// backwards was made again and counts from zero.
-fn since(before: u64, now: u64) -> u64 {
-    if now >= before { now - before } else { now }
 }
 
 impl<K: std::hash::Hash + Eq + Copy> Deltas<K> {
@@ -716,6 +710,33 @@ impl Analyzer {
         self.hold
     }
 
+    /// Judges `series` on each part of the reading (with its invalidations
+    /// per request), from its calls in the reading and in its fresh part
+    /// and its `signals`; says recoveries in `out`, returns loops found.
+    fn judge_parts(
+        &mut self,
+        series: SeriesKey,
+        (parts, requests): (&[Part], &[Option<PerRequest>]),
+        (calls, fresh_calls): (u64, u64),
+        signals: Signals,
+        out: &mut Output,
+    ) -> Vec<LoopVerdict> {
+        let mut found = Vec::new();
+        for (part, requests) in parts.iter().zip(requests) {
+            let signals = part.signals(signals, *requests);
+            let rate = part.rate(calls, fresh_calls);
+            match self
+                .detector
+                .observe_with(series, rate, part.seconds, signals)
+            {
+                Some(detect::Event::Loop(v)) => found.push(v),
+                Some(detect::Event::Recovered(r)) => self.recovered(r, out),
+                None => {}
+            }
+        }
+        found
+    }
+
     /// Calls of `func` in process `pid` in the fresh part of the snapshot
     /// being judged (0 when it has none: see `fresh_calls`).
     fn fresh_of(&self, func: u32, pid: u32) -> u64 {
@@ -1025,17 +1046,15 @@ impl Analyzer {
                     heat_only: self.is_hot_pick[func as usize],
                     no_evidence: false,
                 };
-                for (part, requests) in parts.iter().zip(&part_requests) {
-                    let signals = part.signals(signals, *requests);
-                    let rate = part.rate(calls, fresh_calls);
-                    match self
-                        .detector
-                        .observe_with(series, rate, part.seconds, signals)
-                    {
-                        Some(detect::Event::Loop(v)) => verdicts.entry(pid).or_default().push(v),
-                        Some(detect::Event::Recovered(r)) => self.recovered(r, &mut out),
-                        None => {}
-                    }
+                let found = self.judge_parts(
+                    series,
+                    (&parts, &part_requests),
+                    (calls, fresh_calls),
+                    signals,
+                    &mut out,
+                );
+                if !found.is_empty() {
+                    verdicts.entry(pid).or_default().extend(found);
                 }
                 any_suspect |= self.detector.suspect(series);
                 alarms.funcs.push(self.detector.alarm_rate(series));
@@ -1076,17 +1095,15 @@ impl Analyzer {
                     cycle_dominance: dominance.min(1.0),
                     ..base
                 };
-                for (part, requests) in parts.iter().zip(&part_requests) {
-                    let signals = part.signals(signals, *requests);
-                    let rate = part.rate(calls, fresh_calls);
-                    match self
-                        .detector
-                        .observe_with(series, rate, part.seconds, signals)
-                    {
-                        Some(detect::Event::Loop(v)) => verdicts.entry(pid).or_default().push(v),
-                        Some(detect::Event::Recovered(r)) => self.recovered(r, &mut out),
-                        None => {}
-                    }
+                let found = self.judge_parts(
+                    series,
+                    (&parts, &part_requests),
+                    (calls, fresh_calls),
+                    signals,
+                    &mut out,
+                );
+                if !found.is_empty() {
+                    verdicts.entry(pid).or_default().extend(found);
                 }
                 any_suspect |= self.detector.suspect(series);
                 alarms.all = self.detector.alarm_rate(series);

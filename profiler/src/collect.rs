@@ -21,7 +21,7 @@ use crate::{
     report::unix_now,
     snapshot::{
         CallSite, Count, Fresh, FreshProcess, Glance, KeyCount, KeyEdgeCount, KeyText, NewStack,
-        ProcessFacts, Snapshot, StackCount,
+        ProcessFacts, Snapshot, StackCount, since,
     },
     target::Process,
 };
@@ -141,7 +141,7 @@ impl Collector {
             }
             let before = self.glanced_counts.insert(*key, now).unwrap_or(0);
             // A counter made again (its process exec'd) counts from zero.
-            let n = if now >= before { now - before } else { now };
+            let n = since(before, now);
             if n > 0 {
                 calls.push(Count {
                     func: key.func,
@@ -397,7 +397,7 @@ impl Collector {
                 .filter_map(|(k, &now)| {
                     let then = l.counts.get(k).copied().unwrap_or(0);
                     // A counter made again counts from zero.
-                    let calls = if now >= then { now - then } else { now };
+                    let calls = since(then, now);
                     (calls > 0).then_some(Count {
                         func: k.func,
                         pid: k.tgid,
@@ -453,14 +453,16 @@ impl Collector {
     pub fn read_processes(&mut self, live: &BTreeMap<u32, Process>) {
         let mut read = std::mem::take(&mut self.processes_read);
         read.clear();
+        // Out while its thread bases are read (not copied per process).
+        let let_go = self.let_go.take();
         for p in live.values() {
-            let since = self
-                .let_go
+            let since = let_go
                 .as_ref()
                 .and_then(|l| l.processes.get(&p.pid))
-                .and_then(|a| a.threads.clone());
-            read.insert(p.pid, self.process_facts(p, since.as_ref()));
+                .and_then(|a| a.threads.as_ref());
+            read.insert(p.pid, self.process_facts(p, since));
         }
+        self.let_go = let_go;
         self.processes_read = read;
     }
 

@@ -18,6 +18,12 @@ pub struct Count {
     pub calls: u64,
 }
 
+/// Calls between two readings of a cumulative counter; one that went
+/// backwards was made again and counts from zero.
+pub fn since(before: u64, now: u64) -> u64 {
+    if now >= before { now - before } else { now }
+}
+
 /// A glance at the call counters between readings: what came since the
 /// last glance or reading. Not recorded: a reading it lets go is folded
 /// into the next.
