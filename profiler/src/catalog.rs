@@ -76,8 +76,8 @@ pub struct Range {
 /// One probed function.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Function {
-    /// Demangled name, as records show it.
-    pub name: String,
+    /// Demangled name, as records show it (the symbol table's own text).
+    pub name: Arc<str>,
     /// The file as processes map it (links resolved for `--binary`): every
     /// path it was seen under (bind mounts, hard links, containers). One
     /// list per file, shared by its functions.
@@ -141,7 +141,13 @@ impl Catalog {
     /// The name records show for function `id`.
     pub fn name(&self, id: u32) -> String {
         self.get(id)
-            .map_or_else(|| format!("#{id}"), |f| f.name.clone())
+            .map_or_else(|| format!("#{id}"), |f| f.name.to_string())
+    }
+
+    /// [`Catalog::name`], the catalog's own text where it has one.
+    pub fn shared_name(&self, id: u32) -> Arc<str> {
+        self.get(id)
+            .map_or_else(|| format!("#{id}").into(), |f| f.name.clone())
     }
 
     pub fn is_request(&self, id: u32) -> bool {

@@ -1219,11 +1219,14 @@ impl Controller {
             request
                 .points
                 .iter()
-                .map(|&(_, id)| self.catalog.name(id))
+                .map(|&(_, id)| self.catalog.shared_name(id))
                 .collect()
         } else {
             // Interpreted functions are named as they are called.
-            self.runtime_patterns.clone()
+            self.runtime_patterns
+                .iter()
+                .map(|p| p.as_str().into())
+                .collect()
         };
         Record::Attached {
             ts: unix_now(),

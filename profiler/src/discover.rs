@@ -294,7 +294,7 @@ pub fn named(symbols: &[Symbol]) -> (Vec<(&Symbol, &'static str)>, usize) {
         .iter()
         .filter(|s| !s.fragment && own_code(&s.name))
         .filter_map(|s| Some((s, invalidation_pick(&s.name)?)))
-        .filter(|(s, _)| seen.insert(s.name.as_str()))
+        .filter(|(s, _)| seen.insert(&*s.name))
         .collect();
     let rank = |word: &str| WORDS.iter().position(|(w, _)| *w == word);
     found.sort_by(|a, b| rank(a.1).cmp(&rank(b.1)).then(a.0.name.cmp(&b.0.name)));
@@ -482,7 +482,7 @@ mod tests {
         .map(|(i, n)| symbol(n, i as u64 * 16, 16))
         .collect();
         let (picked, _) = named(&symbols);
-        let names: Vec<&str> = picked.iter().map(|(s, _)| s.name.as_str()).collect();
+        let names: Vec<&str> = picked.iter().map(|(s, _)| &*s.name).collect();
         assert_eq!(names, ["activeExpireCycle", "dictDelete"]);
     }
 
@@ -496,9 +496,9 @@ mod tests {
         let (picked, left_out) = named(&symbols);
         assert_eq!(picked.len(), MAX_NAMED);
         assert_eq!(left_out, 41 - MAX_NAMED);
-        assert_eq!(picked[0].0.name, "cache_invalidate");
+        assert_eq!(&*picked[0].0.name, "cache_invalidate");
         assert_eq!(picked[0].1, "invalidate");
-        assert!(picked.iter().all(|(s, _)| s.name != "cache_get"));
+        assert!(picked.iter().all(|(s, _)| &*s.name != "cache_get"));
     }
 
     fn exe() -> FileId {

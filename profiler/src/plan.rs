@@ -108,7 +108,7 @@ impl Planner {
         }
         let id = self.published.functions.len() as u32;
         functions_mut(&mut self.published).push(Function {
-            name: name.to_owned(),
+            name: name.into(),
             paths: Arc::new([]),
             file_id,
             offsets: Default::default(),
@@ -277,10 +277,10 @@ impl Planner {
         let (named, left_out) = crate::discover::named(&table.symbols);
         let picked = self.picked.entry(exe).or_default();
         for (symbol, word) in named {
-            picked.insert(symbol.name.clone(), Picked::Name);
+            picked.insert(symbol.name.to_string(), Picked::Name);
             self.new_picks.push(crate::discover::Pick {
                 file: exe,
-                name: symbol.name.clone(),
+                name: symbol.name.to_string(),
                 why: crate::discover::Why::Name(word),
             });
         }
@@ -332,7 +332,7 @@ impl Planner {
         let mut in_exe = table.matching_at(&in_exe);
         if let Some(picked) = self.picked.get(&exe_id) {
             in_exe.extend(
-                (0..table.symbols.len()).filter(|&i| picked.contains_key(&table.symbols[i].name)),
+                (0..table.symbols.len()).filter(|&i| picked.contains_key(&*table.symbols[i].name)),
             );
             let offset = |&i: &usize| table.symbols[i].file_offset;
             in_exe.sort_by_key(offset);
@@ -412,7 +412,7 @@ impl Planner {
                 let picked = self
                     .picked
                     .get(&file_id)
-                    .and_then(|names| names.get(&symbol.name))
+                    .and_then(|names| names.get(&*symbol.name))
                     .copied()
                     .filter(|_| !request);
                 let key = if request || picked == Some(Picked::Hot) {
@@ -558,7 +558,7 @@ impl Planner {
                 .1
                 .symbols
                 .iter()
-                .filter(|s| names.contains(&s.name))
+                .filter(|s| names.iter().any(|n| **n == *s.name))
                 .cloned()
                 .collect();
             // One probe per address: C++'s constructor and destructor
@@ -621,7 +621,7 @@ impl Ids {
     fn get(&self, functions: &[Function], file: FileId, name: &str) -> Option<u32> {
         let same = |&id: &u32| {
             let f = &functions[id as usize];
-            f.file_id == file && f.name == name
+            f.file_id == file && *f.name == *name
         };
         self.table.find(self.hash(file, name), same).copied()
     }
@@ -634,7 +634,7 @@ impl Ids {
         self.table.insert_unique(hash, id, |&id| {
             use std::hash::BuildHasher as _;
             let f = &functions[id as usize];
-            state.hash_one((f.file_id, f.name.as_str()))
+            state.hash_one((f.file_id, &*f.name))
         });
     }
 

@@ -9,6 +9,7 @@
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use serde::{Deserialize, Serialize};
@@ -54,13 +55,13 @@ const PROCESSES: usize = 256;
 /// offsets to function names.
 pub struct CodeIndex {
     /// (start, end, name).
-    ranges: Vec<(u64, u64, String)>,
+    ranges: Vec<(u64, u64, Arc<str>)>,
 }
 
 impl CodeIndex {
     /// The index of `symbols` (those with a size).
     pub fn new<'a>(symbols: impl IntoIterator<Item = &'a Symbol>) -> Self {
-        let mut ranges: Vec<(u64, u64, String)> = symbols
+        let mut ranges: Vec<(u64, u64, Arc<str>)> = symbols
             .into_iter()
             .filter(|s| s.size > 0)
             .map(|s| (s.file_offset, s.file_offset + s.size, s.name.clone()))
@@ -79,7 +80,7 @@ impl CodeIndex {
             .rev()
             .take(8)
             .find(|r| offset < r.1)
-            .map(|r| r.2.as_str())
+            .map(|r| &*r.2)
     }
 }
 

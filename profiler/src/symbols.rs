@@ -21,6 +21,7 @@ use std::{
     collections::HashMap,
     fs,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use globset::{Glob, GlobMatcher};
@@ -90,8 +91,9 @@ impl SymbolError {
 /// A function that can carry a uprobe.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Symbol {
-    /// The name people know: demangled, clone suffix removed.
-    pub name: String,
+    /// The name people know: demangled, clone suffix removed. Shared with
+    /// the catalog and the attach record (10,000 functions: one copy).
+    pub name: Arc<str>,
     /// The name as the symbol table spells it, when not `name` (most C
     /// names are): 10,000 symbols are held while their file is probed.
     raw: Option<Box<str>>,
@@ -113,7 +115,7 @@ impl Symbol {
     fn new(raw: &str, names: Names, address: u64, size: u64, file_offset: u64) -> Self {
         Self {
             raw: (raw != names.full).then(|| raw.into()),
-            name: names.full,
+            name: names.full.into(),
             address,
             size,
             file_offset,
@@ -132,7 +134,7 @@ impl Symbol {
     /// reads symbol tables.
     pub fn at(name: &str, offset: u64, size: u64) -> Self {
         Self {
-            name: name.to_owned(),
+            name: name.into(),
             raw: None,
             address: offset,
             size,
@@ -594,7 +596,7 @@ mod tests {
     }
 
     fn names(selected: &[&Symbol]) -> Vec<String> {
-        selected.iter().map(|s| s.name.clone()).collect()
+        selected.iter().map(|s| s.name.to_string()).collect()
     }
 
     fn patterns(texts: &[&str]) -> Vec<Pattern> {
@@ -653,7 +655,7 @@ mod tests {
         ]);
         let invalidate = &t.symbols[0];
         assert_eq!(
-            invalidate.name,
+            &*invalidate.name,
             "cache::Store::invalidate(std::__cxx11::basic_string<char, std::char_traits<char>, std::allocator<char> > const&)"
         );
         let got = t.select(&patterns(&["cache::Store::invalidate"])).unwrap();

@@ -11,7 +11,7 @@ pub mod json;
 pub mod metrics;
 pub mod text;
 
-use std::{io, time::SystemTime};
+use std::{io, sync::Arc, time::SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -67,7 +67,8 @@ pub enum Record {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         ns_pid: Option<u32>,
         path: String,
-        functions: Vec<String>,
+        /// The catalog's names, not copies of them.
+        functions: Vec<Arc<str>>,
         /// `uprobe_multi` or `perf_link_per_function`.
         mode: String,
         /// Seconds from start-up to this record.

@@ -64,7 +64,7 @@ impl<W: Write> Sink for TextSink<W> {
                     (None, _) => format!("every process running {path}"),
                 };
                 let what = match functions.as_slice() {
-                    [one] => one.clone(),
+                    [one] => one.to_string(),
                     many => format!("{} functions", many.len()),
                 };
                 writeln!(
