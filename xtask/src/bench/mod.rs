@@ -9,9 +9,9 @@
 //! target file: the whole-process time to attach, count for 1 s, detach and
 //! exit with 1, 100, 1000 and 10,000 functions, and its peak RSS; the
 //! target's throughput while its hot function is probed (and under
-//! `--max-overhead 5`), in at least 5 rounds on one target process where
-//! each tool takes its turn, so that ratios compare seconds a few seconds
-//! apart, with each
+//! `--max-overhead 5`), in at least 6 rounds on one target process where
+//! each tool takes its turn (every other round in reverse order), so that
+//! ratios compare seconds a few seconds apart, with each
 //! tool's eBPF program time per hit from the kernel's own statistics
 //! (`kernel.bpf_stats_enabled`, on for those runs only); the loader's CPU
 //! with 1000 functions all called, at the default 1 s interval; cacheloop's
@@ -196,7 +196,8 @@ pub fn run(args: &[String]) -> Result<(), String> {
             .rev()
             .map(|&t| (t.name().to_owned(), Some((t, &[][..])))),
     );
-    let rounds = runs.max(GOVERNED_RUNS);
+    // Even: as many rounds in each order.
+    let rounds = runs.max(GOVERNED_RUNS).next_multiple_of(2);
     let probes: Vec<_> = cases.iter().map(|c| c.1).collect();
     let measured = throughput_rounds(&setup, &probes, rounds)?;
     let column = |label: &str| {
@@ -405,8 +406,16 @@ fn throughput_rounds(
             .collect::<Vec<_>>()
     });
     let mut spans = Vec::new();
-    for _ in 0..rounds {
-        for probe in cases {
+    for round in 0..rounds {
+        // Every other round in reverse: the machine drifts within a round
+        // too, and a case always just after another would carry its share
+        // of that drift into their ratio.
+        let mut order: Vec<usize> = (0..cases.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for case in order {
+            let probe = &cases[case];
             let started = Instant::now();
             let tool = match probe {
                 Some((tool, extra)) => Some(
@@ -422,7 +431,7 @@ fn throughput_rounds(
             thread::sleep(Duration::from_secs(u64::from(PHASE_SECONDS) - 1));
             let ns = tool.as_ref().and_then(|t| program_ns_per_hit(t.id()));
             thread::sleep(Duration::from_secs(1));
-            spans.push((started, Instant::now(), ns));
+            spans.push((round, case, started, Instant::now(), ns));
             if let Some(tool) = tool {
                 stop(tool);
             }
@@ -432,7 +441,10 @@ fn throughput_rounds(
     let seconds = reader
         .join()
         .map_err(|_| "the bench target's reader panicked")?;
-    let mut phases = spans.into_iter().map(|(from, to, ns_per_hit)| {
+    let mut by_round: Vec<Vec<Option<Phase>>> = (0..rounds)
+        .map(|_| (0..cases.len()).map(|_| None).collect())
+        .collect();
+    for (round, case, from, to, ns_per_hit) in spans {
         let steady = from + Duration::from_secs_f64(SETTLE_SECONDS);
         let calls: Vec<f64> = seconds
             .iter()
@@ -443,17 +455,15 @@ fn throughput_rounds(
             .collect();
         // The mean: each second's count is rounded to 1000 calls.
         let rate = calls.iter().sum::<f64>() / calls.len() as f64;
-        Phase { rate, ns_per_hit }
-    });
-    let mut by_round = Vec::new();
-    for _ in 0..rounds {
-        let round: Vec<Phase> = phases.by_ref().take(cases.len()).collect();
-        if round.iter().any(|p| !p.rate.is_finite()) {
+        if !rate.is_finite() {
             return Err("the bench target printed no rates in a phase".to_owned());
         }
-        by_round.push(round);
+        by_round[round][case] = Some(Phase { rate, ns_per_hit });
     }
-    Ok(by_round)
+    Ok(by_round
+        .into_iter()
+        .map(|round| round.into_iter().flatten().collect())
+        .collect())
 }
 
 /// `kernel.bpf_stats_enabled` on while this lives (the kernel then times
@@ -811,7 +821,8 @@ impl Report {
         let _ = writeln!(
             md,
             "`bench_hot` called flat out by one target process, in {} rounds: in each, every row in \
-             turn probes it (or leaves it alone) for {PHASE_SECONDS} s, and its calls per second are \
+             turn (in reverse order every other round) probes it (or leaves it alone) for \
+             {PHASE_SECONDS} s, and its calls per second are \
              averaged over the whole seconds of the last {:.0} s of that (attaching and the governor's first windows left \
              out). Calls/s: the median over the rounds; of unprobed: the median of each round's \
              ratio to that round's unprobed seconds. Program time per hit: the eBPF program's own run \
