@@ -11,8 +11,8 @@ use std::{
 };
 
 use cacheloop_tests::{
-    Cacheloop, Run, Target, free_port, have_programs, http, key_cycle, presets, require_root,
-    total_calls, watch_args, workload,
+    Cacheloop, Run, Target, free_port, have_programs, http, key_cycle, presets, readings_let_go,
+    require_root, total_calls, watch_args, workload,
 };
 
 /// What the Redis tests run (absent in a VM guest built without them).
@@ -358,6 +358,51 @@ fn preset_redis_as_a_queue_broker_raises_no_alarm() {
         "the queues were emptied again and again:\n{}",
         run.stdout
     );
+    drop(redis_server);
+    let _ = fs::remove_dir_all(&dir);
+}
+
+/// The broker again, watched without reading keys (the preset's functions
+/// named one by one) and with the probes in throughout: quiet readings
+/// between reports are then let go (only glanced at), and the next reading
+/// is judged in two parts. Neither the calm traffic nor its step to three
+/// times as much may read as a loop on a real cache.
+#[test]
+fn redis_broker_watched_without_keys_lets_quiet_readings_go_and_raises_no_alarm() {
+    require_root();
+    if !have_programs(REDIS) {
+        return;
+    }
+    let dir = scratch("redis-broker-keyless");
+    let port = free_port();
+    let redis_server = start_redis(&dir, port, &[]);
+    let mut load = workload(&["redis-broker", &port.to_string(), "8", "1500"]);
+    let funcs = presets("redis");
+    let funcs: Vec<&str> = funcs.iter().map(String::as_str).collect();
+    let extra = [
+        "--fail-on-loop",
+        "--max-overhead",
+        "100",
+        "--duration",
+        "14s",
+        "-vv",
+    ];
+    let watcher = Cacheloop::start(&watch_args(redis_server.pid, &funcs, &extra));
+    watcher.wait_attached(Duration::from_secs(60));
+    let _ = load.wait();
+    let mut busier = workload(&["redis-broker", &port.to_string(), "6", "4500"]);
+    let run = watcher.finish(Duration::from_secs(60));
+    let _ = busier.kill();
+    let _ = busier.wait();
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.of_type("loop").is_empty(), "{}", run.stdout);
+    assert!(
+        total_calls(&run, None, "dictUnlink") > 1000,
+        "the queues were emptied again and again:\n{}",
+        run.stdout
+    );
+    let let_go = readings_let_go(&run).expect("the count of readings let go, at -vv");
+    assert!(let_go > 0, "{}", run.stderr);
     drop(redis_server);
     let _ = fs::remove_dir_all(&dir);
 }

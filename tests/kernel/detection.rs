@@ -3,8 +3,8 @@
 use std::{fs, time::Duration};
 
 use cacheloop_tests::{
-    Cacheloop, Target, cacheloop, demo_bin, demo_config, peak_rate, require_root, watch_args,
-    watch_fixture_args, watch_held,
+    Cacheloop, Target, cacheloop, demo_bin, demo_config, peak_rate, readings_let_go, require_root,
+    watch_args, watch_fixture_args, watch_held,
 };
 
 /// Watches `pid` with `--fail-on-loop` and `extra`, expects exit 3, and
@@ -95,18 +95,7 @@ fn watch_loop_after_healthy_phase_exits_3_naming_the_function() {
     assert!(target.is_running(), "the target survived");
     // The healthy seconds were glanced at between reports, not read in
     // full four times a second; the runaway was still caught in time.
-    let let_go: u32 = run
-        .stderr
-        .lines()
-        .find_map(|l| {
-            l.split_once("readings judged; ")?
-                .1
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .expect("the count of readings let go, at -vv");
+    let let_go = readings_let_go(&run).expect("the count of readings let go, at -vv");
     assert!(let_go > 0, "{}", run.stderr);
 }
 

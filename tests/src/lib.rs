@@ -357,6 +357,19 @@ pub fn kernel_version() -> (u32, u32) {
     (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
 }
 
+/// How many quiet readings between reports the run let go, as its `-vv`
+/// debug line at exit says (None without it).
+pub fn readings_let_go(run: &Run) -> Option<u32> {
+    run.stderr.lines().find_map(|l| {
+        l.split_once("readings judged; ")?
+            .1
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
 /// Sums `calls` over the samples of `function` (all pids when `pid` is
 /// `None`).
 pub fn total_calls(run: &Run, pid: Option<u32>, function: &str) -> u64 {
