@@ -88,7 +88,7 @@ fn exercise(table: &SymbolTable) {
     let globs: Vec<Pattern> = table
         .symbols
         .iter()
-        .flat_map(|s| [s.name.as_str(), s.raw()])
+        .flat_map(|s| [&*s.name, s.raw()])
         .take(MAX_GLOBS)
         .filter_map(|text| Pattern::new(text).ok())
         .collect();

@@ -376,7 +376,15 @@ fn redis_broker_watched_without_keys_lets_quiet_readings_go_and_raises_no_alarm(
     let dir = scratch("redis-broker-keyless");
     let port = free_port();
     let redis_server = start_redis(&dir, port, &[]);
-    let mut load = workload(&["redis-broker", &port.to_string(), "8", "1500"]);
+    // Under TCG (a VM-test guest) a hit costs ~190 µs: the host's rate,
+    // five or six probed calls a job, would keep redis-server on a core,
+    // and a burning core is never quiet.
+    let (calm, busy) = if std::env::var_os("CACHELOOP_GUEST").is_some() {
+        ("100", "300")
+    } else {
+        ("1500", "4500")
+    };
+    let mut load = workload(&["redis-broker", &port.to_string(), "8", calm]);
     let funcs = presets("redis");
     let funcs: Vec<&str> = funcs.iter().map(String::as_str).collect();
     let extra = [
@@ -390,19 +398,38 @@ fn redis_broker_watched_without_keys_lets_quiet_readings_go_and_raises_no_alarm(
     let watcher = Cacheloop::start(&watch_args(redis_server.pid, &funcs, &extra));
     watcher.wait_attached(Duration::from_secs(60));
     let _ = load.wait();
-    let mut busier = workload(&["redis-broker", &port.to_string(), "6", "4500"]);
+    let mut busier = workload(&["redis-broker", &port.to_string(), "6", busy]);
     let run = watcher.finish(Duration::from_secs(60));
     let _ = busier.kill();
     let _ = busier.wait();
     assert_eq!(run.code, 0, "{run:?}");
     assert!(run.of_type("loop").is_empty(), "{}", run.stdout);
     assert!(
-        total_calls(&run, None, "dictUnlink") > 1000,
+        total_calls(&run, None, "dictUnlink") > 100,
         "the queues were emptied again and again:\n{}",
         run.stdout
     );
     let let_go = readings_let_go(&run).expect("the count of readings let go, at -vv");
     assert!(let_go > 0, "{}", run.stderr);
+    // A reading that folds in readings let go reports its calls over its
+    // whole time: no interval may read much busier than the busier load
+    // itself (calls put over the fresh part's seconds alone would read
+    // up to four times as high).
+    let mut rates: Vec<f64> = run
+        .of_type("sample")
+        .iter()
+        .filter(|s| s["function"] == "trackingInvalidateKey")
+        .map(|s| s["rate"].as_f64().unwrap())
+        .collect();
+    rates.sort_by(f64::total_cmp);
+    assert!(rates.len() >= 6, "{}", run.stdout);
+    let steady = rates[rates.len() * 3 / 4];
+    let peak = rates[rates.len() - 1];
+    assert!(
+        peak <= 1.5 * steady,
+        "an interval read {peak:.0}/s against a busiest steady {steady:.0}/s:\n{}",
+        run.stdout
+    );
     drop(redis_server);
     let _ = fs::remove_dir_all(&dir);
 }
