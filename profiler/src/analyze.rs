@@ -987,6 +987,16 @@ impl Analyzer {
                     .groups
                     .get(&process.comm)
                     .is_some_and(|&id| self.detector.process_in_loop(id));
+            // What every series of the process is judged with (each part
+            // then sets its own CPU and per-request signals: `Part::signals`).
+            let base = Signals {
+                cpu: thread_cores,
+                cpu_baseline: self.cpu_baseline.get(&pid).copied(),
+                explained_by_requests: per_request.is_some_and(|r| r.explained),
+                per_request_risen: per_request.is_some_and(|r| r.risen),
+                process_looping,
+                ..Signals::default()
+            };
             let mut any_suspect = false;
             let mut alarms = self.alarms.remove(&pid).unwrap_or_default();
             alarms.funcs.clear();
@@ -1038,13 +1048,8 @@ impl Analyzer {
                     top_share: stats.and_then(|s| s.top_share(calls)),
                     reinvalidation: stats.and_then(KeyStats::reinvalidation),
                     cycle_dominance: dominance.min(1.0),
-                    cpu: thread_cores,
-                    cpu_baseline: self.cpu_baseline.get(&pid).copied(),
-                    explained_by_requests: per_request.is_some_and(|r| r.explained),
-                    per_request_risen: per_request.is_some_and(|r| r.risen),
-                    process_looping,
                     heat_only: self.is_hot_pick[func as usize],
-                    no_evidence: false,
+                    ..base
                 };
                 let found = self.judge_parts(
                     series,
@@ -1068,14 +1073,6 @@ impl Analyzer {
                 .collect();
             let calls: u64 = judged.iter().map(|&f| self.calls[f as usize]).sum();
             let fresh_calls: u64 = judged.iter().map(|&f| self.fresh_of(f, pid)).sum();
-            let base = Signals {
-                cpu: thread_cores,
-                cpu_baseline: self.cpu_baseline.get(&pid).copied(),
-                explained_by_requests: per_request.is_some_and(|r| r.explained),
-                per_request_risen: per_request.is_some_and(|r| r.risen),
-                process_looping,
-                ..Signals::default()
-            };
             if judged.len() > 1 {
                 let series = SeriesKey {
                     pid,
