@@ -330,36 +330,52 @@ fn preset_redis_names_the_key_cycle_of_an_application_looping_through_it() {
     let _ = fs::remove_dir_all(&dir);
 }
 
+/// A redis-server of our own used as a queue broker: jobs pushed and
+/// popped on three queues in turn (the same three keys deleted all day, in
+/// the same order), counters, rate limits, `calm` jobs a second for 8 s,
+/// then `busy` for 6 s, watched by `cacheloop watch --pid` with `funcs` and
+/// `extra` from the first. Returns the run, the server stopped. Both loads
+/// ran: no loop may be read in them, and the queues were emptied (at
+/// least `unlinks` keys).
+fn watch_redis_broker(
+    name: &str,
+    funcs: &[&str],
+    extra: &[&str],
+    (calm, busy): (&str, &str),
+    unlinks: u64,
+) -> Run {
+    let dir = scratch(name);
+    let port = free_port();
+    let redis_server = start_redis(&dir, port, &[]);
+    let mut load = workload(&["redis-broker", &port.to_string(), "8", calm]);
+    let watcher = Cacheloop::start(&watch_args(redis_server.pid, funcs, extra));
+    watcher.wait_attached(Duration::from_secs(60));
+    let _ = load.wait();
+    let mut busier = workload(&["redis-broker", &port.to_string(), "6", busy]);
+    let run = watcher.finish(Duration::from_secs(60));
+    let _ = busier.kill();
+    let _ = busier.wait();
+    drop(redis_server);
+    let _ = fs::remove_dir_all(&dir);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.of_type("loop").is_empty(), "{}", run.stdout);
+    assert!(
+        total_calls(&run, None, "dictUnlink") > unlinks,
+        "the queues were emptied again and again:\n{}",
+        run.stdout
+    );
+    run
+}
+
 #[test]
 fn preset_redis_as_a_queue_broker_raises_no_alarm() {
     require_root();
     if !have_programs(REDIS) {
         return;
     }
-    let dir = scratch("redis-broker");
-    let port = free_port();
-    let redis_server = start_redis(&dir, port, &[]);
-    // Jobs pushed and popped on three queues in turn (the same three keys
-    // deleted all day, in the same order), counters, rate limits; then
-    // three times the traffic.
-    let mut load = workload(&["redis-broker", &port.to_string(), "8", "1500"]);
+    // The broker's traffic, then three times as much.
     let extra = ["--preset", "redis", "--fail-on-loop", "--duration", "14s"];
-    let watcher = Cacheloop::start(&watch_args(redis_server.pid, &[], &extra));
-    watcher.wait_attached(Duration::from_secs(60));
-    let _ = load.wait();
-    let mut busier = workload(&["redis-broker", &port.to_string(), "6", "4500"]);
-    let run = watcher.finish(Duration::from_secs(60));
-    let _ = busier.kill();
-    let _ = busier.wait();
-    assert_eq!(run.code, 0, "{run:?}");
-    assert!(run.of_type("loop").is_empty(), "{}", run.stdout);
-    assert!(
-        total_calls(&run, None, "dictUnlink") > 1000,
-        "the queues were emptied again and again:\n{}",
-        run.stdout
-    );
-    drop(redis_server);
-    let _ = fs::remove_dir_all(&dir);
+    watch_redis_broker("redis-broker", &[], &extra, ("1500", "4500"), 1000);
 }
 
 /// The broker again, watched without reading keys (the preset's functions
@@ -373,18 +389,14 @@ fn redis_broker_watched_without_keys_lets_quiet_readings_go_and_raises_no_alarm(
     if !have_programs(REDIS) {
         return;
     }
-    let dir = scratch("redis-broker-keyless");
-    let port = free_port();
-    let redis_server = start_redis(&dir, port, &[]);
     // Under TCG (a VM-test guest) a hit costs ~190 µs: the host's rate,
     // five or six probed calls a job, would keep redis-server on a core,
     // and a burning core is never quiet.
-    let (calm, busy) = if std::env::var_os("CACHELOOP_GUEST").is_some() {
+    let rates = if std::env::var_os("CACHELOOP_GUEST").is_some() {
         ("100", "300")
     } else {
         ("1500", "4500")
     };
-    let mut load = workload(&["redis-broker", &port.to_string(), "8", calm]);
     let funcs = presets("redis");
     let funcs: Vec<&str> = funcs.iter().map(String::as_str).collect();
     let extra = [
@@ -395,20 +407,7 @@ fn redis_broker_watched_without_keys_lets_quiet_readings_go_and_raises_no_alarm(
         "14s",
         "-vv",
     ];
-    let watcher = Cacheloop::start(&watch_args(redis_server.pid, &funcs, &extra));
-    watcher.wait_attached(Duration::from_secs(60));
-    let _ = load.wait();
-    let mut busier = workload(&["redis-broker", &port.to_string(), "6", busy]);
-    let run = watcher.finish(Duration::from_secs(60));
-    let _ = busier.kill();
-    let _ = busier.wait();
-    assert_eq!(run.code, 0, "{run:?}");
-    assert!(run.of_type("loop").is_empty(), "{}", run.stdout);
-    assert!(
-        total_calls(&run, None, "dictUnlink") > 100,
-        "the queues were emptied again and again:\n{}",
-        run.stdout
-    );
+    let run = watch_redis_broker("redis-broker-keyless", &funcs, &extra, rates, 100);
     let let_go = readings_let_go(&run).expect("the count of readings let go, at -vv");
     assert!(let_go > 0, "{}", run.stderr);
     // A reading that folds in readings let go reports its calls over its
@@ -430,6 +429,4 @@ fn redis_broker_watched_without_keys_lets_quiet_readings_go_and_raises_no_alarm(
         "an interval read {peak:.0}/s against a busiest steady {steady:.0}/s:\n{}",
         run.stdout
     );
-    drop(redis_server);
-    let _ = fs::remove_dir_all(&dir);
 }
