@@ -313,7 +313,7 @@ impl Controller {
         let exes: HashMap<u32, FileId> = self
             .live
             .values()
-            .filter_map(|p| Some((p.pid, target::file_id(&p.exe)?)))
+            .filter_map(|p| Some((p.pid, p.exe_now()?)))
             .collect();
         self.execed = self
             .live

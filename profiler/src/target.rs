@@ -5,9 +5,15 @@
 
 use std::{
     collections::BTreeMap,
+    ffi::CStr,
     fs::{self, File},
-    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    io,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _},
+        unix::fs::{FileExt as _, MetadataExt as _},
+    },
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use crate::{catalog::FileId, privileges};
@@ -41,7 +47,7 @@ pub enum TargetError {
 }
 
 /// A live process to watch.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Process {
     pub pid: u32,
     /// The executable as the process's mount namespace names it.
@@ -64,6 +70,78 @@ pub struct Process {
     /// The command name (`/proc/PID/comm`) when it was found: what a
     /// restart of the same service shares with it.
     pub comm: String,
+    /// Its `/proc` files, held open since it was found.
+    files: Arc<ProcFiles>,
+}
+
+/// A process's `/proc/PID` directory and its `stat`, held open from the
+/// moment the process is found. They name that process, not its pid: once
+/// it is reaped, a read fails (ESRCH) instead of reading whichever process
+/// was given the pid since. A check opens nothing, so a loader out of
+/// descriptors (EMFILE) cannot take a live target for an exited one; and it
+/// is one `pread`, not a walk of `/proc` every 250 ms.
+#[derive(Debug)]
+struct ProcFiles {
+    dir: File,
+    stat: File,
+}
+
+impl ProcFiles {
+    fn open(pid: u32) -> io::Result<Self> {
+        let dir = File::open(format!("/proc/{pid}"))?;
+        // SAFETY: openat(2) of a name in a directory we hold open; the
+        // descriptor it returns is ours alone.
+        let fd = unsafe {
+            libc::openat(
+                dir.as_raw_fd(),
+                c"stat".as_ptr(),
+                libc::O_RDONLY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a valid descriptor just opened, owned by nothing else.
+        let stat = unsafe { File::from_raw_fd(fd) };
+        Ok(Self { dir, stat })
+    }
+
+    /// `/proc/PID/stat` now: the kernel writes it afresh on each read from
+    /// the start (a seq_file).
+    fn stat(&self) -> io::Result<Stat> {
+        // A stat line is about 300 bytes; 52 fields of 20 digits and a
+        // 64-byte name still fit.
+        let mut buf = [0u8; 2048];
+        let n = self.stat.read_at(&mut buf, 0)?;
+        std::str::from_utf8(&buf[..n])
+            .ok()
+            .filter(|_| n < buf.len())
+            .and_then(parse_stat)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unreadable stat"))
+    }
+
+    /// The identity of the file `name` in the process's directory, links
+    /// followed: `exe` is the program the process runs now.
+    fn file_id(&self, name: &CStr) -> io::Result<FileId> {
+        // SAFETY: fstatat(2) into a zeroed stat of a name in a directory we
+        // hold open.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        let r = unsafe { libc::fstatat(self.dir.as_raw_fd(), name.as_ptr(), &mut st, 0) };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(FileId {
+            dev: st.st_dev,
+            ino: st.st_ino,
+        })
+    }
+}
+
+/// Whether a read of a held `/proc/PID` file failed because the process is
+/// gone (reaped), as opposed to the loader's own trouble (out of memory, a
+/// signal): only the first ends a process's watch.
+fn gone(err: &io::Error) -> bool {
+    matches!(err.raw_os_error(), Some(libc::ESRCH | libc::ENOENT))
 }
 
 /// A file mapped executable by a process.
@@ -145,7 +223,6 @@ impl OpenFile {
     }
 }
 
-/// The identity of the file at `path` now, if any.
 /// A path that opens the very file `pid` maps at `start..end` (inode
 /// `inode`, at `name` when it was mapped).
 ///
@@ -175,6 +252,7 @@ pub fn mapped_file_path(
         .then_some(in_root)
 }
 
+/// The identity of the file at `path` now, if any.
 pub fn file_id(path: &Path) -> Option<FileId> {
     let meta = fs::metadata(path).ok()?;
     Some(FileId {
@@ -186,7 +264,10 @@ pub fn file_id(path: &Path) -> Option<FileId> {
 impl Process {
     /// Looks up a running process by pid.
     pub fn from_pid(pid: u32) -> Result<Self, TargetError> {
-        let stat = read_stat(pid).ok_or(TargetError::NoSuchProcess { pid })?;
+        let files = ProcFiles::open(pid).map_err(|_| TargetError::NoSuchProcess { pid })?;
+        let stat = files
+            .stat()
+            .map_err(|_| TargetError::NoSuchProcess { pid })?;
         if stat.state == 'Z' || stat.state == 'X' {
             return Err(TargetError::NoSuchProcess { pid });
         }
@@ -205,7 +286,7 @@ impl Process {
                 ino: m.ino(),
             })
             .map_err(unreadable)?;
-        Ok(Self {
+        let process = Self {
             pid,
             exe_name,
             exe,
@@ -214,7 +295,15 @@ impl Process {
             ns_pid: read_ns_pid(pid).filter(|&inner| inner != pid),
             root: PathBuf::from(format!("/proc/{pid}/root")),
             comm: read_comm(pid).unwrap_or_default(),
-        })
+            files: Arc::new(files),
+        };
+        // The paths above name the pid: had the process been reaped and
+        // its pid given to another while they were read, they would
+        // describe that one.
+        if !process.is_alive() {
+            return Err(TargetError::NoSuchProcess { pid });
+        }
+        Ok(process)
     }
 
     /// The executable and the libraries the process has mapped executable,
@@ -267,9 +356,28 @@ impl Process {
     }
 
     /// Whether this very process (not a successor with its pid) still runs.
+    /// A `stat` the loader cannot read for a reason of its own is no sign
+    /// of an exit: only a process reaped or a zombie is gone.
     pub fn is_alive(&self) -> bool {
-        read_stat(self.pid)
-            .is_some_and(|s| s.start_time == self.start_time && s.state != 'Z' && s.state != 'X')
+        match self.files.stat() {
+            Ok(s) => self.runs(&s),
+            Err(e) => !gone(&e),
+        }
+    }
+
+    /// Whether `stat`, read through the held file, is of a process still
+    /// running. The start time, too: the held file cannot name another
+    /// process, but a `Process` built with another's start time must not
+    /// pass for it.
+    fn runs(&self, stat: &Stat) -> bool {
+        stat.start_time == self.start_time && stat.state != 'Z' && stat.state != 'X'
+    }
+
+    /// The program the process runs now (an exec changes it under the same
+    /// pid), by identity; None once the process is gone or when it cannot
+    /// be read.
+    pub fn exe_now(&self) -> Option<FileId> {
+        self.files.file_id(c"exe").ok()
     }
 }
 
@@ -560,14 +668,16 @@ pub struct Usage {
 impl Process {
     /// CPU time and resident memory now, from `/proc/PID/stat`.
     pub fn usage(&self) -> Option<Usage> {
-        usage(&read_stat(self.pid)?)
+        usage(&self.files.stat().ok()?)
     }
 
     /// [`Process::usage`], from the same read as [`Process::is_alive`]:
     /// None when the process is gone (or its usage cannot be read).
     pub fn usage_if_alive(&self) -> Option<Usage> {
-        read_stat(self.pid)
-            .filter(|s| s.start_time == self.start_time && s.state != 'Z' && s.state != 'X')
+        self.files
+            .stat()
+            .ok()
+            .filter(|s| self.runs(s))
             .as_ref()
             .and_then(usage)
     }
@@ -831,6 +941,89 @@ mod tests {
         let mut me = Process::from_pid(std::process::id()).unwrap();
         me.start_time += 1;
         assert!(!me.is_alive());
+    }
+
+    /// A child of the test, `sleep`ing until stopped.
+    fn sleeper() -> std::process::Child {
+        std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap()
+    }
+
+    #[test]
+    fn process_is_gone_once_it_exits_and_once_it_is_reaped() {
+        let mut child = sleeper();
+        let p = Process::from_pid(child.id()).unwrap();
+        assert!(p.is_alive());
+        assert_eq!(p.exe_now(), Some(p.exe_id));
+        child.kill().unwrap();
+        // A zombie, not reaped yet: gone.
+        assert!(wait_unreaped(child.id() as i32, || false));
+        assert!(!p.is_alive());
+        assert_eq!(p.usage_if_alive(), None);
+        child.wait().unwrap();
+        // Reaped: the held files fail (ESRCH), whoever has the pid now.
+        assert!(!p.is_alive());
+        assert_eq!(p.exe_now(), None);
+        assert!(Process::from_pid(child.id()).is_err());
+    }
+
+    #[test]
+    fn only_a_vanished_process_reads_as_gone() {
+        let os = io::Error::from_raw_os_error;
+        assert!(gone(&os(libc::ESRCH)));
+        assert!(gone(&os(libc::ENOENT)));
+        // The loader's own trouble says nothing of the process.
+        assert!(!gone(&os(libc::EMFILE)));
+        assert!(!gone(&os(libc::ENOMEM)));
+        assert!(!gone(&os(libc::EINTR)));
+    }
+
+    /// Set in the copy of this test binary that
+    /// `liveness_needs_no_free_descriptor` runs.
+    const NO_FDS_CHILD: &str = "CACHELOOP_TEST_NO_FDS_PID";
+
+    /// A loader that has run out of descriptors still sees its target
+    /// alive: nothing is opened to check. Run in a copy of this test binary,
+    /// since the descriptor limit is the whole process's.
+    #[test]
+    fn liveness_needs_no_free_descriptor() {
+        if let Ok(pid) = std::env::var(NO_FDS_CHILD) {
+            let p = Process::from_pid(pid.parse().unwrap()).unwrap();
+            let limit = libc::rlimit {
+                rlim_cur: 64,
+                rlim_max: 64,
+            };
+            // SAFETY: setrlimit(2) of this process's own descriptor limit.
+            assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+            let mut held = Vec::new();
+            while let Ok(f) = File::open("/dev/null") {
+                held.push(f);
+            }
+            // A check by path would fail now, and take the process for gone.
+            let by_path = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_err();
+            assert_eq!(by_path.raw_os_error(), Some(libc::EMFILE));
+            assert!(p.is_alive());
+            assert!(p.usage_if_alive().is_some());
+            assert_eq!(p.exe_now(), Some(p.exe_id));
+            return;
+        }
+        let mut target = sleeper();
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "target::tests::liveness_needs_no_free_descriptor",
+                "--test-threads",
+                "1",
+            ])
+            .env(NO_FDS_CHILD, target.id().to_string())
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        target.kill().unwrap();
+        target.wait().unwrap();
+        assert!(status.success(), "{status}");
     }
 
     #[test]
