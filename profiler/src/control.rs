@@ -86,6 +86,15 @@ pub struct Controller {
     /// Processes found later whose probes wait for the next window: a
     /// refusal then is a refusal on the way in (see `failed`).
     deferred: std::collections::HashSet<u32>,
+    /// `--pid` targets still running whose probes the kernel refused on
+    /// the way back in (an EMFILE when a window opened): tried once more
+    /// at the end of the next interval (`true` once that interval began),
+    /// not within the same breath. A `--name`, `--binary` or `cacheloop
+    /// run` process is found again anyway; a `--pid` one is not.
+    retry: Vec<(Process, bool)>,
+    /// `--pid` targets no longer watched though still running (refused
+    /// again): a run left with nothing to watch because of them failed.
+    lost: Vec<Process>,
     /// Without `--func`: what the on-CPU samples picked so far.
     discovery: Option<Discovery>,
     /// `py:`/`rb:`/`php:` patterns: the names the kernel reported seen
@@ -248,6 +257,8 @@ impl Controller {
             started,
             failed: std::collections::HashSet::new(),
             deferred: std::collections::HashSet::new(),
+            retry: Vec::new(),
+            lost: Vec::new(),
             discovery: config.discover.then(Discovery::default),
             seen: Vec::new(),
             runtime_patterns: config
@@ -622,6 +633,9 @@ impl Controller {
             records.extend(plan);
             records.extend(self.unwatch_refused(failed));
         }
+        if follow && !self.retry.is_empty() {
+            records.extend(self.attach_again());
+        }
         if follow && self.binary.is_some() {
             records.extend(self.follow_binary(!exited.is_empty()));
         }
@@ -831,11 +845,29 @@ impl Controller {
             // as one refused on the way in: a `--name` process still
             // running is not found, attached and refused again at every
             // window. One whose probes were in (an EMFILE on the way back)
-            // is found and tried again, as before it was ever watched.
-            if let Some(p) = self.live.remove(&pid)
-                && self.deferred.contains(&pid)
-            {
-                self.failed.insert((pid, p.start_time, p.exe_id));
+            // is found and tried again, as before it was ever watched; a
+            // `--pid` target, which nothing finds again, is tried again
+            // once (`retry`), and lost if it is refused again.
+            if let Some(p) = self.live.remove(&pid) {
+                let target = self.pids.contains(&pid) && p.is_alive();
+                if self.deferred.contains(&pid) {
+                    self.failed.insert((pid, p.start_time, p.exe_id));
+                    if target {
+                        self.lost.push(p);
+                    }
+                } else if target {
+                    self.retry.push((p, false));
+                }
+            }
+            if self.retry.iter().any(|(p, _)| p.pid == pid) {
+                return warning(
+                    Some(pid),
+                    "attach_failed",
+                    format!(
+                        "cannot put the probes back in {}: {err:#}; trying again at the next interval",
+                        request.described()
+                    ),
+                );
             }
         } else if let Some(b) = &mut self.binary
             && b.id == request.file.id
@@ -1050,7 +1082,10 @@ impl Controller {
     /// No watched process is left, and none can come (no `--binary`, no
     /// `--name`).
     pub fn all_gone(&self) -> bool {
-        self.binary.is_none() && self.names.is_empty() && self.live.is_empty()
+        self.binary.is_none()
+            && self.names.is_empty()
+            && self.live.is_empty()
+            && self.retry.is_empty()
     }
 
     /// While the governor windows the probes, what comes next and when:
@@ -1088,6 +1123,53 @@ impl Controller {
 
     pub fn started(&self) -> Instant {
         self.started
+    }
+
+    /// The `--pid` targets refused on the way back in (`retry`), attached
+    /// again; one refused again is lost ([`Controller::lost`]). One put
+    /// back is watched as before: a refusal days later is tried again too.
+    fn attach_again(&mut self) -> Vec<Record> {
+        let mut records = Vec::new();
+        for (process, due) in std::mem::take(&mut self.retry) {
+            if !due {
+                self.retry.push((process, true));
+                continue;
+            }
+            let pid = process.pid;
+            if !process.is_alive() {
+                // Exited while it was out: said as any exit is.
+                records.push(Record::TargetExit {
+                    ts: unix_now(),
+                    pid,
+                });
+                continue;
+            }
+            let kept = process.clone();
+            records.extend(self.attach_process(process));
+            if !self.live.contains_key(&pid) {
+                self.lost.push(kept);
+            }
+        }
+        records
+    }
+
+    /// Why the run cannot go on, once nothing is left to watch
+    /// ([`Controller::all_gone`]) because `--pid` targets that still run
+    /// could not be probed again: the run failed, not finished.
+    pub fn lost(&self) -> Option<anyhow::Error> {
+        let pids: Vec<String> = self
+            .lost
+            .iter()
+            .filter(|p| p.is_alive())
+            .map(|p| p.pid.to_string())
+            .collect();
+        (!pids.is_empty()).then(|| {
+            anyhow::anyhow!(
+                "pid {} still runs but its probes could not be put back (see the attach_failed \
+                 warnings); nothing is left to watch: start cacheloop again",
+                pids.join(", ")
+            )
+        })
     }
 
     /// `--name`: probes processes of those names that started since the

@@ -315,6 +315,9 @@ async fn watch(
         } else if stop_at_loop {
             stop = Stop::Loop;
         } else if last || controller.all_gone() {
+            if !last {
+                failure = controller.lost();
+            }
             break;
         }
     }

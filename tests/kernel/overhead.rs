@@ -196,3 +196,115 @@ fn watch_flat_out(duration: &str, max_overhead: &str, timeout: Duration) -> Run 
     assert_eq!(run.code, 0, "{run:?}");
     run
 }
+
+/// Sets process `pid`'s soft descriptor limit; returns the old one. Only
+/// the soft limit: raising a hard limit takes CAP_SYS_RESOURCE, which
+/// root may not hold (a container).
+fn set_fd_limit(pid: i32, soft: u64) -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit(2) reading, then setting, our own child's limit.
+    let r = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut limit) };
+    assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let old = limit.rlim_cur;
+    limit.rlim_cur = soft;
+    let r = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &limit, std::ptr::null_mut()) };
+    assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
+    old
+}
+
+/// A flat-out fixture watched by `--pid` under the governor for
+/// `duration`, and that
+/// watch's descriptor limit cut to 3 (stdin, stdout, stderr) once the
+/// probes go in and out in windows: the next window's attach is refused
+/// (EMFILE).
+fn watch_until_refused(duration: &str) -> (Target, Cacheloop, u64) {
+    require_root();
+    let target = Target::fixture(&["max:60"]);
+    let watcher = Cacheloop::start(&watch_fixture_args(
+        target.pid,
+        &["--duration", duration, "--max-overhead", "5"],
+    ));
+    watcher.wait_record("governor", Duration::from_secs(30));
+    let old = set_fd_limit(watcher.pid(), 3);
+    (target, watcher, old)
+}
+
+/// The `attach_failed` warnings of a run, by message.
+fn refusals(run: &Run) -> Vec<String> {
+    run.of_type("warning")
+        .iter()
+        .filter(|w| w["kind"] == "attach_failed")
+        .map(|w| w["message"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// A `--pid` target whose probes are refused on the way back in (the
+/// loader out of descriptors as a window opens) is not dropped for good,
+/// as a `--name` process would be found again: it is tried again at the
+/// next interval and, put back, counted as before.
+#[test]
+fn pid_target_refused_on_the_way_back_in_is_put_back_at_the_next_interval() {
+    let (target, watcher, old) = watch_until_refused("20s");
+    watcher.wait_line("\"kind\":\"attach_failed\"", Duration::from_secs(20));
+    set_fd_limit(watcher.pid(), old);
+    let run = watcher.finish(Duration::from_secs(60));
+    assert_eq!(run.code, 0, "{run:?}");
+    let refused = refusals(&run);
+    assert!(
+        refused
+            .first()
+            .is_some_and(|m| m.contains("trying again at the next interval")),
+        "{}",
+        run.stdout
+    );
+    // Counted again after the refusal: the run's last samples have calls.
+    let warned = run
+        .of_type("warning")
+        .iter()
+        .find(|w| w["kind"] == "attach_failed")
+        .map(|w| w["ts"].as_f64().unwrap())
+        .unwrap();
+    let later: Vec<u64> = run
+        .of_type("sample")
+        .iter()
+        .filter(|s| s["pid"] == target.pid && s["ts"].as_f64().unwrap() > warned + 3.0)
+        .map(|s| s["calls"].as_u64().unwrap())
+        .collect();
+    assert!(
+        later.len() >= 3 && later.iter().all(|&c| c > 0),
+        "{later:?}\n{}",
+        run.stdout
+    );
+    assert!(run.of_type("target_exit").is_empty(), "{}", run.stdout);
+    assert_ne!(target.code_at(target.invalidate_addr(), 1)[0], INT3);
+}
+
+/// Refused again, with nothing else to watch, the run does not end as if
+/// the target had exited: it fails (exit 1) with one line saying which
+/// pid still runs unwatched, and leaves nothing behind in it.
+#[test]
+fn pid_target_refused_twice_fails_the_run_and_leaves_the_target_running() {
+    // Ends long before the duration.
+    let (mut target, watcher, _) = watch_until_refused("60s");
+    let run = watcher.finish(Duration::from_secs(60));
+    assert_eq!(run.code, 1, "{run:?}");
+    let last = run.stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.contains(&format!("pid {} still runs", target.pid))
+            && last.contains("start cacheloop again"),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+    let refused = refusals(&run);
+    assert!(
+        refused.len() >= 2 && refused[0].contains("trying again at the next interval"),
+        "{}",
+        run.stdout
+    );
+    assert!(target.is_running());
+    assert_ne!(target.code_at(target.invalidate_addr(), 1)[0], INT3);
+}

@@ -469,16 +469,20 @@ impl Cacheloop {
     /// Waits for its next JSON record of type `kind` (records before it
     /// are passed over).
     pub fn wait_record(&self, kind: &str, timeout: Duration) {
+        self.wait_line(&format!("\"type\":\"{kind}\""), timeout);
+    }
+
+    /// Waits for its next line of output holding `marker`; returns it.
+    pub fn wait_line(&self, marker: &str, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
-        let marker = format!("\"type\":\"{kind}\"");
         loop {
             let left = deadline
                 .checked_duration_since(Instant::now())
-                .unwrap_or_else(|| panic!("cacheloop wrote no {kind} record within {timeout:?}"));
+                .unwrap_or_else(|| panic!("cacheloop wrote no {marker} within {timeout:?}"));
             match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(&marker) => return,
+                Ok(line) if line.contains(marker) => return line,
                 Ok(_) => {}
-                Err(_) => panic!("cacheloop wrote no {kind} record within {timeout:?}"),
+                Err(_) => panic!("cacheloop wrote no {marker} within {timeout:?}"),
             }
         }
     }
