@@ -31,7 +31,7 @@ use crate::{
     snapshot::{Glance, Snapshot},
     symbolize::CodeIndex,
     symbols::SymbolTable,
-    target::{self, Binary, Process},
+    target::{self, Binary, Process, TargetError},
 };
 
 /// Failures of the run itself (exit 1).
@@ -575,6 +575,12 @@ impl Controller {
                     log::debug!("pid {pid} was counted but maps no --binary file; ignored");
                     self.probes.forget_process(pid);
                 }
+                Err(e @ TargetError::Unreadable { .. }) => {
+                    // The loader's own trouble (out of descriptors): nothing
+                    // is known of it; its counters stay, and it is looked
+                    // at again at the next reading.
+                    log::debug!("pid {pid} was counted but {e:#}; looked at again next time");
+                }
                 Err(_) => {
                     // Started and exited between two ticks: nothing left in
                     // /proc to say what it was. Said, and its counters freed.
@@ -903,8 +909,30 @@ impl Controller {
         let Some(old) = self.live.remove(&pid) else {
             return Vec::new();
         };
-        let Ok(process) = Process::from_pid(pid) else {
-            return Vec::new();
+        let process = match Process::from_pid(pid) {
+            Ok(process) => process,
+            // Exited since: out of the readings already, so said here.
+            Err(TargetError::NoSuchProcess { .. }) => {
+                return vec![Record::TargetExit {
+                    ts: unix_now(),
+                    pid,
+                }];
+            }
+            Err(e) => {
+                // The loader's own trouble (out of descriptors). The old
+                // handle still names the process (an exec keeps it).
+                if self.pids.contains(&pid) {
+                    self.lost.push(old);
+                }
+                return vec![warning(
+                    Some(pid),
+                    "attach_failed",
+                    format!(
+                        "pid {pid} ran exec, then {:#}; it is no longer watched",
+                        anyhow::Error::from(e)
+                    ),
+                )];
+            }
         };
         let mut records = Vec::new();
         if let Some(i) = self.rewritten_pids.iter().position(|&p| p == pid) {

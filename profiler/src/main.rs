@@ -86,7 +86,8 @@ fn exit_code(err: &anyhow::Error) -> u8 {
     let usage = err.chain().any(|e| {
         e.is::<ConfigError>()
             || e.is::<SymbolError>()
-            || e.is::<TargetError>()
+            || e.downcast_ref::<TargetError>()
+                .is_some_and(TargetError::is_usage)
             || e.is::<RecordingError>()
     });
     if usage { EXIT_USAGE } else { EXIT_RUNTIME }

@@ -44,6 +44,33 @@ pub enum TargetError {
     /// `--binary` names something that is not a regular file.
     #[error("--binary {} is not a regular file", path.display())]
     NotAFile { path: PathBuf },
+    /// `/proc/PID` could not be read for a reason of the loader's own (out
+    /// of descriptors or memory): nothing is known of the process, not
+    /// even that it exited.
+    #[error("cannot read /proc/{pid}")]
+    Unreadable {
+        pid: u32,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl TargetError {
+    /// Whether what the user typed is at fault (exit 2), not the machine
+    /// the loader runs on (exit 1).
+    pub fn is_usage(&self) -> bool {
+        !matches!(self, Self::Unreadable { .. })
+    }
+
+    /// `err`, from reading a process's held `/proc` files, as the
+    /// process gone or as the loader's trouble.
+    fn reading(pid: u32, err: std::io::Error) -> Self {
+        if gone(&err) {
+            Self::NoSuchProcess { pid }
+        } else {
+            Self::Unreadable { pid, source: err }
+        }
+    }
 }
 
 /// A live process to watch.
@@ -264,10 +291,9 @@ pub fn file_id(path: &Path) -> Option<FileId> {
 impl Process {
     /// Looks up a running process by pid.
     pub fn from_pid(pid: u32) -> Result<Self, TargetError> {
-        let files = ProcFiles::open(pid).map_err(|_| TargetError::NoSuchProcess { pid })?;
-        let stat = files
-            .stat()
-            .map_err(|_| TargetError::NoSuchProcess { pid })?;
+        let reading = |e| TargetError::reading(pid, e);
+        let files = ProcFiles::open(pid).map_err(reading)?;
+        let stat = files.stat().map_err(reading)?;
         if stat.state == 'Z' || stat.state == 'X' {
             return Err(TargetError::NoSuchProcess { pid });
         }
@@ -966,7 +992,10 @@ mod tests {
         // Reaped: the held files fail (ESRCH), whoever has the pid now.
         assert!(!p.is_alive());
         assert_eq!(p.exe_now(), None);
-        assert!(Process::from_pid(child.id()).is_err());
+        assert!(matches!(
+            Process::from_pid(child.id()),
+            Err(TargetError::NoSuchProcess { .. })
+        ));
     }
 
     #[test]
@@ -1007,6 +1036,12 @@ mod tests {
             assert!(p.is_alive());
             assert!(p.usage_if_alive().is_some());
             assert_eq!(p.exe_now(), Some(p.exe_id));
+            // A process found now is not known, not known gone.
+            let err = Process::from_pid(p.pid).unwrap_err();
+            assert!(
+                matches!(err, TargetError::Unreadable { .. }) && !err.is_usage(),
+                "{err}"
+            );
             return;
         }
         let mut target = sleeper();
