@@ -854,8 +854,10 @@ impl Controller {
             // is found and tried again, as before it was ever watched; a
             // `--pid` target, which nothing finds again, is tried again
             // once (`retry`), and lost if it is refused again.
+            let mut found_again = false;
             if let Some(p) = self.live.remove(&pid) {
-                let target = self.pids.contains(&pid) && p.is_alive();
+                let alive = p.is_alive();
+                let target = alive && self.pids.contains(&pid);
                 if self.deferred.contains(&pid) {
                     self.failed.insert((pid, p.start_time, p.exe_id));
                     if target {
@@ -863,9 +865,11 @@ impl Controller {
                     }
                 } else if target {
                     self.retry.push((p, false));
+                } else {
+                    found_again = alive && (!self.names.is_empty() || self.command.is_some());
                 }
             }
-            if self.retry.iter().any(|(p, _)| p.pid == pid) {
+            if found_again || self.retry.iter().any(|(p, _)| p.pid == pid) {
                 return warning(
                     Some(pid),
                     "attach_failed",

@@ -215,21 +215,27 @@ fn set_fd_limit(pid: i32, soft: u64) -> u64 {
     old
 }
 
-/// A flat-out fixture watched by `--pid` under the governor for
-/// `duration`, and that
-/// watch's descriptor limit cut to 3 (stdin, stdout, stderr) once the
-/// probes go in and out in windows: the next window's attach is refused
-/// (EMFILE).
-fn watch_until_refused(duration: &str) -> (Target, Cacheloop, u64) {
-    require_root();
-    let target = Target::fixture(&["max:60"]);
-    let watcher = Cacheloop::start(&watch_fixture_args(
-        target.pid,
-        &["--duration", duration, "--max-overhead", "5"],
-    ));
+/// `watch ARGS --func cache_invalidate --max-overhead 5 --duration
+/// DURATION --json` of a flat-out fixture, and that watch's descriptor
+/// limit cut to 3 (stdin, stdout, stderr) once the probes go in and out in
+/// windows: the next window's attach is refused (EMFILE). Returns the watch
+/// and its limit before.
+fn watch_until_refused(args: &[&str], duration: &str) -> (Cacheloop, u64) {
+    let mut all = vec!["watch"];
+    all.extend(args);
+    all.extend([
+        "--func",
+        "cache_invalidate",
+        "--max-overhead",
+        "5",
+        "--duration",
+        duration,
+        "--json",
+    ]);
+    let watcher = Cacheloop::start(&all);
     watcher.wait_record("governor", Duration::from_secs(30));
     let old = set_fd_limit(watcher.pid(), 3);
-    (target, watcher, old)
+    (watcher, old)
 }
 
 /// The `attach_failed` warnings of a run, by message.
@@ -241,13 +247,11 @@ fn refusals(run: &Run) -> Vec<String> {
         .collect()
 }
 
-/// A `--pid` target whose probes are refused on the way back in (the
-/// loader out of descriptors as a window opens) is not dropped for good,
-/// as a `--name` process would be found again: it is tried again at the
-/// next interval and, put back, counted as before.
-#[test]
-fn pid_target_refused_on_the_way_back_in_is_put_back_at_the_next_interval() {
-    let (target, watcher, old) = watch_until_refused("20s");
+/// [`watch_until_refused`], the limit given back once the refusal is
+/// said: the run ends well, the refusal said it would try again, and
+/// `target` is counted in every interval from a few seconds after it.
+fn refused_then_put_back(target: &Target, args: &[&str]) {
+    let (watcher, old) = watch_until_refused(args, "20s");
     watcher.wait_line("\"kind\":\"attach_failed\"", Duration::from_secs(20));
     set_fd_limit(watcher.pid(), old);
     let run = watcher.finish(Duration::from_secs(60));
@@ -260,7 +264,6 @@ fn pid_target_refused_on_the_way_back_in_is_put_back_at_the_next_interval() {
         "{}",
         run.stdout
     );
-    // Counted again after the refusal: the run's last samples have calls.
     let warned = run
         .of_type("warning")
         .iter()
@@ -282,13 +285,38 @@ fn pid_target_refused_on_the_way_back_in_is_put_back_at_the_next_interval() {
     assert_ne!(target.code_at(target.invalidate_addr(), 1)[0], INT3);
 }
 
+/// A `--pid` target whose probes are refused on the way back in (the
+/// loader out of descriptors as a window opens) is not dropped for good:
+/// nothing would find it again, as a `--name` process is found. It is tried
+/// again an interval later and, put back, counted as before.
+#[test]
+fn pid_target_refused_on_the_way_back_in_is_put_back_at_the_next_interval() {
+    require_root();
+    let target = Target::fixture(&["max:60"]);
+    refused_then_put_back(&target, &["--pid", &target.pid.to_string()]);
+}
+
+/// A `--name` process refused the same way is found again by its name.
+#[test]
+fn named_process_refused_on_the_way_back_in_is_found_again() {
+    require_root();
+    let comm = format!("clr{}", std::process::id() % 1_000_000);
+    let (dir, binary) = private_fixture(&comm);
+    let target = Target::spawn(&binary, &["max:60"], "ready");
+    refused_then_put_back(&target, &["--name", &comm]);
+    drop(target);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Refused again, with nothing else to watch, the run does not end as if
 /// the target had exited: it fails (exit 1) with one line saying which
 /// pid still runs unwatched, and leaves nothing behind in it.
 #[test]
 fn pid_target_refused_twice_fails_the_run_and_leaves_the_target_running() {
+    require_root();
+    let mut target = Target::fixture(&["max:60"]);
     // Ends long before the duration.
-    let (mut target, watcher, _) = watch_until_refused("60s");
+    let (watcher, _) = watch_until_refused(&["--pid", &target.pid.to_string()], "60s");
     let run = watcher.finish(Duration::from_secs(60));
     assert_eq!(run.code, 1, "{run:?}");
     let last = run.stderr.lines().last().unwrap_or_default();
