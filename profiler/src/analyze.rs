@@ -103,7 +103,7 @@ pub enum Event {
         pid: u32,
         health: Health,
     },
-    Loop(LoopEvent),
+    Loop(Box<LoopEvent>),
     Recovered(Recovery),
     TargetExit {
         pid: u32,
@@ -1203,7 +1203,7 @@ impl Analyzer {
             }
             let funcs = self.loop_functions(&group, &[pid], catalog);
             self.announce(&group, pid, &funcs);
-            out.events.push(Event::Loop(LoopEvent {
+            out.events.push(Event::Loop(Box::new(LoopEvent {
                 pid,
                 processes: Vec::new(),
                 target: health.get(&pid).copied(),
@@ -1214,7 +1214,7 @@ impl Analyzer {
                 stack: hottest_stack(&self.recent_stacks, &self.recent_sites, pid, &funcs),
                 functions: funcs,
                 verdicts: group,
-            }));
+            })));
             out.loop_found = true;
         }
         for (verdict, pids) in group_verdicts {
@@ -1244,7 +1244,7 @@ impl Analyzer {
                             },
                         })
                     });
-            out.events.push(Event::Loop(LoopEvent {
+            out.events.push(Event::Loop(Box::new(LoopEvent {
                 pid,
                 target,
                 cycle: None,
@@ -1255,7 +1255,7 @@ impl Analyzer {
                 functions: funcs,
                 processes: pids,
                 verdicts: vec![verdict],
-            }));
+            })));
             out.loop_found = true;
         }
 
@@ -2089,7 +2089,7 @@ mod tests {
         out.events
             .iter()
             .filter_map(|e| match e {
-                Event::Loop(l) => Some(l),
+                Event::Loop(l) => Some(&**l),
                 _ => None,
             })
             .collect()

@@ -107,12 +107,12 @@ fn start_record(header: &Header, rules: &Rules, path: &Path) -> Record {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         kernel: header.kernel.clone(),
         mode: header.mode.clone(),
-        settings: StartSettings::new(
+        settings: Box::new(StartSettings::new(
             rules,
             header.interval_seconds,
             header.read_seconds,
             header.max_overhead_percent,
-        ),
+        )),
         recording: Some(path.display().to_string()),
     }
 }

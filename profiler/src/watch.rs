@@ -125,7 +125,7 @@ async fn watch(
         version: env!("CARGO_PKG_VERSION").to_owned(),
         kernel: kernel.clone(),
         mode: mode.to_owned(),
-        settings,
+        settings: Box::new(settings),
         recording: None,
     };
     let record = match (writer, &config.record) {

@@ -102,7 +102,7 @@ impl Incident {
                 self.started = *ts;
                 self.kernel.clone_from(kernel);
                 self.mode.clone_from(mode);
-                self.settings = Some(settings.clone());
+                self.settings = Some((**settings).clone());
             }
             Record::Sample {
                 ts,
@@ -145,7 +145,7 @@ impl Incident {
                     rate: *rate,
                     baseline: *baseline,
                     reason: reason.clone(),
-                    evidence: evidence.clone(),
+                    evidence: (**evidence).clone(),
                     recovered: None,
                 });
             }
@@ -725,7 +725,7 @@ mod tests {
             version: "0".into(),
             kernel: "6.1".into(),
             mode: "uprobe_multi".into(),
-            settings,
+            settings: Box::new(settings),
             recording: None,
         }];
         for (i, rate) in [100.0, 110.0, 90_000.0, 95_000.0, 120.0].iter().enumerate() {
@@ -747,12 +747,12 @@ mod tests {
             rate: 95_000.0,
             baseline: 100.0,
             reason: "runaway".into(),
-            evidence: Evidence {
+            evidence: Box::new(Evidence {
                 elevated_rates: vec![90_000.0, 95_000.0],
                 key_cycle: Some(vec!["page:a".into(), "frag:b".into()]),
                 stack: Some(vec!["invalidate (cache.c:10)".into()]),
                 ..Evidence::key_cycle_for_tests(950.0, 2.0)
-            },
+            }),
         });
         r.push(Record::Recovered {
             ts: 105.5,

@@ -556,7 +556,7 @@ mod tests {
             rate: 50_000.0,
             baseline: 100.0,
             reason: "a loop".into(),
-            evidence: Evidence::key_cycle_for_tests(500.0, 2.0),
+            evidence: Box::new(Evidence::key_cycle_for_tests(500.0, 2.0)),
         }
     }
 

@@ -38,7 +38,7 @@ pub enum Record {
         kernel: String,
         /// `uprobe_multi` or `perf_link_per_function`.
         mode: String,
-        settings: StartSettings,
+        settings: Box<StartSettings>,
         /// With `replay`: the recording replayed.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         recording: Option<String>,
@@ -138,7 +138,7 @@ pub enum Record {
         rate: f64,
         baseline: f64,
         reason: String,
-        evidence: Evidence,
+        evidence: Box<Evidence>,
     },
     /// A loop that calmed down.
     Recovered {
@@ -520,7 +520,7 @@ pub fn loop_record(
         rate: round1(rate),
         baseline: round1(baseline),
         reason,
-        evidence: Evidence {
+        evidence: Box::new(Evidence {
             ratio: round1(ratio),
             elevated_rates: elevated_rates.into_iter().map(round1).collect(),
             elevated_seconds: round1(seconds),
@@ -543,7 +543,7 @@ pub fn loop_record(
             key_cycle,
             top_keys,
             stack,
-        },
+        }),
     })
 }
 

@@ -417,14 +417,14 @@ mod tests {
                 rate: 48_000.0,
                 baseline: 200.0,
                 reason: "because".into(),
-                evidence: Evidence {
+                evidence: Box::new(Evidence {
                     key_cycle: Some(vec!["page:catalog".into(), "fragment:nav".into()]),
                     stack: Some(vec![
                         "cache_invalidate (cache)".into(),
                         "main (cache)".into(),
                     ]),
                     ..Evidence::key_cycle_for_tests(240.0, 3.0)
-                },
+                }),
             },
             sample("cache_invalidate", 48_000.0),
             Record::Health {
