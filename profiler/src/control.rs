@@ -46,6 +46,17 @@ pub enum RunError {
     /// A target exited between being found and being probed.
     #[error("pid {pid} exited before cacheloop could attach")]
     TargetGone { pid: u32 },
+    /// `--pid` targets that still run could not be probed again (refused
+    /// twice on the way back in), and nothing else is left to watch.
+    #[error(
+        "pid {pids} still runs but its probes could not be put back (see the attach_failed warnings); nothing is left to watch: start cacheloop again"
+    )]
+    Lost { pids: String },
+    /// `cacheloop run`: the command could not be probed again.
+    #[error(
+        "the command (pid {pid}) could not be probed again (see the attach_failed warnings); it does not run unwatched: stopped it"
+    )]
+    CommandLost { pid: u32 },
 }
 
 pub struct Controller {
@@ -137,13 +148,15 @@ impl Controller {
         if target::in_child_pid_namespace() {
             return Err(RunError::PidNamespace.into());
         }
+        // Before any process is found: each holds a descriptor.
+        crate::probes::raise_open_files_limit();
         let mut processes = config
             .pids
             .iter()
             .map(|&pid| Process::from_pid(pid))
             .collect::<Result<Vec<_>, _>>()?;
         let binary = config.binary.as_deref().map(Binary::open).transpose()?;
-        for named in target::processes_named(&config.names) {
+        for named in target::processes_named(&config.names, |_| false) {
             if !processes.iter().any(|p| p.pid == named.pid) {
                 processes.push(named);
             }
@@ -914,20 +927,31 @@ impl Controller {
             return Vec::new();
         };
         let process = match Process::from_pid(pid) {
-            Ok(process) => process,
+            // The same process (an exec keeps its start time), not one
+            // given its pid since.
+            Ok(process) if old.is_alive() && process.start_time == old.start_time => process,
             // Exited since: out of the readings already, so said here.
-            Err(TargetError::NoSuchProcess { .. }) => {
+            Ok(_) | Err(TargetError::NoSuchProcess { .. }) => {
                 return vec![Record::TargetExit {
                     ts: unix_now(),
                     pid,
                 }];
             }
+            // The loader's own trouble (out of descriptors): a `--pid`
+            // target is tried again, as one refused on the way back in.
+            // The old handle still names the process (an exec keeps it).
+            Err(e @ TargetError::Unreadable { .. }) if self.pids.contains(&pid) => {
+                self.retry.push((old, false));
+                return vec![warning(
+                    Some(pid),
+                    "attach_failed",
+                    format!(
+                        "pid {pid} ran exec, then {:#}; trying again at the next interval",
+                        anyhow::Error::from(e)
+                    ),
+                )];
+            }
             Err(e) => {
-                // The loader's own trouble (out of descriptors). The old
-                // handle still names the process (an exec keeps it).
-                if self.pids.contains(&pid) {
-                    self.lost.push(old);
-                }
                 return vec![warning(
                     Some(pid),
                     "attach_failed",
@@ -952,10 +976,7 @@ impl Controller {
                 ),
             ));
         }
-        let named = target::processes_named(&self.names)
-            .iter()
-            .any(|p| p.pid == pid);
-        if !(self.pids.contains(&pid) || named) {
+        if !(self.pids.contains(&pid) || target::is_named(&self.names, &process.comm)) {
             return records;
         }
         records.extend(self.attach_process(process));
@@ -985,7 +1006,10 @@ impl Controller {
             self.pruned = Instant::now();
             let current = self.binary.as_ref().map(|b| b.id);
             for old in self.probes.shared_files() {
-                if Some(old) != current && Binary::processes(&[old]).is_empty() {
+                // Not while /proc cannot be read through (out of
+                // descriptors): its links would go from processes that
+                // still run the old build.
+                if Some(old) != current && Binary::in_use(&[old]) == Some(false) {
                     self.probes.forget_file(old);
                     let closed = self.planner.release_unused();
                     log::info!(
@@ -1162,24 +1186,48 @@ impl Controller {
     /// back is watched as before: a refusal days later is tried again too.
     fn attach_again(&mut self) -> Vec<Record> {
         let mut records = Vec::new();
-        for (process, due) in std::mem::take(&mut self.retry) {
+        for (old, due) in std::mem::take(&mut self.retry) {
             if !due {
-                self.retry.push((process, true));
+                self.retry.push((old, true));
                 continue;
             }
-            let pid = process.pid;
-            if !process.is_alive() {
-                // Exited while it was out: said as any exit is.
-                records.push(Record::TargetExit {
-                    ts: unix_now(),
-                    pid,
-                });
+            let pid = old.pid;
+            if self.live.contains_key(&pid) {
+                // Found again meanwhile (also named by --name): watched.
                 continue;
             }
-            let kept = process.clone();
+            // As it is now: it may have run exec while it was out.
+            let process = match Process::from_pid(pid) {
+                Ok(process) if old.is_alive() && process.start_time == old.start_time => process,
+                // Exited while it was out (its pid maybe another's since):
+                // said as any exit is.
+                Ok(_) | Err(TargetError::NoSuchProcess { .. }) => {
+                    records.push(Record::TargetExit {
+                        ts: unix_now(),
+                        pid,
+                    });
+                    continue;
+                }
+                Err(e) => {
+                    records.push(warning(
+                        Some(pid),
+                        "attach_failed",
+                        format!(
+                            "cannot put the probes back in pid {pid}: {:#}; it is no longer watched",
+                            anyhow::Error::from(e)
+                        ),
+                    ));
+                    self.lost.push(old);
+                    continue;
+                }
+            };
+            // One that ran exec into a program without the functions goes
+            // as any exec'd target does; the same program refused again is
+            // lost.
+            let same_program = process.exe_id == old.exe_id;
             records.extend(self.attach_process(process));
-            if !self.live.contains_key(&pid) {
-                self.lost.push(kept);
+            if !self.live.contains_key(&pid) && same_program {
+                self.lost.push(old);
             }
         }
         records
@@ -1188,26 +1236,29 @@ impl Controller {
     /// Why the run cannot go on, once nothing is left to watch
     /// ([`Controller::all_gone`]) because `--pid` targets that still run
     /// could not be probed again: the run failed, not finished.
-    pub fn lost(&self) -> Option<anyhow::Error> {
-        let pids: Vec<String> = self
+    pub fn lost(&self) -> Option<RunError> {
+        let running: Vec<u32> = self
             .lost
             .iter()
             .filter(|p| p.is_alive())
-            .map(|p| p.pid.to_string())
+            .map(|p| p.pid)
             .collect();
-        (!pids.is_empty()).then(|| {
-            anyhow::anyhow!(
-                "pid {} still runs but its probes could not be put back (see the attach_failed \
-                 warnings); nothing is left to watch: start cacheloop again",
-                pids.join(", ")
-            )
+        if let Some(&pid) = running.iter().find(|&&pid| Some(pid) == self.command) {
+            return Some(RunError::CommandLost { pid });
+        }
+        (!running.is_empty()).then(|| RunError::Lost {
+            pids: running
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
         })
     }
 
     /// `--name`: probes processes of those names that started since the
     /// last tick (a restart, a new worker).
     fn attach_new_named(&mut self) -> Vec<Record> {
-        let found = target::processes_named(&self.names);
+        let found = target::processes_named(&self.names, |pid| self.live.contains_key(&pid));
         self.attach_found(found, false)
     }
 
@@ -1216,7 +1267,7 @@ impl Controller {
     /// another program with none of the functions is left alone quietly (a
     /// shell, a helper): it is not what the gate watches.
     fn attach_new_descendants(&mut self, root: u32) -> Vec<Record> {
-        let found = target::descendants_of(root);
+        let found = target::descendants_of(root, |pid| self.live.contains_key(&pid));
         self.attach_found(found, true)
     }
 

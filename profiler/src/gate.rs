@@ -71,8 +71,21 @@ pub fn run(args: RunArgs) -> anyhow::Result<Outcome> {
         Ok(outcome) => outcome,
         Err(e) => {
             // Not attached (or failed on the way): CMD does not run
-            // unwatched behind the user's back.
-            stop(pid, Duration::from_millis(1));
+            // unwatched behind the user's back. One that ran and could not
+            // be probed again is stopped as at the end of a run, with its
+            // grace.
+            let lost = matches!(
+                e.downcast_ref::<crate::control::RunError>(),
+                Some(crate::control::RunError::CommandLost { .. })
+            );
+            stop(
+                pid,
+                if lost {
+                    grace
+                } else {
+                    Duration::from_millis(1)
+                },
+            );
             let _ = child.wait();
             return Err(e);
         }

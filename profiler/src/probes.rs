@@ -1451,9 +1451,9 @@ where
 
 /// Every link is a descriptor (on kernels without uprobe_multi, or where
 /// pid-scoped probes fall back to perf links, one per function and
-/// process), and every probed file one more: take the hard limit, not the
-/// usual soft 1024.
-fn raise_open_files_limit() {
+/// process), every probed file one more, and every watched process's
+/// `/proc/PID/stat` one: take the hard limit, not the usual soft 1024.
+pub fn raise_open_files_limit() {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

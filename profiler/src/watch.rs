@@ -316,7 +316,7 @@ async fn watch(
             stop = Stop::Loop;
         } else if last || controller.all_gone() {
             if !last {
-                failure = controller.lost();
+                failure = controller.lost().map(anyhow::Error::from);
             }
             break;
         }

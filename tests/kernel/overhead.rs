@@ -215,11 +215,13 @@ fn set_fd_limit(pid: i32, soft: u64) -> u64 {
     old
 }
 
-/// `watch ARGS --func cache_invalidate --max-overhead 5 --duration
-/// DURATION --json` of a flat-out fixture, and that watch's descriptor
-/// limit cut to 3 (stdin, stdout, stderr) once the probes go in and out in
-/// windows: the next window's attach is refused (EMFILE). Returns the watch
-/// and its limit before.
+/// `watch ARGS --func cache_invalidate --max-overhead 5 --interval 2s
+/// --duration DURATION --json` of a flat-out fixture, and that watch's
+/// descriptor limit cut to 3 (stdin, stdout, stderr) once the probes go in
+/// and out in windows: the next window's attach is refused (EMFILE).
+/// Returns the watch and its limit before. (2 s intervals: the retry comes
+/// 2-4 s after the refusal is said, time for a test to give the limit back
+/// in a loaded VM guest.)
 fn watch_until_refused(args: &[&str], duration: &str) -> (Cacheloop, u64) {
     let mut all = vec!["watch"];
     all.extend(args);
@@ -228,6 +230,8 @@ fn watch_until_refused(args: &[&str], duration: &str) -> (Cacheloop, u64) {
         "cache_invalidate",
         "--max-overhead",
         "5",
+        "--interval",
+        "2s",
         "--duration",
         duration,
         "--json",
@@ -251,7 +255,7 @@ fn refusals(run: &Run) -> Vec<String> {
 /// said: the run ends well, the refusal said it would try again, and
 /// `target` is counted in every interval from a few seconds after it.
 fn refused_then_put_back(target: &Target, args: &[&str]) {
-    let (watcher, old) = watch_until_refused(args, "20s");
+    let (watcher, old) = watch_until_refused(args, "30s");
     watcher.wait_line("\"kind\":\"attach_failed\"", Duration::from_secs(20));
     set_fd_limit(watcher.pid(), old);
     let run = watcher.finish(Duration::from_secs(60));
@@ -273,7 +277,7 @@ fn refused_then_put_back(target: &Target, args: &[&str]) {
     let later: Vec<u64> = run
         .of_type("sample")
         .iter()
-        .filter(|s| s["pid"] == target.pid && s["ts"].as_f64().unwrap() > warned + 3.0)
+        .filter(|s| s["pid"] == target.pid && s["ts"].as_f64().unwrap() > warned + 5.0)
         .map(|s| s["calls"].as_u64().unwrap())
         .collect();
     assert!(
