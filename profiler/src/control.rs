@@ -47,9 +47,9 @@ pub enum RunError {
     #[error("pid {pid} exited before cacheloop could attach")]
     TargetGone { pid: u32 },
     /// `--pid` targets that still run could not be probed again (refused
-    /// twice on the way back in), and nothing else is left to watch.
+    /// twice on the way back in) and were not watched to the run's end.
     #[error(
-        "pid {pids} still runs but its probes could not be put back (see the attach_failed warnings); nothing is left to watch: start cacheloop again"
+        "pid {pids} still runs but was not watched to the end: its probes could not be put back (see the attach_failed warnings); start cacheloop again"
     )]
     Lost { pids: String },
     /// `cacheloop run`: the command could not be probed again.
@@ -57,6 +57,18 @@ pub enum RunError {
         "the command (pid {pid}) could not be probed again (see the attach_failed warnings); it does not run unwatched: stopped it"
     )]
     CommandLost { pid: u32 },
+}
+
+/// How [`Controller::attach_process`] ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Attach {
+    Watched,
+    /// The program has none of the functions.
+    NoFunctions,
+    /// Its files could not be read or planned.
+    Unplannable,
+    /// The kernel refused the probes (out of descriptors, say).
+    Refused,
 }
 
 pub struct Controller {
@@ -575,7 +587,11 @@ impl Controller {
         let new: Vec<(u32, u64)> = self
             .collector
             .counted()
-            .filter(|(pid, _)| !self.live.contains_key(pid))
+            // A `--pid` target waiting to be attached again is counted by the
+            // --binary link meanwhile; its own probes come back with it.
+            .filter(|(pid, _)| {
+                !self.live.contains_key(pid) && !self.retry.iter().any(|(p, _)| p.pid == *pid)
+            })
             .collect();
         for (pid, calls) in new {
             match Process::from_pid(pid) {
@@ -843,10 +859,16 @@ impl Controller {
     /// [`Controller::unwatch`] for each request the kernel refused as the
     /// probes went back in.
     fn unwatch_refused(&mut self, refused: Refused) -> Vec<Record> {
-        let records = refused
-            .into_iter()
-            .map(|(request, err)| self.unwatch(&request, &err.into()))
-            .collect();
+        // One warning a process, however many of its files were refused:
+        // the first says what becomes of it.
+        let mut said = std::collections::HashSet::new();
+        let mut records = Vec::new();
+        for (request, err) in refused {
+            let record = self.unwatch(&request, &err.into());
+            if request.pid.is_none_or(|pid| said.insert(pid)) {
+                records.push(record);
+            }
+        }
         // The probes are in: later refusals are of probes that were in.
         if !self.probes.paused() {
             self.deferred.clear();
@@ -979,7 +1001,13 @@ impl Controller {
         if !(self.pids.contains(&pid) || target::is_named(&self.names, &process.comm)) {
             return records;
         }
-        records.extend(self.attach_process(process));
+        let (attached, how) = self.attach_process(process);
+        records.extend(attached);
+        // A `--pid` target whose new program the kernel would not probe
+        // still runs unwatched; one without the functions goes.
+        if how == Attach::Refused && self.pids.contains(&pid) {
+            self.lost.push(old);
+        }
         records
     }
 
@@ -1221,25 +1249,29 @@ impl Controller {
                     continue;
                 }
             };
-            // One that ran exec into a program without the functions goes
-            // as any exec'd target does; the same program refused again is
-            // lost.
+            // Refused again, it is lost; so is the same program that
+            // could not be read. One that ran exec into a program without
+            // the functions, or one that cannot be read, goes as any exec'd
+            // target does.
             let same_program = process.exe_id == old.exe_id;
-            records.extend(self.attach_process(process));
-            if !self.live.contains_key(&pid) && same_program {
+            let (attached, how) = self.attach_process(process);
+            records.extend(attached);
+            if how == Attach::Refused || (how == Attach::Unplannable && same_program) {
                 self.lost.push(old);
             }
         }
         records
     }
 
-    /// Why the run cannot go on, once nothing is left to watch
-    /// ([`Controller::all_gone`]) because `--pid` targets that still run
-    /// could not be probed again: the run failed, not finished.
+    /// Why a run that ends now failed: `--pid` targets that still run
+    /// were not watched to its end (their probes refused on the way back
+    /// in, then refused again, or still waiting to be tried again). Not an
+    /// exit: the run ends as it would, and says so.
     pub fn lost(&self) -> Option<RunError> {
         let running: Vec<u32> = self
             .lost
             .iter()
+            .chain(self.retry.iter().map(|(p, _)| p))
             .filter(|p| p.is_alive())
             .map(|p| p.pid)
             .collect();
@@ -1253,6 +1285,15 @@ impl Controller {
                 .collect::<Vec<_>>()
                 .join(", "),
         })
+    }
+
+    /// `cacheloop run`: the command still runs but could not be probed
+    /// again. The run ends at once: the command does not run unwatched,
+    /// whatever its children do.
+    pub fn command_lost(&self) -> bool {
+        self.lost
+            .iter()
+            .any(|p| Some(p.pid) == self.command && p.is_alive())
     }
 
     /// `--name`: probes processes of those names that started since the
@@ -1282,7 +1323,7 @@ impl Controller {
             if self.live.contains_key(&process.pid) || self.failed.contains(&id) {
                 continue;
             }
-            let attached = self.attach_process(process);
+            let (attached, _) = self.attach_process(process);
             records.extend(attached.into_iter().filter(|r| {
                 !(quiet_unmatched
                     && matches!(r, Record::Warning { kind, message, .. }
@@ -1295,7 +1336,7 @@ impl Controller {
     /// Plans and attaches one process found after the start (a new
     /// `--name` process, or a target that ran exec) and watches it. A
     /// process that cannot be probed is said once and not tried again.
-    fn attach_process(&mut self, process: Process) -> Vec<Record> {
+    fn attach_process(&mut self, process: Process) -> (Vec<Record>, Attach) {
         let started = Instant::now();
         let pid = process.pid;
         let failed = |e: anyhow::Error| {
@@ -1318,13 +1359,13 @@ impl Controller {
                 let none = anyhow::anyhow!("{UNMATCHED}");
                 self.failed
                     .insert((pid, process.start_time, process.exe_id));
-                return vec![failed(none)];
+                return (vec![failed(none)], Attach::NoFunctions);
             }
             Ok(requests) => uncovered(requests, &self.probes.shared_files()),
             Err(e) => {
                 self.failed
                     .insert((pid, process.start_time, process.exe_id));
-                return vec![failed(e)];
+                return (vec![failed(e)], Attach::Unplannable);
             }
         };
         // All of a process's files or none: half a process would be
@@ -1333,7 +1374,7 @@ impl Controller {
             self.failed
                 .insert((pid, process.start_time, process.exe_id));
             self.probes.forget_process(pid);
-            return vec![failed(e.into())];
+            return (vec![failed(e.into())], Attach::Refused);
         }
         if self.probes.paused() {
             self.deferred.insert(pid);
@@ -1353,7 +1394,7 @@ impl Controller {
         }
         let seconds = started.elapsed().as_secs_f64();
         records.extend(requests.iter().map(|r| self.attached_record(r, seconds)));
-        records
+        (records, Attach::Watched)
     }
 
     /// Tells the kernel how to read the keys of functions it does not know

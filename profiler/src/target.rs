@@ -17,7 +17,8 @@ use std::{
 
 use crate::{catalog::FileId, privileges};
 
-/// Errors from resolving targets: all about what the user typed.
+/// Errors from resolving targets: about what the user typed, but
+/// [`TargetError::Unreadable`] ([`TargetError::is_usage`]).
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
     /// No process has that pid (or it is a zombie).
@@ -96,7 +97,7 @@ pub struct Process {
     /// The command name (`/proc/PID/comm`) when it was found: what a
     /// restart of the same service shares with it.
     pub comm: String,
-    /// Its `/proc` files, held open since it was found.
+    /// Its `/proc/PID/stat`, held open since it was found.
     files: Arc<ProcFiles>,
 }
 
@@ -287,9 +288,14 @@ impl Process {
             exe,
             exe_id,
             start_time: stat.start_time,
-            ns_pid: read_ns_pid(pid).filter(|&inner| inner != pid),
+            // Read whole or not at all: out of descriptors, an empty name
+            // would not match --name after an exec, and a missing
+            // namespace pid would name the process wrongly.
+            ns_pid: read_ns_pid(pid)
+                .map_err(reading)?
+                .filter(|&inner| inner != pid),
             root: PathBuf::from(format!("/proc/{pid}/root")),
-            comm: read_comm(pid).unwrap_or_default(),
+            comm: comm_of(pid).map_err(reading)?,
             files: Arc::new(files),
         };
         // The paths above name the pid: had the process been reaped and
@@ -597,14 +603,22 @@ fn comm_matches(wanted: &str, comm: &str) -> bool {
 }
 
 fn read_comm(pid: u32) -> Option<String> {
-    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-    Some(comm.trim_end_matches('\n').to_owned())
+    comm_of(pid).ok()
 }
 
-/// The innermost pid of `NSpid:` in `/proc/PID/status`.
-fn read_ns_pid(pid: u32) -> Option<u32> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    parse_ns_pid(&status)
+/// `/proc/PID/comm`; a name not in UTF-8 (the kernel keeps raw bytes) read
+/// lossily.
+fn comm_of(pid: u32) -> io::Result<String> {
+    let comm = fs::read(format!("/proc/{pid}/comm"))?;
+    let comm = comm.strip_suffix(b"\n").unwrap_or(&comm);
+    Ok(String::from_utf8_lossy(comm).into_owned())
+}
+
+/// The innermost pid of `NSpid:` in `/proc/PID/status` (None before
+/// Linux 4.1, which has no such line).
+fn read_ns_pid(pid: u32) -> io::Result<Option<u32>> {
+    let status = fs::read(format!("/proc/{pid}/status"))?;
+    Ok(parse_ns_pid(&String::from_utf8_lossy(&status)))
 }
 
 fn parse_ns_pid(status: &str) -> Option<u32> {
@@ -793,10 +807,6 @@ fn parse_schedstat(text: &str) -> Option<u64> {
     Some(run.saturating_add(wait))
 }
 
-fn read_stat(pid: u32) -> Option<Stat> {
-    parse_stat_bytes(&fs::read(format!("/proc/{pid}/stat")).ok()?)
-}
-
 /// [`parse_stat`] of the bytes read. The command name (field 2) is the
 /// kernel's raw bytes, not always UTF-8 (a name cut at 15 bytes inside a
 /// character, one set with `prctl`); the fields after it are ASCII.
@@ -827,9 +837,14 @@ fn parse_stat(text: &str) -> Option<Stat> {
     })
 }
 
-/// Whether some process has this pid now.
+/// Whether some process has this pid now. Unknown (the loader out of
+/// descriptors) is yes: only a process gone from `/proc`, or a zombie, is
+/// not running.
 pub fn is_running(pid: u32) -> bool {
-    read_stat(pid).is_some_and(|s| s.state != 'Z' && s.state != 'X')
+    match fs::read(format!("/proc/{pid}/stat")) {
+        Ok(bytes) => parse_stat_bytes(&bytes).is_none_or(|s| s.state != 'Z' && s.state != 'X'),
+        Err(e) => !gone(&e),
+    }
 }
 
 /// The running kernel's release (`uname -r`), for records.

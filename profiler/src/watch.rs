@@ -314,12 +314,14 @@ async fn watch(
             break;
         } else if stop_at_loop {
             stop = Stop::Loop;
-        } else if last || controller.all_gone() {
-            if !last {
-                failure = controller.lost().map(anyhow::Error::from);
-            }
+        } else if last || controller.all_gone() || controller.command_lost() {
             break;
         }
+    }
+    // However the run ended (the deadline, nothing left to watch, a
+    // signal): a target that still runs unwatched makes it a failure.
+    if failure.is_none() && matches!(stop, Stop::Done) {
+        failure = controller.lost().map(anyhow::Error::from);
     }
 
     // `cacheloop run --fail-on-loop`: the command stops here, and the

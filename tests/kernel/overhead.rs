@@ -215,14 +215,14 @@ fn set_fd_limit(pid: i32, soft: u64) -> u64 {
     old
 }
 
-/// `watch ARGS --func cache_invalidate --max-overhead 5 --interval 2s
-/// --duration DURATION --json` of a flat-out fixture, and that watch's
+/// `watch ARGS --func cache_invalidate --max-overhead 5 --interval 3s
+/// --duration 120s --json` of a flat-out fixture, and that watch's
 /// descriptor limit cut to 3 (stdin, stdout, stderr) once the probes go in
 /// and out in windows: the next window's attach is refused (EMFILE).
-/// Returns the watch and its limit before. (2 s intervals: the retry comes
-/// 2-4 s after the refusal is said, time for a test to give the limit back
-/// in a loaded VM guest.)
-fn watch_until_refused(args: &[&str], duration: &str) -> (Cacheloop, u64) {
+/// Returns the watch and its limit before. (3 s intervals: the retry comes
+/// an interval after the refusal is said, time for a test to give the
+/// limit back in a loaded VM guest.)
+fn watch_until_refused(args: &[&str]) -> (Cacheloop, u64) {
     let mut all = vec!["watch"];
     all.extend(args);
     all.extend([
@@ -231,9 +231,9 @@ fn watch_until_refused(args: &[&str], duration: &str) -> (Cacheloop, u64) {
         "--max-overhead",
         "5",
         "--interval",
-        "2s",
+        "3s",
         "--duration",
-        duration,
+        "120s",
         "--json",
     ]);
     let watcher = Cacheloop::start(&all);
@@ -252,12 +252,17 @@ fn refusals(run: &Run) -> Vec<String> {
 }
 
 /// [`watch_until_refused`], the limit given back once the refusal is
-/// said: the run ends well, the refusal said it would try again, and
-/// `target` is counted in every interval from a few seconds after it.
+/// said: the refusal said it would try again, `target` is attached again
+/// and counted, and the run, stopped with SIGINT, ends well.
 fn refused_then_put_back(target: &Target, args: &[&str]) {
-    let (watcher, old) = watch_until_refused(args, "30s");
-    watcher.wait_line("\"kind\":\"attach_failed\"", Duration::from_secs(20));
+    let (watcher, old) = watch_until_refused(args);
+    watcher.wait_line("\"kind\":\"attach_failed\"", Duration::from_secs(30));
     set_fd_limit(watcher.pid(), old);
+    watcher.wait_record("attached", Duration::from_secs(30));
+    for _ in 0..3 {
+        watcher.wait_record("sample", Duration::from_secs(30));
+    }
+    watcher.signal(libc::SIGINT);
     let run = watcher.finish(Duration::from_secs(60));
     assert_eq!(run.code, 0, "{run:?}");
     let refused = refusals(&run);
@@ -268,20 +273,18 @@ fn refused_then_put_back(target: &Target, args: &[&str]) {
         "{}",
         run.stdout
     );
-    let warned = run
-        .of_type("warning")
-        .iter()
-        .find(|w| w["kind"] == "attach_failed")
-        .map(|w| w["ts"].as_f64().unwrap())
-        .unwrap();
+    let attached = run.of_type("attached");
+    assert_eq!(attached.len(), 2, "{}", run.stdout);
+    let again = attached[1]["ts"].as_f64().unwrap();
+    // Counted again: the intervals after the one it came back in.
     let later: Vec<u64> = run
         .of_type("sample")
         .iter()
-        .filter(|s| s["pid"] == target.pid && s["ts"].as_f64().unwrap() > warned + 5.0)
+        .filter(|s| s["pid"] == target.pid && s["ts"].as_f64().unwrap() > again)
         .map(|s| s["calls"].as_u64().unwrap())
         .collect();
     assert!(
-        later.len() >= 3 && later.iter().all(|&c| c > 0),
+        later.len() >= 3 && later[later.len() - 2..].iter().all(|&c| c > 0),
         "{later:?}\n{}",
         run.stdout
     );
@@ -320,8 +323,8 @@ fn pid_target_refused_twice_fails_the_run_and_leaves_the_target_running() {
     require_root();
     let mut target = Target::fixture(&["max:60"]);
     // Ends long before the duration.
-    let (watcher, _) = watch_until_refused(&["--pid", &target.pid.to_string()], "60s");
-    let run = watcher.finish(Duration::from_secs(60));
+    let (watcher, _) = watch_until_refused(&["--pid", &target.pid.to_string()]);
+    let run = watcher.finish(Duration::from_secs(90));
     assert_eq!(run.code, 1, "{run:?}");
     let last = run.stderr.lines().last().unwrap_or_default();
     assert!(
@@ -333,7 +336,11 @@ fn pid_target_refused_twice_fails_the_run_and_leaves_the_target_running() {
     assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
     let refused = refusals(&run);
     assert!(
-        refused.len() >= 2 && refused[0].contains("trying again at the next interval"),
+        refused.len() >= 2
+            && refused[0].contains("trying again at the next interval")
+            // The second, final: out of descriptors still, the process
+            // cannot even be read again.
+            && refused[refused.len() - 1].contains("no longer watched"),
         "{}",
         run.stdout
     );
