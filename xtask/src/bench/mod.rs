@@ -875,7 +875,8 @@ impl Report {
                  turn to the next on this VM (556 to 725 million calls/s in one hand-run series), so \
                  the worst round is mostly the worst draw of that noise. Since the rounds alternate \
                  their order the worst round has read lower (76-80% in the first two runs, medians \
-                 89-92%; 90.2% before): by hand, five governed turns right after an every-hit turn \
+                 89-92%; 90.2% before; 94.1% in a third, on a machine fresh from a newer kernel \
+                 whose unprobed rate held steadier): by hand, five governed turns right after an every-hit turn \
                  kept 0.95x of their unprobed neighbour on average, five right after an unprobed turn \
                  1.02x; nothing of the every-hit run lingers (the target is back to full speed within \
                  the second it exits), and what does it was not found.",
@@ -988,17 +989,21 @@ impl Report {
              took 0.15% of a core, 1.4 ms a second: about 40% of it the checks made every 250 ms \
              whatever the traffic (each process's `/proc/PID/stat`, the `stat` of \
              `/proc/PID/exe` that catches an exec, the threads' `schedstat`), and a fifth the \
-             runtime's timers. (Since this run the stat and the exe are read through descriptors held open \
-             since the process was found, a pread and an fstatat with no walk of `/proc`, which \
-             also keeps a loader out of descriptors from taking its target for exited; by hand, \
-             idle, no change beyond the noise.) The release build is static (musl), and musl's \
+             runtime's timers. (Since this run the stat is read through a descriptor held open since \
+             the process was found, a pread with no walk of `/proc`, which also keeps a loader \
+             out of descriptors from taking its target for exited; by hand, idle, no change \
+             beyond the noise.) The release build is static (musl), and musl's \
              allocator hands freed memory back to the kernel at once: the same code built \
              against glibc, side by side, idle at 100 calls a second over the 1000 functions, \
              took 0.19% of a core to the musl build's 0.30-0.34%, and 36 page faults a second \
              to its 262 (groups of small allocations mapped and unmapped ~40 times a second, \
              and each interval's vectors of records, over 128 KiB, mapped afresh); at 10,000 \
              calls a second 0.31% to 0.45%. mimalloc in its place measured worse here \
-             (0.43-0.61% idle) and was not kept. \
+             (0.43-0.61% idle) and was not kept. A record and an analyzer event were sized by \
+             the loop's evidence, which comes once in a run (392 and 224 bytes, for one sample \
+             per function and interval); boxed since this run (136 and 56 bytes): page faults \
+             270 to 152 a second, the loader 0.29-0.31% to 0.26-0.27% in that side-by-side run. \
+             The last committed run read 0.593% in the table above. \
              bpftrace prints one number a second and never windows (its target pays instead). \
              Not done: dense per-process arrays for the analyzer's and detector's per-series state \
              (most of the judging cost), reading call sites only where they can matter, and windows \
