@@ -589,9 +589,7 @@ impl Controller {
             .counted()
             // A `--pid` target waiting to be attached again is counted by the
             // --binary link meanwhile; its own probes come back with it.
-            .filter(|(pid, _)| {
-                !self.live.contains_key(pid) && !self.retry.iter().any(|(p, _)| p.pid == *pid)
-            })
+            .filter(|(pid, _)| !self.live.contains_key(pid) && !self.retrying(*pid))
             .collect();
         for (pid, calls) in new {
             match Process::from_pid(pid) {
@@ -904,7 +902,7 @@ impl Controller {
                     found_again = alive && (!self.names.is_empty() || self.command.is_some());
                 }
             }
-            if found_again || self.retry.iter().any(|(p, _)| p.pid == pid) {
+            if found_again || self.retrying(pid) {
                 return warning(
                     Some(pid),
                     "attach_failed",
@@ -948,37 +946,32 @@ impl Controller {
         let Some(old) = self.live.remove(&pid) else {
             return Vec::new();
         };
-        let process = match Process::from_pid(pid) {
-            // The same process (an exec keeps its start time), not one
-            // given its pid since.
-            Ok(process) if old.is_alive() && process.start_time == old.start_time => process,
+        let process = match old.again() {
+            Ok(Some(process)) => process,
             // Exited since: out of the readings already, so said here.
-            Ok(_) | Err(TargetError::NoSuchProcess { .. }) => {
+            Ok(None) => {
                 return vec![Record::TargetExit {
                     ts: unix_now(),
                     pid,
                 }];
             }
-            // The loader's own trouble (out of descriptors): a `--pid`
-            // target is tried again, as one refused on the way back in.
-            // The old handle still names the process (an exec keeps it).
-            Err(e @ TargetError::Unreadable { .. }) if self.pids.contains(&pid) => {
-                self.retry.push((old, false));
-                return vec![warning(
-                    Some(pid),
-                    "attach_failed",
-                    format!(
-                        "pid {pid} ran exec, then {:#}; trying again at the next interval",
-                        anyhow::Error::from(e)
-                    ),
-                )];
-            }
             Err(e) => {
+                // The loader's own trouble (out of descriptors): a `--pid`
+                // target is tried again, as one refused on the way back
+                // in. The old handle still names the process.
+                let retried =
+                    matches!(e, TargetError::Unreadable { .. }) && self.pids.contains(&pid);
+                let then = if retried {
+                    self.retry.push((old, false));
+                    "trying again at the next interval"
+                } else {
+                    "it is no longer watched"
+                };
                 return vec![warning(
                     Some(pid),
                     "attach_failed",
                     format!(
-                        "pid {pid} ran exec, then {:#}; it is no longer watched",
+                        "pid {pid} ran exec, then {:#}; {then}",
                         anyhow::Error::from(e)
                     ),
                 )];
@@ -1225,11 +1218,10 @@ impl Controller {
                 continue;
             }
             // As it is now: it may have run exec while it was out.
-            let process = match Process::from_pid(pid) {
-                Ok(process) if old.is_alive() && process.start_time == old.start_time => process,
-                // Exited while it was out (its pid maybe another's since):
-                // said as any exit is.
-                Ok(_) | Err(TargetError::NoSuchProcess { .. }) => {
+            let process = match old.again() {
+                Ok(Some(process)) => process,
+                // Exited while it was out: said as any exit is.
+                Ok(None) => {
                     records.push(Record::TargetExit {
                         ts: unix_now(),
                         pid,
@@ -1261,6 +1253,11 @@ impl Controller {
             }
         }
         records
+    }
+
+    /// Whether `pid` waits in `retry` to be attached again.
+    fn retrying(&self, pid: u32) -> bool {
+        self.retry.iter().any(|(p, _)| p.pid == pid)
     }
 
     /// Why a run that ends now failed: `--pid` targets that still run

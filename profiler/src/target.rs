@@ -348,12 +348,12 @@ impl Process {
     }
 
     /// The files the process maps executable now, by identity.
-    pub fn mapped_ids(pid: u32) -> Vec<FileId> {
-        let maps = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
-        executable_mappings(&maps)
+    pub fn mapped_ids(pid: u32) -> io::Result<Vec<FileId>> {
+        let maps = fs::read_to_string(format!("/proc/{pid}/maps"))?;
+        Ok(executable_mappings(&maps)
             .iter()
             .filter_map(|m| m.id(pid))
-            .collect()
+            .collect())
     }
 
     /// Whether this very process (not a successor with its pid) still runs.
@@ -363,6 +363,17 @@ impl Process {
         match self.files.stat() {
             Ok(s) => self.runs(&s),
             Err(e) => !gone(&e),
+        }
+    }
+
+    /// This very process as it is now (it may have run exec since it was
+    /// found: an exec keeps the start time); None once it is gone, its pid
+    /// perhaps another's since.
+    pub fn again(&self) -> Result<Option<Self>, TargetError> {
+        match Self::from_pid(self.pid) {
+            Ok(now) if self.is_alive() && now.start_time == self.start_time => Ok(Some(now)),
+            Ok(_) | Err(TargetError::NoSuchProcess { .. }) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
@@ -422,10 +433,17 @@ impl Binary {
     /// Whether process `pid` runs or maps one of `files` (executable or
     /// library).
     pub fn used_by(pid: u32, files: &[FileId]) -> bool {
+        Self::uses(pid, files).unwrap_or(false)
+    }
+
+    /// [`Binary::used_by`], or why its mappings could not be read.
+    fn uses(pid: u32, files: &[FileId]) -> io::Result<bool> {
         if file_id(Path::new(&format!("/proc/{pid}/exe"))).is_some_and(|id| files.contains(&id)) {
-            return true;
+            return Ok(true);
         }
-        Process::mapped_ids(pid).iter().any(|id| files.contains(id))
+        Ok(Process::mapped_ids(pid)?
+            .iter()
+            .any(|id| files.contains(id)))
     }
 
     /// Whether some process runs or maps one of `files` now; None when
@@ -443,23 +461,12 @@ impl Binary {
             let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
                 continue;
             };
-            if file_id(Path::new(&format!("/proc/{pid}/exe"))).is_some_and(|id| files.contains(&id))
-            {
-                return Some(true);
-            }
-            // Gone since, or not ours to read (another user's, without
-            // CAP_SYS_PTRACE): not counted, as before.
-            let maps = match fs::read_to_string(format!("/proc/{pid}/maps")) {
-                Ok(maps) => maps,
+            match Self::uses(pid, files) {
+                Ok(true) => return Some(true),
                 Err(e) if trouble(&e) => return None,
-                Err(_) => continue,
-            };
-            if executable_mappings(&maps)
-                .iter()
-                .filter_map(|m| m.id(pid))
-                .any(|id| files.contains(&id))
-            {
-                return Some(true);
+                // Gone since, or not ours to read (another user's, without
+                // CAP_SYS_PTRACE): not counted, as by `used_by`.
+                Ok(false) | Err(_) => {}
             }
         }
         Some(false)
@@ -574,10 +581,7 @@ pub fn descendants_of(root: u32, skip: impl Fn(u32) -> bool) -> Vec<Process> {
 
 /// Field 4 of `/proc/PID/stat`.
 fn parent_pid(pid: u32) -> Option<u32> {
-    let bytes = fs::read(format!("/proc/{pid}/stat")).ok()?;
-    let close = bytes.iter().rposition(|&b| b == b')')?;
-    std::str::from_utf8(&bytes[close + 1..])
-        .ok()?
+    stat_tail(&fs::read(format!("/proc/{pid}/stat")).ok()?)?[1..]
         .split_ascii_whitespace()
         .nth(1)?
         .parse()
@@ -811,8 +815,14 @@ fn parse_schedstat(text: &str) -> Option<u64> {
 /// kernel's raw bytes, not always UTF-8 (a name cut at 15 bytes inside a
 /// character, one set with `prctl`); the fields after it are ASCII.
 fn parse_stat_bytes(bytes: &[u8]) -> Option<Stat> {
+    parse_stat(stat_tail(bytes)?)
+}
+
+/// `/proc/PID/stat` from the `)` that closes the command name on: ASCII,
+/// whatever bytes the name holds.
+fn stat_tail(bytes: &[u8]) -> Option<&str> {
     let close = bytes.iter().rposition(|&b| b == b')')?;
-    parse_stat(std::str::from_utf8(&bytes[close..]).ok()?)
+    std::str::from_utf8(&bytes[close..]).ok()
 }
 
 /// Parses `/proc/PID/stat`. The command name (field 2) is in parentheses and
