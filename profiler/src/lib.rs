@@ -36,6 +36,7 @@ pub mod enrich;
 pub mod exporter;
 pub mod gate;
 pub mod governor;
+pub mod heap;
 pub mod hooks;
 pub mod listing;
 pub mod perf_uprobe;

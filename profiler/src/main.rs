@@ -113,3 +113,7 @@ fn clap_exit(err: &clap::Error) -> ExitCode {
     eprintln!("cacheloop: {message}; see 'cacheloop --help'");
     ExitCode::from(EXIT_USAGE)
 }
+
+/// See heap.rs: dlmalloc keeps what an interval frees for the next one.
+#[global_allocator]
+static HEAP: profiler::heap::Heap = profiler::heap::Heap;
