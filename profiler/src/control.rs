@@ -118,6 +118,10 @@ pub struct Controller {
     /// `--pid` targets no longer watched though still running (refused
     /// again): a run left with nothing to watch because of them failed.
     lost: Vec<Process>,
+    /// `--binary` processes found with their main thread ended (see
+    /// [`TargetError::LeaderGone`]): said once, their counters freed at
+    /// each reading.
+    leaderless: std::collections::HashSet<u32>,
     /// Without `--func`: what the on-CPU samples picked so far.
     discovery: Option<Discovery>,
     /// `py:`/`rb:`/`php:` patterns: the names the kernel reported seen
@@ -284,6 +288,7 @@ impl Controller {
             deferred: std::collections::HashSet::new(),
             retry: Vec::new(),
             lost: Vec::new(),
+            leaderless: std::collections::HashSet::new(),
             discovery: config.discover.then(Discovery::default),
             seen: Vec::new(),
             runtime_patterns: config
@@ -573,6 +578,41 @@ impl Controller {
         records
     }
 
+    /// Processes whose main thread ended while their other threads run on
+    /// (`pthread_exit` in `main`). The kernel scopes a process's own probes
+    /// through its main thread's memory, gone with that thread: a pid's
+    /// uprobe_multi link made then installs no breakpoint (seen on 6.18),
+    /// so once the probes came out for a window its calls would read as
+    /// zero, a loop as a recovery. Such a process is no longer watched,
+    /// said now, and fails the run at its end as a lost one (`run` stops
+    /// its command). One counted through the `--binary` link alone, which
+    /// is not scoped, is still counted.
+    fn unwatch_leaderless(&mut self) -> Vec<Record> {
+        let gone: Vec<u32> = self
+            .live
+            .values()
+            .filter(|p| self.probes.scoped_to(p.pid) && p.leader_gone())
+            .map(|p| p.pid)
+            .collect();
+        let mut records = Vec::new();
+        for pid in gone {
+            let Some(p) = self.live.remove(&pid) else {
+                continue;
+            };
+            self.probes.forget_process(pid);
+            self.collector.forget(pid);
+            self.lost.push(p);
+            records.push(warning(
+                Some(pid),
+                "attach_failed",
+                format!(
+                    "pid {pid}'s main thread has exited while its other threads run on; the kernel places a process's own probes through its main thread, so they could not go back in after a probe window: it is no longer watched"
+                ),
+            ));
+        }
+        records
+    }
+
     /// With `--binary`, processes that started running or mapping the file
     /// since the last tick show up as counters of unknown pids: the
     /// all-process link traps in every process that maps the file, and
@@ -607,6 +647,16 @@ impl Controller {
                     // is known of it; its counters stay, and it is looked
                     // at again at the next reading.
                     log::debug!("pid {pid} was counted but {e:#}; looked at again next time");
+                }
+                Err(e @ TargetError::LeaderGone { .. }) => {
+                    if self.leaderless.insert(pid) {
+                        records.push(warning(
+                            Some(pid),
+                            "attach_failed",
+                            format!("{e}; its calls are not in the samples"),
+                        ));
+                    }
+                    self.probes.forget_process(pid);
                 }
                 Err(_) => {
                     // Started and exited between two ticks: nothing left in
@@ -660,6 +710,9 @@ impl Controller {
             if closed > 0 {
                 log::debug!("{closed} file(s) no process is probed in any more closed");
             }
+        }
+        if report {
+            records.extend(self.unwatch_leaderless());
         }
         if report && !last {
             let (plan, failed) = self.windows.plan(&mut self.probes, hit_rate, due)?;

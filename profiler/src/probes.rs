@@ -1022,6 +1022,12 @@ impl Probes {
     /// Detaches the links made for one process (it exited) and removes its
     /// counters, so that a service that restarts all day does not pile up
     /// links and map slots.
+    /// Whether links scoped to process `tgid` alone are held (its
+    /// `--pid`, `--name` or `run` requests; not a `--binary` file's link).
+    pub fn scoped_to(&self, tgid: u32) -> bool {
+        self.entries.iter().any(|e| e.request.pid == Some(tgid))
+    }
+
     pub fn forget_process(&mut self, tgid: u32) {
         self.detach_where(|r| r.pid == Some(tgid));
         self.release_slots(|k| k.tgid == tgid);

@@ -44,6 +44,14 @@ pub enum TargetError {
     /// `--binary` names something that is not a regular file.
     #[error("--binary {} is not a regular file", path.display())]
     NotAFile { path: PathBuf },
+    /// The process's main thread has ended while its other threads run on
+    /// (`pthread_exit` in `main`): `/proc/PID` shows no program and no
+    /// mappings, so there is nothing to plan probes from. A process watched
+    /// before its main thread ended stays watched.
+    #[error(
+        "pid {pid}'s main thread has exited while its other threads run on, so /proc/{pid} shows no program to probe; watch it from its start ('cacheloop run', or --name before it starts)"
+    )]
+    LeaderGone { pid: u32 },
     /// `/proc/PID` could not be read for a reason of the loader's own (out
     /// of descriptors or memory): nothing is known of the process, not
     /// even that it exited.
@@ -59,7 +67,7 @@ impl TargetError {
     /// Whether what the user typed is at fault (exit 2), not the machine
     /// the loader runs on (exit 1).
     pub fn is_usage(&self) -> bool {
-        !matches!(self, Self::Unreadable { .. })
+        !matches!(self, Self::Unreadable { .. } | Self::LeaderGone { .. })
     }
 
     /// `err`, from reading a process's held `/proc` files, as the
@@ -264,8 +272,11 @@ impl Process {
         let reading = |e| TargetError::reading(pid, e);
         let files = ProcFiles::open(pid).map_err(reading)?;
         let stat = files.stat().map_err(reading)?;
-        if stat.state == 'Z' || stat.state == 'X' {
+        if stat.exited() {
             return Err(TargetError::NoSuchProcess { pid });
+        }
+        if stat.leader_gone() {
+            return Err(TargetError::LeaderGone { pid });
         }
         let exe = PathBuf::from(format!("/proc/{pid}/exe"));
         let unreadable = |source| match privileges::explain_proc(
@@ -382,7 +393,15 @@ impl Process {
     /// process, but a `Process` built with another's start time must not
     /// pass for it.
     fn runs(&self, stat: &Stat) -> bool {
-        stat.start_time == self.start_time && stat.state != 'Z' && stat.state != 'X'
+        stat.start_time == self.start_time && !stat.exited()
+    }
+
+    /// Whether the process's main thread has ended while its other
+    /// threads run on (see [`TargetError::LeaderGone`]).
+    pub fn leader_gone(&self) -> bool {
+        self.files
+            .stat()
+            .is_ok_and(|s| self.runs(&s) && s.leader_gone())
     }
 
     /// The program the process runs now (an exec changes it under the same
@@ -710,11 +729,32 @@ fn parse_mapping(line: &str) -> Option<Mapping> {
 
 struct Stat {
     state: char,
+    /// The thread group's threads (field 20), the leader counted until it
+    /// is reaped.
+    threads: u64,
     start_time: u64,
     /// utime + stime, in clock ticks.
     cpu_ticks: u64,
     /// Resident set, in pages.
     rss_pages: u64,
+}
+
+impl Stat {
+    /// Whether the process has exited: reaped (`X`), or a zombie with no
+    /// thread left. `/proc/PID/stat` shows the thread-group leader's state,
+    /// and a leader that ended its own thread (`pthread_exit` in `main`)
+    /// is a zombie while the other threads run on: the process is alive
+    /// and calling. The kernel keeps such a leader in `num_threads` until
+    /// the last thread has gone, so a count above one is a running group.
+    fn exited(&self) -> bool {
+        self.state == 'X' || (self.state == 'Z' && self.threads <= 1)
+    }
+
+    /// The leader's own thread has ended while others run on: its
+    /// `/proc/PID/exe` and `maps` read as empty, though the process lives.
+    fn leader_gone(&self) -> bool {
+        self.state == 'Z' && !self.exited()
+    }
 }
 
 /// What a process costs now: the first symptoms in the postmortem were CPU
@@ -837,10 +877,13 @@ fn parse_stat(text: &str) -> Option<Stat> {
     let mut rest = fields.skip(10);
     let utime: u64 = rest.next()?.parse().ok()?;
     let stime: u64 = rest.next()?.parse().ok()?;
-    let start_time = rest.nth(6)?.parse().ok()?;
+    // num_threads 20, then itrealvalue 21 before starttime.
+    let threads = rest.nth(4)?.parse().ok()?;
+    let start_time = rest.nth(1)?.parse().ok()?;
     let rss_pages = rest.nth(1)?.parse().ok()?;
     Some(Stat {
         state,
+        threads,
         start_time,
         cpu_ticks: utime + stime,
         rss_pages,
@@ -852,7 +895,7 @@ fn parse_stat(text: &str) -> Option<Stat> {
 /// not running.
 pub fn is_running(pid: u32) -> bool {
     match fs::read(format!("/proc/{pid}/stat")) {
-        Ok(bytes) => parse_stat_bytes(&bytes).is_none_or(|s| s.state != 'Z' && s.state != 'X'),
+        Ok(bytes) => parse_stat_bytes(&bytes).is_none_or(|s| !s.exited()),
         Err(e) => !gone(&e),
     }
 }
@@ -932,6 +975,24 @@ mod tests {
         assert_eq!(stat.start_time, 987654);
         assert_eq!(stat.cpu_ticks, 5 + 3);
         assert_eq!(stat.rss_pages, 300);
+        assert_eq!(stat.threads, 4);
+        assert!(!stat.exited() && !stat.leader_gone());
+    }
+
+    #[test]
+    fn a_zombie_leader_with_threads_left_is_a_running_process() {
+        let stat = |state: &str, threads: u32| {
+            parse_stat(&format!(
+                "4242 (cache) {state} 1 4242 4242 0 -1 4194560 100 0 0 0 5 3 0 0 20 0 \
+                 {threads} 0 987654 0 0 18446744073709551615"
+            ))
+            .unwrap()
+        };
+        // Its main thread ended (pthread_exit), two threads run on.
+        assert!(!stat("Z", 3).exited() && stat("Z", 3).leader_gone());
+        // Every thread ended, not reaped yet: only the leader is counted.
+        assert!(stat("Z", 1).exited() && !stat("Z", 1).leader_gone());
+        assert!(stat("X", 1).exited());
     }
 
     #[test]

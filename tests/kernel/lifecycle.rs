@@ -140,3 +140,71 @@ fn watch_goes_on_while_other_targets_remain() {
 fn vm_runner_sees_this_test_fail() {
     panic!("failing on purpose, for the VM runner's self-test");
 }
+
+/// The first byte at `addr` in `target`, read through one of its threads
+/// other than the main one: with the main thread ended, `/proc/PID/mem`
+/// reads nothing.
+fn code_through_a_thread(target: &Target, addr: u64) -> u8 {
+    use std::os::unix::fs::FileExt as _;
+    let tid = std::fs::read_dir(format!("/proc/{}/task", target.pid))
+        .unwrap()
+        .filter_map(|t| t.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|&tid| tid != target.pid)
+        .expect("a thread besides the main one");
+    let mem = std::fs::File::open(format!("/proc/{}/task/{tid}/mem", target.pid)).unwrap();
+    let mut byte = [0u8];
+    mem.read_exact_at(&mut byte, addr).unwrap();
+    byte[0]
+}
+
+/// A target whose main thread ends while its other threads run on
+/// (`pthread_exit` in `main`) shows a zombie in `/proc/PID/stat`; it was
+/// taken for exited, and the run ended with exit 0 while it kept calling.
+/// Its probes cannot go back in after a window (the kernel scopes them
+/// through the main thread), so it is said unwatched, the run fails with
+/// the pid that runs on, and no breakpoint is left in it.
+#[test]
+fn a_target_whose_main_thread_exits_is_not_taken_for_exited() {
+    require_root();
+    let mut target = Target::fixture(&["--leader-exits=2", "200:120"]);
+    let addr = target.invalidate_addr();
+    let watcher = Cacheloop::start(&watch_fixture_args(target.pid, &["--duration", "60s"]));
+    watcher.wait_attached(Duration::from_secs(60));
+    let warned = watcher.wait_line("\"kind\":\"attach_failed\"", Duration::from_secs(30));
+    assert!(warned.contains("main thread has exited"), "{warned}");
+    let run = watcher.finish(Duration::from_secs(60));
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.of_type("target_exit").is_empty(), "{}", run.stdout);
+    let last = run.stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.contains(&format!("pid {} still runs", target.pid)),
+        "{}",
+        run.stderr
+    );
+    assert!(target.is_running());
+    assert_ne!(code_through_a_thread(&target, addr), INT3);
+}
+
+/// Attaching to such a process fails with the reason (exit 1), not "no
+/// process with pid".
+#[test]
+fn attaching_to_a_process_whose_main_thread_exited_says_why() {
+    require_root();
+    let mut target = Target::fixture(&["--leader-exits=0", "200:120"]);
+    assert!(
+        target
+            .wait_line("leader exits", Duration::from_secs(30))
+            .is_some()
+    );
+    let run = cacheloop(
+        &watch_fixture_args(target.pid, &["--duration", "2s"]),
+        Duration::from_secs(60),
+    );
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.stderr.contains("main thread has exited") && run.stderr.lines().count() == 1,
+        "{}",
+        run.stderr
+    );
+    assert!(target.is_running());
+}

@@ -21,7 +21,10 @@
 //!
 //! Prints `ready PID ADDR` at start (ADDR: where `cache_invalidate` is mapped), `phase N start TS` as each phase begins (Unix
 //! seconds), and at the end `done CALLS CHECKSUM`; then idles until killed,
-//! or exits with `--exit` (status 0) or `--exit-code=N`. With `--fork`, a
+//! or exits with `--exit` (status 0) or `--exit-code=N`. With
+//! `--leader-exits=SECONDS`, the phases run on a thread and the main thread
+//! ends after that long (it prints `leader exits`), the process running on
+//! under a zombie leader. With `--fork`, a
 //! child forked after `ready` (it prints `child PID`) runs the phases too. The checksum lets a test prove that probing
 //! changed nothing the program computes.
 
@@ -161,7 +164,12 @@ fn main() {
     let mut exit = false;
     let mut code = 0;
     let mut fork = false;
+    let mut leader_exits = None;
     for arg in std::env::args().skip(1) {
+        if let Some(secs) = arg.strip_prefix("--leader-exits=") {
+            leader_exits = Some(secs.parse::<f64>().expect("--leader-exits=SECONDS"));
+            continue;
+        }
         if arg == "--exit" {
             exit = true;
             continue;
@@ -219,7 +227,23 @@ fn main() {
     if child == 0 {
         say(&format!("child {}", std::process::id()));
     }
+    if let Some(secs) = leader_exits {
+        // The phases run on a thread of their own; the main thread ends
+        // after `secs` with a bare exit(2), its thread only (no unwinding
+        // through Rust frames, as pthread_exit would), and the process
+        // runs on under a zombie leader.
+        std::thread::spawn(move || run(phases, exit, code, child));
+        std::thread::sleep(Duration::from_secs_f64(secs));
+        say("leader exits");
+        // SAFETY: exit(2) ends the calling thread only; nothing waits for it.
+        unsafe { libc::syscall(libc::SYS_exit, 0) };
+        unreachable!("exit(2) returned");
+    }
+    run(phases, exit, code, child)
+}
 
+/// Runs the phases, then idles or exits (see the module's comment).
+fn run(phases: Vec<(Kind, Option<f64>, Option<f64>)>, exit: bool, code: i32, child: i32) -> ! {
     let (mut calls, mut checksum) = (0u64, 0u64);
     for (n, (kind, rate, secs)) in phases.into_iter().enumerate() {
         say(&format!("phase {n} start {:.3}", unix_now()));
