@@ -122,6 +122,10 @@ pub struct Controller {
     /// [`TargetError::LeaderGone`]): said once, their counters freed at
     /// each reading.
     leaderless: std::collections::HashSet<u32>,
+    /// Watched processes with links of their own whose main thread has
+    /// ended while other threads run on, since when (see
+    /// [`Controller::unwatch_leaderless`]).
+    leader_gone_since: HashMap<u32, Instant>,
     /// Without `--func`: what the on-CPU samples picked so far.
     discovery: Option<Discovery>,
     /// `py:`/`rb:`/`php:` patterns: the names the kernel reported seen
@@ -289,6 +293,7 @@ impl Controller {
             retry: Vec::new(),
             lost: Vec::new(),
             leaderless: std::collections::HashSet::new(),
+            leader_gone_since: HashMap::new(),
             discovery: config.discover.then(Discovery::default),
             seen: Vec::new(),
             runtime_patterns: config
@@ -578,35 +583,64 @@ impl Controller {
         records
     }
 
-    /// Processes whose main thread ended while their other threads run on
-    /// (`pthread_exit` in `main`). The kernel scopes a process's own probes
-    /// through its main thread's memory, gone with that thread: a pid's
-    /// uprobe_multi link made then installs no breakpoint (seen on 6.18),
-    /// so once the probes came out for a window its calls would read as
-    /// zero, a loop as a recovery. Such a process is no longer watched,
-    /// said now, and fails the run at its end as a lost one (`run` stops
-    /// its command). One counted through the `--binary` link alone, which
-    /// is not scoped, is still counted.
-    fn unwatch_leaderless(&mut self) -> Vec<Record> {
+    /// Notes, at each tick, the watched processes with links of their own
+    /// whose main thread has ended while other threads run on (see
+    /// [`Controller::unwatch_leaderless`]), and since when.
+    fn note_leaderless(&mut self) {
+        let now = Instant::now();
         let gone: Vec<u32> = self
             .live
             .values()
             .filter(|p| self.probes.scoped_to(p.pid) && p.leader_gone())
             .map(|p| p.pid)
             .collect();
-        let mut records = Vec::new();
+        self.leader_gone_since.retain(|pid, _| gone.contains(pid));
         for pid in gone {
+            self.leader_gone_since.entry(pid).or_insert(now);
+        }
+    }
+
+    /// Processes whose main thread ended (`pthread_exit` in `main`) while
+    /// their other threads run on. The kernel scopes a process's own probes
+    /// through its main thread's memory, gone with that thread, and no
+    /// consumer then claims the process's memory: a pid's uprobe_multi link
+    /// made afterwards installs no breakpoint in it, and the breakpoints
+    /// already in are taken out whenever any consumer of the same function
+    /// comes or goes (another process of the program, a probe window,
+    /// another tool). Seen on 6.18: counts read 0 after the first window,
+    /// and with no window at all as soon as another process of the same
+    /// program was windowed. Its calls would read as zero, a loop as a
+    /// recovery, so such a process is no longer watched, and said, once
+    /// seen so at two ticks (not in the instant an exiting process's leader
+    /// is a zombie before its other threads): a `--pid` target or `run`'s
+    /// command is lost (the run fails at its end; `run` stops its command),
+    /// others are not tried again. One counted through the `--binary` link
+    /// alone, which is not scoped, is still counted.
+    fn unwatch_leaderless(&mut self) -> Vec<Record> {
+        let sure: Vec<u32> = self
+            .leader_gone_since
+            .iter()
+            .filter(|(_, since)| since.elapsed() >= LEADERLESS_SURE)
+            .map(|(&pid, _)| pid)
+            .collect();
+        let mut records = Vec::new();
+        for pid in sure {
+            self.leader_gone_since.remove(&pid);
             let Some(p) = self.live.remove(&pid) else {
                 continue;
             };
             self.probes.forget_process(pid);
             self.collector.forget(pid);
-            self.lost.push(p);
+            if self.pids.contains(&pid) || self.command == Some(pid) {
+                self.lost.push(p);
+            } else {
+                self.failed.insert((pid, p.start_time, p.exe_id));
+            }
             records.push(warning(
                 Some(pid),
                 "attach_failed",
                 format!(
-                    "pid {pid}'s main thread has exited while its other threads run on; the kernel places a process's own probes through its main thread, so they could not go back in after a probe window: it is no longer watched"
+                    "pid {pid}'s main thread has exited while its other threads run on; the kernel scopes a process's own probes through its main thread, and can no longer keep them in it: it is no longer watched"
                 ),
             ));
         }
@@ -711,9 +745,8 @@ impl Controller {
                 log::debug!("{closed} file(s) no process is probed in any more closed");
             }
         }
-        if report {
-            records.extend(self.unwatch_leaderless());
-        }
+        self.note_leaderless();
+        records.extend(self.unwatch_leaderless());
         if report && !last {
             let (plan, failed) = self.windows.plan(&mut self.probes, hit_rate, due)?;
             records.extend(plan);
@@ -1525,6 +1558,11 @@ fn binary_file(binary: &Binary) -> FileTarget {
         pid: None,
     }
 }
+
+/// How long a process's main thread must have been seen ended, its other
+/// threads running on, before it is taken for that (two ticks): a process
+/// exiting shows its leader a zombie for a moment before the others.
+const LEADERLESS_SURE: Duration = Duration::from_millis(200);
 
 /// A refused attach is most often a process that just exited; say so.
 fn attach_failure(

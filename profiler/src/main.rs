@@ -21,6 +21,9 @@ const EXIT_USAGE: u8 = 2;
 const EXIT_LOOP: u8 = 3;
 
 fn main() -> ExitCode {
+    // SAFETY: registers fork handlers that take and give back the
+    // allocator's lock (see heap.rs); called once, before any fork.
+    unsafe { dlmalloc::enable_alloc_after_fork() };
     // The helper that holds the probe links (see custody.rs): started by
     // cacheloop itself, not a command anyone types.
     if std::env::args_os()

@@ -1019,15 +1019,15 @@ impl Probes {
         requests
     }
 
-    /// Detaches the links made for one process (it exited) and removes its
-    /// counters, so that a service that restarts all day does not pile up
-    /// links and map slots.
     /// Whether links scoped to process `tgid` alone are held (its
     /// `--pid`, `--name` or `run` requests; not a `--binary` file's link).
     pub fn scoped_to(&self, tgid: u32) -> bool {
         self.entries.iter().any(|e| e.request.pid == Some(tgid))
     }
 
+    /// Detaches the links made for one process (it exited) and removes its
+    /// counters, so that a service that restarts all day does not pile up
+    /// links and map slots.
     pub fn forget_process(&mut self, tgid: u32) {
         self.detach_where(|r| r.pid == Some(tgid));
         self.release_slots(|k| k.tgid == tgid);

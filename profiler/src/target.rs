@@ -46,10 +46,10 @@ pub enum TargetError {
     NotAFile { path: PathBuf },
     /// The process's main thread has ended while its other threads run on
     /// (`pthread_exit` in `main`): `/proc/PID` shows no program and no
-    /// mappings, so there is nothing to plan probes from. A process watched
-    /// before its main thread ended stays watched.
+    /// mappings, so there is nothing to plan probes from (see
+    /// `Controller::unwatch_leaderless` for one watched before).
     #[error(
-        "pid {pid}'s main thread has exited while its other threads run on, so /proc/{pid} shows no program to probe; watch it from its start ('cacheloop run', or --name before it starts)"
+        "pid {pid}'s main thread has exited while its other threads run on, so /proc/{pid} shows no program to probe and the kernel cannot scope probes to it; cacheloop cannot watch it now (one watched with --binary from before its main thread exited stays watched)"
     )]
     LeaderGone { pid: u32 },
     /// `/proc/PID` could not be read for a reason of the loader's own (out

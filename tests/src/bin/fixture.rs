@@ -22,9 +22,9 @@
 //! Prints `ready PID ADDR` at start (ADDR: where `cache_invalidate` is mapped), `phase N start TS` as each phase begins (Unix
 //! seconds), and at the end `done CALLS CHECKSUM`; then idles until killed,
 //! or exits with `--exit` (status 0) or `--exit-code=N`. With
-//! `--leader-exits=SECONDS`, the phases run on a thread and the main thread
-//! ends after that long (it prints `leader exits`), the process running on
-//! under a zombie leader. With `--fork`, a
+//! `--leader-exits=SECONDS` (or `=usr2`), the phases run on a thread and
+//! the main thread ends after that long (or at SIGUSR2; it prints `leader
+//! exits`), the process running on under a zombie leader. With `--fork`, a
 //! child forked after `ready` (it prints `child PID`) runs the phases too. The checksum lets a test prove that probing
 //! changed nothing the program computes.
 
@@ -41,6 +41,13 @@ static RELEASED: AtomicBool = AtomicBool::new(false);
 extern "C" fn release(_: libc::c_int) {
     // An atomic store is async-signal-safe.
     RELEASED.store(true, Ordering::SeqCst);
+}
+
+/// Set by SIGUSR2: `--leader-exits=usr2` ends the main thread.
+static LEADER_GO: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn leader_go(_: libc::c_int) {
+    LEADER_GO.store(true, Ordering::SeqCst);
 }
 
 /// The watched function: a plain C symbol that does a little real work.
@@ -166,8 +173,11 @@ fn main() {
     let mut fork = false;
     let mut leader_exits = None;
     for arg in std::env::args().skip(1) {
-        if let Some(secs) = arg.strip_prefix("--leader-exits=") {
-            leader_exits = Some(secs.parse::<f64>().expect("--leader-exits=SECONDS"));
+        if let Some(when) = arg.strip_prefix("--leader-exits=") {
+            leader_exits = Some(match when {
+                "usr2" => None,
+                secs => Some(secs.parse::<f64>().expect("--leader-exits=SECONDS|usr2")),
+            });
             continue;
         }
         if arg == "--exit" {
@@ -216,8 +226,11 @@ fn main() {
         };
         phases.push((kind, rate, secs));
     }
-    // SAFETY: the handler only stores to an atomic.
-    unsafe { libc::signal(libc::SIGUSR1, release as *const () as libc::sighandler_t) };
+    // SAFETY: the handlers only store to an atomic.
+    unsafe {
+        libc::signal(libc::SIGUSR1, release as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGUSR2, leader_go as *const () as libc::sighandler_t);
+    }
     // The address lets tests read the function's live code bytes.
     let addr = cache_invalidate as *const () as usize;
     say(&format!("ready {} {addr:#x}", std::process::id()));
@@ -227,13 +240,20 @@ fn main() {
     if child == 0 {
         say(&format!("child {}", std::process::id()));
     }
-    if let Some(secs) = leader_exits {
+    if let Some(when) = leader_exits {
         // The phases run on a thread of their own; the main thread ends
-        // after `secs` with a bare exit(2), its thread only (no unwinding
-        // through Rust frames, as pthread_exit would), and the process
-        // runs on under a zombie leader.
+        // after `secs` (or at SIGUSR2) with a bare exit(2), its thread only
+        // (no unwinding through Rust frames, as pthread_exit would), and
+        // the process runs on under a zombie leader.
         std::thread::spawn(move || run(phases, exit, code, child));
-        std::thread::sleep(Duration::from_secs_f64(secs));
+        match when {
+            Some(secs) => std::thread::sleep(Duration::from_secs_f64(secs)),
+            None => {
+                while !LEADER_GO.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
         say("leader exits");
         // SAFETY: exit(2) ends the calling thread only; nothing waits for it.
         unsafe { libc::syscall(libc::SYS_exit, 0) };
