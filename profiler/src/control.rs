@@ -371,9 +371,17 @@ impl Controller {
             self.probes.forget_process(pid);
             self.collector.forget(pid);
         }
+        // A process whose main thread ended: out before the counters are
+        // read, as soon as that is sure (see `unwatch_leaderless`).
+        self.note_leaderless();
+        let leaderless = self.unwatch_leaderless();
+        let dropped_leaderless = !leaderless.is_empty();
+        self.pending.extend(leaderless);
         self.rewritten = self.take_out_rewritten();
         self.judge_names();
         let changed = !(self.execed.is_empty()
+            && !dropped_leaderless
+            && self.leader_gone_since.is_empty()
             && self.rewritten.is_empty()
             && self.pending.is_empty()
             && self.catalog.version == version);
@@ -591,7 +599,9 @@ impl Controller {
         let gone: Vec<u32> = self
             .live
             .values()
-            .filter(|p| self.probes.scoped_to(p.pid) && p.leader_gone())
+            // One read of each process's held stat; entries scanned only
+            // for the rare leaderless one.
+            .filter(|p| p.leader_gone() && self.probes.scoped_to(p.pid))
             .map(|p| p.pid)
             .collect();
         self.leader_gone_since.retain(|pid, _| gone.contains(pid));
@@ -631,20 +641,31 @@ impl Controller {
             };
             self.probes.forget_process(pid);
             self.collector.forget(pid);
-            if self.pids.contains(&pid) || self.command == Some(pid) {
-                self.lost.push(p);
-            } else {
-                self.failed.insert((pid, p.start_time, p.exe_id));
-            }
-            records.push(warning(
-                Some(pid),
-                "attach_failed",
-                format!(
-                    "pid {pid}'s main thread has exited while its other threads run on; the kernel scopes a process's own probes through its main thread, and can no longer keep them in it: it is no longer watched"
-                ),
-            ));
+            records.push(self.drop_leaderless(p));
         }
         records
+    }
+
+    /// A process out of `live` whose main thread is gone, its probes
+    /// forgotten: a `--pid` target or `run`'s command is lost, another is
+    /// not tried again, and the `--binary` link's counts of it are not
+    /// said again by [`Controller::discover`]. Returns the warning.
+    fn drop_leaderless(&mut self, p: Process) -> Record {
+        let pid = p.pid;
+        self.leaderless.insert(pid);
+        self.deferred.remove(&pid);
+        if self.pids.contains(&pid) || self.command == Some(pid) {
+            self.lost.push(p);
+        } else {
+            self.failed.insert((pid, p.start_time, p.exe_id));
+        }
+        warning(
+            Some(pid),
+            "attach_failed",
+            format!(
+                "pid {pid}'s main thread has exited while its other threads run on; the kernel scopes a process's own probes through its main thread, and can no longer keep them in it: it is no longer watched"
+            ),
+        )
     }
 
     /// With `--binary`, processes that started running or mapping the file
@@ -745,8 +766,6 @@ impl Controller {
                 log::debug!("{closed} file(s) no process is probed in any more closed");
             }
         }
-        self.note_leaderless();
-        records.extend(self.unwatch_leaderless());
         if report && !last {
             let (plan, failed) = self.windows.plan(&mut self.probes, hit_rate, due)?;
             records.extend(plan);
@@ -975,6 +994,11 @@ impl Controller {
             // once (`retry`), and lost if it is refused again.
             let mut found_again = false;
             if let Some(p) = self.live.remove(&pid) {
+                if p.leader_gone() {
+                    // Refused because its main thread is gone (6.1's perf
+                    // events): not to be tried again.
+                    return self.drop_leaderless(p);
+                }
                 let alive = p.is_alive();
                 let target = alive && self.pids.contains(&pid);
                 if self.deferred.contains(&pid) {

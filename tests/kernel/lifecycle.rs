@@ -186,8 +186,8 @@ fn leader_exits_while_watched(phase: &str, marker: &str) -> cacheloop_tests::Run
     let watcher = Cacheloop::start(&watch_fixture_args(target.pid, &["--duration", "60s"]));
     watcher.wait_record(marker, Duration::from_secs(60));
     target.signal(libc::SIGUSR2);
-    let warned = watcher.wait_line("\"kind\":\"attach_failed\"", Duration::from_secs(30));
-    assert!(warned.contains("main thread has exited"), "{warned}");
+    let warned = watcher.wait_line("main thread has exited", Duration::from_secs(30));
+    assert!(warned.contains("\"kind\":\"attach_failed\""), "{warned}");
     let run = watcher.finish(Duration::from_secs(60));
     assert_eq!(run.code, 1, "{run:?}");
     assert!(run.of_type("target_exit").is_empty(), "{}", run.stdout);
