@@ -118,9 +118,9 @@ pub struct Controller {
     /// `--pid` targets no longer watched though still running (refused
     /// again): a run left with nothing to watch because of them failed.
     lost: Vec<Process>,
-    /// `--binary` processes found with their main thread ended (see
-    /// [`TargetError::LeaderGone`]): said once, their counters freed at
-    /// each reading.
+    /// Processes said to have their main thread ended (see
+    /// [`TargetError::LeaderGone`]): said once, a `--binary` link's counts
+    /// of them freed at each reading.
     leaderless: std::collections::HashSet<u32>,
     /// Watched processes with links of their own whose main thread has
     /// ended while other threads run on, since when (see
@@ -375,12 +375,11 @@ impl Controller {
         // read, as soon as that is sure (see `unwatch_leaderless`).
         self.note_leaderless();
         let leaderless = self.unwatch_leaderless();
-        let dropped_leaderless = !leaderless.is_empty();
+        // Said through `pending`, which makes this reading a change.
         self.pending.extend(leaderless);
         self.rewritten = self.take_out_rewritten();
         self.judge_names();
         let changed = !(self.execed.is_empty()
-            && !dropped_leaderless
             && self.leader_gone_since.is_empty()
             && self.rewritten.is_empty()
             && self.pending.is_empty()
