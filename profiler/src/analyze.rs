@@ -310,6 +310,8 @@ pub struct Analyzer {
     /// Call sites, keys, key transitions and stacks: the last cumulative
     /// counts of the entries the kernel holds (its LRU maps bound them).
     call_sites: HashMap<(u32, u32, u64), u64>,
+    /// The reading before's `call_sites`, emptied, for the next reading.
+    spare_sites: HashMap<(u32, u32, u64), u64>,
     keys: HashMap<(u32, u32, u64), u64>,
     key_edges: HashMap<(u32, u32, u64, u64), u64>,
     stacks: HashMap<(u32, u32, u32), u64>,
@@ -661,6 +663,7 @@ impl Analyzer {
             },
             counts: Deltas::default(),
             call_sites: HashMap::new(),
+            spare_sites: HashMap::new(),
             keys: HashMap::new(),
             key_edges: HashMap::new(),
             stacks: HashMap::new(),
@@ -1546,7 +1549,11 @@ impl Analyzer {
     #[allow(clippy::type_complexity)]
     fn cycles(&mut self, snap: &Snapshot) -> (HashMap<u32, Vec<u32>>, HashSet<(u32, u32)>) {
         let mut edges: HashMap<(u32, u32, u32), u64> = HashMap::new();
-        let last = std::mem::take(&mut self.call_sites);
+        // The last reading's map, and this one's in the map before it
+        // (cleared): its table is already grown for as many sites.
+        let mut last = std::mem::take(&mut self.spare_sites);
+        last.clear();
+        std::mem::swap(&mut last, &mut self.call_sites);
         let decay = recent_decay(snap.seconds);
         for value in self.recent_sites.values_mut() {
             *value *= decay;
@@ -1567,6 +1574,7 @@ impl Analyzer {
         }
         self.recent_sites.retain(|_, v| *v >= 0.5);
         self.evicted += self.vanished(&last, |s, k| s.call_sites.contains_key(k));
+        self.spare_sites = last;
         let mut graphs: HashMap<u32, BTreeSet<(u32, u32)>> = HashMap::new();
         let mut strong = HashSet::new();
         // A reading that folded in readings let go holds their call sites

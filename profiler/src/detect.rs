@@ -55,7 +55,7 @@
 //! What this module does not do: find the cycles (`cycles.rs`), or read the
 //! kernel.
 
-use std::collections::VecDeque;
+use std::{cell::Cell, collections::VecDeque};
 
 // foldhash: see analyze.rs.
 use foldhash::{HashMap, HashMapExt as _, HashSet};
@@ -919,9 +919,34 @@ fn judge(
     )
 }
 
+/// `base.powf(exp)`, remembered for the last few pairs asked: every
+/// series of a reading raises the same two bases to the same seconds, and
+/// with 1000 functions `pow` alone took over 1% of the loader's CPU.
+fn pow(base: f64, exp: f64) -> f64 {
+    const REMEMBERED: usize = 4;
+    /// (base's bits, exponent's bits, the power) of each, and which to
+    /// replace next.
+    type Last = ([(u64, u64, f64); REMEMBERED], usize);
+    thread_local! {
+        static LAST: Cell<Last> =
+            const { Cell::new(([(u64::MAX, u64::MAX, f64::NAN); REMEMBERED], 0)) };
+    }
+    let asked = (base.to_bits(), exp.to_bits());
+    LAST.with(|last| {
+        let (mut pairs, next) = last.get();
+        if let Some(&(_, _, value)) = pairs.iter().find(|p| (p.0, p.1) == asked) {
+            return value;
+        }
+        let value = base.powf(exp);
+        pairs[next] = (asked.0, asked.1, value);
+        last.set((pairs, (next + 1) % REMEMBERED));
+        value
+    })
+}
+
 /// A calm reading: the warm-up, then the learned baseline and shares.
 fn learn_from(rules: &Rules, series: &mut Series, rate: f64, seconds: f64, signals: &Signals) {
-    let w = 1.0 - (1.0 - rules.alpha.clamp(0.0, 1.0)).powf(seconds);
+    let w = 1.0 - pow(1.0 - rules.alpha.clamp(0.0, 1.0), seconds);
     // Too few keyed calls to say: what was learned stands.
     let known = signals.top_share.is_some();
     let top = signals.top_share.unwrap_or(0.0);
@@ -931,7 +956,7 @@ fn learn_from(rules: &Rules, series: &mut Series, rate: f64, seconds: f64, signa
             l.baseline = learn(l.baseline, rate, w, BASELINE_FLOOR);
             // What calm traffic showed for a while is normal for minutes
             // after: learned at the baseline's pace, forgotten slowly.
-            let keep = 0.5f64.powf(seconds / MEMORY_SECONDS);
+            let keep = pow(0.5, seconds / MEMORY_SECONDS);
             let remember = |was: f64, now: f64| {
                 if now > was {
                     was + w * (now - was)

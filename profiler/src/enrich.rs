@@ -213,7 +213,7 @@ impl Enricher {
                     ts,
                     pid: *pid,
                     ns_pid: *ns_pid,
-                    function: self.catalog.name(*func),
+                    function: self.catalog.shared_name(*func),
                     calls: *calls,
                     rate: *rate,
                     baseline: *baseline,

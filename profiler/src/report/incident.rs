@@ -113,7 +113,7 @@ impl Incident {
                 estimated,
                 ..
             } => {
-                let key = (*pid, function.clone());
+                let key = (*pid, function.to_string());
                 self.rates
                     .entry(key.clone())
                     .or_default()

@@ -111,7 +111,8 @@ pub enum Record {
         pid: u32,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         ns_pid: Option<u32>,
-        function: String,
+        /// The catalog's name, shared: one record per function and interval.
+        function: Arc<str>,
         calls: u64,
         /// Calls per second over the interval.
         rate: f64,

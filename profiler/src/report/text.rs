@@ -4,9 +4,13 @@
 use std::{
     collections::HashSet,
     io::{self, Write},
+    sync::Arc,
 };
 
 use super::{Record, Sink, Summary, thousands, times};
+
+/// One sample's row: rate, pid, function, calls, baseline, estimated.
+type Row = (f64, u32, Arc<str>, u64, Option<f64>, bool);
 
 /// Rows shown per interval; the rest are counted in one line.
 const TOP: usize = 10;
@@ -17,7 +21,7 @@ pub struct TextSink<W: Write> {
     header_done: bool,
     /// (rate, pid, function, calls, baseline, estimated) of this
     /// interval's samples.
-    rows: Vec<(f64, u32, String, u64, Option<f64>, bool)>,
+    rows: Vec<Row>,
     looping: HashSet<(u32, String)>,
     /// (pid, health) of this interval.
     health: Vec<(u32, super::Health)>,
@@ -290,7 +294,7 @@ impl<W: Write> Sink for TextSink<W> {
         self.rows
             .sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
         for (rate, pid, function, calls, baseline, estimated) in self.rows.iter().take(TOP) {
-            let flag = if self.looping.contains(&(*pid, function.clone())) {
+            let flag = if self.looping.contains(&(*pid, function.to_string())) {
                 "  << LOOP"
             } else {
                 ""
