@@ -457,12 +457,33 @@ impl Binary {
 
     /// [`Binary::used_by`], or why its mappings could not be read.
     fn uses(pid: u32, files: &[FileId]) -> io::Result<bool> {
-        if file_id(Path::new(&format!("/proc/{pid}/exe"))).is_some_and(|id| files.contains(&id)) {
+        let exe = file_id(Path::new(&format!("/proc/{pid}/exe")));
+        if exe.is_some_and(|id| files.contains(&id)) {
             return Ok(true);
         }
-        Ok(Process::mapped_ids(pid)?
-            .iter()
-            .any(|id| files.contains(id)))
+        let maps = Process::mapped_ids(pid)?;
+        if maps.iter().any(|id| files.contains(id)) {
+            return Ok(true);
+        }
+        // A process whose main thread has exited reads as running nothing
+        // through its own directory; its other threads still run the
+        // program, and theirs show it. Taken for unused, the old build's
+        // link would go after a deploy while it still counts them.
+        if exe.is_none()
+            && maps.is_empty()
+            && let Some(thread) = live_thread_of_leaderless(pid)
+        {
+            let view = format!("/proc/{pid}/task/{thread}");
+            if file_id(Path::new(&format!("{view}/exe"))).is_some_and(|id| files.contains(&id)) {
+                return Ok(true);
+            }
+            let maps = fs::read_to_string(format!("{view}/maps"))?;
+            return Ok(executable_mappings(&maps)
+                .iter()
+                .filter_map(|m| m.id(pid))
+                .any(|id| files.contains(&id)));
+        }
+        Ok(false)
     }
 
     /// Whether some process runs or maps one of `files` now; None when
@@ -504,6 +525,20 @@ impl Binary {
         found.sort_by_key(|p| p.pid);
         found
     }
+}
+
+/// A thread of process `pid` other than its main one, when the main one
+/// has exited and others run on (`Stat::leader_gone`); None otherwise, and
+/// for kernel threads, which read the same empty way.
+fn live_thread_of_leaderless(pid: u32) -> Option<u32> {
+    let stat = parse_stat_bytes(&fs::read(format!("/proc/{pid}/stat")).ok()?)?;
+    if !stat.leader_gone() {
+        return None;
+    }
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .filter_map(|t| t.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|&tid| tid != pid)
 }
 
 /// Every live process whose command name (`/proc/PID/comm`, at most 15

@@ -8,7 +8,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cacheloop_tests::{Cacheloop, Run, Target, cacheloop, native, require_root, total_calls};
+use cacheloop_tests::{
+    Cacheloop, Run, Target, cacheloop, fixture_bin, native, require_root, total_calls,
+};
 use serde_json::Value;
 
 /// A directory of our own under the system's temporary directory.
@@ -142,6 +144,63 @@ fn assert_windowed(run: &Run) {
         "no probe windows: {}",
         run.stdout
     );
+}
+
+/// Under `--binary` the link is the file's, and a process whose main
+/// thread has exited is still counted through it. After a deploy, when a
+/// watched process's exit had the loader look for processes still running
+/// the old build, this one read as running nothing (its own `exe` and
+/// `maps` are empty) and the old build's link went: its calls were no
+/// longer counted, without a word. Its other threads show the old build.
+#[test]
+fn binary_keeps_the_old_build_while_a_process_without_main_thread_runs_it() {
+    require_root();
+    let dir = Scratch::new("leaderless");
+    let server = dir.path("leaderless-cache");
+    fs::copy(fixture_bin(), &server).unwrap();
+    let mut kept = Target::spawn(&server, &["--leader-exits=usr2", "200:60"], "ready");
+    // Its exit, after the deploy, makes the loader check the old build.
+    let mut short = Target::spawn(&server, &["200:6", "--exit"], "ready");
+    let watcher = Cacheloop::start(&[
+        "watch",
+        "--binary",
+        server.to_str().unwrap(),
+        "--func",
+        "cache_invalidate",
+        "--duration",
+        "14s",
+        "--json",
+    ]);
+    watcher.wait_attached(Duration::from_secs(60));
+    kept.signal(libc::SIGUSR2);
+    assert!(
+        kept.wait_line("leader exits", Duration::from_secs(10))
+            .is_some()
+    );
+    deploy(&fixture_bin(), &server);
+    assert_eq!(short.wait_exit(Duration::from_secs(30)), Some(0));
+
+    let run = watcher.finish(Duration::from_secs(60));
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(warnings(&run, "binary_replaced").len(), 1, "{}", run.stdout);
+    let exited = run
+        .of_type("target_exit")
+        .iter()
+        .find(|r| r["pid"] == short.pid)
+        .and_then(|r| r["ts"].as_f64())
+        .unwrap_or_else(|| panic!("no target_exit for {}: {}", short.pid, run.stdout));
+    // Counted on, readings after the check.
+    let counted_after = run
+        .of_type("sample")
+        .iter()
+        .filter(|s| {
+            s["pid"] == kept.pid
+                && s["ts"].as_f64().unwrap() > exited + 1.5
+                && s["calls"].as_u64().unwrap() > 0
+        })
+        .count();
+    assert!(counted_after >= 2, "{}", run.stdout);
+    assert!(kept.is_running());
 }
 
 #[test]
