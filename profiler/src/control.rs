@@ -52,6 +52,13 @@ pub enum RunError {
         "pid {pids} still runs but was not watched to the end: its probes could not be put back (see the attach_failed warnings); start cacheloop again"
     )]
     Lost { pids: String },
+    /// `--pid` targets that still run but whose main thread has exited:
+    /// the kernel cannot keep probes scoped to them, and starting again
+    /// would not help (`TargetError::LeaderGone`).
+    #[error(
+        "pid {pids} still runs but was not watched to the end: its main thread exited, and the kernel cannot keep probes scoped to such a process (see the attach_failed warnings); to count it, watch its program with --binary PATH from before its main thread exits"
+    )]
+    LostLeaderless { pids: String },
     /// `cacheloop run`: the command could not be probed again.
     #[error(
         "the command (pid {pid}) could not be probed again (see the attach_failed warnings); it does not run unwatched: stopped it"
@@ -1384,13 +1391,18 @@ impl Controller {
         if let Some(&pid) = running.iter().find(|&&pid| Some(pid) == self.command) {
             return Some(RunError::CommandLost { pid });
         }
-        (!running.is_empty()).then(|| RunError::Lost {
-            pids: running
-                .iter()
-                .map(u32::to_string)
-                .collect::<Vec<_>>()
-                .join(", "),
-        })
+        let pids = running
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        if running.is_empty() {
+            None
+        } else if running.iter().all(|p| self.leaderless.contains(p)) {
+            Some(RunError::LostLeaderless { pids })
+        } else {
+            Some(RunError::Lost { pids })
+        }
     }
 
     /// `cacheloop run`: the command still runs but could not be probed

@@ -192,8 +192,10 @@ fn leader_exits_while_watched(phase: &str, marker: &str) -> cacheloop_tests::Run
     assert_eq!(run.code, 1, "{run:?}");
     assert!(run.of_type("target_exit").is_empty(), "{}", run.stdout);
     let last = run.stderr.lines().last().unwrap_or_default();
+    // Not "start cacheloop again": that would fail the same way.
     assert!(
-        last.contains(&format!("pid {} still runs", target.pid)),
+        last.contains(&format!("pid {} still runs", target.pid))
+            && last.contains("main thread exited"),
         "{}",
         run.stderr
     );
