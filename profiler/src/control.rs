@@ -105,6 +105,9 @@ pub struct Controller {
     binary_warned: Option<FileId>,
     /// When old `--binary` builds were last looked for in /proc.
     pruned: Instant,
+    /// A watched process exited since: old builds are looked for at the
+    /// next report (readings between reports do not follow the binary).
+    exited_since_pruned: bool,
     windows: Windows,
     collector: Collector,
     pacing: Pacing,
@@ -291,6 +294,7 @@ impl Controller {
             rewritten_pids: Vec::new(),
             binary_warned: None,
             pruned: Instant::now(),
+            exited_since_pruned: false,
             windows: Windows::new(config.max_overhead),
             collector: Collector::new(started),
             pacing: Pacing::default(),
@@ -753,6 +757,7 @@ impl Controller {
         report: bool,
     ) -> anyhow::Result<Vec<Record>> {
         let follow = follow && report;
+        self.exited_since_pruned |= !exited.is_empty();
         for &pid in exited {
             self.live.remove(&pid);
             self.collector.forget(pid);
@@ -781,7 +786,8 @@ impl Controller {
             records.extend(self.attach_again());
         }
         if follow && self.binary.is_some() {
-            records.extend(self.follow_binary(!exited.is_empty()));
+            let check_old = std::mem::take(&mut self.exited_since_pruned);
+            records.extend(self.follow_binary(check_old));
         }
         if follow && !self.names.is_empty() {
             records.extend(self.attach_new_named());
@@ -1381,13 +1387,13 @@ impl Controller {
     /// in, then refused again, or still waiting to be tried again). Not an
     /// exit: the run ends as it would, and says so.
     pub fn lost(&self) -> Option<RunError> {
-        let running: Vec<u32> = self
+        let alive: Vec<&Process> = self
             .lost
             .iter()
             .chain(self.retry.iter().map(|(p, _)| p))
             .filter(|p| p.is_alive())
-            .map(|p| p.pid)
             .collect();
+        let running: Vec<u32> = alive.iter().map(|p| p.pid).collect();
         if let Some(&pid) = running.iter().find(|&&pid| Some(pid) == self.command) {
             return Some(RunError::CommandLost { pid });
         }
@@ -1398,7 +1404,7 @@ impl Controller {
             .join(", ");
         if running.is_empty() {
             None
-        } else if running.iter().all(|p| self.leaderless.contains(p)) {
+        } else if alive.iter().all(|p| p.leader_gone()) {
             Some(RunError::LostLeaderless { pids })
         } else {
             Some(RunError::Lost { pids })

@@ -472,17 +472,18 @@ impl Binary {
         // link would go after a deploy while it still counts them.
         if exe.is_none()
             && maps.is_empty()
-            && let Some(thread) = live_thread_of_leaderless(pid)
+            && let Some((thread, exe)) = thread_of_leaderless(pid)
         {
-            let view = format!("/proc/{pid}/task/{thread}");
-            if file_id(Path::new(&format!("{view}/exe"))).is_some_and(|id| files.contains(&id)) {
+            if files.contains(&exe) {
                 return Ok(true);
             }
-            let maps = fs::read_to_string(format!("{view}/maps"))?;
-            return Ok(executable_mappings(&maps)
+            // Through `/proc/TID`, unlisted but there: its `map_files`
+            // (which `task/TID` lacks) name the very files mapped, where
+            // the device numbers in `maps` can differ from the files'
+            // (btrfs, overlay).
+            return Ok(Process::mapped_ids(thread)?
                 .iter()
-                .filter_map(|m| m.id(pid))
-                .any(|id| files.contains(&id)));
+                .any(|id| files.contains(id)));
         }
         Ok(false)
     }
@@ -528,18 +529,22 @@ impl Binary {
     }
 }
 
-/// A thread of process `pid` other than its main one, when the main one
-/// has exited and others run on (`Stat::leader_gone`); None otherwise, and
-/// for kernel threads, which read the same empty way.
-fn live_thread_of_leaderless(pid: u32) -> Option<u32> {
+/// A thread of process `pid` still running its program, and the program,
+/// when the main thread has exited and others run on
+/// (`Stat::leader_gone`); None otherwise, and for kernel threads, which
+/// read the same empty way. A thread itself exiting reads empty too: the
+/// first whose `exe` still resolves.
+fn thread_of_leaderless(pid: u32) -> Option<(u32, FileId)> {
     let stat = parse_stat_bytes(&fs::read(format!("/proc/{pid}/stat")).ok()?)?;
     if !stat.leader_gone() {
         return None;
     }
-    fs::read_dir(format!("/proc/{pid}/task"))
-        .ok()?
-        .filter_map(|t| t.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .find(|&tid| tid != pid)
+    let mut tids = Vec::new();
+    task_ids(pid, &mut tids).ok()?;
+    tids.into_iter().filter(|&tid| tid != pid).find_map(|tid| {
+        let exe = file_id(Path::new(&format!("/proc/{pid}/task/{tid}/exe")))?;
+        Some((tid, exe))
+    })
 }
 
 /// Every live process whose command name (`/proc/PID/comm`, at most 15
@@ -1023,44 +1028,61 @@ mod tests {
         assert_eq!(parse_schedstat("garbage"), None);
     }
 
-    /// Every thread of this process, as `/proc` lists them, past one
-    /// `getdents64` buffer's worth; and none past the bound.
-    #[test]
-    fn task_ids_lists_every_thread_and_stops_at_the_bound() {
-        let pid = std::process::id();
-        let stop = std::sync::Arc::new(std::sync::Barrier::new(301));
-        let threads: Vec<_> = (0..300)
+    /// Tests that count this process's own threads, one at a time: one
+    /// with hundreds of threads alive would put the other past the bound.
+    static OWN_THREADS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// `n` threads that wait for the barrier; their ids.
+    fn threads(
+        n: usize,
+    ) -> (
+        Vec<u32>,
+        std::sync::Arc<std::sync::Barrier>,
+        Vec<std::thread::JoinHandle<()>>,
+    ) {
+        let go = std::sync::Arc::new(std::sync::Barrier::new(n + 1));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let handles = (0..n)
             .map(|_| {
-                let stop = stop.clone();
+                let (go, tx) = (go.clone(), tx.clone());
                 std::thread::spawn(move || {
-                    stop.wait();
+                    // SAFETY: gettid has no preconditions.
+                    tx.send(unsafe { libc::gettid() } as u32).unwrap();
+                    go.wait();
                 })
             })
             .collect();
+        let tids = rx.iter().take(n).collect();
+        (tids, go, handles)
+    }
+
+    /// Every thread, past one `getdents64` buffer's worth (~128 records);
+    /// and no more than the bound.
+    #[test]
+    fn task_ids_lists_every_thread_and_stops_at_the_bound() {
+        let _one = OWN_THREADS.lock().unwrap_or_else(|e| e.into_inner());
+        let pid = std::process::id();
+        let (tids, go, handles) = threads(200);
         let mut listed = Vec::new();
         let within = task_ids(pid, &mut listed).unwrap();
-        let mut expected: Vec<u32> = fs::read_dir(format!("/proc/{pid}/task"))
-            .unwrap()
-            .filter_map(|t| t.ok()?.file_name().to_str()?.parse().ok())
-            .collect();
-        stop.wait();
-        for t in threads {
-            t.join().unwrap();
-        }
-        // More than MAX_THREADS: stopped there.
+        go.wait();
+        handles.into_iter().for_each(|h| h.join().unwrap());
+        assert!(within);
+        assert!(listed.contains(&pid));
+        assert!(tids.iter().all(|t| listed.contains(t)), "{listed:?}");
+
+        let (_, go, handles) = threads(300);
+        let mut listed = Vec::new();
+        let within = task_ids(pid, &mut listed).unwrap();
+        go.wait();
+        handles.into_iter().for_each(|h| h.join().unwrap());
         assert!(!within);
         assert_eq!(listed.len(), MAX_THREADS);
-        expected.sort_unstable();
-        assert!(listed.iter().all(|t| expected.binary_search(t).is_ok()));
-
-        let mut listed = Vec::new();
-        assert!(task_ids(pid, &mut listed).unwrap());
-        assert!(listed.contains(&pid), "{listed:?}");
-        assert!(listed.len() < MAX_THREADS);
     }
 
     #[test]
     fn a_spinning_thread_is_busy_and_a_sleeping_one_is_not() {
+        let _one = OWN_THREADS.lock().unwrap_or_else(|e| e.into_inner());
         let me = Process::from_pid(std::process::id()).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let spinner = std::thread::spawn(move || {

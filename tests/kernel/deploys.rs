@@ -158,9 +158,9 @@ fn binary_keeps_the_old_build_while_a_process_without_main_thread_runs_it() {
     let dir = Scratch::new("leaderless");
     let server = dir.path("leaderless-cache");
     fs::copy(fixture_bin(), &server).unwrap();
-    let mut kept = Target::spawn(&server, &["--leader-exits=usr2", "200:60"], "ready");
+    let mut kept = Target::spawn(&server, &["--leader-exits=usr2", "200:120"], "ready");
     // Its exit, after the deploy, makes the loader check the old build.
-    let mut short = Target::spawn(&server, &["200:6", "--exit"], "ready");
+    let mut short = Target::spawn(&server, &["200:hold", "--exit"], "ready");
     let watcher = Cacheloop::start(&[
         "watch",
         "--binary",
@@ -168,7 +168,7 @@ fn binary_keeps_the_old_build_while_a_process_without_main_thread_runs_it() {
         "--func",
         "cache_invalidate",
         "--duration",
-        "14s",
+        "120s",
         "--json",
     ]);
     watcher.wait_attached(Duration::from_secs(60));
@@ -178,18 +178,31 @@ fn binary_keeps_the_old_build_while_a_process_without_main_thread_runs_it() {
             .is_some()
     );
     deploy(&fixture_bin(), &server);
+    watcher.wait_line("binary_replaced", Duration::from_secs(30));
+    short.release();
     assert_eq!(short.wait_exit(Duration::from_secs(30)), Some(0));
+    // The only one: `kept` runs on.
+    watcher.wait_record("target_exit", Duration::from_secs(30));
+    // Readings after the check.
+    std::thread::sleep(Duration::from_secs(4));
+    watcher.signal(libc::SIGINT);
 
     let run = watcher.finish(Duration::from_secs(60));
     assert_eq!(run.code, 0, "{run:?}");
-    assert_eq!(warnings(&run, "binary_replaced").len(), 1, "{}", run.stdout);
+    let replaced = warnings(&run, "binary_replaced");
+    assert_eq!(replaced.len(), 1, "{}", run.stdout);
     let exited = run
         .of_type("target_exit")
         .iter()
         .find(|r| r["pid"] == short.pid)
         .and_then(|r| r["ts"].as_f64())
         .unwrap_or_else(|| panic!("no target_exit for {}: {}", short.pid, run.stdout));
-    // Counted on, readings after the check.
+    // The check came after the deploy: a pass says something.
+    assert!(
+        exited > replaced[0]["ts"].as_f64().unwrap(),
+        "{}",
+        run.stdout
+    );
     let counted_after = run
         .of_type("sample")
         .iter()
