@@ -13,15 +13,21 @@
 //! rounds': a CPU's speed cancels out.
 //!
 //! bpftrace probes the file, so the two targets run two copies of it (two
-//! inodes): neither tool's probe traps in the other's target. Each tool is
-//! pinned to its target's CPU, so a tool's own work (cacheloop's readings,
-//! its custody helper) is charged to its own target, not to the other.
+//! inodes): neither tool's probe traps in the other's target; every other
+//! pair swaps the copies too. Each tool is pinned to its target's CPU, so
+//! a tool's own work (cacheloop's readings four times a second, its custody
+//! helper, which inherits the pinning) is charged to its own target, not
+//! to the other: bpftrace's `count()` does next to nothing in userspace,
+//! and cacheloop's share is in its ratio. The seconds counted start once
+//! both tools said they attached, and a round whose tool exited meanwhile
+//! fails.
 
 use std::{
     fs,
-    io::BufRead as _,
+    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
     thread,
     time::{Duration, Instant},
 };
@@ -39,22 +45,51 @@ pub fn per_hit(setup: &Setup, pairs: usize) -> Result<Vec<f64>, String> {
         eprintln!("xtask: per hit side by side needs bpftrace 0.23 and two CPUs; skipped");
         return Ok(Vec::new());
     }
-    let copy = copy_of(&setup.target)?;
-    let theirs = Setup {
+    let copy = Copy::of(&setup.target)?;
+    let with = |target: &Path| Setup {
         cacheloop: setup.cacheloop.clone(),
         chroot: setup.chroot.clone(),
-        target: copy.clone(),
+        target: target.to_owned(),
     };
+    let (original, copied) = (with(&setup.target), with(&copy.0));
     let mut ratios = Vec::new();
     for round in 0..2 * pairs {
+        // CPUs swapped every round, files every pair.
         let (ours_cpu, their_cpu) = if round % 2 == 0 { (0, 1) } else { (1, 0) };
-        ratios.push(round_ratio(setup, ours_cpu, &theirs, their_cpu)?);
+        let (ours, theirs) = if round / 2 % 2 == 0 {
+            (&original, &copied)
+        } else {
+            (&copied, &original)
+        };
+        ratios.push(round_ratio(ours, ours_cpu, theirs, their_cpu)?);
     }
-    let _ = fs::remove_file(&copy);
     Ok(ratios
         .chunks(2)
         .map(|pair| (pair[0] * pair[1]).sqrt())
         .collect())
+}
+
+/// A copy of the target file beside it (another inode), removed when
+/// dropped.
+struct Copy(PathBuf);
+
+impl Copy {
+    fn of(target: &Path) -> Result<Self, String> {
+        let mut name = target.file_name().unwrap_or_default().to_owned();
+        name.push("_side");
+        let copy = target.with_file_name(name);
+        // A copy left by an interrupted run may still be running: replaced,
+        // not written over.
+        let _ = fs::remove_file(&copy);
+        fs::copy(target, &copy).map_err(|e| format!("cannot copy {}: {e}", target.display()))?;
+        Ok(Self(copy))
+    }
+}
+
+impl Drop for Copy {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
 }
 
 /// One round: both targets and both tools started, counted for
@@ -67,18 +102,15 @@ fn round_ratio(ours: &Setup, ours_cpu: u32, theirs: &Setup, their_cpu: u32) -> R
     let b_seconds = stamp(b_out);
     let spawn = |setup: &Setup, tool: Tool, pid: u32, cpu: u32| {
         // bpftrace takes no such flag: it counts every hit anyway.
-        let extra: &[&str] = match tool {
-            Tool::Cacheloop => &["--max-overhead", "100"],
-            _ => &[],
+        let (extra, ready): (&[&str], _) = match tool {
+            Tool::Cacheloop => (&["--max-overhead", "100"], "\"type\":\"attached\""),
+            _ => (&[], "Attaching"),
         };
-        pinned(
+        let cmd = pinned(
             setup.command(tool, "bench_hot", pid, None, false, extra),
             cpu,
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", tool.name()))
+        );
+        start_ready(cmd, tool.name(), ready)
     };
     let cacheloop = spawn(ours, Tool::Cacheloop, a.1, ours_cpu)?;
     let bpftrace = match spawn(theirs, Tool::Bpftrace23, b.1, their_cpu) {
@@ -92,9 +124,19 @@ fn round_ratio(ours: &Setup, ours_cpu: u32, theirs: &Setup, their_cpu: u32) -> R
     let from = Instant::now();
     thread::sleep(Duration::from_secs(COUNTED_SECONDS));
     let to = Instant::now();
+    let mut tools = [cacheloop, bpftrace];
+    let ended: Vec<&str> = tools
+        .iter_mut()
+        .zip([Tool::Cacheloop, Tool::Bpftrace23])
+        .filter_map(|(t, tool)| (!matches!(t.try_wait(), Ok(None))).then(|| tool.name()))
+        .collect();
+    let [cacheloop, bpftrace] = tools;
     stop(cacheloop);
     stop(bpftrace);
     drop((a, b));
+    if !ended.is_empty() {
+        return Err(format!("{} exited while counting", ended.join(" and ")));
+    }
     let rate = |seconds: thread::JoinHandle<Vec<(Instant, f64)>>| -> Result<f64, String> {
         let seconds = seconds.join().map_err(|_| "a target's reader panicked")?;
         let calls: Vec<f64> = seconds
@@ -114,7 +156,7 @@ fn round_ratio(ours: &Setup, ours_cpu: u32, theirs: &Setup, their_cpu: u32) -> R
 fn start_pinned(
     path: &Path,
     cpu: u32,
-) -> Result<(Target, std::io::BufReader<std::process::ChildStdout>), String> {
+) -> Result<(Target, BufReader<std::process::ChildStdout>), String> {
     let mut cmd = Command::new("taskset");
     cmd.arg("-c")
         .arg(cpu.to_string())
@@ -123,11 +165,39 @@ fn start_pinned(
     Target::spawn(cmd)
 }
 
+/// `cmd` started, once it says `ready` on stdout (its stdout read to the
+/// end on a thread of its own); stopped, and an error, when it does not
+/// within a minute or exits first.
+fn start_ready(mut cmd: Command, name: &str, ready: &'static str) -> Result<Child, String> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start {name}: {e}"))?;
+    let out = child.stdout.take().ok_or("no stdout")?;
+    let (said, heard) = mpsc::channel();
+    thread::spawn(move || {
+        let mut said = Some(said);
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if line.contains(ready)
+                && let Some(said) = said.take()
+            {
+                let _ = said.send(());
+            }
+        }
+    });
+    match heard.recv_timeout(Duration::from_secs(60)) {
+        Ok(()) => Ok(child),
+        Err(_) => {
+            stop(child);
+            Err(format!("{name} did not attach"))
+        }
+    }
+}
+
 /// Each second's calls as the target says them, stamped on arrival, until
 /// it ends.
-fn stamp(
-    out: std::io::BufReader<std::process::ChildStdout>,
-) -> thread::JoinHandle<Vec<(Instant, f64)>> {
+fn stamp(out: BufReader<std::process::ChildStdout>) -> thread::JoinHandle<Vec<(Instant, f64)>> {
     thread::spawn(move || {
         out.lines()
             .map_while(Result::ok)
@@ -165,14 +235,4 @@ fn two_cpus() -> bool {
             .is_ok_and(|s| s.success())
     };
     ok("0") && ok("1")
-}
-
-/// A second copy of the target file beside it (another inode), for
-/// bpftrace: it probes files, not processes.
-fn copy_of(target: &Path) -> Result<PathBuf, String> {
-    let mut name = target.file_name().unwrap_or_default().to_owned();
-    name.push("_side");
-    let copy = target.with_file_name(name);
-    fs::copy(target, &copy).map_err(|e| format!("cannot copy {}: {e}", target.display()))?;
-    Ok(copy)
 }
