@@ -956,7 +956,7 @@ impl Report {
         }
         let _ = writeln!(
             md,
-            "\nThis run's machine is noisier than the last one's: the program times of both tools doubled (bpftrace 0.23's 47 to 83 ns) and the rounds' ratios spread from 0.82x to 1.16x, with cacheloop's eBPF program unchanged since the last run (the same instructions, compared with llvm-objdump). \
+            "\nThis machine is noisier than the one before it: the program times of both tools doubled (bpftrace 0.23's 47 to 83 ns) with cacheloop's eBPF program unchanged (the same instructions, compared with llvm-objdump), and taking turns the rounds' ratios spread from 0.82x to 1.16x in the last run. Why side by side since this run: by hand, the same tools in turns 7 s apart read 0.89x to 1.18x a round, side by side on one CPU pair 0.90x to 1.12x, but with the CPUs swapped the pairs came to 0.97x-1.04x: one vCPU here ran a probed target up to a tenth faster than the other, steadily, whichever tool probed it. What a pair compares is the whole cost a tool puts on the CPU its target runs on: cacheloop's readings and its custody helper run there too (bpftrace's `count()` does next to nothing in userspace), and the pairs still spread by a few percent either side of 1.0x, so the per-hit goal reads met or not met from one run to the next. \
              Per hit, the trap into the kernel and back (microseconds on this VM: the calls/s above) is \
              the cost; the eBPF program adds its own time, which includes the two clock reads the \
              statistics take (a program that only adds one to a per-CPU array measured 55-70 ns here, \
@@ -976,9 +976,9 @@ impl Report {
              of the gap to bpftrace's program is the cookie, the config lookup, the atomic add (a \
              preempted hit on the same CPU must not lose a count) and the sampled call sites: about \
              0.2% of a hit's whole cost here, less than the calls/s vary from one second to the next. \
-             Until this run each tool had targets of its own, minutes apart, and the per-hit row read \
-             0.85-0.96x across runs; taking turns on one target in rounds, a few seconds apart, \
-             measures the tools rather than the machine's drift. Under `--max-overhead` the \
+             Each tool had targets of its own, minutes apart, until three runs ago (0.85-0.96x \
+             across runs), then took turns on one target a few seconds apart; since this run the \
+             goal is read side by side (above). Under `--max-overhead` the \
              question goes away: the hot function is probed in windows. The governed spread comes \
              from the machine (unprobed runs minutes apart differ by several percent), the cost of a \
              hit, calibrated once at start-up on a function of cacheloop's own, and the first \
@@ -1070,7 +1070,16 @@ impl Report {
              run small blocks go through dlmalloc, which keeps what an interval frees for the next \
              (heap.rs): side by side on this machine, every hit counted, three runs each, \
              0.52-0.57% of a core with musl's allocator alone, 0.41-0.44% with dlmalloc, \
-             0.45-0.47% with the loader also built for size (kept for the RSS above). At default \
+             0.45-0.47% with the loader also built for size (kept for the RSS above). Since this \
+             run, side by side, five runs each, every hit counted: sample records share the \
+             catalog's name instead of a copy each (1000 allocations a second), the detector's two \
+             powers per series come from the last reading's (`pow` alone was over 1% of the \
+             loader), and the analyzer's call-site map is cleared and reused instead of grown from \
+             empty: median 0.517% to 0.481% of a core; and the threads' busy times are listed \
+             with `getdents64` into the stack (musl's `opendir` mapped and unmapped its buffer at \
+             every glance): idle, 1 call a second in all, 0.145-0.164% to 0.118-0.141%. That idle \
+             floor, the glances every 250 ms that keep the detection latency below its goals and \
+             the runtime's timers, is itself above 0.1% of a core on this VM. At default \
              settings the windows dominate: `perf record -g` of the loader and its custody helper \
              put 59% of their CPU in the kernel's uprobe registration (21%) and unregistration \
              (38%, in the helper), 1000 probes in and out every two seconds. Each function's probe \
