@@ -64,7 +64,6 @@ const SETTLE_SECONDS: f64 = 3.0;
 const GOVERNED_RUNS: usize = 5;
 /// Pairs of side-by-side per-hit rounds (`side.rs`).
 const SIDE_PAIRS: usize = 4;
-const SIDE_COUNTED: u64 = side::COUNTED_SECONDS;
 /// Throughput rows, named as the goals look them up.
 const CACHELOOP_ALL_HITS: &str = "cacheloop --max-overhead 100";
 const CACHELOOP_GOVERNED: &str = "cacheloop --max-overhead 5";
@@ -437,16 +436,7 @@ fn throughput_rounds(
     // Longer than any section (a tool's attach and detach take seconds
     // more than its turn); stopped by its pid when dropped.
     let (target, out) = Target::start(&setup.target, &["hot", "36000"])?;
-    // The target says each second's calls as it ends: stamped on arrival.
-    let reader = thread::spawn(move || {
-        out.lines()
-            .map_while(Result::ok)
-            .filter_map(|line| {
-                let calls = line.split_whitespace().nth(2)?.parse::<f64>().ok()?;
-                Some((Instant::now(), calls))
-            })
-            .collect::<Vec<_>>()
-    });
+    let reader = stamp(out);
     let mut spans = Vec::new();
     for round in 0..rounds {
         // Every other round in reverse: the machine drifts within a round
@@ -488,18 +478,8 @@ fn throughput_rounds(
         .collect();
     for (round, case, from, to, ns_per_hit) in spans {
         let steady = from + Duration::from_secs_f64(SETTLE_SECONDS);
-        let calls: Vec<f64> = seconds
-            .iter()
-            .filter(|(end, _)| {
-                *end <= to && end.checked_sub(Duration::from_secs(1)) >= Some(steady)
-            })
-            .map(|&(_, calls)| calls)
-            .collect();
-        // The mean: each second's count is rounded to 1000 calls.
-        let rate = calls.iter().sum::<f64>() / calls.len() as f64;
-        if !rate.is_finite() {
-            return Err("the bench target printed no rates in a phase".to_owned());
-        }
+        let rate = mean_rate(&seconds, steady, to)
+            .ok_or("the bench target printed no rates in a phase")?;
         by_round[round][case] = Some(Phase { rate, ns_per_hit });
     }
     Ok(by_round
@@ -511,6 +491,33 @@ fn throughput_rounds(
                 .collect()
         })
         .collect())
+}
+
+/// The bench target's seconds (`second N CALLS` as each ends), stamped on
+/// arrival, until it ends.
+fn stamp(out: BufReader<std::process::ChildStdout>) -> thread::JoinHandle<Vec<(Instant, f64)>> {
+    thread::spawn(move || {
+        out.lines()
+            .map_while(Result::ok)
+            .filter_map(|line| {
+                let calls = line.split_whitespace().nth(2)?.parse::<f64>().ok()?;
+                Some((Instant::now(), calls))
+            })
+            .collect()
+    })
+}
+
+/// The mean calls/s of the whole seconds [`stamp`]ed between `from` and
+/// `to`; None when there are none. The mean: each second's count is
+/// rounded to 1000 calls.
+fn mean_rate(seconds: &[(Instant, f64)], from: Instant, to: Instant) -> Option<f64> {
+    let calls: Vec<f64> = seconds
+        .iter()
+        .filter(|(end, _)| *end <= to && end.checked_sub(Duration::from_secs(1)) >= Some(from))
+        .map(|&(_, calls)| calls)
+        .collect();
+    let rate = calls.iter().sum::<f64>() / calls.len() as f64;
+    rate.is_finite().then_some(rate)
 }
 
 /// `kernel.bpf_stats_enabled` on while this lives (the kernel then times
@@ -951,11 +958,12 @@ impl Report {
                 md,
                 "\nEvery hit counted, side by side (the per-hit goal): two copies of the target \
                  flat out at the same time, each on a CPU of its own with its tool pinned beside \
-                 it, cacheloop on one and bpftrace 0.23 on the other, {SIDE_COUNTED} s counted \
+                 it, cacheloop on one and bpftrace 0.23 on the other, {counted} s counted \
                  after {SETTLE_SECONDS} s; every pair of rounds swaps the CPUs, and a pair's ratio \
                  is the geometric mean of its two rounds' (a CPU's own speed cancels out): \
                  {lo:.3}x to {hi:.3}x over {} pairs (median {mid:.3}x).",
-                self.per_hit.len()
+                self.per_hit.len(),
+                counted = side::COUNTED_SECONDS,
             );
         }
         let _ = writeln!(

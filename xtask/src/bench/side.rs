@@ -32,7 +32,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{SETTLE_SECONDS, Target, stop, tools::Setup, tools::Tool};
+use super::{SETTLE_SECONDS, Target, mean_rate, stamp, stop, tools::Setup, tools::Tool};
 
 /// Seconds each round counts, after [`SETTLE_SECONDS`].
 pub const COUNTED_SECONDS: u64 = 8;
@@ -139,14 +139,7 @@ fn round_ratio(ours: &Setup, ours_cpu: u32, theirs: &Setup, their_cpu: u32) -> R
     }
     let rate = |seconds: thread::JoinHandle<Vec<(Instant, f64)>>| -> Result<f64, String> {
         let seconds = seconds.join().map_err(|_| "a target's reader panicked")?;
-        let calls: Vec<f64> = seconds
-            .iter()
-            .filter(|(end, _)| *end <= to && end.checked_sub(Duration::from_secs(1)) >= Some(from))
-            .map(|&(_, calls)| calls)
-            .collect();
-        let rate = calls.iter().sum::<f64>() / calls.len() as f64;
-        rate.is_finite()
-            .then_some(rate)
+        mean_rate(&seconds, from, to)
             .ok_or_else(|| "a side-by-side target printed no rates".to_owned())
     };
     Ok(rate(a_seconds)? / rate(b_seconds)?)
@@ -157,12 +150,9 @@ fn start_pinned(
     path: &Path,
     cpu: u32,
 ) -> Result<(Target, BufReader<std::process::ChildStdout>), String> {
-    let mut cmd = Command::new("taskset");
-    cmd.arg("-c")
-        .arg(cpu.to_string())
-        .arg(path)
-        .args(["hot", "120"]);
-    Target::spawn(cmd)
+    let mut cmd = Command::new(path);
+    cmd.args(["hot", "120"]);
+    Target::spawn(pinned(cmd, cpu))
 }
 
 /// `cmd` started, once it says `ready` on stdout (its stdout read to the
@@ -193,20 +183,6 @@ fn start_ready(mut cmd: Command, name: &str, ready: &'static str) -> Result<Chil
             Err(format!("{name} did not attach"))
         }
     }
-}
-
-/// Each second's calls as the target says them, stamped on arrival, until
-/// it ends.
-fn stamp(out: BufReader<std::process::ChildStdout>) -> thread::JoinHandle<Vec<(Instant, f64)>> {
-    thread::spawn(move || {
-        out.lines()
-            .map_while(Result::ok)
-            .filter_map(|line| {
-                let calls = line.split_whitespace().nth(2)?.parse::<f64>().ok()?;
-                Some((Instant::now(), calls))
-            })
-            .collect()
-    })
 }
 
 /// `cmd` run under `taskset -c CPU`: the same program, arguments and
