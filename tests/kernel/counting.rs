@@ -3,7 +3,8 @@
 use std::{fs, time::Duration};
 
 use cacheloop_tests::{
-    Cacheloop, Run, Target, cacheloop, fixture_bin, rates, require_root, watch_fixture_args,
+    Cacheloop, Run, Target, cacheloop, fixture_bin, rates, require_root, watch_binary_args,
+    watch_fixture_args,
 };
 
 #[test]
@@ -49,16 +50,11 @@ fn watch_by_binary_counts_each_process_apart_including_later_ones() {
     let binary = dir.join("cache-server");
     fs::copy(fixture_bin(), &binary).unwrap();
     let slow = Target::spawn(&binary, &["100:60"], "ready");
-    let watcher = Cacheloop::start(&[
-        "watch",
-        "--binary",
-        binary.to_str().unwrap(),
-        "--func",
-        "cache_invalidate",
-        "--duration",
-        "6s",
-        "--json",
-    ]);
+    let watcher = Cacheloop::start(&watch_binary_args(
+        &binary,
+        &["cache_invalidate"],
+        &["--duration", "6s"],
+    ));
     // Started after cacheloop attached: counted all the same.
     watcher.wait_attached(Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(500));

@@ -10,6 +10,7 @@ use std::{
 
 use cacheloop_tests::{
     Cacheloop, Run, Target, cacheloop, fixture_bin, native, require_root, total_calls,
+    watch_binary_args,
 };
 use serde_json::Value;
 
@@ -76,18 +77,11 @@ fn binary_deploy_while_windowing_probes_the_new_build_at_its_own_offsets() {
     // share the machine, and a TCG guest's two CPUs.)
     let old = Target::spawn(&server, &["2000", "60"], "ready");
     let old_offset = old.ready_hex(1) - old.ready_hex(2);
-    let watcher = Cacheloop::start(&[
-        "watch",
-        "--binary",
-        server.to_str().unwrap(),
-        "--func",
-        "cache_invalidate",
-        "--max-overhead",
-        "0.2",
-        "--duration",
-        "20s",
-        "--json",
-    ]);
+    let watcher = Cacheloop::start(&watch_binary_args(
+        &server,
+        &["cache_invalidate"],
+        &["--max-overhead", "0.2", "--duration", "20s"],
+    ));
     watcher.wait_attached(Duration::from_secs(60));
     std::thread::sleep(Duration::from_secs(3));
 
@@ -161,16 +155,11 @@ fn binary_keeps_the_old_build_while_a_process_without_main_thread_runs_it() {
     let mut kept = Target::spawn(&server, &["--leader-exits=usr2", "200:120"], "ready");
     // Its exit, after the deploy, makes the loader check the old build.
     let mut short = Target::spawn(&server, &["200:hold", "--exit"], "ready");
-    let watcher = Cacheloop::start(&[
-        "watch",
-        "--binary",
-        server.to_str().unwrap(),
-        "--func",
-        "cache_invalidate",
-        "--duration",
-        "120s",
-        "--json",
-    ]);
+    let watcher = Cacheloop::start(&watch_binary_args(
+        &server,
+        &["cache_invalidate"],
+        &["--duration", "120s"],
+    ));
     watcher.wait_attached(Duration::from_secs(60));
     kept.signal(libc::SIGUSR2);
     assert!(
@@ -222,16 +211,11 @@ fn binary_rewritten_in_place_is_read_again_before_a_probe_lands() {
     let dir = Scratch::new("rewrite");
     let server = dir.path("rewrite-cache");
     fs::copy(&native().deploy_v1, &server).unwrap();
-    let watcher = Cacheloop::start(&[
-        "watch",
-        "--binary",
-        server.to_str().unwrap(),
-        "--func",
-        "cache_invalidate",
-        "--duration",
-        "12s",
-        "--json",
-    ]);
+    let watcher = Cacheloop::start(&watch_binary_args(
+        &server,
+        &["cache_invalidate"],
+        &["--duration", "12s"],
+    ));
     watcher.wait_attached(Duration::from_secs(60));
     // No process runs it, so it may be written in place: same inode, the
     // other build's bytes. The probe on the old offset must not stay.
@@ -403,16 +387,11 @@ fn binary_library_counts_only_processes_that_map_that_file() {
     let library = native().uses_lib.with_file_name("libcachehelper.so");
     let user = Target::spawn(&native().uses_lib, &["200", "60"], "ready");
     let other = Target::spawn(&dir.path("uses_lib"), &["200", "60"], "ready");
-    let watcher = Cacheloop::start(&[
-        "watch",
-        "--binary",
-        library.to_str().unwrap(),
-        "--func",
-        "lib_cache_invalidate",
-        "--duration",
-        "5s",
-        "--json",
-    ]);
+    let watcher = Cacheloop::start(&watch_binary_args(
+        &library,
+        &["lib_cache_invalidate"],
+        &["--duration", "5s"],
+    ));
     watcher.wait_attached(Duration::from_secs(60));
     assert!(
         ever_trapped(&user, user.ready_hex(1), Duration::from_secs(2)),
@@ -578,18 +557,11 @@ fn binary_and_name_on_one_process_count_each_call_once() {
     let dir = Scratch::new("double");
     let server = dir.path("double-cache");
     fs::copy(&native().deploy_v1, &server).unwrap();
-    let watcher = Cacheloop::start(&[
-        "watch",
-        "--binary",
-        server.to_str().unwrap(),
-        "--name",
-        "double-cache",
-        "--func",
-        "cache_invalidate",
-        "--duration",
-        "8s",
-        "--json",
-    ]);
+    let watcher = Cacheloop::start(&watch_binary_args(
+        &server,
+        &["cache_invalidate"],
+        &["--name", "double-cache", "--duration", "8s"],
+    ));
     std::thread::sleep(Duration::from_secs(1));
     // Idle at first, so no hit makes the --binary link find it: --name
     // does. Then it runs the same file again at 300 calls/s. The --binary

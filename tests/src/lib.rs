@@ -540,6 +540,21 @@ pub fn watch_args(pid: u32, funcs: &[&str], extra: &[&str]) -> Vec<String> {
     args
 }
 
+/// `watch --binary FILE` counting `funcs`, as JSON, then `extra`.
+pub fn watch_binary_args(file: &Path, funcs: &[&str], extra: &[&str]) -> Vec<String> {
+    let mut args = vec![
+        "watch".to_owned(),
+        "--binary".to_owned(),
+        file.to_str().expect("a UTF-8 path").to_owned(),
+    ];
+    for func in funcs {
+        args.extend(["--func".to_owned(), (*func).to_owned()]);
+    }
+    args.push("--json".to_owned());
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    args
+}
+
 /// [`watch_args`] for the fixture's `cache_invalidate`.
 pub fn watch_fixture_args(pid: u32, extra: &[&str]) -> Vec<String> {
     watch_args(pid, &["cache_invalidate"], extra)
